@@ -1,0 +1,16 @@
+"""fastvq: fused vector quantization for PyTorch, without the N×K distance matrix."""
+from .dispatch import BackendNotSupportedError, available_backends, unavailable_reasons
+from .functional import ema_stats, nearest_code, quantize
+from .modules import FastVectorQuantizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendNotSupportedError",
+    "FastVectorQuantizer",
+    "available_backends",
+    "ema_stats",
+    "nearest_code",
+    "quantize",
+    "unavailable_reasons",
+]

@@ -1,0 +1,1 @@
+"""One module per backend; each says why it is unavailable."""

@@ -1,0 +1,44 @@
+"""What every backend implements. Inputs arrive validated (ranks, shapes, devices) by fastvq.ops.
+
+Shapes: x (N, d) with N >= 1, codebook (K, d) with K >= 1, indices int64 (N,).
+Arithmetic is float32 (the torch backend uses float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+
+class Backend:
+    name: str = "base"
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run at all in this install, or None."""
+        raise NotImplementedError
+
+    def not_supported_reasons(self, *tensors: Tensor) -> list[str]:
+        """Why this backend cannot run on these tensors (device, dtype, build); empty if it can."""
+        raise NotImplementedError
+
+    def nearest_code(self, x: Tensor, codebook: Tensor, want_quantized: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """indices int64 (N,), sqdist float32 (N,), and quantized (N, d) in x.dtype if asked."""
+        raise NotImplementedError
+
+    def ema_stats(self, x: Tensor, indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
+        """counts float32 (K,), sums float32 (K, d)."""
+        raise NotImplementedError
+
+    def quantize_backward(
+        self,
+        grad_quantized: Tensor,
+        x: Tensor,
+        codebook: Tensor,
+        indices: Tensor,
+        commit_scale: Tensor,
+        codebook_scale: Tensor,
+        need_grad_x: bool,
+        need_grad_codebook: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """grad_x = grad_q + commit_scale·(x − e_idx) in x.dtype;
+        grad_codebook_k = codebook_scale·Σ_{idx_i=k}(e_k − x_i) in codebook.dtype.
+        The scales are 0-dim tensors so GPU backends need not synchronise."""
+        raise NotImplementedError

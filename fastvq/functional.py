@@ -1,0 +1,45 @@
+"""The public functions: argument checks, (..., d) reshaping, then the custom ops."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from .checks import check_float_tensor, check_indices, check_rows_and_codebook, check_vectors_and_codebook, shape_str
+
+
+def nearest_code(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Nearest codebook row of each row of x.
+
+    x (N, d), codebook (K, d) -> indices int64 (N,), sqdist float32 (N,) where
+    sqdist_i = ‖x_i − codebook[indices_i]‖². Ties go to the lowest index.
+    """
+    check_rows_and_codebook(x, codebook)
+    return torch.ops.fastvq.nearest_code(x, codebook, backend)
+
+
+def quantize(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Replace each vector of x (..., d) by its nearest codebook row.
+
+    Returns (quantized, indices): quantized has x's shape and dtype and value
+    codebook[indices]; its gradient passes straight through to x and never to the
+    codebook. indices has shape x.shape[:-1].
+    """
+    check_vectors_and_codebook(x, codebook)
+    rows = x.reshape(-1, x.shape[-1])
+    quantized, indices, _ = torch.ops.fastvq.quantize(rows, codebook, 0.0, 0.0, backend)
+    return quantized.view(x.shape), indices.view(x.shape[:-1])
+
+
+def ema_stats(x: Tensor, indices: Tensor, num_codes: int, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Per-code counts (K,) and sums (K, d), float32, of the rows of x (N, d) assigned by indices (N,)."""
+    check_float_tensor("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (N, d), got {shape_str(x.shape)}")
+    check_indices(indices, x.shape[0], num_codes)
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_codes):
+        raise ValueError(
+            f"indices must lie in [0, num_codes) = [0, {num_codes}), "
+            f"got values in [{int(indices.min())}, {int(indices.max())}]"
+        )
+    return torch.ops.fastvq.ema_stats(x, indices, num_codes, backend)

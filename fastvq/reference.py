@@ -1,0 +1,142 @@
+"""The oracle: every fastvq op in plain, obviously-correct PyTorch.
+
+Every backend is tested against these functions. They are also the ``torch``
+backend, so they must work on any device, but clarity beats speed here:
+distances are sums of squared differences, never the ``‖x‖² − 2x·e + ‖e‖²``
+expansion the kernels use. Arithmetic is float64 for float64 inputs and float32
+for everything else.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Rows per chunk are chosen so one (rows, K, d) difference tensor stays near this size.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pairwise_sqdist(x: Tensor, codebook: Tensor) -> Tensor:
+    """(N, K) squared distances. Builds the N×K matrix: oracle use only."""
+    dtype = compute_dtype(x.dtype)
+    return ((x.to(dtype)[:, None, :] - codebook.to(dtype)[None, :, :]) ** 2).sum(-1)
+
+
+def nearest_code(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """indices (N,) int64 = argmin_k ‖x_i − e_k‖², ties to the lowest k; sqdist (N,) float32."""
+    num_rows, num_codes, dim = x.shape[0], codebook.shape[0], codebook.shape[1]
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, num_codes * dim))
+    indices = torch.empty(num_rows, dtype=torch.int64, device=x.device)
+    sqdist = torch.empty(num_rows, dtype=torch.float32, device=x.device)
+    for start in range(0, num_rows, rows_per_chunk):
+        chunk = pairwise_sqdist(x[start : start + rows_per_chunk], codebook)
+        best, best_index = chunk.min(dim=1)  # torch.min returns the first minimal index
+        indices[start : start + rows_per_chunk] = best_index
+        sqdist[start : start + rows_per_chunk] = best.to(torch.float32)
+    return indices, sqdist
+
+
+def vq_loss(x: Tensor, quantized: Tensor, commitment_weight: float, codebook_weight: float) -> Tensor:
+    """commitment_weight·mean((x − sg(q))²) + codebook_weight·mean((sg(x) − q)²); 0 for empty x."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=compute_dtype(x.dtype), device=x.device)
+    dtype = compute_dtype(x.dtype)
+    x, quantized = x.to(dtype), quantized.to(dtype)
+    commitment = ((x - quantized.detach()) ** 2).mean()
+    codebook_loss = ((x.detach() - quantized) ** 2).mean()
+    return commitment_weight * commitment + codebook_weight * codebook_loss
+
+
+def quantize(
+    x: Tensor, codebook: Tensor, commitment_weight: float = 0.0, codebook_weight: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Differentiable reference of the fused ``quantize`` op for x of shape (N, d).
+
+    Returns (quantized, indices, loss). ``quantized`` has x's dtype, takes the
+    straight-through gradient to x, and no gradient to the codebook; the codebook
+    learns only through the codebook term of ``loss``.
+    """
+    indices, _ = nearest_code(x.detach(), codebook.detach())
+    codes = codebook[indices]
+    loss = vq_loss(x, codes, commitment_weight, codebook_weight)
+    quantized = x + (codes.to(x.dtype) - x).detach()
+    return quantized, indices, loss
+
+
+def ema_stats(x: Tensor, indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
+    """counts (K,) and per-code sums (K, d) of the rows of x assigned to each code."""
+    dtype = compute_dtype(x.dtype)
+    counts = torch.bincount(indices, minlength=num_codes).to(dtype)
+    sums = torch.zeros(num_codes, x.shape[1], dtype=dtype, device=x.device)
+    sums.index_add_(0, indices, x.to(dtype))
+    return counts, sums
+
+
+def quantize_backward(
+    grad_quantized: Tensor,
+    x: Tensor,
+    codebook: Tensor,
+    indices: Tensor,
+    commit_scale: Tensor,
+    codebook_scale: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of the fused op, written out by hand.
+
+    grad_x = grad_quantized + commit_scale·(x − e_idx)
+    grad_codebook_k = codebook_scale · Σ_{i: idx_i = k} (e_k − x_i)
+    where commit_scale = dL·commitment_weight·2/(N·d), likewise codebook_scale.
+    """
+    dtype = compute_dtype(x.dtype)
+    residual = x.to(dtype) - codebook.to(dtype)[indices]
+    grad_x = grad_quantized.to(dtype) + commit_scale.to(dtype) * residual
+    grad_codebook = torch.zeros(codebook.shape, dtype=dtype, device=codebook.device)
+    grad_codebook.index_add_(0, indices, -residual)
+    grad_codebook = codebook_scale.to(dtype) * grad_codebook
+    return grad_x.to(x.dtype), grad_codebook.to(codebook.dtype)
+
+
+def laplace_smoothed_counts(cluster_size: Tensor, eps: float) -> Tensor:
+    """ñ_k = (n_k + eps) / (Σn + K·eps) · Σn, which keeps every ñ_k > 0."""
+    total = cluster_size.sum()
+    return (cluster_size + eps) / (total + cluster_size.numel() * eps) * total
+
+
+def ema_update(
+    embed: Tensor,
+    cluster_size: Tensor,
+    embed_avg: Tensor,
+    counts: Tensor,
+    sums: Tensor,
+    decay: float,
+    eps: float,
+) -> None:
+    """One EMA codebook step, in place: lerp the statistics, then embed = embed_avg / ñ."""
+    cluster_size.lerp_(counts.to(cluster_size.dtype), 1.0 - decay)
+    embed_avg.lerp_(sums.to(embed_avg.dtype), 1.0 - decay)
+    smoothed = laplace_smoothed_counts(cluster_size, eps)
+    embed.copy_(embed_avg / smoothed.unsqueeze(1))
+
+
+def ema_vq_step(
+    x: Tensor,
+    embed: Tensor,
+    cluster_size: Tensor,
+    embed_avg: Tensor,
+    *,
+    decay: float,
+    eps: float,
+    commitment_weight: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One training step of an EMA vector quantizer on x (N, d), updating the state in place.
+
+    Order: search against the current codebook, quantize with those (pre-update)
+    rows, commitment loss, then the EMA update.
+    """
+    quantized, indices, loss = quantize(x, embed, commitment_weight, 0.0)
+    with torch.no_grad():
+        counts, sums = ema_stats(x.detach(), indices, embed.shape[0])
+        ema_update(embed, cluster_size, embed_avg, counts, sums, decay, eps)
+    return quantized, indices, loss
