@@ -26,16 +26,22 @@ def pairwise_sqdist(x: Tensor, codebook: Tensor) -> Tensor:
 
 
 def nearest_code(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
-    """indices (N,) int64 = argmin_k ‖x_i − e_k‖², ties to the lowest k; sqdist (N,) float32."""
+    """indices (N,) int64 = argmin_k ‖x_i − e_k‖², ties to the lowest k; sqdist (N,) float32.
+
+    Non-finite values: a distance that is NaN or ±inf counts as +inf. So a codebook
+    row with a NaN/Inf entry is never chosen while a finite row exists, and a row of
+    x with a NaN/Inf entry (every distance non-finite) gets index 0. sqdist is always
+    ‖x_i − codebook[indices_i]‖² itself, so such a row's sqdist is NaN or inf.
+    """
     num_rows, num_codes, dim = x.shape[0], codebook.shape[0], codebook.shape[1]
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, num_codes * dim))
     indices = torch.empty(num_rows, dtype=torch.int64, device=x.device)
-    sqdist = torch.empty(num_rows, dtype=torch.float32, device=x.device)
     for start in range(0, num_rows, rows_per_chunk):
         chunk = pairwise_sqdist(x[start : start + rows_per_chunk], codebook)
-        best, best_index = chunk.min(dim=1)  # torch.min returns the first minimal index
-        indices[start : start + rows_per_chunk] = best_index
-        sqdist[start : start + rows_per_chunk] = best.to(torch.float32)
+        chunk = torch.where(torch.isfinite(chunk), chunk, torch.inf)
+        indices[start : start + rows_per_chunk] = chunk.min(dim=1).indices  # first minimal index
+    dtype = compute_dtype(x.dtype)
+    sqdist = ((x.to(dtype) - codebook.to(dtype)[indices]) ** 2).sum(-1).to(torch.float32)
     return indices, sqdist
 
 
