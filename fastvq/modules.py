@@ -98,10 +98,13 @@ class FastVectorQuantizer(nn.Module):
             raise ValueError(f"x must have shape (..., dim) with dim == {self.dim}, got {shape_str(x.shape)}")
         rows = x.reshape(-1, self.dim)
         codebook_weight = 0.0 if self.ema_update else 1.0
+        ema_training = self.training and self.ema_update
+        # The EMA step rewrites embed in place; backward needs the rows this forward used.
+        codebook = self.embed.clone() if ema_training else self.embed
         quantized, indices, loss = torch.ops.fastvq.quantize(
-            rows, self.embed, self.commitment_weight, codebook_weight, self.backend
+            rows, codebook, self.commitment_weight, codebook_weight, self.backend
         )
-        if self.training and self.ema_update:
+        if ema_training:
             self._ema_step(rows.detach(), indices)
         return quantized.view(x.shape), indices.view(x.shape[:-1]), loss
 
