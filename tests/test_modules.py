@@ -1,0 +1,185 @@
+"""FastVectorQuantizer's core contract (issue 2), on every core backend."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fastvq import FastVectorQuantizer, reference
+
+from conftest import TOLERANCES
+
+
+def clustered_batches(num_batches, num_rows, dim, num_clusters=8, seed=0):
+    """Points near a few centres, so nearest codes are decided by wide margins."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(num_clusters, dim, generator=generator)
+    labels = torch.randint(0, num_clusters, (num_batches, num_rows), generator=generator)
+    return centres[labels] + 0.3 * torch.randn(num_batches, num_rows, dim, generator=generator)
+
+
+def test_ema_steps_match_reference_step_for_step(backend):
+    dim, codebook_size = 16, 33
+    torch.manual_seed(0)
+    module = FastVectorQuantizer(dim, codebook_size, decay=0.9, backend=backend).train()
+    embed, cluster_size, embed_avg = (module.embed.clone(), module.cluster_size.clone(), module.embed_avg.clone())
+    for batch in clustered_batches(6, 257, dim):
+        x = batch.reshape(1, 257, dim).requires_grad_()
+        quantized, indices, loss = module(x)
+        want_quantized, want_indices, want_loss = reference.ema_vq_step(
+            batch, embed, cluster_size, embed_avg, decay=0.9, eps=1e-5, commitment_weight=0.25
+        )
+        assert indices.shape == (1, 257) and quantized.shape == x.shape and loss.dim() == 0
+        torch.testing.assert_close(indices.reshape(-1), want_indices, rtol=0, atol=0)
+        torch.testing.assert_close(quantized.detach().reshape(-1, dim), want_quantized, **TOLERANCES[torch.float32])
+        torch.testing.assert_close(loss, want_loss, **TOLERANCES[torch.float32])
+        torch.testing.assert_close(module.cluster_size, cluster_size, **TOLERANCES[torch.float32])
+        torch.testing.assert_close(module.embed_avg, embed_avg, **TOLERANCES[torch.float32])
+        torch.testing.assert_close(module.embed, embed, **TOLERANCES[torch.float32])
+    assert not torch.equal(module.cluster_size, torch.ones(codebook_size))  # it did learn
+
+
+def test_quantized_uses_pre_update_codebook(backend):
+    module = FastVectorQuantizer(4, 8, decay=0.5, backend=backend).train()
+    before = module.embed.clone()
+    x = torch.randn(3, 100, 4)
+    quantized, indices, _ = module(x)
+    torch.testing.assert_close(quantized, before[indices], rtol=0, atol=0)
+    assert not torch.equal(module.embed, before)
+
+
+def test_eval_mode_changes_nothing(backend):
+    module = FastVectorQuantizer(8, 16, backend=backend).eval()
+    state = copy.deepcopy(module.state_dict())
+    quantized, indices, loss = module(torch.randn(4, 9, 8))
+    for name, value in module.state_dict().items():
+        torch.testing.assert_close(value, state[name], rtol=0, atol=0)
+    torch.testing.assert_close(quantized, module.embed[indices], rtol=0, atol=0)
+    assert loss.dim() == 0
+
+
+def test_learnable_codebook_trains_a_small_autoencoder(backend):
+    torch.manual_seed(0)
+    dim, codebook_size = 8, 16
+    data = clustered_batches(1, 512, 12, num_clusters=6, seed=1)[0]
+    encoder, decoder = nn.Linear(12, dim), nn.Linear(dim, 12)
+    vq = FastVectorQuantizer(dim, codebook_size, ema_update=False, backend=backend)
+    assert isinstance(vq.embed, nn.Parameter) and "cluster_size" not in dict(vq.named_buffers())
+    start_codebook = vq.embed.detach().clone()
+    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters(), *vq.parameters()], lr=1e-2)
+
+    def step():
+        quantized, _, vq_loss = vq(encoder(data))
+        reconstruction = ((decoder(quantized) - data) ** 2).mean()
+        optimizer.zero_grad()
+        (reconstruction + vq_loss).backward()
+        optimizer.step()
+        return reconstruction.item(), vq_loss.item()
+
+    first_reconstruction, first_vq = step()
+    assert vq.embed.grad is not None and vq.embed.grad.abs().sum() > 0
+    for _ in range(300):
+        reconstruction, vq_loss = step()
+    assert reconstruction < 0.2 * first_reconstruction
+    assert vq_loss < first_vq
+    assert (vq.embed.detach() - start_codebook).abs().max() > 0.1
+
+
+def test_learnable_loss_adds_the_codebook_term(backend):
+    vq = FastVectorQuantizer(4, 8, commitment_weight=0.25, ema_update=False, backend=backend)
+    x = torch.randn(50, 4)
+    _, indices, loss = vq(x)
+    mse = ((x - vq.embed.detach()[indices]) ** 2).mean()
+    torch.testing.assert_close(loss.detach(), 1.25 * mse, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("ema_update", [True, False])
+def test_state_dict_round_trip(backend, ema_update):
+    torch.manual_seed(1)
+    trained = FastVectorQuantizer(8, 16, ema_update=ema_update, backend=backend).train()
+    for batch in clustered_batches(3, 64, 8):
+        trained(batch)
+    fresh = FastVectorQuantizer(8, 16, ema_update=ema_update, backend=backend)
+    fresh.load_state_dict(trained.state_dict())
+    expected_keys = {"embed", "cluster_size", "embed_avg"} if ema_update else {"embed"}
+    assert set(trained.state_dict()) == expected_keys
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[name], value, rtol=0, atol=0)
+    x = torch.randn(5, 8)
+    for a, b in zip(trained.eval()(x), fresh.eval()(x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_set_codebook_resets_ema_state(backend):
+    module = FastVectorQuantizer(4, 8, backend=backend).train()
+    module(torch.randn(40, 4))
+    codebook = torch.randn(8, 4)
+    module.set_codebook(codebook)
+    torch.testing.assert_close(module.embed, codebook, rtol=0, atol=0)
+    torch.testing.assert_close(module.embed_avg, codebook, rtol=0, atol=0)
+    torch.testing.assert_close(module.cluster_size, torch.ones(8), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"codebook must have shape \(8, 4\)"):
+        module.set_codebook(torch.randn(8, 5))
+
+
+def test_get_codes_from_indices(backend):
+    module = FastVectorQuantizer(4, 8, backend=backend)
+    indices = torch.tensor([[0, 7], [3, 3]])
+    torch.testing.assert_close(module.get_codes_from_indices(indices), module.embed[indices], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="indices must lie in"):
+        module.get_codes_from_indices(torch.tensor([8]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_compute_in_float32(backend, dtype):
+    module = FastVectorQuantizer(8, 16, backend=backend).train()
+    x = torch.randn(3, 50, 8).to(dtype).requires_grad_()
+    quantized, indices, loss = module(x)
+    assert quantized.dtype == dtype and module.embed.dtype == torch.float32
+    quantized.float().sum().backward()
+    assert x.grad.dtype == dtype and torch.isfinite(loss)
+
+
+def test_results_are_bitwise_identical_for_one_and_two_threads(backend):
+    def train(num_threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(num_threads)
+        try:
+            torch.manual_seed(3)
+            module = FastVectorQuantizer(32, 1030, backend=backend).train()
+            outputs = [module(batch) for batch in clustered_batches(3, 4099, 32, seed=4)]
+            return outputs, module.state_dict()
+        finally:
+            torch.set_num_threads(previous)
+
+    (outputs_1, state_1), (outputs_2, state_2) = train(1), train(2)
+    for out_1, out_2 in zip(outputs_1, outputs_2):
+        for a, b in zip(out_1, out_2):
+            assert torch.equal(a, b)
+    for name in state_1:
+        assert torch.equal(state_1[name], state_2[name]), name
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        (dict(dim=0, codebook_size=8), ValueError, "dim must be a positive int, got 0"),
+        (dict(dim=4, codebook_size=0), ValueError, "codebook_size must be a positive int, got 0"),
+        (dict(dim=4, codebook_size=-3), ValueError, "codebook_size must be a positive int, got -3"),
+        (dict(dim=4, codebook_size=8.0), TypeError, "codebook_size must be an int"),
+        (dict(dim=4, codebook_size=8, decay=1.5), ValueError, r"decay must be in \[0, 1\]"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        FastVectorQuantizer(**kwargs)
+
+
+def test_bad_forward_input(backend):
+    module = FastVectorQuantizer(64, 8, backend=backend)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., dim\) with dim == 64, got \(2, 10, 63\)"):
+        module(torch.randn(2, 10, 63))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        module(torch.zeros(2, 64, dtype=torch.int64))
