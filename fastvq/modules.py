@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from . import codebook_init, ops  # noqa: F401  (register torch.ops.fastvq.*)
 from .checks import check_float_tensor, check_fraction, check_non_negative, check_positive_int, shape_str
+from .compat import (FORWARD_UNSUPPORTED, STRAIGHT_THROUGH_ROTATION_TRICK, VECTOR_QUANTIZE_UNSUPPORTED,
+                     reject_unsupported)
+from .dead_codes import revive_dead_codes_
+from .distributed import all_reduce_stats, is_distributed
 from .reference import ema_update
+from .stats import CodebookStats, code_counts, codebook_stats
 
 
 class FastVectorQuantizer(nn.Module):
@@ -20,9 +26,24 @@ class FastVectorQuantizer(nn.Module):
 
     Training with ``ema_update=True`` runs, in this order: search against the
     current codebook, quantize with those rows, the loss, then the EMA update of
-    ``cluster_size``, ``embed_avg`` and ``embed`` (Laplace-smoothed). Eval mode
-    changes no state. Half-precision inputs are computed in float32 and returned in
-    their own dtype; the codebook state is float32.
+    ``cluster_size``, ``embed_avg`` and ``embed`` (Laplace-smoothed), then dead-code
+    revival. Eval mode changes no state. Half-precision inputs are computed in
+    float32 and returned in their own dtype; the codebook state is float32.
+
+    Training features (vector-quantize-pytorch's names):
+    - ``kmeans_init``/``kmeans_iters``: the first training batch sets the codebook by k-means.
+    - ``threshold_ema_dead_code``: codes with cluster_size below it get batch vectors.
+    - ``use_cosine_sim``: l2-normalised inputs and codes (codes unit-norm after every step).
+    - ``heads``/``separate_codebook_per_head``: x's dim is split into ``heads`` vectors
+      of dim/heads, quantized with one shared codebook (K, dim/heads) or one per head
+      (heads, K, dim/heads); indices gain a trailing heads axis.
+    - ``channel_last=False`` ((B, C, N) in and out), ``accept_image_fmap`` ((B, C, H, W),
+      indices (B, H, W)) and ``accept_3d_fmap`` ((B, C, D, H, W)).
+    - ``sync_codebook``: all-reduce codebook statistics over torch.distributed ranks;
+      None means on when torch.distributed is initialised with world size > 1.
+    - ``forward(x, return_stats=True)`` also returns a CodebookStats (perplexity,
+      utilization, counts) of this process's batch, computed from per-code counts.
+    Other VectorQuantize kwargs are accepted only at their defaults (fastvq.compat).
     """
 
     def __init__(
@@ -35,31 +56,93 @@ class FastVectorQuantizer(nn.Module):
         commitment_weight: float = 0.25,
         ema_update: bool = True,
         backend: str = "auto",
+        learnable_codebook: bool | None = None,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        sync_kmeans: bool = True,
+        threshold_ema_dead_code: float = 0,
+        use_cosine_sim: bool = False,
+        heads: int = 1,
+        separate_codebook_per_head: bool = False,
+        codebook_dim: int | None = None,
+        channel_last: bool = True,
+        accept_image_fmap: bool = False,
+        accept_3d_fmap: bool = False,
+        sync_codebook: bool | None = None,
+        freeze_codebook: bool = False,
+        rotation_trick: bool | None = None,
+        **unsupported,
     ):
         super().__init__()
+        reject_unsupported(type(self).__name__, unsupported, VECTOR_QUANTIZE_UNSUPPORTED)
+        if rotation_trick not in STRAIGHT_THROUGH_ROTATION_TRICK:
+            raise ValueError(f"{type(self).__name__} does not implement rotation_trick={rotation_trick!r}; "
+                             "it uses the straight-through estimator (rotation_trick None or False)")
         check_positive_int("dim", dim)
         check_positive_int("codebook_size", codebook_size)
+        check_positive_int("heads", heads)
         check_fraction("decay", decay)
         check_non_negative("eps", eps)
         check_non_negative("commitment_weight", commitment_weight)
+        check_non_negative("threshold_ema_dead_code", threshold_ema_dead_code)
+        if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 0:
+            raise ValueError(f"kmeans_iters must be an int >= 0, got {kmeans_iters!r}")
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+        if dim % heads:
+            raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
+        if codebook_dim is not None and codebook_dim != dim // heads:
+            raise ValueError(f"codebook_dim must be None or dim // heads == {dim // heads} (fastvq splits x into "
+                             f"heads without projections), got codebook_dim={codebook_dim!r}")
+        if accept_image_fmap and accept_3d_fmap:
+            raise ValueError("accept_image_fmap and accept_3d_fmap cannot both be True")
+        if learnable_codebook is not None and bool(learnable_codebook) == bool(ema_update):
+            raise ValueError(
+                f"learnable_codebook={learnable_codebook} conflicts with ema_update={ema_update}: the codebook is "
+                "learned either by EMA (ema_update=True) or by gradient (ema_update=False, learnable_codebook=True)"
+            )
         self.dim = dim
         self.codebook_size = codebook_size
         self.decay = float(decay)
         self.eps = float(eps)
         self.commitment_weight = float(commitment_weight)
         self.ema_update = bool(ema_update)
+        self.learnable_codebook = not self.ema_update
         self.backend = backend
+        self.heads = heads
+        self.separate_codebook_per_head = bool(separate_codebook_per_head) and heads > 1
+        self.num_codebooks = heads if self.separate_codebook_per_head else 1
+        self.codebook_dim = dim // heads
+        self.kmeans_init = bool(kmeans_init)
+        self.kmeans_iters = kmeans_iters
+        self.sync_kmeans = bool(sync_kmeans)
+        self.threshold_ema_dead_code = float(threshold_ema_dead_code)
+        self.use_cosine_sim = bool(use_cosine_sim)
+        self.channel_last = bool(channel_last)
+        self.accept_image_fmap = bool(accept_image_fmap)
+        self.accept_3d_fmap = bool(accept_3d_fmap)
+        self.sync_codebook = sync_codebook
+        self.freeze_codebook = bool(freeze_codebook)
 
-        embed = torch.empty(codebook_size, dim)
+        shape = (codebook_size, self.codebook_dim)
+        if self.num_codebooks > 1:
+            shape = (self.num_codebooks, *shape)
+        embed = torch.empty(self.num_codebooks * codebook_size, self.codebook_dim)
         nn.init.kaiming_uniform_(embed)  # the initialisation VectorQuantize uses
+        embed = embed.view(shape)
+        if self.use_cosine_sim:
+            embed = F.normalize(embed, dim=-1)
         if self.ema_update:
             self.register_buffer("embed", embed)
-            self.register_buffer("cluster_size", torch.ones(codebook_size))
             self.register_buffer("embed_avg", embed.clone())
         else:
             self.embed = nn.Parameter(embed)
+        if self.ema_update or self.threshold_ema_dead_code > 0:
+            self.register_buffer("cluster_size", torch.ones(shape[:-1]))
+        if self.kmeans_init:
+            self.register_buffer("initted", torch.tensor(False))
+        self._kmeans_pending = self.kmeans_init  # a Python flag: torch.compile guards on it
+        self.register_load_state_dict_post_hook(_after_load_state_dict)
 
     @property
     def codebook(self) -> Tensor:
@@ -67,48 +150,197 @@ class FastVectorQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "ema" if self.ema_update else "learnable"
-        return (f"dim={self.dim}, codebook_size={self.codebook_size}, codebook={mode}, decay={self.decay}, "
+        text = (f"dim={self.dim}, codebook_size={self.codebook_size}, codebook={mode}, decay={self.decay}, "
                 f"commitment_weight={self.commitment_weight}, backend={self.backend!r}")
+        if self.heads > 1:
+            text += f", heads={self.heads}, separate_codebook_per_head={self.separate_codebook_per_head}"
+        for name in ("kmeans_init", "use_cosine_sim", "accept_image_fmap", "accept_3d_fmap"):
+            if getattr(self, name):
+                text += f", {name}=True"
+        if self.threshold_ema_dead_code > 0:
+            text += f", threshold_ema_dead_code={self.threshold_ema_dead_code}"
+        return text
+
+    def sync_enabled(self) -> bool:
+        """Whether codebook statistics are all-reduced over torch.distributed ranks."""
+        return is_distributed() if self.sync_codebook is None else bool(self.sync_codebook)
 
     @torch.no_grad()
     def set_codebook(self, codebook: Tensor) -> None:
-        """Replace the codebook; in EMA mode also reset cluster_size to 1 and embed_avg to it."""
+        """Replace the codebook; in EMA mode also reset cluster_size to 1 and embed_avg to it.
+
+        The shape is embed's: (codebook_size, dim // heads), or (heads, codebook_size,
+        dim // heads) with separate codebooks. With use_cosine_sim the rows are
+        l2-normalised. A set codebook counts as initialised: k-means init will not replace it.
+        """
         check_float_tensor("codebook", codebook)
-        expected = (self.codebook_size, self.dim)
-        if tuple(codebook.shape) != expected:
-            raise ValueError(f"codebook must have shape {shape_str(expected)}, got {shape_str(codebook.shape)}")
+        if tuple(codebook.shape) != tuple(self.embed.shape):
+            raise ValueError(f"codebook must have shape {shape_str(self.embed.shape)}, got {shape_str(codebook.shape)}")
+        if self.use_cosine_sim:
+            codebook = F.normalize(codebook.to(self.embed.dtype), dim=-1)
         self.embed.copy_(codebook)
         if self.ema_update:
-            self.cluster_size.fill_(1.0)
             self.embed_avg.copy_(codebook)
+        if hasattr(self, "cluster_size"):
+            self.cluster_size.fill_(1.0)
+        if self.kmeans_init:
+            self.initted.fill_(True)
+            self._kmeans_pending = False
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """Codebook vectors for integer indices of any shape: (...) -> (..., dim)."""
+        """Codebook vectors for integer indices: (...) -> (..., dim); with heads > 1,
+        (..., heads) -> (..., dim). Channel-first layouts put dim at axis 1, as forward does."""
         if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
             got = indices.dtype if isinstance(indices, Tensor) else type(indices).__name__
             raise TypeError(f"indices must be an int64 or int32 tensor, got {got}")
+        if self.heads > 1 and (indices.dim() == 0 or indices.shape[-1] != self.heads):
+            raise ValueError(f"indices must have shape (..., heads) with heads == {self.heads}, "
+                             f"got {shape_str(indices.shape)}")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
             raise ValueError(f"indices must lie in [0, codebook_size) = [0, {self.codebook_size}), "
                              f"got values in [{int(indices.min())}, {int(indices.max())}]")
-        return self.embed[indices.long()]
+        codebook = self._search_codebook()
+        indices = indices.long()
+        if self.num_codebooks > 1:
+            codes = codebook[torch.arange(self.heads, device=indices.device), indices]
+        else:
+            codes = codebook[indices]
+        if self.heads > 1:
+            codes = codes.flatten(-2)
+        return self._from_channel_last(codes)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, *, return_stats: bool = False, freeze_codebook: bool | None = None,
+                **unsupported):
+        """(quantized, indices, loss), plus a CodebookStats when ``return_stats``."""
+        reject_unsupported(f"{type(self).__name__}.forward", unsupported, FORWARD_UNSUPPORTED)
         check_float_tensor("x", x)
-        if x.dim() < 1 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape (..., dim) with dim == {self.dim}, got {shape_str(x.shape)}")
-        rows = x.reshape(-1, self.dim)
-        codebook_weight = 0.0 if self.ema_update else 1.0
-        ema_training = self.training and self.ema_update
-        # The EMA step rewrites embed in place; backward needs the rows this forward used.
-        codebook = self.embed.clone() if ema_training else self.embed
-        quantized, indices, loss = torch.ops.fastvq.quantize(
-            rows, codebook, self.commitment_weight, codebook_weight, self.backend
-        )
-        if ema_training:
-            self._ema_step(rows.detach(), indices)
-        return quantized.view(x.shape), indices.view(x.shape[:-1]), loss
+        x_last = self._to_channel_last(x)
+        if x_last.shape[-1] != self.dim:
+            raise ValueError(f"x must have {self._layout()} with dim == {self.dim}, got {shape_str(x.shape)}")
+        frozen = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
+        with torch.autocast(x.device.type, enabled=False):  # the codebook math stays float32
+            quantized, indices, loss, counts = self._quantize(x_last, self.training and not frozen, return_stats)
+        quantized = self._from_channel_last(quantized)
+        if self.heads == 1:
+            indices = indices.squeeze(-1)
+        if not return_stats:
+            return quantized, indices, loss
+        stats = codebook_stats(counts)
+        if self.num_codebooks == 1:
+            stats = stats._replace(counts=counts.squeeze(0))
+        return quantized, indices, loss, stats
+
+    # ---- the step --------------------------------------------------------------------------
+    def _quantize(self, x: Tensor, update: bool, want_counts: bool):
+        """x (..., dim) -> quantized (..., dim), indices (..., heads), loss, counts (C, K) or None."""
+        lead_shape = x.shape[:-1]
+        # (M, C, d): row m of codebook c. A shared codebook sees every head's vector as a row.
+        rows = x.reshape(-1, self.num_codebooks, self.codebook_dim)
+        if self.use_cosine_sim:
+            rows = F.normalize(rows.to(torch.float32), dim=-1)
+        sync = self.sync_enabled()
+        if update and self._kmeans_pending:
+            self._run_kmeans_init(rows.detach(), sync)
+        if update and self.learnable_codebook and self.threshold_ema_dead_code > 0:
+            revive_dead_codes_(self.embed, self.cluster_size, None, rows.detach(), self.threshold_ema_dead_code, sync)
+        codebook = self._search_codebook()
+        if update and self.ema_update:
+            # The EMA step rewrites embed in place; backward needs the rows this forward used.
+            codebook = codebook.clone()
+        codebook_weight = 1.0 if self.learnable_codebook and update else 0.0
+        if self.num_codebooks == 1:
+            quantized, indices, loss = torch.ops.fastvq.quantize(
+                rows.view(-1, self.codebook_dim), codebook, self.commitment_weight, codebook_weight, self.backend)
+            quantized, indices = quantized.view(rows.shape), indices.view(rows.shape[:-1])
+        else:
+            per_head = rows.transpose(0, 1).contiguous()  # (C, M, d): one contiguous block per codebook
+            outputs = [torch.ops.fastvq.quantize(per_head[c], codebook[c], self.commitment_weight,
+                                                 codebook_weight, self.backend) for c in range(self.num_codebooks)]
+            quantized = torch.stack([q for q, _, _ in outputs], dim=1)
+            indices = torch.stack([i for _, i, _ in outputs], dim=1)
+            loss = torch.stack([l for _, _, l in outputs]).mean()
+        counts = None
+        if update and (self.ema_update or self.threshold_ema_dead_code > 0):
+            counts = self._update_codebook(rows.detach(), indices, sync)
+        elif want_counts:
+            counts = self._counts(indices)
+        quantized = quantized.to(x.dtype).reshape(x.shape)
+        return quantized, indices.reshape(*lead_shape, self.heads), loss, counts
 
     @torch.no_grad()
-    def _ema_step(self, rows: Tensor, indices: Tensor) -> None:
-        counts, sums = torch.ops.fastvq.ema_stats(rows, indices, self.codebook_size, self.backend)
-        ema_update(self.embed, self.cluster_size, self.embed_avg, counts, sums, self.decay, self.eps)
+    def _update_codebook(self, rows: Tensor, indices: Tensor, sync: bool) -> Tensor:
+        """EMA step (or cluster-size tracking for a learnable codebook), then dead-code revival.
+        rows (M, C, d), indices (M, C). Returns this process's counts (C, K)."""
+        num_codes = self.codebook_size
+        offsets = torch.arange(self.num_codebooks, device=indices.device) * num_codes
+        flat_indices = (indices + offsets).reshape(-1)  # one ema_stats call for all codebooks
+        counts, sums = torch.ops.fastvq.ema_stats(
+            rows.reshape(-1, self.codebook_dim), flat_indices, self.num_codebooks * num_codes, self.backend)
+        counts = counts.view(self.num_codebooks, num_codes)
+        sums = sums.view(self.num_codebooks, num_codes, self.codebook_dim)
+        global_counts, global_sums = all_reduce_stats(counts, sums) if sync else (counts, sums)
+        if self.ema_update:
+            if self.num_codebooks == 1:
+                ema_update(self.embed, self.cluster_size, self.embed_avg, global_counts[0], global_sums[0],
+                           self.decay, self.eps)
+            else:
+                for c in range(self.num_codebooks):
+                    ema_update(self.embed[c], self.cluster_size[c], self.embed_avg[c], global_counts[c],
+                               global_sums[c], self.decay, self.eps)
+            if self.use_cosine_sim:
+                self.embed.copy_(F.normalize(self.embed, dim=-1))
+            if self.threshold_ema_dead_code > 0:
+                revive_dead_codes_(self.embed, self.cluster_size, self.embed_avg, rows,
+                                   self.threshold_ema_dead_code, sync)
+        else:  # learnable codebook with dead-code revival: track usage only; revival runs before the next search
+            self.cluster_size.lerp_(global_counts.view(self.cluster_size.shape), 1.0 - self.decay)
+        return counts
+
+    def _counts(self, indices: Tensor) -> Tensor:
+        if self.num_codebooks == 1:
+            return code_counts(indices, self.codebook_size).unsqueeze(0)
+        return torch.stack([code_counts(indices[:, c], self.codebook_size) for c in range(self.num_codebooks)])
+
+    def _run_kmeans_init(self, rows: Tensor, sync: bool) -> None:
+        sync_init = sync and self.sync_kmeans
+        if rows.shape[0] == 0 and not sync_init:
+            return  # wait for a non-empty batch
+        torch.ops.fastvq.kmeans_init_(
+            self.embed if self.ema_update else self.embed.detach(),
+            getattr(self, "cluster_size", None),
+            self.embed_avg if self.ema_update else None,
+            self.initted, rows, self.kmeans_iters, self.use_cosine_sim, sync_init, self.backend)
+        self._kmeans_pending = False
+
+    # ---- layout ----------------------------------------------------------------------------
+    def _search_codebook(self) -> Tensor:
+        """The codebook searched: embed, l2-normalised for a learnable cosine-similarity codebook."""
+        if self.use_cosine_sim and self.learnable_codebook:
+            return F.normalize(self.embed, dim=-1)
+        return self.embed
+
+    def _channel_first(self, ndim: int) -> bool:
+        return self.accept_image_fmap or self.accept_3d_fmap or (not self.channel_last and ndim >= 3)
+
+    def _layout(self) -> str:
+        if self.accept_image_fmap:
+            return "shape (B, dim, H, W)"
+        if self.accept_3d_fmap:
+            return "shape (B, dim, D, H, W)"
+        return "shape (B, dim, ...)" if not self.channel_last else "shape (..., dim)"
+
+    def _to_channel_last(self, x: Tensor) -> Tensor:
+        needed = 4 if self.accept_image_fmap else 5 if self.accept_3d_fmap else None
+        if needed is not None and x.dim() != needed:
+            raise ValueError(f"x must have {self._layout()} with dim == {self.dim}, got {shape_str(x.shape)}")
+        if x.dim() == 0:
+            raise ValueError(f"x must have {self._layout()} with dim == {self.dim}, got {shape_str(x.shape)}")
+        return x.movedim(1, -1) if self._channel_first(x.dim()) else x
+
+    def _from_channel_last(self, x: Tensor) -> Tensor:
+        return x.movedim(-1, 1) if self._channel_first(x.dim()) else x
+
+
+def _after_load_state_dict(module: FastVectorQuantizer, incompatible_keys) -> None:
+    # A loaded `initted` may be True or False: let the init op look at it again.
+    module._kmeans_pending = module.kmeans_init

@@ -1,0 +1,47 @@
+"""torch.distributed helpers for codebook synchronisation.
+
+Every rank must call these in the same order with the same shapes: which
+collectives run depends only on the module's configuration and on shapes, never
+on tensor values, so no rank can skip a collective that another rank waits in.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    """True when torch.distributed is initialised with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all ranks, in place; a no-op in a single process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
+    """Overwrite ``tensor`` on every rank with rank ``src``'s value, in place."""
+    if is_distributed():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def all_reduce_stats(counts: Tensor, sums: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum per-code counts (..., K) and sums (..., K, d) over all ranks in one collective."""
+    if not is_distributed():
+        return counts, sums
+    packed = torch.cat([counts.unsqueeze(-1), sums], dim=-1).contiguous()
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    return packed[..., 0], packed[..., 1:]
