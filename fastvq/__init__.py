@@ -1,15 +1,21 @@
 """fastvq: fused vector quantization for PyTorch, without the N×K distance matrix."""
 from .dispatch import BackendNotSupportedError, available_backends, unavailable_reasons
 from .functional import ema_stats, nearest_code, quantize
+from .kmeans import kmeans
 from .modules import FastVectorQuantizer
+from .residual import ResidualVQ
+from .stats import CodebookStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendNotSupportedError",
+    "CodebookStats",
     "FastVectorQuantizer",
+    "ResidualVQ",
     "available_backends",
     "ema_stats",
+    "kmeans",
     "nearest_code",
     "quantize",
     "unavailable_reasons",
