@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import distributed, kmeans
+from . import distributed
+from .kmeans import fit as kmeans_fit
 
 
 @torch.library.custom_op(
@@ -63,7 +64,7 @@ def kmeans_init_(
         generator = torch.Generator(device=x.device).manual_seed(seed)
         for c in range(num_codebooks):
             rows = x[:, c].contiguous()
-            centroids[c] = kmeans.fit(rows, num_codes, iters=iters, generator=generator, spherical=spherical,
+            centroids[c] = kmeans_fit(rows, num_codes, iters=iters, generator=generator, spherical=spherical,
                                       backend=backend).centroids
     if sync:
         distributed.broadcast_(centroids)

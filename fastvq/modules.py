@@ -11,6 +11,7 @@ from .compat import (FORWARD_UNSUPPORTED, STRAIGHT_THROUGH_ROTATION_TRICK, VECTO
                      reject_unsupported)
 from .dead_codes import revive_dead_codes_
 from .distributed import all_reduce_stats, is_distributed
+from .layout import ChannelLayout
 from .reference import ema_update
 from .stats import CodebookStats, code_counts, codebook_stats
 
@@ -94,8 +95,6 @@ class FastVectorQuantizer(nn.Module):
         if codebook_dim is not None and codebook_dim != dim // heads:
             raise ValueError(f"codebook_dim must be None or dim // heads == {dim // heads} (fastvq splits x into "
                              f"heads without projections), got codebook_dim={codebook_dim!r}")
-        if accept_image_fmap and accept_3d_fmap:
-            raise ValueError("accept_image_fmap and accept_3d_fmap cannot both be True")
         if learnable_codebook is not None and bool(learnable_codebook) == bool(ema_update):
             raise ValueError(
                 f"learnable_codebook={learnable_codebook} conflicts with ema_update={ema_update}: the codebook is "
@@ -118,9 +117,10 @@ class FastVectorQuantizer(nn.Module):
         self.sync_kmeans = bool(sync_kmeans)
         self.threshold_ema_dead_code = float(threshold_ema_dead_code)
         self.use_cosine_sim = bool(use_cosine_sim)
-        self.channel_last = bool(channel_last)
-        self.accept_image_fmap = bool(accept_image_fmap)
-        self.accept_3d_fmap = bool(accept_3d_fmap)
+        self.layout = ChannelLayout(channel_last, accept_image_fmap, accept_3d_fmap)
+        self.channel_last = self.layout.channel_last
+        self.accept_image_fmap = self.layout.accept_image_fmap
+        self.accept_3d_fmap = self.layout.accept_3d_fmap
         self.sync_codebook = sync_codebook
         self.freeze_codebook = bool(freeze_codebook)
 
@@ -207,20 +207,18 @@ class FastVectorQuantizer(nn.Module):
             codes = codebook[indices]
         if self.heads > 1:
             codes = codes.flatten(-2)
-        return self._from_channel_last(codes)
+        return self.layout.from_channel_last(codes)
 
     def forward(self, x: Tensor, *, return_stats: bool = False, freeze_codebook: bool | None = None,
                 **unsupported):
         """(quantized, indices, loss), plus a CodebookStats when ``return_stats``."""
         reject_unsupported(f"{type(self).__name__}.forward", unsupported, FORWARD_UNSUPPORTED)
         check_float_tensor("x", x)
-        x_last = self._to_channel_last(x)
-        if x_last.shape[-1] != self.dim:
-            raise ValueError(f"x must have {self._layout()} with dim == {self.dim}, got {shape_str(x.shape)}")
+        x_last = self.layout.to_channel_last(x, self.dim)
         frozen = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
         with torch.autocast(x.device.type, enabled=False):  # the codebook math stays float32
             quantized, indices, loss, counts = self._quantize(x_last, self.training and not frozen, return_stats)
-        quantized = self._from_channel_last(quantized)
+        quantized = self.layout.from_channel_last(quantized)
         if self.heads == 1:
             indices = indices.squeeze(-1)
         if not return_stats:
@@ -318,27 +316,6 @@ class FastVectorQuantizer(nn.Module):
         if self.use_cosine_sim and self.learnable_codebook:
             return F.normalize(self.embed, dim=-1)
         return self.embed
-
-    def _channel_first(self, ndim: int) -> bool:
-        return self.accept_image_fmap or self.accept_3d_fmap or (not self.channel_last and ndim >= 3)
-
-    def _layout(self) -> str:
-        if self.accept_image_fmap:
-            return "shape (B, dim, H, W)"
-        if self.accept_3d_fmap:
-            return "shape (B, dim, D, H, W)"
-        return "shape (B, dim, ...)" if not self.channel_last else "shape (..., dim)"
-
-    def _to_channel_last(self, x: Tensor) -> Tensor:
-        needed = 4 if self.accept_image_fmap else 5 if self.accept_3d_fmap else None
-        if needed is not None and x.dim() != needed:
-            raise ValueError(f"x must have {self._layout()} with dim == {self.dim}, got {shape_str(x.shape)}")
-        if x.dim() == 0:
-            raise ValueError(f"x must have {self._layout()} with dim == {self.dim}, got {shape_str(x.shape)}")
-        return x.movedim(1, -1) if self._channel_first(x.dim()) else x
-
-    def _from_channel_last(self, x: Tensor) -> Tensor:
-        return x.movedim(-1, 1) if self._channel_first(x.dim()) else x
 
 
 def _after_load_state_dict(module: FastVectorQuantizer, incompatible_keys) -> None:
