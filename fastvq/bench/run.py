@@ -130,3 +130,23 @@ def run_case(case: Case, providers: list[Provider], options: Options,
 
 def median_ms(result: Result | None) -> float:
     return result.stats.median_ms if result is not None and result.timed else math.nan
+
+
+def checked_runner(workload: str, provider_name: str, case: Case, seed: int = 0):
+    """For the pytest-benchmark suites: ``(runner, "")`` checked and ready to time, or ``(None, why)``.
+
+    ``why`` starts with "absent: " or "wrong: ".
+    """
+    from .providers import all_providers
+
+    provider = next(p for p in all_providers()[workload] if p.name == provider_name)
+    data = make_data(case, seed)
+    reason = provider.absent_reason(case, data)
+    if reason:
+        return None, f"absent: {reason}"
+    runner = provider.prepare(case, data)
+    check = runner.checked_run(check_rows(case.n, case.k, case.d), Oracle())
+    if not check.ok and provider.role != "approximate":
+        verdict = check.verdict
+        return None, f"wrong: {verdict.message or f'{verdict.rows - verdict.passed} of {verdict.rows} rows'}"
+    return runner, ""

@@ -140,3 +140,14 @@ def make_data(case: Case, seed: int = 0) -> CaseData:
         codebook = torch.nn.functional.normalize(codebook, dim=1)
     grad_out = torch.randn(case.n, case.d, generator=generator) if case.workload == "train" else None
     return CaseData(x, codebook, grad_out)
+
+
+def pytest_cases(workload: str, environ=None) -> tuple[Case, ...]:
+    """Cases for the pytest-benchmark suites: the core shapes of the default sweep, or
+    $FASTVQ_BENCH_SHAPES (the --shapes syntax), or the --quick sweep if $FASTVQ_BENCH_QUICK=1."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    quick = environ.get("FASTVQ_BENCH_QUICK", "") == "1"
+    shapes = environ.get("FASTVQ_BENCH_SHAPES") or (None if quick else "core-1,core-2,core-3")
+    return select_cases(quick, shapes, (workload,), None)
