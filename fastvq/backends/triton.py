@@ -1,0 +1,98 @@
+"""The ``triton`` backend: fused Triton kernels (fastvq/triton) for CUDA tensors, and for CPU
+tensors under Triton's interpreter (TRITON_INTERPRET=1, slow; how the tests run them).
+
+Triton is imported on first use, so this module imports without it and the backend
+reports "triton is not installed" instead of failing to load.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from .base import Backend
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def __init__(self):
+        self._kernels = None
+        self._import_error: str | None = None
+
+    def _load(self):
+        if self._kernels is None and self._import_error is None:
+            try:
+                self._kernels = importlib.import_module("fastvq.triton")
+            except ImportError as error:
+                if getattr(error, "name", None) == "triton" or "No module named 'triton'" in str(error):
+                    self._import_error = "triton is not installed (pip install triton, or fastvq[triton])"
+                else:
+                    self._import_error = f"fastvq.triton failed to import: {type(error).__name__}: {error}"
+            except Exception as error:  # recorded, surfaced by fastvq.info and forced-backend errors
+                self._import_error = f"fastvq.triton failed to import: {type(error).__name__}: {error}"
+        return self._kernels
+
+    def unavailable_reason(self) -> str | None:
+        self._load()
+        return self._import_error
+
+    def describe(self) -> str:
+        kernels = self._load()
+        if kernels is None:
+            return ""
+        import triton
+
+        if kernels.interpreting():
+            where = "TRITON_INTERPRET=1: CPU tensors run in the interpreter"
+        elif torch.cuda.is_available():
+            where = "CUDA tensors"
+        else:
+            where = "no CUDA device here; CPU tensors only with TRITON_INTERPRET=1"
+        modes = ["tf32" if kernels.allow_tf32() else "fp32 search in full precision",
+                 "deterministic reductions" if kernels.deterministic() else "atomic reductions"]
+        return f"triton {triton.__version__}; {where}; {', '.join(modes)}"
+
+    def not_supported_reasons(self, *tensors: Tensor) -> list[str]:
+        kernels = self._load()
+        if kernels is None:
+            return [self._import_error]
+        reasons = []
+        for device in sorted({str(t.device) for t in tensors}):
+            device_type = torch.device(device).type
+            if device_type == "cpu" and not kernels.interpreting():
+                reasons.append(f"device {device}: triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1")
+            elif device_type == "cuda" and torch.version.hip is None:
+                major, minor = torch.cuda.get_device_capability(device)
+                if major < 7:
+                    reasons.append(f"device {device}: compute capability {major}.{minor}; triton needs >= 7.0")
+                elif major < 8 and any(t.dtype == torch.bfloat16 for t in tensors):
+                    reasons.append(f"device {device}: bfloat16 tl.dot needs compute capability >= 8.0, "
+                                   f"got {major}.{minor}")
+            elif device_type not in ("cpu", "cuda"):
+                reasons.append(f"device {device}: triton runs on CUDA tensors (or CPU under TRITON_INTERPRET=1)")
+        for dtype in sorted({t.dtype for t in tensors if t.is_floating_point()}, key=str):
+            if dtype not in _DTYPE_NAMES:
+                reasons.append(f"dtype {str(dtype).removeprefix('torch.')}: triton supports "
+                               f"{', '.join(_DTYPE_NAMES.values())}")
+        return reasons
+
+    def nearest_code(self, x, codebook, want_quantized):
+        self._load()
+        indices, sqdist, quantized = torch.ops.fastvq.triton_nearest_code(x, codebook, want_quantized)
+        return indices, sqdist, (quantized if want_quantized else None)
+
+    def ema_stats(self, x, indices, num_codes):
+        self._load()
+        return torch.ops.fastvq.triton_ema_stats(x, indices, num_codes)
+
+    def quantize_backward(self, grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
+                          need_grad_x, need_grad_codebook):
+        self._load()
+        grad_x, grad_codebook = torch.ops.fastvq.triton_quantize_backward(
+            grad_quantized, x, codebook, indices, commit_scale, codebook_scale, need_grad_x, need_grad_codebook
+        )
+        return (grad_x if need_grad_x else None), (grad_codebook if need_grad_codebook else None)

@@ -1,0 +1,101 @@
+"""Decorating fastvq's Triton kernels for the current execution mode, and the two user options.
+
+Triton decides at *decoration* time whether ``@triton.jit`` builds a compiled
+``JITFunction`` or an ``InterpretedFunction`` (it reads ``TRITON_INTERPRET`` then,
+not at launch). So a kernel decorated at import while ``TRITON_INTERPRET`` was unset
+can never run on CPU tensors, and one decorated under the interpreter never compiles.
+``kernel(...)`` therefore decorates once at import, for the mode in force then (so
+``torch.library`` and the AOT-autograd cache see a real kernel object), and
+``for_current_mode`` re-decorates it, once per mode, when the mode at launch differs.
+Tests can thus set ``TRITON_INTERPRET=1`` in a fixture without it leaking elsewhere.
+
+Under the interpreter autotuning would run every config through Python, so the
+interpreter gets a single config.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+_TF32_ENV = "FASTVQ_TRITON_TF32"
+_DETERMINISTIC_ENV = "FASTVQ_DETERMINISTIC"
+_TRUE = ("1", "true", "yes", "on")
+
+_options = {"allow_tf32": None}
+
+
+def interpreting() -> bool:
+    """True when Triton launches run in its interpreter (``TRITON_INTERPRET=1``), read now."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def set_allow_tf32(allow: bool | None) -> None:
+    """Let float32 searches use TF32 tensor cores (faster, ~1e-3 relative error in x·e).
+
+    Off by default: a TF32 distance can pick a code up to ~1e-3·(‖x‖² + ‖e‖²) farther
+    than the nearest. ``None`` returns to the environment variable FASTVQ_TRITON_TF32.
+    This is deliberately not torch's ``set_float32_matmul_precision``, which many
+    training scripts lower for the model's matmuls without meaning the argmin.
+    """
+    if allow is not None and not isinstance(allow, bool):
+        raise TypeError(f"allow must be a bool or None, got {type(allow).__name__}")
+    _options["allow_tf32"] = allow
+
+
+def allow_tf32() -> bool:
+    if _options["allow_tf32"] is not None:
+        return _options["allow_tf32"]
+    return os.environ.get(_TF32_ENV, "").strip().lower() in _TRUE
+
+
+def deterministic() -> bool:
+    """Sort-and-segment reductions instead of float atomics (bitwise reproducible).
+
+    On when ``torch.use_deterministic_algorithms(True)`` is in force or the
+    environment variable FASTVQ_DETERMINISTIC=1 is set.
+    """
+    if torch.are_deterministic_algorithms_enabled():
+        return True
+    return os.environ.get(_DETERMINISTIC_ENV, "").strip().lower() in _TRUE
+
+
+class _KernelSpec:
+    def __init__(self, fn: Callable, configs: list | None, interpreter_config, key: list[str]):
+        self.fn = fn
+        self.configs = configs
+        self.interpreter_config = interpreter_config
+        self.key = key
+        self.built: dict[bool, object] = {}
+
+    def build(self, interpret: bool):
+        if interpret not in self.built:
+            base = InterpretedFunction(self.fn) if interpret else JITFunction(self.fn)
+            if self.configs is None:
+                kernel = base
+            else:
+                configs = [self.interpreter_config] if interpret else self.configs
+                kernel = triton.autotune(configs=configs, key=self.key)(base)
+            kernel._fastvq_spec = self
+            self.built[interpret] = kernel
+        return self.built[interpret]
+
+
+def kernel(configs: list | None = None, interpreter_config=None, key: list[str] | None = None):
+    """Like ``@triton.autotune(configs, key)`` over ``@triton.jit`` (or plain ``@triton.jit``
+    when ``configs`` is None), with one config under the interpreter."""
+
+    def decorate(fn: Callable):
+        spec = _KernelSpec(fn, configs, interpreter_config, key or [])
+        return spec.build(interpreting())
+
+    return decorate
+
+
+def for_current_mode(decorated):
+    """The same kernel, decorated for the mode in force now."""
+    return decorated._fastvq_spec.build(interpreting())
