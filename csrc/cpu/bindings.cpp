@@ -1,0 +1,160 @@
+// fastvq._cpu: nanobind bindings of the CPU kernels.
+//
+// Arrays arrive through DLPack (CPU torch tensors and numpy arrays both work): float32 or
+// int64, C-contiguous, on the CPU. Outputs are preallocated by the caller and written in
+// place. Every argument is checked here (csrc/common/checks.h) before the GIL is released;
+// a mismatch raises ValueError naming the argument, the expected and the actual shape.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string>
+
+#include "common/checks.h"
+#include "common/nb_args.h"
+#include "cpu/kernels.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using fastvq::checks::ArrayArg;
+using fastvq::checks::check_array;
+using fastvq::checks::check_shape;
+using fastvq::checks::kAnySize;
+using fastvq::nbargs::describe;
+
+namespace {
+
+using In = nb::ndarray<nb::ro>;  // read-only inputs (numpy read-only arrays accepted too)
+using Out = nb::ndarray<>;       // outputs, written in place
+
+std::string eq(const char* what, int64_t value) { return std::string(what) + " == " + std::to_string(value); }
+
+float* fptr(const ArrayArg& a) { return static_cast<float*>(a.data); }
+const float* cfptr(const std::optional<ArrayArg>& a) { return a ? fptr(*a) : nullptr; }
+float* mfptr(const std::optional<ArrayArg>& a) { return a ? fptr(*a) : nullptr; }
+int64_t* iptr(const ArrayArg& a) { return static_cast<int64_t*>(a.data); }
+
+// x (N, d) with d >= 1; returns (N, d).
+std::pair<int64_t, int64_t> check_x(const ArrayArg& x) {
+  check_array(x, "float32");
+  check_shape(x, {kAnySize, kAnySize}, "(N, d)");
+  if (x.size(1) < 1) fastvq::checks::fail("x must have shape (N, d) with d >= 1, got " + fastvq::checks::tuple_str(x.shape));
+  return {x.size(0), x.size(1)};
+}
+
+// codebook (K, d) with K >= 1 and d == x.shape[1]; returns K.
+int64_t check_codebook(const ArrayArg& codebook, int64_t d) {
+  check_array(codebook, "float32");
+  check_shape(codebook, {kAnySize, d}, "(K, d)", eq("d == x.shape[1]", d));
+  const int64_t k = codebook.size(0);
+  if (k < 1) fastvq::checks::fail("codebook must have shape (K, d) with K >= 1, got " + fastvq::checks::tuple_str(codebook.shape));
+  // Lane indices inside the micro-kernels are int32.
+  if (k > std::numeric_limits<int32_t>::max() - 64)
+    fastvq::checks::fail("codebook must have K < 2**31 - 64 rows, got K == " + std::to_string(k));
+  return k;
+}
+
+void check_rows(const ArrayArg& a, const char* dtype, int64_t n) {
+  check_array(a, dtype);
+  check_shape(a, {n}, "(N,)", eq("N == x.shape[0]", n));
+}
+
+void check_rows_by_d(const ArrayArg& a, int64_t n, int64_t d) {
+  check_array(a, "float32");
+  check_shape(a, {n, d}, "(N, d)", eq("N == x.shape[0]", n) + " and " + eq("d == x.shape[1]", d));
+}
+
+void nearest_code(In x_, In codebook_, Out indices_out_, Out sqdist_out_,
+                  std::optional<Out> quantized_out_, int num_threads) {
+  const ArrayArg x = describe("x", x_);
+  const auto [n, d] = check_x(x);
+  const ArrayArg codebook = describe("codebook", codebook_);
+  const int64_t k = check_codebook(codebook, d);
+  const ArrayArg indices_out = describe("indices_out", indices_out_);
+  check_rows(indices_out, "int64", n);
+  const ArrayArg sqdist_out = describe("sqdist_out", sqdist_out_);
+  check_rows(sqdist_out, "float32", n);
+  const std::optional<ArrayArg> quantized_out = describe("quantized_out", quantized_out_);
+  if (quantized_out) check_rows_by_d(*quantized_out, n, d);
+
+  nb::gil_scoped_release release;
+  fastvq::cpu::nearest_code(fptr(x), n, d, fptr(codebook), k, iptr(indices_out), fptr(sqdist_out),
+                            mfptr(quantized_out), num_threads);
+}
+
+void ema_stats(In x_, In indices_, Out counts_out_, Out sums_out_, int num_threads) {
+  const ArrayArg x = describe("x", x_);
+  const auto [n, d] = check_x(x);
+  const ArrayArg indices = describe("indices", indices_);
+  check_rows(indices, "int64", n);
+  const ArrayArg counts_out = describe("counts_out", counts_out_);
+  check_array(counts_out, "float32");
+  check_shape(counts_out, {kAnySize}, "(K,)");
+  const int64_t k = counts_out.size(0);
+  const ArrayArg sums_out = describe("sums_out", sums_out_);
+  check_array(sums_out, "float32");
+  check_shape(sums_out, {k, d}, "(K, d)", eq("K == counts_out.shape[0]", k) + " and " + eq("d == x.shape[1]", d));
+  fastvq::checks::check_indices("indices", iptr(indices), n, k, eq("K == counts_out.shape[0]", k));
+
+  nb::gil_scoped_release release;
+  fastvq::cpu::ema_stats(fptr(x), n, d, iptr(indices), k, fptr(counts_out), fptr(sums_out), num_threads);
+}
+
+void quantize_backward(std::optional<In> grad_quantized_, In x_, In codebook_, In indices_,
+                       double commit_scale, double codebook_scale, std::optional<Out> grad_x_out_,
+                       std::optional<Out> grad_codebook_out_, int num_threads) {
+  const ArrayArg x = describe("x", x_);
+  const auto [n, d] = check_x(x);
+  const std::optional<ArrayArg> grad_quantized = describe("grad_quantized", grad_quantized_);
+  if (grad_quantized) check_rows_by_d(*grad_quantized, n, d);
+  const ArrayArg codebook = describe("codebook", codebook_);
+  const int64_t k = check_codebook(codebook, d);
+  const ArrayArg indices = describe("indices", indices_);
+  check_rows(indices, "int64", n);
+  const std::optional<ArrayArg> grad_x_out = describe("grad_x_out", grad_x_out_);
+  if (grad_x_out) check_rows_by_d(*grad_x_out, n, d);
+  const std::optional<ArrayArg> grad_codebook_out = describe("grad_codebook_out", grad_codebook_out_);
+  if (grad_codebook_out) {
+    check_array(*grad_codebook_out, "float32");
+    check_shape(*grad_codebook_out, {k, d}, "(K, d)",
+                eq("K == codebook.shape[0]", k) + " and " + eq("d == x.shape[1]", d));
+  }
+  fastvq::checks::check_indices("indices", iptr(indices), n, k, eq("K == codebook.shape[0]", k));
+
+  nb::gil_scoped_release release;
+  fastvq::cpu::quantize_backward(cfptr(grad_quantized), fptr(x), n, d, fptr(codebook), k, iptr(indices),
+                                 static_cast<float>(commit_scale), static_cast<float>(codebook_scale),
+                                 mfptr(grad_x_out), mfptr(grad_codebook_out), num_threads);
+}
+
+}  // namespace
+
+NB_MODULE(_cpu, m) {
+  m.doc() = "fastvq CPU kernels (OpenMP + run-time AVX2 dispatch). Arrays: float32/int64, C-contiguous, CPU.";
+
+  m.def("nearest_code", &nearest_code, "x"_a, "codebook"_a, "indices_out"_a, "sqdist_out"_a,
+        "quantized_out"_a = nb::none(), "num_threads"_a = 0,
+        "indices_out[i] = argmin_k ||x[i] - codebook[k]||^2 (ties -> lowest k), sqdist_out[i] = that\n"
+        "squared distance (computed directly), quantized_out[i] = codebook[indices_out[i]] if given.\n"
+        "num_threads <= 0 uses the OpenMP default.");
+  m.def("ema_stats", &ema_stats, "x"_a, "indices"_a, "counts_out"_a, "sums_out"_a, "num_threads"_a = 0,
+        "counts_out[k] = #{i: indices[i] == k}, sums_out[k] = sum of x[i] over those i (overwritten).\n"
+        "Bitwise identical for any num_threads.");
+  m.def("quantize_backward", &quantize_backward, "grad_quantized"_a.none(), "x"_a, "codebook"_a,
+        "indices"_a, "commit_scale"_a, "codebook_scale"_a, "grad_x_out"_a = nb::none(),
+        "grad_codebook_out"_a = nb::none(), "num_threads"_a = 0,
+        "grad_x_out = grad_quantized + commit_scale * (x - codebook[indices]) (grad_quantized None = 0);\n"
+        "grad_codebook_out[k] = codebook_scale * sum over indices[i] == k of (codebook[k] - x[i]).");
+  m.def("simd_level", [] { return std::string(fastvq::cpu::simd_level_name(fastvq::cpu::current_simd_level())); },
+        "The nearest_code kernel the dispatcher picks now: 'avx2' or 'portable'.");
+  m.def("best_simd_level", [] { return std::string(fastvq::cpu::simd_level_name(fastvq::cpu::best_simd_level())); },
+        "The highest level this CPU and build support.");
+  m.def("set_simd_level", [](const std::string& level) { fastvq::cpu::set_simd_level(level.c_str()); }, "level"_a,
+        "Force 'portable', or 'avx2' if supported; 'auto' restores the best. ValueError otherwise.");
+  m.def("openmp_enabled", &fastvq::cpu::openmp_enabled);
+  m.def("max_threads", &fastvq::cpu::max_threads);
+}

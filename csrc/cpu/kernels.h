@@ -1,0 +1,70 @@
+// Internal API of the CPU kernels (raw pointers, already validated arguments).
+//
+// This header is included by search_tile_avx2.cpp, which is compiled with -mavx2 -mfma:
+// keep it to declarations and constants. An inline function defined here and used from
+// both that file and a portable one could be emitted with AVX2 instructions and picked by
+// the linker for the portable callers too.
+#pragma once
+
+#include <cstdint>
+
+namespace fastvq::cpu {
+
+// ---- codebook packing, shared by every SIMD level ----
+// The codebook is packed once per nearest_code call into panels of kPanel codes:
+//   panels[q][p][j] = -2 * codebook[q*kPanel + j][p]      (q < K_pad/kPanel, p < d, j < kPanel)
+//   norms[q][j]     = ||codebook[q*kPanel + j]||^2
+// Codes past K (padding up to a multiple of kPanel) have panels 0 and norm +inf, so they
+// can never win. Scaling by -2 is exact, so acc = norm + sum_p x_p * panel_p equals
+// ||e||^2 - 2 x.e up to the rounding of the additions.
+constexpr int kPanel = 16;
+// Rows per micro-kernel tile (6 rows x 16 codes = 12 ymm accumulators on AVX2).
+constexpr int kTileRows = 6;
+
+// Before the search, each tile of kTileRows rows of x is packed as xpack[p][r] = x[r][p]
+// (p < d, r < kTileRows), rows past N zero-filled, so the kernel broadcasts from one stream.
+//
+// Search one packed tile against `npanels` consecutive packed panels whose first code has
+// global index `code_base`, and merge into the running best of each of the kTileRows rows:
+// best_val[r], best_idx[r] are replaced only when a code of this range is strictly better.
+// All codes of this call come after the codes already merged into best_*, so "strictly
+// better" keeps the lowest index on ties. Within the call, ties also go to the lowest
+// index. A distance that is NaN or +inf never replaces anything (see nearest_code.cpp).
+using SearchTileFn = void (*)(const float* xpack, int64_t d, const float* panels, const float* norms,
+                              int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx);
+
+void search_tile_portable(const float* xpack, int64_t d, const float* panels, const float* norms,
+                          int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx);
+#ifdef FASTVQ_HAVE_AVX2_KERNEL
+void search_tile_avx2(const float* xpack, int64_t d, const float* panels, const float* norms,
+                      int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx);
+#endif
+
+// ---- run-time SIMD dispatch (simd.cpp) ----
+enum class SimdLevel : int { portable = 0, avx2 = 1 };
+const char* simd_level_name(SimdLevel level);
+SimdLevel best_simd_level();     // the highest level this CPU and this build support
+SimdLevel current_simd_level();  // what the dispatcher picks now
+// Accepts "portable", "avx2" or "auto" (= best); throws std::invalid_argument for an unknown
+// name or a level this CPU/build cannot run.
+void set_simd_level(const char* name);
+SearchTileFn current_search_tile();
+
+// ---- threading ----
+bool openmp_enabled();
+int max_threads();
+int resolve_threads(int num_threads);  // <= 0 -> OpenMP default; always >= 1
+
+// ---- ops (arguments validated by the caller; indices already checked to be in [0, K)) ----
+void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, int64_t k,
+                  int64_t* indices_out, float* sqdist_out, float* quantized_out, int num_threads);
+
+void ema_stats(const float* x, int64_t n, int64_t d, const int64_t* indices, int64_t k,
+               float* counts_out, float* sums_out, int num_threads);
+
+void quantize_backward(const float* grad_quantized, const float* x, int64_t n, int64_t d,
+                       const float* codebook, int64_t k, const int64_t* indices,
+                       float commit_scale, float codebook_scale, float* grad_x_out,
+                       float* grad_codebook_out, int num_threads);
+
+}  // namespace fastvq::cpu

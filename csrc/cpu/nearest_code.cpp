@@ -1,0 +1,218 @@
+// nearest_code: fused nearest-codebook search + squared distance + gather, without ever
+// forming the N x K distance matrix.
+//
+//   1. Pack the codebook once into panels of 16 codes holding -2*e, plus ||e||^2 (kernels.h).
+//   2. Search: for each group of rows, for each L2-sized block of panels, for each tile of
+//      6 rows, the SIMD micro-kernel folds ||e||^2 - 2 x.e into a running best per row.
+//   3. Finish each row in one cheap O(d) pass: sqdist = sum_p (x_p - e_p)^2 computed directly
+//      (accurate and >= 0, unlike the expansion), and the gather into quantized_out.
+//
+// Determinism: the value for a (row, code) pair is computed by the same instruction sequence
+// whatever the threading, and the selection (smallest value, ties to the lowest index) does
+// not depend on how codes are grouped, so results are identical for any thread count.
+//
+// NaN / inf: a distance that is NaN never replaces a finite (or any) candidate, and neither
+// does +inf. So codebook rows containing NaN/inf are skipped; a row of x whose distances are
+// all NaN or +inf (e.g. x contains NaN or inf) gets index 0, and its sqdist is then computed
+// directly against code 0 (NaN or inf). No crash in any case. torch.argmin would return the
+// NaN position instead; the Python layer decides what users see.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <new>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu/kernels.h"
+
+namespace fastvq::cpu {
+namespace {
+
+// Panels of the packed codebook kept hot while a group of rows is searched: ~512 KiB,
+// well inside a 1-2 MiB L2 per core (tuned with benchmarks/nearest_code_cpu.py).
+constexpr int64_t kBlockBytes = 512 * 1024;
+// Row tiles per group: the group's rows of x (~96 rows) stay in L1/L2 across K blocks.
+constexpr int64_t kTilesPerGroup = 16;
+constexpr int64_t kGroupRows = kTilesPerGroup * kTileRows;
+
+struct AlignedFloats {
+  float* ptr = nullptr;
+  explicit AlignedFloats(int64_t n) {
+    const size_t bytes = ((static_cast<size_t>(n) * sizeof(float) + 63) / 64) * 64;
+    ptr = static_cast<float*>(std::aligned_alloc(64, bytes == 0 ? 64 : bytes));
+    if (!ptr) throw std::bad_alloc();
+  }
+  ~AlignedFloats() { std::free(ptr); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+};
+
+void pack_codebook(const float* codebook, int64_t k, int64_t d, int64_t npanels, float* panels,
+                   float* norms, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t q = 0; q < npanels; ++q) {
+    float* dst = panels + q * d * kPanel;
+    for (int j = 0; j < kPanel; ++j) {
+      const int64_t code = q * kPanel + j;
+      if (code < k) {
+        const float* e = codebook + code * d;
+        double norm = 0.0;  // double, then rounded once: the norm is as exact as float allows
+        for (int64_t p = 0; p < d; ++p) {
+          norm += static_cast<double>(e[p]) * e[p];
+          dst[p * kPanel + j] = -2.0f * e[p];
+        }
+        norms[q * kPanel + j] = static_cast<float>(norm);
+      } else {
+        for (int64_t p = 0; p < d; ++p) dst[p * kPanel + j] = 0.0f;
+        norms[q * kPanel + j] = std::numeric_limits<float>::infinity();
+      }
+    }
+  }
+}
+
+// sum_p (a_p - b_p)^2 with 8 partial sums in a fixed order (vectorisable, deterministic).
+inline float squared_l2(const float* a, const float* b, int64_t d) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t p = 0;
+  for (; p + 8 <= d; p += 8)
+    for (int j = 0; j < 8; ++j) {
+      const float t = a[p + j] - b[p + j];
+      acc[j] += t * t;
+    }
+  for (int j = 0; p < d; ++p, ++j) {
+    const float t = a[p] - b[p];
+    acc[j] += t * t;
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// Rows [r0, r1): turn the running best into outputs. best_idx < 0 means no code had a
+// finite distance (see the NaN note above): report code 0.
+inline void finish_rows(const float* x, int64_t d, const float* codebook, int64_t r0, int64_t r1,
+                        const int64_t* best_idx, int64_t* indices_out, float* sqdist_out,
+                        float* quantized_out) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const int64_t idx = best_idx[i - r0] < 0 ? 0 : best_idx[i - r0];
+    const float* e = codebook + idx * d;
+    indices_out[i] = idx;
+    sqdist_out[i] = squared_l2(x + i * d, e, d);
+    if (quantized_out) std::copy(e, e + d, quantized_out + i * d);
+  }
+}
+
+// Rows [r0, r1) of x as packed tiles: dst[t][p][r] = x[r0 + t*kTileRows + r][p], zeros past r1.
+void pack_rows(const float* x, int64_t d, int64_t r0, int64_t r1, float* dst) {
+  for (int64_t t0 = r0; t0 < r1; t0 += kTileRows, dst += d * kTileRows) {
+    for (int r = 0; r < kTileRows; ++r) {
+      const int64_t row = t0 + r;
+      if (row < r1) {
+        const float* src = x + row * d;
+        for (int64_t p = 0; p < d; ++p) dst[p * kTileRows + r] = src[p];
+      } else {
+        for (int64_t p = 0; p < d; ++p) dst[p * kTileRows + r] = 0.0f;
+      }
+    }
+  }
+}
+
+struct Search {
+  SearchTileFn tile;
+  int64_t d;
+  const float* panels;
+  const float* norms;
+  int64_t block_panels;
+
+  // `ntiles` packed tiles against panels [q_begin, q_end), K-blocked, merged into best_*
+  // (kTileRows entries per tile).
+  void tiles(const float* xpack, int64_t ntiles, int64_t q_begin, int64_t q_end, float* best_val,
+             int64_t* best_idx) const {
+    for (int64_t q0 = q_begin; q0 < q_end; q0 += block_panels) {
+      const int64_t nq = std::min(block_panels, q_end - q0);
+      for (int64_t t = 0; t < ntiles; ++t)
+        tile(xpack + t * d * kTileRows, d, panels + q0 * d * kPanel, norms + q0 * kPanel, nq,
+             q0 * kPanel, best_val + t * kTileRows, best_idx + t * kTileRows);
+    }
+  }
+};
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+}  // namespace
+
+void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, int64_t k,
+                  int64_t* indices_out, float* sqdist_out, float* quantized_out, int num_threads) {
+  if (n == 0) return;
+  const int nt = resolve_threads(num_threads);
+  const int64_t npanels = (k + kPanel - 1) / kPanel;
+  AlignedFloats panels(npanels * d * kPanel);
+  AlignedFloats norms(npanels * kPanel);
+  pack_codebook(codebook, k, d, npanels, panels.ptr, norms.ptr, nt);
+
+  const int64_t panel_bytes = d * kPanel * static_cast<int64_t>(sizeof(float));
+  const Search search{current_search_tile(), d, panels.ptr, norms.ptr,
+                      std::max<int64_t>(1, kBlockBytes / panel_bytes)};
+  const float inf = std::numeric_limits<float>::infinity();
+
+  const int64_t ntiles = (n + kTileRows - 1) / kTileRows;
+  const bool split_codes = nt > 1 && ntiles < 4 * static_cast<int64_t>(nt) && npanels >= 2 * nt;
+
+  if (!split_codes) {
+    // Enough rows: threads take row groups; each row sees all codes in order. The schedule
+    // is dynamic so a thread that loses its core (shared machines) does not hold up the
+    // others; results do not depend on which thread searches which group.
+    const int64_t ngroups = (n + kGroupRows - 1) / kGroupRows;
+    AlignedFloats xpack(static_cast<int64_t>(nt) * kGroupRows * d);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const int64_t r0 = g * kGroupRows, r1 = std::min(n, r0 + kGroupRows);
+      float* xp = xpack.ptr + thread_id() * kGroupRows * d;
+      pack_rows(x, d, r0, r1, xp);
+      float best_val[kGroupRows];
+      int64_t best_idx[kGroupRows];
+      std::fill(best_val, best_val + kGroupRows, inf);
+      std::fill(best_idx, best_idx + kGroupRows, int64_t{-1});
+      search.tiles(xp, (r1 - r0 + kTileRows - 1) / kTileRows, 0, npanels, best_val, best_idx);
+      finish_rows(x, d, codebook, r0, r1, best_idx, indices_out, sqdist_out, quantized_out);
+    }
+    return;
+  }
+
+  // Few rows, many codes: split the codes into contiguous chunks, search all rows against
+  // each chunk in parallel, then merge the chunks in code order with the same strict rule.
+  const int64_t nchunks = std::min<int64_t>(npanels, 4 * static_cast<int64_t>(nt));
+  const int64_t npad = ntiles * kTileRows;
+  AlignedFloats xpack(npad * d);
+  pack_rows(x, d, 0, n, xpack.ptr);
+  std::vector<float> chunk_val(static_cast<size_t>(nchunks * npad), inf);
+  std::vector<int64_t> chunk_idx(static_cast<size_t>(nchunks * npad), -1);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t q_begin = npanels * c / nchunks, q_end = npanels * (c + 1) / nchunks;
+    search.tiles(xpack.ptr, ntiles, q_begin, q_end, chunk_val.data() + c * npad,
+                 chunk_idx.data() + c * npad);
+  }
+  std::vector<int64_t> best_idx(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    float v = chunk_val[i];
+    int64_t idx = chunk_idx[i];
+    for (int64_t c = 1; c < nchunks; ++c)
+      if (chunk_val[c * npad + i] < v) {
+        v = chunk_val[c * npad + i];
+        idx = chunk_idx[c * npad + i];
+      }
+    best_idx[i] = idx;
+  }
+  finish_rows(x, d, codebook, 0, n, best_idx.data(), indices_out, sqdist_out, quantized_out);
+}
+
+}  // namespace fastvq::cpu

@@ -1,0 +1,157 @@
+// AVX2 + FMA micro-kernel of nearest_code. The only file compiled with -mavx2 -mfma; it is
+// called through simd.cpp only after __builtin_cpu_supports("avx2") && ("fma").
+//
+// Deliberately free of the C++ standard library (see kernels.h): intrinsics and raw loops.
+//
+// Register blocking: a tile of 6 rows against one panel of 16 codes keeps 12 ymm
+// accumulators, initialised with the panel's ||e||^2, so after d FMAs each holds
+// ||e||^2 - 2 x.e with no epilogue arithmetic. Per p: 2 aligned loads of the panel,
+// 6 broadcasts of the packed x tile, 12 FMAs (15 of the 16 ymm registers live).
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/kernels.h"
+
+namespace fastvq::cpu {
+namespace {
+
+constexpr int R = kTileRows;
+static_assert(R == 6, "the register blocking below is written for 6 rows");
+
+#ifndef FASTVQ_WARM_PANELS
+#define FASTVQ_WARM_PANELS 32
+#endif
+
+// Lane-wise running best of one tile: lane j of half h of row r holds the best (value,
+// index) among the codes q*16 + 8*h + j it has seen, or the row's best when the lanes were
+// (re)started from it. Index = code offset within the call.
+struct Lanes {
+  alignas(32) float val[R][kPanel];
+  alignas(32) int32_t idx[R][kPanel];
+
+  // Every lane := the row's running best (its index is irrelevant: only strictly smaller
+  // values replace it, and the merge below is strict too).
+  void start_from(const float* best_val) {
+    for (int r = 0; r < R; ++r) {
+      const __m256 v = _mm256_set1_ps(best_val[r]);
+      _mm256_store_ps(val[r], v);
+      _mm256_store_ps(val[r] + 8, v);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(idx[r]), _mm256_setzero_si256());
+      _mm256_store_si256(reinterpret_cast<__m256i*>(idx[r] + 8), _mm256_setzero_si256());
+    }
+  }
+
+  // Cross-lane reduction (smallest value, ties to the smallest index) merged strictly into
+  // the row's running best, whose codes all come before this call's.
+  void merge_into(int64_t code_base, float* best_val, int64_t* best_idx) const {
+    for (int r = 0; r < R; ++r) {
+      float v = val[r][0];
+      int32_t i = idx[r][0];
+      for (int j = 1; j < kPanel; ++j) {
+        if (val[r][j] < v || (val[r][j] == v && idx[r][j] < i)) {
+          v = val[r][j];
+          i = idx[r][j];
+        }
+      }
+      if (v < best_val[r]) {
+        best_val[r] = v;
+        best_idx[r] = code_base + i;
+      }
+    }
+  }
+};
+
+// Panels [q_begin, q_end) of the call. SKIP: first test whether any lane improves and skip
+// the updates if none does -- the common case once the lanes hold a good candidate.
+template <bool SKIP>
+__attribute__((always_inline)) inline void run_panels(Lanes& lanes, const float* xpack, int64_t d,
+                                                      const float* panels, const float* norms,
+                                                      int64_t q_begin, int64_t q_end) {
+  __m256i idx0 = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int32_t>(q_begin * kPanel)));
+  __m256i idx1 = _mm256_add_epi32(idx0, _mm256_set1_epi32(8));
+  const __m256i step = _mm256_set1_epi32(kPanel);
+
+  for (int64_t q = q_begin; q < q_end; ++q) {
+    const float* b = panels + q * d * kPanel;
+    const float* a = xpack;
+    __m256 c00 = _mm256_load_ps(norms + q * kPanel), c01 = _mm256_load_ps(norms + q * kPanel + 8);
+    __m256 c10 = c00, c11 = c01, c20 = c00, c21 = c01, c30 = c00, c31 = c01, c40 = c00,
+           c41 = c01, c50 = c00, c51 = c01;
+    for (int64_t p = 0; p < d; ++p, a += R, b += kPanel) {
+      const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+      __m256 x;
+      x = _mm256_broadcast_ss(a + 0); c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
+      x = _mm256_broadcast_ss(a + 1); c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
+      x = _mm256_broadcast_ss(a + 2); c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
+      x = _mm256_broadcast_ss(a + 3); c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
+      x = _mm256_broadcast_ss(a + 4); c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
+      x = _mm256_broadcast_ss(a + 5); c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
+    }
+
+    // Strict "<" (ordered: NaN compares false and never wins); min_ps(c, v) returns v
+    // unless c < v, which is the same selection.
+    bool update = true;
+    if (SKIP) {
+      __m256 any = _mm256_cmp_ps(c00, _mm256_load_ps(lanes.val[0]), _CMP_LT_OQ);
+      any = _mm256_or_ps(any, _mm256_cmp_ps(c01, _mm256_load_ps(lanes.val[0] + 8), _CMP_LT_OQ));
+      any = _mm256_or_ps(any, _mm256_cmp_ps(c10, _mm256_load_ps(lanes.val[1]), _CMP_LT_OQ));
+      any = _mm256_or_ps(any, _mm256_cmp_ps(c11, _mm256_load_ps(lanes.val[1] + 8), _CMP_LT_OQ));
+      any = _mm256_or_ps(any, _mm256_cmp_ps(c20, _mm256_load_ps(lanes.val[2]), _CMP_LT_OQ));
+      any = _mm256_or_ps(any, _mm256_cmp_ps(c21, _mm256_load_ps(lanes.val[2] + 8), _CMP_LT_OQ));
+      any = _mm256_or_ps(any, _mm256_cmp_ps(c30, _mm256_load_ps(lanes.val[3]), _CMP_LT_OQ));
+      any = _mm256_or_ps(any, _mm256_cmp_ps(c31, _mm256_load_ps(lanes.val[3] + 8), _CMP_LT_OQ));
+      any = _mm256_or_ps(any, _mm256_cmp_ps(c40, _mm256_load_ps(lanes.val[4]), _CMP_LT_OQ));
+      any = _mm256_or_ps(any, _mm256_cmp_ps(c41, _mm256_load_ps(lanes.val[4] + 8), _CMP_LT_OQ));
+      any = _mm256_or_ps(any, _mm256_cmp_ps(c50, _mm256_load_ps(lanes.val[5]), _CMP_LT_OQ));
+      any = _mm256_or_ps(any, _mm256_cmp_ps(c51, _mm256_load_ps(lanes.val[5] + 8), _CMP_LT_OQ));
+      update = !_mm256_testz_ps(any, any);
+    }
+    if (update) {
+      const __m256 id0 = _mm256_castsi256_ps(idx0), id1 = _mm256_castsi256_ps(idx1);
+      auto lane_update = [&](int r, int h, __m256 c, __m256 id) {
+        float* vp = lanes.val[r] + 8 * h;
+        float* ip = reinterpret_cast<float*>(lanes.idx[r] + 8 * h);
+        const __m256 v = _mm256_load_ps(vp);
+        const __m256 m = _mm256_cmp_ps(c, v, _CMP_LT_OQ);
+        _mm256_store_ps(vp, _mm256_min_ps(c, v));
+        _mm256_store_ps(ip, _mm256_blendv_ps(_mm256_load_ps(ip), id, m));
+      };
+      lane_update(0, 0, c00, id0); lane_update(0, 1, c01, id1);
+      lane_update(1, 0, c10, id0); lane_update(1, 1, c11, id1);
+      lane_update(2, 0, c20, id0); lane_update(2, 1, c21, id1);
+      lane_update(3, 0, c30, id0); lane_update(3, 1, c31, id1);
+      lane_update(4, 0, c40, id0); lane_update(4, 1, c41, id1);
+      lane_update(5, 0, c50, id0); lane_update(5, 1, c51, id1);
+    }
+    idx0 = _mm256_add_epi32(idx0, step);
+    idx1 = _mm256_add_epi32(idx1, step);
+    // Keep the lanes in memory: otherwise GCC splits them into registers and spills them
+    // to two places, doubling the epilogue's stores.
+    __asm__ volatile("" : : "r"(&lanes) : "memory");
+  }
+}
+
+}  // namespace
+
+void search_tile_avx2(const float* xpack, int64_t d, const float* panels, const float* norms,
+                      int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx) {
+  Lanes lanes;
+  lanes.start_from(best_val);
+  // A row that has no candidate yet improves on almost every panel: update unconditionally
+  // for a few panels, fold the lanes into the row's best, restart the lanes from it, and
+  // from then on test before updating.
+  int64_t warm = 0;
+  for (int r = 0; r < R; ++r)
+    if (!(best_val[r] < __builtin_inff())) warm = FASTVQ_WARM_PANELS;
+  warm = warm < npanels ? warm : npanels;
+  if (warm > 0) {
+    run_panels<false>(lanes, xpack, d, panels, norms, 0, warm);
+    lanes.merge_into(code_base, best_val, best_idx);
+    lanes.start_from(best_val);
+  }
+  run_panels<true>(lanes, xpack, d, panels, norms, warm, npanels);
+  lanes.merge_into(code_base, best_val, best_idx);
+}
+
+}  // namespace fastvq::cpu

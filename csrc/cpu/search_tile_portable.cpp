@@ -1,0 +1,74 @@
+// Portable micro-kernel of nearest_code: same packing, same code order and the same
+// tie/NaN rules as the AVX2 kernel, in plain C++ compiled for the baseline ISA (the
+// compiler may auto-vectorise it with SSE2). Rounding differs from the AVX2 path only in
+// that it uses separate multiply and add instead of FMA.
+#include <cstdint>
+#include <limits>
+
+#include "cpu/kernels.h"
+
+namespace fastvq::cpu {
+namespace {
+
+// Two rows at a time keeps the 2 x 16 accumulators in the 16 xmm registers of SSE2.
+constexpr int kRowsPerPass = 2;
+static_assert(kTileRows % kRowsPerPass == 0, "passes must cover the tile");
+
+// Rows r0, r0+1 of the packed tile (xpack[p * kTileRows + r]).
+void search_rows(const float* xpack, int r0, int64_t d, const float* panels, const float* norms,
+                 int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx) {
+  constexpr int R = kRowsPerPass;
+  float lane_val[R][kPanel];
+  int32_t lane_idx[R][kPanel];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kPanel; ++j) {
+      lane_val[r][j] = std::numeric_limits<float>::infinity();
+      lane_idx[r][j] = 0;
+    }
+
+  for (int64_t q = 0; q < npanels; ++q) {
+    const float* b = panels + q * d * kPanel;
+    float acc[R][kPanel];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kPanel; ++j) acc[r][j] = norms[q * kPanel + j];
+    for (int64_t p = 0; p < d; ++p) {
+      const float* bp = b + p * kPanel;
+      for (int r = 0; r < R; ++r) {
+        const float a = xpack[p * kTileRows + r0 + r];
+        for (int j = 0; j < kPanel; ++j) acc[r][j] += a * bp[j];
+      }
+    }
+    // Strict "<": NaN compares false and never wins; on ties the earlier code stays.
+    const int32_t base = static_cast<int32_t>(q * kPanel);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kPanel; ++j)
+        if (acc[r][j] < lane_val[r][j]) {
+          lane_val[r][j] = acc[r][j];
+          lane_idx[r][j] = base + j;
+        }
+  }
+
+  for (int r = 0; r < R; ++r) {
+    float v = lane_val[r][0];
+    int32_t i = lane_idx[r][0];
+    for (int j = 1; j < kPanel; ++j)
+      if (lane_val[r][j] < v || (lane_val[r][j] == v && lane_idx[r][j] < i)) {
+        v = lane_val[r][j];
+        i = lane_idx[r][j];
+      }
+    if (v < best_val[r0 + r]) {
+      best_val[r0 + r] = v;
+      best_idx[r0 + r] = code_base + i;
+    }
+  }
+}
+
+}  // namespace
+
+void search_tile_portable(const float* xpack, int64_t d, const float* panels, const float* norms,
+                          int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx) {
+  for (int r = 0; r < kTileRows; r += kRowsPerPass)
+    search_rows(xpack, r, d, panels, norms, npanels, code_base, best_val, best_idx);
+}
+
+}  // namespace fastvq::cpu

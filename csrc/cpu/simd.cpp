@@ -1,0 +1,101 @@
+// Run-time choice of the nearest_code micro-kernel, and thread-count helpers.
+// Compiled for the baseline ISA; the AVX2 kernel is only called after the CPU check.
+#include <atomic>
+#include <stdexcept>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu/kernels.h"
+
+namespace fastvq::cpu {
+namespace {
+
+bool cpu_has_avx2_fma() {
+#if defined(FASTVQ_HAVE_AVX2_KERNEL) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+SimdLevel detect_best() { return cpu_has_avx2_fma() ? SimdLevel::avx2 : SimdLevel::portable; }
+
+std::atomic<int>& level_state() {
+  static std::atomic<int> level{static_cast<int>(detect_best())};
+  return level;
+}
+
+}  // namespace
+
+const char* simd_level_name(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::avx2: return "avx2";
+    case SimdLevel::portable: return "portable";
+  }
+  return "unknown";
+}
+
+SimdLevel best_simd_level() {
+  static const SimdLevel best = detect_best();
+  return best;
+}
+
+SimdLevel current_simd_level() { return static_cast<SimdLevel>(level_state().load()); }
+
+void set_simd_level(const char* name) {
+  const std::string s = name;
+  SimdLevel wanted;
+  if (s == "auto") {
+    wanted = best_simd_level();
+  } else if (s == "portable") {
+    wanted = SimdLevel::portable;
+  } else if (s == "avx2") {
+    wanted = SimdLevel::avx2;
+  } else {
+    throw std::invalid_argument("level must be one of 'auto', 'portable', 'avx2', got '" + s + "'");
+  }
+  if (static_cast<int>(wanted) > static_cast<int>(best_simd_level()))
+    throw std::invalid_argument("level '" + s + "' is not supported here (the best available is '" +
+                                simd_level_name(best_simd_level()) + "')");
+  level_state().store(static_cast<int>(wanted));
+}
+
+SearchTileFn current_search_tile() {
+  switch (current_simd_level()) {
+#ifdef FASTVQ_HAVE_AVX2_KERNEL
+    case SimdLevel::avx2: return &search_tile_avx2;
+#endif
+    default: return &search_tile_portable;
+  }
+}
+
+bool openmp_enabled() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+int resolve_threads(int num_threads) {
+#ifdef _OPENMP
+  return num_threads > 0 ? num_threads : omp_get_max_threads();
+#else
+  (void)num_threads;
+  return 1;
+#endif
+}
+
+}  // namespace fastvq::cpu
