@@ -305,3 +305,17 @@ def test_memory_is_measured_in_a_child():
     assert mem["peak_rss_mb"] > mem["before_mb"] > 10
     assert 8 <= mem["delta_mb"] < 200
     assert not math.isnan(mem["peak_rss_mb"])
+
+
+def test_faiss_ivf_reports_recall_and_is_timed_even_when_approximate():
+    pytest.importorskip("faiss")
+    from fastvq.bench.search_providers import FaissIVF, ivf_nlist
+
+    assert ivf_nlist(65536) == 1024 and ivf_nlist(100) == 2
+    case = Case("search", "ivf", 300, 2048, 8)
+    options = Options(repeats=1, warmup=0, min_repeats=1, memory=False)
+    (result,) = run_case(case, [FaissIVF(min_codes=1024, nprobe=1)], options)
+    assert result.status == "ok" and result.stats.repeats == 1
+    assert 0.0 < result.check["recall_at_1"] <= 1.0 and result.check["rows"] == 300
+    (absent,) = run_case(Case("search", "small", 30, 512, 8), [FaissIVF(min_codes=1024)], options)
+    assert absent.status == "absent" and absent.reason.startswith("not applicable")

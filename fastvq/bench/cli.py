@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", help=f"comma-separated subset of: {', '.join(provider_names())} "
                                        "(sgemm is always timed; fastvq-torch, the oracle, only when named)")
     p.add_argument("--repeats", type=int, help="timed rounds per provider (default 5, --quick 3)")
-    p.add_argument("--min-repeats", type=int, default=3, help="rounds never cut below this (default 3)")
+    p.add_argument("--min-repeats", type=int, help="rounds never cut below this (default 3, --quick 2)")
     p.add_argument("--budget", type=float, help="seconds per provider and case; slower providers do fewer rounds, "
                                                 "down to --min-repeats (default 10, --quick 1; 'inf' disables)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per provider after the checked run (default 1)")
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(
         repeats=args.repeats or (3 if args.quick else 5),
         warmup=args.warmup,
-        min_repeats=args.min_repeats,
+        min_repeats=args.min_repeats or (2 if args.quick else 3),
         budget_s=args.budget if args.budget is not None else (1.0 if args.quick else 10.0),
         memory=args.memory if args.memory is not None else not args.quick,
         seed=args.seed,
@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     report.derive(results)
     machine["load_average_end"] = machine_info.load_average()
     report.render(results, machine_line)
+    warning = machine_info.busy_warning(machine)
+    if warning:
+        print(f"warning: {warning}")
     meta = {
         "command": shlex.join(["python", "-m", "fastvq.bench", *(sys.argv[1:] if argv is None else argv)]),
         "started_utc": started.isoformat(timespec="seconds"),

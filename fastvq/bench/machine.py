@@ -7,6 +7,9 @@ from importlib import metadata
 
 import torch
 
+# Environment variables that change how the libraries thread.
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "KMP_BLOCKTIME",
+              "KMP_AFFINITY", "OMP_PROC_BIND", "FASTVQ_BACKEND")
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_tile")
 
 
@@ -80,6 +83,7 @@ def describe() -> dict:
             "vector-quantize-pytorch": _version("vector-quantize-pytorch"),
         },
         "fastvq_backends": available_backends(),
+        "environment": {name: os.environ[name] for name in THREAD_ENV if name in os.environ},
     }
 
 
@@ -106,3 +110,14 @@ def summary(machine: dict) -> str:
     if machine.get("load_average_start"):
         parts.append(f"load {machine['load_average_start'][0]:.2f}")
     return ", ".join(parts)
+
+
+def busy_warning(machine: dict) -> str | None:
+    """A warning when the load average shows other work competing for the CPUs during the run."""
+    loads = [machine.get("load_average_start"), machine.get("load_average_end")]
+    worst = max((load[0] for load in loads if load), default=None)
+    cpus = machine.get("usable_cpus") or 1
+    if worst is None or worst <= 0.5 * cpus + 0.5:
+        return None
+    return (f"load average reached {worst:.1f} on {cpus} cpus: other processes competed for the CPUs, "
+            "so these timings are noisy; re-run on a quiet machine for numbers to publish")

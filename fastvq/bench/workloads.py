@@ -73,10 +73,10 @@ DEFAULT_CASES = (
 # --quick: every workload and code path once, on small shapes (CI smoke test, < 1 minute).
 QUICK_CASES = (
     Case("search", "small", 4096, 1024, 64),
-    Case("search", "small-k16k", 1024, 16384, 32),
+    Case("search", "small-k16k", 512, 16384, 32),
     Case("search", "small-l2", 2048, 4096, 8, l2norm=True),
-    Case("train", "small", 4096, 1024, 64),
-    Case("kmeans", "small", 4096, 256, 32, iters=5),
+    Case("train", "small", 2048, 1024, 64),
+    Case("kmeans", "small", 2048, 128, 32, iters=5),
 )
 
 _SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+)(-l2)?$")
