@@ -1,0 +1,341 @@
+"""Reliability: determinism, resume from a state_dict, non-finite inputs, and the bad-input table."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import fastvq
+from fastvq import BackendNotSupportedError, FastVectorQuantizer, dispatch, reference
+
+from conftest import backend_or_skip
+
+BACKENDS = [name for name in dispatch.BACKEND_NAMES if name != "triton"]  # triton: its own interpreter tests
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request) -> str:
+    return request.param
+
+
+def with_threads(threads: int, fn):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def assert_bitwise_equal(first: list[torch.Tensor], second: list[torch.Tensor], what: str) -> None:
+    assert len(first) == len(second)
+    for position, (a, b) in enumerate(zip(first, second)):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{what}[{position}]"
+        assert torch.equal(a, b), f"{what}[{position}] differs: max |diff| {float((a.double() - b.double()).abs().max())}"
+
+
+# ---- determinism ------------------------------------------------------------------------------
+def training_trace(backend: str, ema_update: bool) -> list[torch.Tensor]:
+    """Everything a short training run produces: indices, losses, gradients, final state."""
+    torch.manual_seed(0)
+    module = FastVectorQuantizer(33, 257, decay=0.9, ema_update=ema_update, backend=backend).train()
+    generator = torch.Generator().manual_seed(1)
+    trace = []
+    for _ in range(3):
+        x = (2 * torch.randn(4099, 33, generator=generator)).requires_grad_()
+        quantized, indices, loss = module(x)
+        (quantized.square().sum() + 10.0 * loss).backward()
+        trace += [indices, loss.detach(), quantized.detach(), x.grad]
+        if not ema_update:
+            trace.append(module.embed.grad.clone())
+            with torch.no_grad():
+                module.embed -= 0.5 * module.embed.grad
+            module.embed.grad = None
+    return trace + [value.clone() for value in module.state_dict().values()]
+
+
+@pytest.mark.parametrize("ema_update", [True, False], ids=["ema", "learnable"])
+def test_cpu_training_is_bitwise_deterministic_across_runs_and_thread_counts(ema_update):
+    backend_or_skip("cpu", torch.empty(1, 1))
+    first = with_threads(2, lambda: training_trace("cpu", ema_update))
+    assert_bitwise_equal(first, with_threads(2, lambda: training_trace("cpu", ema_update)), "run to run")
+    for threads in (1, 3):
+        assert_bitwise_equal(first, with_threads(threads, lambda: training_trace("cpu", ema_update)),
+                             f"{threads} threads vs 2")
+
+
+def test_cpu_kernels_are_bitwise_identical_for_any_thread_count():
+    backend_or_skip("cpu", torch.empty(1, 1))
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(5000, 64, generator=generator)
+    codebook = torch.randn(1030, 64, generator=generator)
+    few_codes = torch.randint(0, 3, (5000,), generator=generator)  # long per-code sums: order matters
+
+    def kernels():
+        indices, sqdist = fastvq.nearest_code(x, codebook, backend="cpu")
+        counts, sums = fastvq.ema_stats(x, few_codes, 3, backend="cpu")
+        return [indices, sqdist, counts, sums]
+
+    first = with_threads(1, kernels)
+    for threads in (2, 3):
+        assert_bitwise_equal(first, with_threads(threads, kernels), f"{threads} threads vs 1")
+
+
+# ---- resume -----------------------------------------------------------------------------------
+class TinyVQAutoencoder(nn.Module):
+    def __init__(self, backend: str, ema_update: bool, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = nn.Linear(12, 2 * 6)
+        self.quantizer = FastVectorQuantizer(6, 17, decay=0.8, ema_update=ema_update, backend=backend)
+        self.decoder = nn.Linear(2 * 6, 12)
+
+    def forward(self, x):
+        quantized, indices, loss = self.quantizer(self.encoder(x).view(-1, 2, 6))
+        return self.decoder(quantized.reshape(-1, 12)), indices, loss
+
+
+def train_steps(model, optimizer, batches) -> list[torch.Tensor]:
+    trace = []
+    for x in batches:
+        reconstruction, indices, vq_loss = model(x)
+        loss = (reconstruction - x).square().mean() + vq_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        trace += [indices, loss.detach()]
+    return trace
+
+
+@pytest.mark.parametrize("ema_update", [True, False], ids=["ema", "learnable"])
+def test_resume_from_state_dict_equals_uninterrupted_training(backend_name, ema_update):
+    backend_or_skip(backend_name, torch.empty(1, 1))
+    generator = torch.Generator().manual_seed(3)
+    batches = list(torch.randn(8, 64, 12, generator=generator))
+
+    model = TinyVQAutoencoder(backend_name, ema_update, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    uninterrupted = train_steps(model, optimizer, batches)
+
+    model = TinyVQAutoencoder(backend_name, ema_update, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first_half = train_steps(model, optimizer, batches[:4])
+    checkpoint = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint)
+    del model, optimizer
+
+    checkpoint.seek(0)
+    saved = torch.load(checkpoint, weights_only=True)
+    resumed = TinyVQAutoencoder(backend_name, ema_update, seed=1)  # different initial weights
+    resumed.load_state_dict(saved["model"])
+    resumed_optimizer = torch.optim.Adam(resumed.parameters(), lr=1e-2)
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+    second_half = train_steps(resumed, resumed_optimizer, batches[4:])
+
+    assert_bitwise_equal(uninterrupted, first_half + second_half, "indices and losses")
+    reference_model = TinyVQAutoencoder(backend_name, ema_update, seed=0)
+    train_steps(reference_model, torch.optim.Adam(reference_model.parameters(), lr=1e-2), batches)
+    final, expected = resumed.state_dict(), reference_model.state_dict()
+    assert final.keys() == expected.keys()
+    if ema_update:
+        assert {"quantizer.embed", "quantizer.cluster_size", "quantizer.embed_avg"} <= final.keys()
+    assert_bitwise_equal(list(final.values()), list(expected.values()), "final state")
+
+
+# ---- non-finite inputs ------------------------------------------------------------------------
+NON_FINITE = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+
+
+def exact_problem(dtype, num_rows=37, num_codes=45, dim=19, seed=0):
+    """Small integers: every distance is exact, so the answer without bad values is unique."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(-4, 5, (num_rows, dim), generator=generator).to(dtype)
+    codebook = torch.randint(-4, 5, (num_codes, dim), generator=generator).to(dtype)
+    return x, codebook
+
+
+def dtype_or_skip(backend: str, dtype: torch.dtype) -> torch.dtype:
+    backend_or_skip(backend, torch.empty(1, 1, dtype=dtype))
+    return dtype
+
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+dtype_ids = [str(dtype).removeprefix("torch.") for dtype in DTYPES]
+
+
+SIZES = {"small": (7, 4, 2), "tiled": (37, 45, 19)}  # (N, K, d): one panel, and several with remainders
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
+@pytest.mark.parametrize("bad", list(NON_FINITE))
+def test_non_finite_rows_of_x_get_index_zero_and_leave_other_rows_alone(backend_name, dtype, bad, size):
+    dtype_or_skip(backend_name, dtype)
+    num_rows, num_codes, dim = SIZES[size]
+    x, codebook = exact_problem(dtype, num_rows, num_codes, dim)
+    codebook[0] = 0  # code 0 is not an extreme one, so "index 0" can't happen by chance
+    codebook[1:, 0] = torch.tensor([-3.0, 3.0]).repeat(num_codes)[: num_codes - 1].to(dtype)  # both signs
+    bad_rows = torch.tensor([0, 1, num_rows // 2, num_rows - 1])
+    x[0, 0] = NON_FINITE[bad]  # first column
+    x[1, -1] = NON_FINITE[bad]  # last column
+    x[num_rows // 2, dim // 2 :] = NON_FINITE[bad]  # a run
+    x[-1] = NON_FINITE[bad]  # every entry
+    good = torch.ones(len(x), dtype=torch.bool)
+    good[bad_rows] = False
+
+    indices, sqdist = fastvq.nearest_code(x, codebook, backend=backend_name)
+    clean_indices, clean_sqdist = fastvq.nearest_code(x[good], codebook, backend=backend_name)
+    want_indices, want_sqdist = reference.nearest_code(x[good].double(), codebook.double())
+    torch.testing.assert_close(clean_indices, want_indices, rtol=0, atol=0)
+    torch.testing.assert_close(indices[good], clean_indices, rtol=0, atol=0, msg="finite rows changed")
+    torch.testing.assert_close(sqdist[good], clean_sqdist, rtol=0, atol=0, msg="finite rows changed")
+    assert indices[bad_rows].tolist() == [0, 0, 0, 0], f"non-finite rows of x got {indices[bad_rows].tolist()}"
+    assert not torch.isfinite(sqdist[bad_rows]).any(), f"non-finite rows of x got sqdist {sqdist[bad_rows]}"
+
+    quantized, quantize_indices = fastvq.quantize(x, codebook, backend=backend_name)
+    torch.testing.assert_close(quantize_indices, indices, rtol=0, atol=0)
+    torch.testing.assert_close(quantized[bad_rows], codebook[[0, 0, 0, 0]], rtol=0, atol=0)
+    torch.testing.assert_close(quantized[good], codebook[clean_indices], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
+@pytest.mark.parametrize("bad", list(NON_FINITE))
+def test_non_finite_codebook_rows_are_never_chosen(backend_name, dtype, bad):
+    dtype_or_skip(backend_name, dtype)
+    x, codebook = exact_problem(dtype)
+    bad_codes = [0, 3, 20, 44]  # the first, the last, and two inside
+    codebook[0, 0] = NON_FINITE[bad]
+    codebook[3, -1] = NON_FINITE[bad]
+    codebook[20] = NON_FINITE[bad]
+    codebook[44, 2:9] = NON_FINITE[bad]
+    x[:4] = codebook[[1, 2, 3, 4]].nan_to_num(posinf=4, neginf=-4, nan=0)  # rows next to the bad codes
+    finite_codes = torch.tensor([k for k in range(len(codebook)) if k not in bad_codes])
+
+    indices, sqdist = fastvq.nearest_code(x, codebook, backend=backend_name)
+    clean_indices, clean_sqdist = fastvq.nearest_code(x, codebook[finite_codes], backend=backend_name)
+    want_indices, _ = reference.nearest_code(x.double(), codebook[finite_codes].double())
+    torch.testing.assert_close(clean_indices, want_indices, rtol=0, atol=0)
+    chosen_bad = sorted(set(indices.tolist()) & set(bad_codes))
+    assert not chosen_bad, f"non-finite codebook rows {chosen_bad} were chosen"
+    torch.testing.assert_close(indices, finite_codes[clean_indices], rtol=0, atol=0)
+    torch.testing.assert_close(sqdist, clean_sqdist, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", list(NON_FINITE))
+def test_all_codes_non_finite_gives_index_zero_without_crashing(backend_name, bad):
+    dtype_or_skip(backend_name, torch.float32)
+    x, codebook = exact_problem(torch.float32, num_rows=9, num_codes=5, dim=3)
+    codebook[:, 1] = NON_FINITE[bad]
+    x[4] = float("nan")  # and a bad row of x as well
+    indices, sqdist = fastvq.nearest_code(x, codebook, backend=backend_name)
+    assert indices.tolist() == [0] * 9
+    assert not torch.isfinite(sqdist).any()
+
+
+@pytest.mark.parametrize("bad", list(NON_FINITE))
+def test_ema_training_on_a_non_finite_row_runs_and_keeps_the_other_codes_finite(backend_name, bad):
+    dtype_or_skip(backend_name, torch.float32)
+    x, codebook = exact_problem(torch.float32)
+    codebook[0] = 0  # not an extreme code, so "index 0" can't happen by chance
+    module = FastVectorQuantizer(x.shape[1], len(codebook), backend=backend_name).train()
+    module.set_codebook(codebook)
+    clean_indices, _ = fastvq.nearest_code(x[1:], codebook, backend=backend_name)
+    x[0, 3] = NON_FINITE[bad]
+    _, indices, _ = module(x)  # no crash
+    assert int(indices[0]) == 0, f"the non-finite row got code {int(indices[0])}"
+    torch.testing.assert_close(indices[1:], clean_indices, rtol=0, atol=0)
+    # the bad row is averaged into code 0 only; every other code stays finite
+    assert torch.isfinite(module.embed[1:]).all() and torch.isfinite(module.cluster_size).all()
+
+
+# ---- the bad-input table ----------------------------------------------------------------------
+# (case, call, exception, message pattern). The README's bad-input table is this list.
+def _x(*shape, dtype=torch.float32, device="cpu"):
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _vq(**kwargs):
+    return FastVectorQuantizer(4, 3, **kwargs)
+
+
+_IDX = torch.zeros(5, dtype=torch.int64)
+BAD_INPUTS = [
+    ("x wrong rank (nearest_code)", lambda: fastvq.nearest_code(_x(1, 5, 4), _x(3, 4)), ValueError,
+     r"x must have shape \(N, d\) with d == codebook.shape\[1\] == 4, got \(1, 5, 4\)"),
+    ("x wrong rank (quantize, 0-dim)", lambda: fastvq.quantize(_x(), _x(3, 4)), ValueError,
+     r"x must have shape \(\.\.\., d\)"),
+    ("codebook wrong rank", lambda: fastvq.nearest_code(_x(5, 4), _x(4)), ValueError,
+     r"codebook must have shape \(K, d\), got \(4,\)"),
+    ("d mismatch", lambda: fastvq.quantize(_x(5, 4), _x(3, 5)), ValueError,
+     r"x must have shape \(\.\.\., d\) with d == codebook.shape\[1\] == 5, got \(5, 4\)"),
+    ("K = 0", lambda: fastvq.nearest_code(_x(5, 4), _x(0, 4)), ValueError, r"codebook must have at least one row"),
+    ("integer x", lambda: fastvq.nearest_code(_x(5, 4, dtype=torch.int64), _x(3, 4)), TypeError,
+     r"x must be a floating-point tensor .* got dtype torch.int64"),
+    ("integer codebook", lambda: fastvq.quantize(_x(5, 4), _x(3, 4, dtype=torch.int32)), TypeError,
+     r"codebook must be a floating-point tensor .* got dtype torch.int32"),
+    ("x not a tensor", lambda: fastvq.nearest_code([[0.0] * 4], _x(3, 4)), TypeError,
+     r"x must be a torch.Tensor, got list"),
+    ("x and codebook on different devices", lambda: fastvq.nearest_code(_x(5, 4, device="meta"), _x(3, 4)),
+     ValueError, r"x and codebook must be on the same device, got x on meta and codebook on cpu"),
+    ("x and indices on different devices (ema_stats)",
+     lambda: fastvq.ema_stats(_x(5, 4, device="meta"), _IDX, 3), ValueError, r"same device"),
+    ("module: codebook_size <= 0", lambda: FastVectorQuantizer(4, 0), ValueError,
+     r"codebook_size must be a positive int, got 0"),
+    ("module: dim <= 0", lambda: FastVectorQuantizer(-2, 3), ValueError, r"dim must be a positive int, got -2"),
+    ("module: dim not an int", lambda: FastVectorQuantizer(2.5, 3), TypeError, r"dim must be an int, got float"),
+    ("module: decay outside [0, 1]", lambda: _vq(decay=1.5), ValueError, r"decay must be in \[0, 1\], got 1.5"),
+    ("module: input last dim != dim", lambda: _vq()(_x(2, 5)), ValueError,
+     r"x must have shape \(\.\.\., dim\) with dim == 4, got \(2, 5\)"),
+    ("module: input on another device than the codebook", lambda: _vq()(_x(2, 4, device="meta")), ValueError,
+     r"same device"),
+    ("ema_stats: index >= num_codes", lambda: fastvq.ema_stats(_x(5, 4), torch.tensor([0, 1, 2, 3, 0]), 3),
+     ValueError, r"indices must lie in \[0, num_codes\) = \[0, 3\), got values in \[0, 3\]"),
+    ("ema_stats: negative index", lambda: fastvq.ema_stats(_x(5, 4), torch.tensor([0, -1, 2, 1, 0]), 3),
+     ValueError, r"indices must lie in \[0, num_codes\)"),
+    ("ema_stats: indices not int64", lambda: fastvq.ema_stats(_x(5, 4), _IDX.int(), 3), TypeError,
+     r"indices must have dtype torch.int64, got torch.int32"),
+    ("ema_stats: indices shape != (N,)", lambda: fastvq.ema_stats(_x(5, 4), _IDX[:4], 3), ValueError,
+     r"indices must have shape \(5,\) to match x, got \(4,\)"),
+    ("ema_stats: num_codes <= 0", lambda: fastvq.ema_stats(_x(5, 4), _IDX, 0), ValueError,
+     r"num_codes must be a positive int, got 0"),
+    ("get_codes_from_indices: index out of range", lambda: _vq().get_codes_from_indices(torch.tensor([3])),
+     ValueError, r"indices must lie in \[0, codebook_size\) = \[0, 3\), got values in \[3, 3\]"),
+    ("get_codes_from_indices: float indices", lambda: _vq().get_codes_from_indices(torch.tensor([1.0])),
+     TypeError, r"indices must be an int64 or int32 tensor, got torch.float32"),
+    ("unknown backend name", lambda: fastvq.nearest_code(_x(5, 4), _x(3, 4), backend="nope"), ValueError,
+     r"backend must be 'auto' or one of 'cpu', 'triton', 'cuda', 'torch', got 'nope'"),
+    ("unknown backend name, empty x", lambda: fastvq.nearest_code(_x(0, 4), _x(3, 4), backend="nope"),
+     ValueError, r"backend must be 'auto' or one of"),
+    ("unknown backend name (module, raised at the first forward)", lambda: _vq(backend="nope")(_x(2, 4)),
+     ValueError, r"backend must be 'auto' or one of"),
+    ("backend not a str", lambda: fastvq.nearest_code(_x(5, 4), _x(3, 4), backend=3), TypeError,
+     r"backend must be a str, got int"),
+    ("forced backend that cannot run (cuda on CPU tensors)",
+     lambda: fastvq.nearest_code(_x(5, 4), _x(3, 4), backend="cuda"), BackendNotSupportedError,
+     r"backend 'cuda' cannot run on these inputs: .+"),
+]
+
+
+@pytest.mark.parametrize("call,error,pattern", [case[1:] for case in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_a_named_error(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+def test_backend_not_supported_is_a_value_error():
+    assert issubclass(BackendNotSupportedError, ValueError)
+
+
+def test_unknown_backend_from_the_environment(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "nope")
+    with pytest.raises(ValueError, match=r"got 'nope'"):
+        fastvq.nearest_code(_x(5, 4), _x(3, 4))
+
+
+def test_forced_cpu_backend_that_cannot_run_says_why():
+    if "cpu" not in fastvq.available_backends():
+        pytest.skip(f"backend 'cpu' unavailable: {fastvq.unavailable_reasons().get('cpu')}")
+    with pytest.raises(BackendNotSupportedError, match=r"backend 'cpu' cannot run on these inputs: .*float64"):
+        fastvq.nearest_code(_x(5, 4, dtype=torch.float64), _x(3, 4, dtype=torch.float64), backend="cpu")
