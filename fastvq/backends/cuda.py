@@ -1,0 +1,141 @@
+"""The ``cuda`` backend: fastvq's CUDA C++ kernels (csrc/cuda, built into ``fastvq._cuda``).
+
+Built when the package is installed with a CUDA compiler (FASTVQ_CUDA=ON, or AUTO with nvcc
+found). Outputs are allocated here with torch (its caching allocator); the extension enqueues
+its kernels on the caller's current stream of the tensors' device and never synchronises.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+
+import torch
+from torch import Tensor
+
+from .base import Backend
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _deterministic() -> bool:
+    """The same switch as fastvq.triton.deterministic (kept apart so this module needs no triton)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return True
+    return os.environ.get("FASTVQ_DETERMINISTIC", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def __init__(self):
+        try:
+            self._ext = importlib.import_module("fastvq._cuda")
+            self._import_error = None
+        except ImportError as error:
+            self._ext = None
+            if getattr(error, "name", None) == "fastvq._cuda":
+                self._import_error = ("fastvq._cuda is not built (reinstall with a CUDA toolkit: "
+                                      "FASTVQ_CUDA=ON pip install .)")
+            else:
+                self._import_error = f"fastvq._cuda failed to load: {type(error).__name__}: {error}"
+
+    def unavailable_reason(self) -> str | None:
+        if self._ext is None:
+            return self._import_error
+        if not torch.cuda.is_available():
+            return (f"no CUDA device visible to torch {torch.__version__} "
+                    f"(driver: {self._ext.driver_version()})")
+        return None
+
+    def describe(self) -> str:
+        if self._ext is None:
+            return ""
+        return (f"built for sm {self._ext.built_archs()}, CUDA runtime {self._ext.runtime_version()}, "
+                f"driver {self._ext.driver_version()}")
+
+    def _min_arch(self) -> tuple[int, int] | None:
+        numbers = [int(m.group(1)) for m in re.finditer(r"(\d+)", self._ext.built_archs())]
+        return divmod(min(numbers), 10) if numbers else None
+
+    def not_supported_reasons(self, *tensors: Tensor) -> list[str]:
+        reason = self.unavailable_reason()
+        if reason is not None:
+            return [reason]
+        reasons = []
+        for device in sorted({str(t.device) for t in tensors}):
+            if torch.device(device).type != "cuda":
+                reasons.append(f"device {device}: the cuda backend needs CUDA tensors")
+            elif torch.version.hip is not None:
+                reasons.append(f"device {device}: fastvq._cuda is built for NVIDIA GPUs, this torch is ROCm")
+            else:
+                capability = torch.cuda.get_device_capability(device)
+                lowest = self._min_arch()
+                if lowest is not None and capability < lowest:
+                    reasons.append(f"device {device}: compute capability {capability[0]}.{capability[1]}, "
+                                   f"but fastvq._cuda was built for sm {self._ext.built_archs()}")
+        float_dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+        for dtype in sorted(float_dtypes, key=str):
+            if dtype not in _DTYPE_NAMES:
+                reasons.append(f"dtype {str(dtype).removeprefix('torch.')}: cuda supports "
+                               f"{', '.join(_DTYPE_NAMES.values())}")
+        if len(float_dtypes) > 1:
+            names = ", ".join(str(d).removeprefix("torch.") for d in sorted(float_dtypes, key=str))
+            reasons.append(f"dtypes {names}: the cuda backend needs x and codebook in one dtype")
+        return reasons
+
+    # DLPack export refuses tensors that require grad and tensors off the current device, so
+    # every call detaches and runs under the tensors' device.
+    def _stream(self, device: torch.device) -> int:
+        return torch.cuda.current_stream(device).cuda_stream
+
+    def nearest_code(self, x, codebook, want_quantized):
+        x, codebook = x.detach(), codebook.detach().contiguous()
+        num_rows, dim = x.shape
+        indices = torch.empty((num_rows,), dtype=torch.int64, device=x.device)
+        sqdist = torch.empty((num_rows,), dtype=torch.float32, device=x.device)
+        norms = torch.empty((codebook.shape[0],), dtype=torch.float32, device=x.device)
+        quantized = torch.empty((num_rows, dim), dtype=x.dtype, device=x.device) if want_quantized else None
+        with torch.cuda.device(x.device):
+            self._ext.nearest_code(x, codebook, norms, indices, sqdist, quantized, stream=self._stream(x.device))
+        return indices, sqdist, quantized
+
+    def _sort_by_code(self, indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
+        sorted_indices, perm = torch.sort(indices, stable=True)
+        boundaries = torch.arange(num_codes + 1, device=indices.device, dtype=indices.dtype)
+        return perm, torch.searchsorted(sorted_indices, boundaries)
+
+    def ema_stats(self, x, indices, num_codes):
+        x, indices = x.detach(), indices.detach().contiguous()
+        sums = torch.empty((num_codes, x.shape[1]), dtype=torch.float32, device=x.device)
+        with torch.cuda.device(x.device):
+            stream = self._stream(x.device)
+            if _deterministic():
+                perm, offsets = self._sort_by_code(indices, num_codes)
+                self._ext.segment_sum(x, perm, offsets, sums, None, stream=stream)
+                return (offsets[1:] - offsets[:-1]).to(torch.float32), sums
+            counts = torch.empty((num_codes,), dtype=torch.float32, device=x.device)
+            self._ext.ema_stats(x, indices, counts, sums, stream=stream)
+        return counts, sums
+
+    def quantize_backward(self, grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
+                          need_grad_x, need_grad_codebook):
+        grad_quantized, x = grad_quantized.detach(), x.detach()
+        codebook, indices = codebook.detach().contiguous(), indices.detach().contiguous()
+        commit_scale = commit_scale.detach().to(device=x.device, dtype=torch.float32)
+        codebook_scale = codebook_scale.detach().to(device=x.device, dtype=torch.float32)
+        deterministic = need_grad_codebook and _deterministic()
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_grad_x else None
+        accumulated = None
+        if need_grad_codebook:
+            accumulated = torch.empty(codebook.shape, dtype=torch.float32, device=x.device)
+        with torch.cuda.device(x.device):
+            stream = self._stream(x.device)
+            if need_grad_x or (need_grad_codebook and not deterministic):
+                self._ext.quantize_backward(grad_quantized, x, codebook, indices, commit_scale, grad_x,
+                                            None if deterministic else accumulated, stream=stream)
+            if deterministic:
+                perm, offsets = self._sort_by_code(indices, codebook.shape[0])
+                self._ext.segment_sum(x, perm, offsets, accumulated, codebook, stream=stream)
+        grad_codebook = (accumulated * codebook_scale).to(codebook.dtype) if need_grad_codebook else None
+        return grad_x, grad_codebook
