@@ -124,7 +124,9 @@ def fit_gaussian_mixture(cfg: Config, train: Tensor) -> tuple[Tensor, float, flo
 
     The E-step needs every responsibility r_ik, i.e. the full N x K matrix. fastvq's kernels never
     build that matrix (they keep only the argmin), so it is plain PyTorch here, which is fine for
-    N x K = 1437 x 64. fastvq supplies the hard-assignment limit: k-means for the initial means.
+    N x K = 1437 x 64; the M-step is then a responsibility-weighted sum (R^T X), not the per-code
+    sums of ``fastvq.ema_stats``, which serve the hard-assignment limit. fastvq supplies that limit:
+    k-means (nearest_code + ema_stats) for the initial means, and nearest_code for encoding.
     """
     num_codes, dim = cfg.shallow_codes, train.shape[1]
     means, _ = fastvq.kmeans(train, num_codes, iters=cfg.kmeans_iters, seed=cfg.seed, backend=cfg.backend)

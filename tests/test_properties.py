@@ -25,7 +25,7 @@ from conftest import TOLERANCES, UNIT_ROUNDOFF, assert_nearest, backend_or_skip,
 BACKENDS = [name for name in dispatch.BACKEND_NAMES if name != "triton"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LAYOUTS = ("contiguous", "transposed", "row_step", "column_step")
-PROPERTY_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None)
+PROPERTY_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None)
 U32 = UNIT_ROUNDOFF[torch.float32]
 
 
