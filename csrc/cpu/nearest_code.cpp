@@ -38,6 +38,8 @@ constexpr int64_t kBlockBytes = 512 * 1024;
 // Row tiles per group: the group's rows of x (~96 rows) stay in L1/L2 across K blocks.
 constexpr int64_t kTilesPerGroup = 16;
 constexpr int64_t kGroupRows = kTilesPerGroup * kTileRows;
+// A code chunk (when codes are split across threads) spans at least this many panels.
+constexpr int64_t kMinChunkPanels = 16;
 
 struct AlignedFloats {
   float* ptr = nullptr;
@@ -163,14 +165,20 @@ void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, i
                       std::max<int64_t>(1, kBlockBytes / panel_bytes)};
   const float inf = std::numeric_limits<float>::infinity();
 
-  const int64_t ntiles = (n + kTileRows - 1) / kTileRows;
-  const bool split_codes = nt > 1 && ntiles < 4 * static_cast<int64_t>(nt) && npanels >= 2 * nt;
+  // Work items are (row group, code chunk) pairs. With enough row groups there is one chunk
+  // and each group is finished right after its search. With few rows (e.g. N = 64,
+  // K = 65536) the codes are also split into contiguous chunks so every thread gets work;
+  // the chunks' results are merged afterwards in code order with the same strict rule.
+  // The schedule is dynamic so a thread that loses its core (shared machines) does not
+  // hold up the others; no result depends on which thread runs which item.
+  const int64_t ngroups = (n + kGroupRows - 1) / kGroupRows;
+  const int64_t want_items = 4 * static_cast<int64_t>(nt);
+  const int64_t nchunks =
+      nt > 1 && ngroups < want_items
+          ? std::max<int64_t>(1, std::min((want_items + ngroups - 1) / ngroups, npanels / kMinChunkPanels))
+          : 1;
 
-  if (!split_codes) {
-    // Enough rows: threads take row groups; each row sees all codes in order. The schedule
-    // is dynamic so a thread that loses its core (shared machines) does not hold up the
-    // others; results do not depend on which thread searches which group.
-    const int64_t ngroups = (n + kGroupRows - 1) / kGroupRows;
+  if (nchunks == 1) {
     AlignedFloats xpack(static_cast<int64_t>(nt) * kGroupRows * d);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t g = 0; g < ngroups; ++g) {
@@ -187,19 +195,18 @@ void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, i
     return;
   }
 
-  // Few rows, many codes: split the codes into contiguous chunks, search all rows against
-  // each chunk in parallel, then merge the chunks in code order with the same strict rule.
-  const int64_t nchunks = std::min<int64_t>(npanels, 4 * static_cast<int64_t>(nt));
-  const int64_t npad = ntiles * kTileRows;
+  const int64_t npad = ngroups * kGroupRows;  // few rows here: pack them all once
   AlignedFloats xpack(npad * d);
   pack_rows(x, d, 0, n, xpack.ptr);
   std::vector<float> chunk_val(static_cast<size_t>(nchunks * npad), inf);
   std::vector<int64_t> chunk_idx(static_cast<size_t>(nchunks * npad), -1);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-  for (int64_t c = 0; c < nchunks; ++c) {
+  for (int64_t item = 0; item < ngroups * nchunks; ++item) {
+    const int64_t g = item / nchunks, c = item % nchunks;
+    const int64_t r0 = g * kGroupRows, r1 = std::min(n, r0 + kGroupRows);
     const int64_t q_begin = npanels * c / nchunks, q_end = npanels * (c + 1) / nchunks;
-    search.tiles(xpack.ptr, ntiles, q_begin, q_end, chunk_val.data() + c * npad,
-                 chunk_idx.data() + c * npad);
+    search.tiles(xpack.ptr + r0 * d, (r1 - r0 + kTileRows - 1) / kTileRows, q_begin, q_end,
+                 chunk_val.data() + c * npad + r0, chunk_idx.data() + c * npad + r0);
   }
   std::vector<int64_t> best_idx(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
