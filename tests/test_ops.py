@@ -7,7 +7,7 @@ import torch
 import fastvq
 from fastvq import reference
 
-from conftest import TOLERANCES, assert_nearest, exact_sqdist, small_integers
+from conftest import TOLERANCES, assert_nearest, backend_or_skip, exact_sqdist, small_integers
 
 SHAPES = [  # (N, K, d): every size from the issue appears at least once
     (0, 3, 33),
@@ -111,6 +111,7 @@ def test_quantize_other_dtypes(backend, dtype):
     generator = torch.Generator().manual_seed(11)
     codebook = torch.randn(257, 33, generator=generator).to(dtype)
     x = torch.randn(300, 33, generator=generator).to(dtype).requires_grad_()
+    backend_or_skip(backend, x, codebook)
     quantized, indices = fastvq.quantize(x, codebook, backend=backend)
     assert quantized.dtype == dtype
     torch.testing.assert_close(quantized.detach(), codebook[indices], rtol=0, atol=0)
@@ -169,3 +170,22 @@ def test_loss_value_matches_reference(backend):
     _, _, loss = torch.ops.fastvq.quantize(x, codebook, 0.25, 1.0, backend)
     _, _, want = reference.quantize(x.double(), codebook.double(), 0.25, 1.0)
     torch.testing.assert_close(loss.double(), want, **TOLERANCES[torch.float32])
+
+
+def test_forced_backend_that_cannot_run_says_why_and_auto_falls_back():
+    x = torch.randn(5, 4, dtype=torch.float64)
+    codebook = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(fastvq.BackendNotSupportedError, match=r"backend 'cpu' cannot run on these inputs: dtype torch.float64"):
+        fastvq.nearest_code(x, codebook, backend="cpu")
+    indices, _ = fastvq.nearest_code(x, codebook)  # auto: the torch backend takes float64
+    torch.testing.assert_close(indices, reference.nearest_code(x, codebook)[0], rtol=0, atol=0)
+
+
+def test_environment_variable_overrides_the_backend_argument(monkeypatch):
+    x, codebook = torch.randn(5, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    monkeypatch.setenv("FASTVQ_BACKEND", "cpu")
+    with pytest.raises(fastvq.BackendNotSupportedError, match=r"\$FASTVQ_BACKEND"):
+        fastvq.nearest_code(x, codebook, backend="torch")
+    monkeypatch.setenv("FASTVQ_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        fastvq.nearest_code(x, codebook)
