@@ -3,7 +3,7 @@
 - assignment: ``torch.ops.fastvq.nearest_code`` (fused search, returns each row's squared distance);
 - update: ``torch.ops.fastvq.ema_stats`` (per-cluster counts and sums in one pass);
 - k-means++ seeding keeps one running min-distance vector (N,), updated with the
-  distances to each new centroid;
+  distances to each new centroid (one matrix-vector product each);
 - an empty cluster is re-seeded with the point farthest from its centroid (taken
   from clusters that keep at least one other point).
 
@@ -25,7 +25,7 @@ INITS = ("kmeans++", "random")
 
 # k-means++ seeding is sequential (one pass over the points per centroid), so it runs on
 # at most this many points per centroid, drawn at random; Lloyd's iterations use all points.
-SEEDING_POINTS_PER_CENTROID = 64
+SEEDING_POINTS_PER_CENTROID = 16
 
 
 class KMeansResult(NamedTuple):
@@ -109,23 +109,23 @@ def seed_centroids(x: Tensor, k: int, *, generator: torch.Generator, init: str =
     num_points = min(num_rows, SEEDING_POINTS_PER_CENTROID * k)
     if num_points < num_rows:
         x = x[torch.randperm(num_rows, generator=generator, device=x.device)[:num_points]]
+    sqnorms = x.square().sum(1)
     centroids = x.new_empty((k, x.shape[1]))
-    first = torch.randint(num_points, (1,), generator=generator, device=x.device)
-    centroids[0] = x[first[0]]
-    min_sqdist = _sqdist_to(x, centroids[0])
-    for j in range(1, k):
-        total = min_sqdist.sum()
-        # D² sampling; once every point coincides with a centroid (N < k, duplicates), uniform.
-        weights = min_sqdist if total > 0 else torch.ones_like(min_sqdist)
-        chosen = torch.multinomial(weights, 1, generator=generator)
-        centroids[j] = x[chosen[0]]
-        torch.minimum(min_sqdist, _sqdist_to(x, centroids[j]), out=min_sqdist)
+    chosen = torch.randint(num_points, (1,), generator=generator, device=x.device)
+    min_sqdist = torch.full_like(sqnorms, torch.inf)
+    for j in range(k):
+        if j > 0:
+            # D² sampling without a branch: u·Σ lands in point i's slice of the cumulative sum.
+            # Once every point coincides with a centroid (N < k) the sum is 0 and this picks the last point.
+            cumulative = torch.cumsum(min_sqdist, 0, dtype=torch.float64)
+            target = torch.rand(1, generator=generator, device=x.device, dtype=torch.float64) * cumulative[-1]
+            chosen = torch.searchsorted(cumulative, target, right=True).clamp_max_(num_points - 1)
+        centroid = x[chosen]  # (1, d)
+        centroids[j : j + 1] = centroid
+        # ‖x − c‖² = ‖x‖² − 2x·c + ‖c‖²: one matrix-vector product; clamped, as rounding can go below 0.
+        sqdist = torch.addmv(sqnorms + sqnorms[chosen], x, centroid[0], alpha=-2.0).clamp_min_(0.0)
+        torch.minimum(min_sqdist, sqdist, out=min_sqdist)
     return centroids
-
-
-def _sqdist_to(x: Tensor, centroid: Tensor) -> Tensor:
-    """‖x_i − c‖² for one centroid, as a sum of squared differences (never negative), float64."""
-    return (x - centroid).square_().sum(1, dtype=torch.float64)
 
 
 def _reseed_empty(x: Tensor, centroids: Tensor, empty: Tensor, counts: Tensor,

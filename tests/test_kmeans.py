@@ -1,0 +1,171 @@
+"""fastvq.kmeans: Lloyd's algorithm on the fused kernels, against plain torch and faiss."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastvq
+from fastvq import reference
+from fastvq.kmeans import fit, seed_centroids
+
+from conftest import TOLERANCES
+
+
+def blobs(num_rows, dim, num_centres, seed=0, spread=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    centres = 4 * torch.randn(num_centres, dim, generator=generator)
+    labels = torch.randint(0, num_centres, (num_rows,), generator=generator)
+    return centres[labels] + spread * torch.randn(num_rows, dim, generator=generator)
+
+
+def inertia(x, centroids):
+    _, sqdist = reference.nearest_code(x.double(), centroids.double())
+    return float(sqdist.double().sum())
+
+
+def plain_lloyd(x, centroids, iters):
+    """Lloyd's algorithm with an explicit (N, K) distance matrix; fails loudly on an empty cluster."""
+    x, centroids = x.double(), centroids.double()
+    for _ in range(iters):
+        assignments = torch.cdist(x, centroids).argmin(1)
+        counts = torch.bincount(assignments, minlength=centroids.shape[0])
+        assert bool((counts > 0).all()), "the fixture must not produce empty clusters"
+        centroids = torch.zeros_like(centroids).index_add_(0, assignments, x) / counts[:, None]
+    return centroids
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_lloyd_iterations_match_plain_torch_from_the_same_seeds(backend):
+    if backend not in fastvq.available_backends():
+        pytest.skip(f"backend {backend!r} is not built here")
+    x = blobs(2000, 8, 12, seed=1)
+    seeds, _ = fastvq.kmeans(x, 12, iters=0, seed=3, backend=backend)
+    centroids, assignments = fastvq.kmeans(x, 12, iters=6, seed=3, backend=backend)
+    expected = plain_lloyd(x, seeds, 6)
+    torch.testing.assert_close(centroids.double(), expected, atol=1e-4, rtol=1e-4)
+    want_assignments, _ = reference.nearest_code(x, centroids)
+    torch.testing.assert_close(assignments, want_assignments, rtol=0, atol=0)
+
+
+def test_inertia_at_most_1_02_times_faiss_with_the_same_iterations():
+    faiss = pytest.importorskip("faiss")
+    x = blobs(6000, 16, 48, seed=2, spread=1.5)
+    ours, theirs = [], []
+    for seed in range(3):
+        centroids, _ = fastvq.kmeans(x, 32, iters=10, seed=seed)
+        ours.append(inertia(x, centroids))
+        reference_kmeans = faiss.Kmeans(16, 32, niter=10, seed=seed + 1, max_points_per_centroid=10**6)
+        reference_kmeans.train(x.numpy())
+        theirs.append(inertia(x, torch.from_numpy(reference_kmeans.centroids)))
+    assert sum(ours) <= 1.02 * sum(theirs), (ours, theirs)
+    assert max(ours) <= 1.05 * min(theirs), (ours, theirs)
+
+
+def test_deterministic_for_a_seed_and_different_across_seeds():
+    x = blobs(3000, 5, 20, seed=4)
+    first = fastvq.kmeans(x, 17, iters=4, seed=11)
+    again = fastvq.kmeans(x, 17, iters=4, seed=11)
+    other = fastvq.kmeans(x, 17, iters=4, seed=12)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+
+
+def test_kmeans_plus_plus_seeds_spread_over_separated_clusters():
+    # 10 tight, far-apart clusters: D² sampling finds each with near certainty, random init rarely does.
+    x = blobs(5000, 6, 10, seed=5, spread=0.01)
+    seeds = seed_centroids(x, 10, generator=torch.Generator().manual_seed(0), init="kmeans++")
+    nearest_centre, _ = reference.nearest_code(seeds, fastvq.kmeans(x, 10, iters=5, seed=0)[0])
+    assert len(set(nearest_centre.tolist())) == 10
+    assert inertia(x, seeds) < 0.02 * inertia(x, x[:1])
+
+
+def test_empty_clusters_are_reseeded_from_far_points():
+    # Four distinct points, one of them 60 times: random seeds are mostly copies of it, so
+    # clusters start empty; re-seeding from the farthest points must find all four.
+    points = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    x = torch.cat([points[:1].repeat(60, 1), points[1:]])
+    for seed in range(4):
+        centroids, assignments = fastvq.kmeans(x, 4, iters=5, seed=seed, init="random")
+        assert inertia(x, centroids) == 0.0, (seed, centroids)
+        assert len(set(assignments.tolist())) == 4
+
+
+def test_fewer_rows_than_clusters_gives_duplicate_rows():
+    x = torch.randn(3, 4)
+    centroids, assignments = fastvq.kmeans(x, 7, iters=3)
+    assert centroids.shape == (7, 4)
+    assert inertia(x, centroids) == 0.0
+    for row in centroids:  # every centroid is one of the rows
+        assert bool(((x - row).abs().sum(1) == 0).any())
+    torch.testing.assert_close(x, centroids[assignments], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("num_rows,dim,k", [(1, 1, 1), (3, 3, 3), (33, 1, 3), (257, 33, 1), (1030, 3, 33)])
+def test_odd_shapes_and_non_contiguous_input(num_rows, dim, k):
+    base = torch.randn(dim, num_rows, generator=torch.Generator().manual_seed(num_rows))
+    x = base.t()  # non-contiguous (N, d)
+    centroids, assignments = fastvq.kmeans(x, k, iters=3)
+    assert centroids.shape == (k, dim) and assignments.shape == (num_rows,) and assignments.dtype == torch.int64
+    want, _ = reference.nearest_code(x, centroids)
+    torch.testing.assert_close(assignments, want, rtol=0, atol=0)
+    same = fastvq.kmeans(x.contiguous(), k, iters=3)
+    torch.testing.assert_close(centroids, same[0], **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_dtypes(dtype):
+    x = blobs(500, 4, 5, seed=6).to(dtype)
+    centroids, assignments = fastvq.kmeans(x, 5, iters=4)
+    assert centroids.dtype == dtype
+    want = fastvq.kmeans(x.float(), 5, iters=4)[0]
+    torch.testing.assert_close(centroids.float(), want.to(dtype).float(), **TOLERANCES[dtype])
+
+
+def test_spherical_fit_keeps_unit_centroids():
+    x = torch.nn.functional.normalize(blobs(800, 6, 8, seed=7), dim=-1)
+    result = fit(x, 8, iters=5, generator=torch.Generator().manual_seed(0), spherical=True)
+    torch.testing.assert_close(result.centroids.norm(dim=-1), torch.ones(8), **TOLERANCES[torch.float32])
+    assert float(result.counts.sum()) == 800
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Largest tensor any top-level op returns (fastvq's custom ops count as one op each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "random"])
+def test_no_n_by_k_tensor_outside_the_kernels(init):
+    num_rows, dim, k = 3000, 4, 500  # N·K = 1.5M elements; x is 12k
+    x = torch.randn(num_rows, dim)
+    with _LargestAllocation() as mode:
+        fastvq.kmeans(x, k, iters=2, init=init)
+    assert mode.largest <= 4 * num_rows * dim, mode.largest
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,pattern",
+    [
+        ((torch.randn(0, 3), 2), {}, ValueError, r"x must have shape \(N, d\) with N >= 1, got \(0, 3\)"),
+        ((torch.randn(5), 2), {}, ValueError, r"x must have shape \(N, d\)"),
+        ((torch.ones(5, 2, dtype=torch.int64), 2), {}, TypeError, "x must be a floating-point tensor"),
+        ((torch.randn(5, 2), 0), {}, ValueError, "k must be an int >= 1, got 0"),
+        ((torch.randn(5, 2), 2.0), {}, TypeError, "k must be an int"),
+        ((torch.randn(5, 2), 2), {"iters": -1}, ValueError, "iters must be an int >= 0"),
+        ((torch.randn(5, 2), 2), {"init": "kmeans||"}, ValueError, "init must be one of 'kmeans\\+\\+', 'random'"),
+    ],
+)
+def test_bad_arguments(args, kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        fastvq.kmeans(*args, **kwargs)
