@@ -73,6 +73,15 @@ def requested_backend(backend: str) -> str:
     return os.environ.get(ENV_VAR, "").strip() or backend
 
 
+def check_backend_name(backend) -> str:
+    """The backend name that will be used (after $FASTVQ_BACKEND), checked; no tensors needed."""
+    name = requested_backend(backend)
+    if name != "auto" and name not in _BACKEND_CLASSES:
+        source = f"${ENV_VAR}" if os.environ.get(ENV_VAR, "").strip() else "backend"
+        raise ValueError(f"{source} must be 'auto' or one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}")
+    return name
+
+
 def auto_order(*tensors: Tensor) -> tuple[str, ...]:
     device_type = tensors[0].device.type if tensors else "cpu"
     return AUTO_ORDER.get(device_type, ("torch",))
@@ -80,7 +89,7 @@ def auto_order(*tensors: Tensor) -> tuple[str, ...]:
 
 def resolve(backend: str, *tensors: Tensor) -> Backend:
     """The backend that will run on ``tensors``, or an error naming why it cannot."""
-    name = requested_backend(backend)
+    name = check_backend_name(backend)
     if name == "auto":
         for candidate in auto_order(*tensors):
             chosen = get_backend(candidate)

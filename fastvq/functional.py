@@ -6,6 +6,7 @@ from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.fastvq.*)
 from .checks import check_float_tensor, check_indices, check_rows_and_codebook, check_vectors_and_codebook, shape_str
+from .dispatch import check_backend_name
 
 
 def nearest_code(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -15,6 +16,7 @@ def nearest_code(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple
     sqdist_i = ‖x_i − codebook[indices_i]‖². Ties go to the lowest index.
     """
     check_rows_and_codebook(x, codebook)
+    check_backend_name(backend)
     return torch.ops.fastvq.nearest_code(x, codebook, backend)
 
 
@@ -26,6 +28,7 @@ def quantize(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple[Ten
     codebook. indices has shape x.shape[:-1].
     """
     check_vectors_and_codebook(x, codebook)
+    check_backend_name(backend)
     rows = x.reshape(-1, x.shape[-1])
     quantized, indices, _ = torch.ops.fastvq.quantize(rows, codebook, 0.0, 0.0, backend)
     return quantized.view(x.shape), indices.view(x.shape[:-1])
@@ -37,6 +40,9 @@ def ema_stats(x: Tensor, indices: Tensor, num_codes: int, *, backend: str = "aut
     if x.dim() != 2:
         raise ValueError(f"x must have shape (N, d), got {shape_str(x.shape)}")
     check_indices(indices, x.shape[0], num_codes)
+    if indices.device != x.device:
+        raise ValueError(f"x and indices must be on the same device, got x on {x.device} and indices on {indices.device}")
+    check_backend_name(backend)
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_codes):
         raise ValueError(
             f"indices must lie in [0, num_codes) = [0, {num_codes}), "

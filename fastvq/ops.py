@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .dispatch import resolve
+from .dispatch import check_backend_name, resolve
 
 
 def loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,6 +26,7 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("fastvq::nearest_code", mutates_args=())
 def nearest_code(x: Tensor, codebook: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     if x.shape[0] == 0:
+        check_backend_name(backend)
         return _empty_indices(x), x.new_empty((0,), dtype=torch.float32)
     indices, sqdist, _ = resolve(backend, x, codebook).nearest_code(x, codebook, want_quantized=False)
     return indices, sqdist
@@ -47,6 +48,7 @@ def quantize(
 ) -> tuple[Tensor, Tensor, Tensor]:
     num_rows, dim = x.shape
     if num_rows == 0:
+        check_backend_name(backend)
         return x.new_empty((0, dim)), _empty_indices(x), x.new_zeros((), dtype=loss_dtype(x.dtype))
     indices, sqdist, quantized = resolve(backend, x, codebook).nearest_code(x, codebook, want_quantized=True)
     # mean((x − q)²) over all N·d entries is Σ sqdist / (N·d); both loss terms have that value.
@@ -106,6 +108,7 @@ def quantize_backward(
 ) -> tuple[Tensor, Tensor]:
     """grad_codebook is an empty (0,) tensor when not needed (a custom op cannot return None)."""
     if x.shape[0] == 0:
+        check_backend_name(backend)
         grad_codebook = torch.zeros_like(codebook) if need_grad_codebook else codebook.new_empty((0,))
         return torch.empty_like(x), grad_codebook
     grad_x, grad_codebook = resolve(backend, x, codebook).quantize_backward(
@@ -125,6 +128,7 @@ def _(grad_quantized, x, codebook, indices, commit_scale, codebook_scale, backen
 def ema_stats(x: Tensor, indices: Tensor, num_codes: int, backend: str) -> tuple[Tensor, Tensor]:
     """Per-code counts (K,) and sums (K, d), float32. Indices must lie in [0, num_codes)."""
     if x.shape[0] == 0:
+        check_backend_name(backend)
         return (x.new_zeros((num_codes,), dtype=torch.float32),
                 x.new_zeros((num_codes, x.shape[1]), dtype=torch.float32))
     return resolve(backend, x).ema_stats(x, indices, num_codes)
