@@ -1,6 +1,7 @@
 """Time nearest_code (search + gather) on the CPU: fastvq vs faiss-cpu vs naive torch.
 
     python benchmarks/nearest_code_cpu.py [--repeats 5] [--shapes 32768x1024x64 ...] [--no-naive]
+                                          [--simd avx2] [--stat min]
 
 Each provider is checked for correctness first (the chosen code's exact float64 distance
 must be within a small tolerance of the true minimum, on a sample of rows), then timed
@@ -9,6 +10,7 @@ as the median of several runs. GF/s counts 2*N*K*d flops (the distance GEMM alon
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -65,14 +67,14 @@ def check(name, idx, x, e, sample=512):
         raise SystemExit(f"{name}: chosen code is {err:.3g} farther than the nearest (tolerance {tol:.3g})")
 
 
-def time_it(fn, repeats):
+def time_it(fn, repeats, stat):
     fn()  # warm-up (page faults, thread pools)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times) if stat == "median" else min(times)
 
 
 def main():
@@ -81,11 +83,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument("--simd", default="auto", help="force a fastvq SIMD level: portable, avx2, avx512")
+    parser.add_argument("--stat", choices=["median", "min"], default="median",
+                        help="min is steadier on a machine shared with other jobs")
     args = parser.parse_args()
     providers = [p for p in args.providers if not (args.no_naive and p == "naive")]
+    _cpu.set_simd_level(args.simd)
 
-    print(f"{platform.machine()}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
-          f"fastvq simd {_cpu.simd_level()}  openmp {_cpu.openmp_enabled()}")
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"{platform.machine()}  {os.cpu_count()} cpus  load avg {load}  torch {torch.__version__}  "
+          f"threads {torch.get_num_threads()}  fastvq simd {_cpu.simd_level()}  openmp {_cpu.openmp_enabled()}  "
+          f"{args.stat} of {args.repeats}")
     header = f"{'N':>6} {'K':>6} {'d':>4} " + " ".join(f"{p + ' ms':>11} {p + ' GF/s':>11}" for p in providers)
     if "fastvq" in providers:
         header += "".join(f" {'vs ' + p:>9}" for p in providers if p != "fastvq")
@@ -100,7 +108,7 @@ def main():
             fn = PROVIDERS[name](x, e)
             check(name, fn(), x, e)
             reps = args.repeats if name != "naive" else max(1, min(args.repeats, 3))
-            times[name] = time_it(fn, reps)
+            times[name] = time_it(fn, reps, args.stat)
         flops = 2.0 * n * k * d
         row = f"{n:>6} {k:>6} {d:>4} " + " ".join(
             f"{times[p] * 1e3:>11.2f} {flops / times[p] / 1e9:>11.1f}" for p in providers)

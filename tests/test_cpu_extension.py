@@ -44,7 +44,8 @@ def small_int_inputs(n, k, d, seed, duplicate=True):
     return x, e
 
 
-SIMD_LEVELS = ["portable"] + (["avx2"] if _cpu.best_simd_level() == "avx2" else [])
+ALL_SIMD_LEVELS = ["portable", "avx2", "avx512"]
+SIMD_LEVELS = ALL_SIMD_LEVELS[: ALL_SIMD_LEVELS.index(_cpu.best_simd_level()) + 1]
 
 
 @pytest.fixture(params=SIMD_LEVELS)
@@ -82,6 +83,22 @@ def test_nearest_code_exact_inputs_match_argmin(n, k, d, simd_level):
             assert torch.equal(idx, dist.argmin(1)), f"threads={threads}"
             assert torch.equal(sq.double(), dist.min(1).values)
         assert torch.equal(q, e[idx])
+
+
+@pytest.mark.parametrize("period", [1, 3, 8, 16, 17, 32])
+@pytest.mark.parametrize("n,k", [(5, 1030), (600, 1030), (600, 45)])
+def test_nearest_code_periodic_codebook_picks_the_first_copy(n, k, period, simd_level):
+    # codebook[k] == codebook[k % period]: every distance is tied with codes `period` apart,
+    # i.e. in the same lane, the other half of a panel, or another panel.
+    g = torch.Generator().manual_seed(period)
+    base = torch.randint(-2, 3, (period, 6), generator=g).float()
+    e = base[torch.arange(k) % period]
+    x = torch.randint(-2, 3, (n, 6), generator=g).float()
+    expected = exact_sqdist(x, e).argmin(1)
+    assert (expected < period).all()
+    for threads in (1, 2):
+        idx, _, _ = run_nearest_code(x, e, threads)
+        assert torch.equal(idx, expected), f"threads={threads}"
 
 
 @pytest.mark.parametrize("n,k,d", SHAPES)
@@ -246,10 +263,20 @@ def test_out_of_range_indices_raise_value_error(bad):
         _cpu.quantize_backward(None, x, e, idx, 1.0, 1.0, torch.empty(5, 4), None)
 
 
+def test_levels_this_cpu_lacks_raise_value_error():
+    missing = [level for level in ALL_SIMD_LEVELS if level not in SIMD_LEVELS]
+    if not missing:
+        pytest.skip(f"this CPU runs every level up to {_cpu.best_simd_level()}")
+    for level in missing:
+        with pytest.raises(ValueError, match=f"level '{level}' is not supported here"):
+            _cpu.set_simd_level(level)
+    assert _cpu.simd_level() == _cpu.best_simd_level()
+
+
 def test_runtime_info():
     assert isinstance(_cpu.openmp_enabled(), bool)
     assert _cpu.max_threads() >= 1
-    assert _cpu.simd_level() in ("portable", "avx2")
+    assert _cpu.simd_level() == _cpu.best_simd_level() in ALL_SIMD_LEVELS
 
 
 # ---- CpuBackend ------------------------------------------------------------------------

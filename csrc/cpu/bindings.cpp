@@ -150,11 +150,11 @@ NB_MODULE(_cpu, m) {
         "grad_x_out = grad_quantized + commit_scale * (x - codebook[indices]) (grad_quantized None = 0);\n"
         "grad_codebook_out[k] = codebook_scale * sum over indices[i] == k of (codebook[k] - x[i]).");
   m.def("simd_level", [] { return std::string(fastvq::cpu::simd_level_name(fastvq::cpu::current_simd_level())); },
-        "The nearest_code kernel the dispatcher picks now: 'avx2' or 'portable'.");
+        "The nearest_code kernel the dispatcher picks now: 'avx512', 'avx2' or 'portable'.");
   m.def("best_simd_level", [] { return std::string(fastvq::cpu::simd_level_name(fastvq::cpu::best_simd_level())); },
         "The highest level this CPU and build support.");
   m.def("set_simd_level", [](const std::string& level) { fastvq::cpu::set_simd_level(level.c_str()); }, "level"_a,
-        "Force 'portable', or 'avx2' if supported; 'auto' restores the best. ValueError otherwise.");
+        "Force 'portable', or 'avx2'/'avx512' if supported; 'auto' restores the best. ValueError otherwise.");
   m.def("openmp_enabled", &fastvq::cpu::openmp_enabled);
   m.def("max_threads", &fastvq::cpu::max_threads);
 }

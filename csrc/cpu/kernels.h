@@ -39,13 +39,17 @@ void search_tile_portable(const float* xpack, int64_t d, const float* panels, co
 void search_tile_avx2(const float* xpack, int64_t d, const float* panels, const float* norms,
                       int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx);
 #endif
+#ifdef FASTVQ_HAVE_AVX512_KERNEL
+void search_tile_avx512(const float* xpack, int64_t d, const float* panels, const float* norms,
+                        int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx);
+#endif
 
 // ---- run-time SIMD dispatch (simd.cpp) ----
-enum class SimdLevel : int { portable = 0, avx2 = 1 };
+enum class SimdLevel : int { portable = 0, avx2 = 1, avx512 = 2 };
 const char* simd_level_name(SimdLevel level);
 SimdLevel best_simd_level();     // the highest level this CPU and this build support
 SimdLevel current_simd_level();  // what the dispatcher picks now
-// Accepts "portable", "avx2" or "auto" (= best); throws std::invalid_argument for an unknown
+// Accepts "portable", "avx2", "avx512" or "auto" (= best); throws std::invalid_argument for an unknown
 // name or a level this CPU/build cannot run.
 void set_simd_level(const char* name);
 SearchTileFn current_search_tile();

@@ -22,7 +22,20 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 
-SimdLevel detect_best() { return cpu_has_avx2_fma() ? SimdLevel::avx2 : SimdLevel::portable; }
+bool cpu_has_avx512f() {
+#if defined(FASTVQ_HAVE_AVX512_KERNEL) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");  // also requires the OS to save the zmm state
+#else
+  return false;
+#endif
+}
+
+SimdLevel detect_best() {
+  if (cpu_has_avx512f()) return SimdLevel::avx512;
+  if (cpu_has_avx2_fma()) return SimdLevel::avx2;
+  return SimdLevel::portable;
+}
 
 std::atomic<int>& level_state() {
   static std::atomic<int> level{static_cast<int>(detect_best())};
@@ -33,6 +46,7 @@ std::atomic<int>& level_state() {
 
 const char* simd_level_name(SimdLevel level) {
   switch (level) {
+    case SimdLevel::avx512: return "avx512";
     case SimdLevel::avx2: return "avx2";
     case SimdLevel::portable: return "portable";
   }
@@ -55,8 +69,10 @@ void set_simd_level(const char* name) {
     wanted = SimdLevel::portable;
   } else if (s == "avx2") {
     wanted = SimdLevel::avx2;
+  } else if (s == "avx512") {
+    wanted = SimdLevel::avx512;
   } else {
-    throw std::invalid_argument("level must be one of 'auto', 'portable', 'avx2', got '" + s + "'");
+    throw std::invalid_argument("level must be one of 'auto', 'portable', 'avx2', 'avx512', got '" + s + "'");
   }
   if (static_cast<int>(wanted) > static_cast<int>(best_simd_level()))
     throw std::invalid_argument("level '" + s + "' is not supported here (the best available is '" +
@@ -66,6 +82,9 @@ void set_simd_level(const char* name) {
 
 SearchTileFn current_search_tile() {
   switch (current_simd_level()) {
+#ifdef FASTVQ_HAVE_AVX512_KERNEL
+    case SimdLevel::avx512: return &search_tile_avx512;
+#endif
 #ifdef FASTVQ_HAVE_AVX2_KERNEL
     case SimdLevel::avx2: return &search_tile_avx2;
 #endif
