@@ -70,8 +70,7 @@ def _nearest_code_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: no overflow for any N
     row_mask = rows < N
     x_rows = x_ptr + rows[:, None] * stride_xn
     lanes_d = tl.arange(0, BLOCK_D)

@@ -35,7 +35,7 @@ def _quantize_backward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: no overflow for any N
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_mask = rows < N
     col_mask = cols[None, :] < d
