@@ -6,17 +6,21 @@ Triton reads TRITON_INTERPRET when a function is decorated, and its own library
 machine without CUDA this module imports triton with TRITON_INTERPRET=1 and restores
 the variable at once; the module-scoped fixture then sets it only while these tests
 run. fastvq.triton re-decorates its own kernels for the mode in force at launch, so it
-does not matter when fastvq.triton was imported. If triton had already been imported
-without the interpreter, every test here fails with that explanation (never a silent
-skip). What the interpreter cannot check (tensor-core tl.dot, atomics, register and
-shared-memory limits) is covered by test_kernels_compile_for_gpus, which compiles the
-kernels to sm_80/sm_90 cubins in a fresh process.
+does not matter when fastvq.triton was imported.
+
+In a full test run something imports triton earlier, without the interpreter
+(importing torch._dynamo does). Then the tests here cannot run in this process: they
+are skipped here and test_interpreter_tests_in_a_fresh_process runs this file in a new
+process instead, failing if any test there fails. What the interpreter cannot check
+(tensor-core tl.dot, atomics, register and shared-memory limits) is covered by
+test_kernels_compile_for_gpus, which compiles the kernels to sm_80/sm_90 cubins.
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,16 +54,17 @@ from fastvq.modules import FastVectorQuantizer  # noqa: E402
 
 from conftest import TOLERANCES, assert_nearest, exact_sqdist, small_integers  # noqa: E402
 
-INTERPRETER_READY = ON_GPU or type(triton.language.zeros).__name__ == "InterpretedFunction"
+# True when triton's library was decorated for the interpreter, so CPU tensors can run here.
+RUNS_HERE = ON_GPU or type(triton.language.zeros).__name__ == "InterpretedFunction"
+FRESH_PROCESS_TEST = "test_interpreter_tests_in_a_fresh_process"
 requires_cpu = pytest.mark.skipif(ON_GPU, reason="checks interpreter-mode behaviour on CPU tensors")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def triton_interpreter():
-    if not INTERPRETER_READY:
-        pytest.fail("triton was imported without TRITON_INTERPRET=1 before this module, so its library "
-                    "functions cannot run in the interpreter; run `python -m pytest tests/test_triton.py` "
-                    "on its own, or import triton under TRITON_INTERPRET=1 first (see the module docstring)")
+    if not RUNS_HERE:
+        yield
+        return
     with pytest.MonkeyPatch.context() as patch:
         if ON_GPU:
             patch.delenv("TRITON_INTERPRET", raising=False)
@@ -69,6 +74,32 @@ def triton_interpreter():
         patch.delenv("FASTVQ_TRITON_TF32", raising=False)
         patch.delenv("FASTVQ_BACKEND", raising=False)
         yield
+
+
+FRESH_PROCESS_ENV = "FASTVQ_TRITON_TESTS_IN_FRESH_PROCESS"
+
+
+@pytest.fixture(autouse=True)
+def _in_this_process_or_the_fresh_one(request):
+    if RUNS_HERE or request.node.originalname == FRESH_PROCESS_TEST:
+        return
+    if os.environ.get(FRESH_PROCESS_ENV):
+        pytest.fail("even a fresh process imported triton without TRITON_INTERPRET=1 before this module "
+                    "(conftest or fastvq now imports it, e.g. through torch._dynamo)")
+    pytest.skip(f"triton was imported without TRITON_INTERPRET=1 before this module; {FRESH_PROCESS_TEST} "
+                "runs these tests in a new process")
+
+
+@pytest.mark.skipif(RUNS_HERE or bool(os.environ.get(FRESH_PROCESS_ENV)), reason="this process runs the tests itself")
+def test_interpreter_tests_in_a_fresh_process():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "FASTVQ_DETERMINISTIC", "FASTVQ_TRITON_TF32", "FASTVQ_BACKEND")}
+    env[FRESH_PROCESS_ENV] = "1"
+    here = Path(__file__).resolve()
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here)],
+                            cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=1200)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0 and " passed" in summary, result.stdout[-8000:] + result.stderr[-4000:]
 
 
 @pytest.fixture(params=["atomic", "deterministic"])
