@@ -56,7 +56,8 @@ def simd_level(request):
 
 
 # (N, K, d): N = 0, tails of the 6-row tile and 16-code panel, d = 1 and odd, small N with
-# many codes (the code-split path), and several K blocks (d = 130 makes blocks of ~63 panels).
+# many codes (codes split across threads when the work is big enough: 40 x 40000 x 16,
+# 150 x 2100 x 130), and several K blocks (d = 130 makes blocks of ~63 panels).
 SHAPES = [
     (0, 3, 33),
     (1, 1, 1),
@@ -67,6 +68,7 @@ SHAPES = [
     (4099, 257, 3),
     (4099, 1, 64),
     (3, 20000, 5),
+    (40, 40000, 16),
     (150, 2100, 130),
 ]
 
@@ -128,7 +130,7 @@ def test_nearest_code_codebook_rows_come_back_exactly():
     assert torch.equal(q, e[rows])
 
 
-@pytest.mark.parametrize("n,k,d", [(1000, 1030, 33), (7, 1030, 64), (3, 20000, 5), (4099, 257, 3)])
+@pytest.mark.parametrize("n,k,d", [(1000, 1030, 33), (40, 40000, 16), (150, 2100, 130), (4099, 257, 3)])
 def test_nearest_code_bitwise_identical_for_any_thread_count(n, k, d):
     g = torch.Generator().manual_seed(7)
     x, e = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <new>
 #include <vector>
 
@@ -40,6 +41,8 @@ constexpr int64_t kTilesPerGroup = 16;
 constexpr int64_t kGroupRows = kTilesPerGroup * kTileRows;
 // A code chunk (when codes are split across threads) spans at least this many panels.
 constexpr int64_t kMinChunkPanels = 16;
+// Below about this much work (~0.2 ms on one core) a call does not start another thread.
+constexpr int64_t kMinFlopsPerThread = int64_t{1} << 24;
 
 struct AlignedFloats {
   float* ptr = nullptr;
@@ -53,25 +56,62 @@ struct AlignedFloats {
   AlignedFloats& operator=(const AlignedFloats&) = delete;
 };
 
+// The packed codebook of the calling thread is kept between calls (up to kRetainBytes), so a
+// training loop does not map and page-fault a fresh buffer on every call (64 MiB for
+// K = 65536, d = 256). Larger ones are allocated for the call only.
+constexpr size_t kRetainBytes = size_t{256} << 20;
+
+struct RetainedBuffer {
+  float* ptr = nullptr;
+  size_t bytes = 0;
+  ~RetainedBuffer() { std::free(ptr); }
+};
+
+float* pack_workspace(int64_t n, std::unique_ptr<AlignedFloats>& temporary) {
+  const size_t bytes = ((static_cast<size_t>(n) * sizeof(float) + 63) / 64) * 64;
+  if (bytes > kRetainBytes) {
+    temporary = std::make_unique<AlignedFloats>(n);
+    return temporary->ptr;
+  }
+  thread_local RetainedBuffer kept;
+  if (kept.bytes < bytes) {
+    std::free(kept.ptr);
+    kept.bytes = 0;
+    kept.ptr = static_cast<float*>(std::aligned_alloc(64, bytes == 0 ? 64 : bytes));
+    if (!kept.ptr) throw std::bad_alloc();
+    kept.bytes = bytes;
+  }
+  return kept.ptr;
+}
+
+// ||e||^2 in double with 4 partial sums (a fixed order, so deterministic; independent chains,
+// so not bound by the add latency), rounded once to float.
+inline float squared_norm(const float* e, int64_t d) {
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t p = 0;
+  for (; p + 4 <= d; p += 4)
+    for (int j = 0; j < 4; ++j) acc[j] += static_cast<double>(e[p + j]) * e[p + j];
+  for (int j = 0; p < d; ++p, ++j) acc[j] += static_cast<double>(e[p]) * e[p];
+  return static_cast<float>((acc[0] + acc[1]) + (acc[2] + acc[3]));
+}
+
+// Packing is O(K d); below this many elements a parallel region costs more than it saves.
+constexpr int64_t kParallelPackElements = int64_t{1} << 18;
+
 void pack_codebook(const float* codebook, int64_t k, int64_t d, int64_t npanels, float* panels,
                    float* norms, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(static) num_threads(nt) if (k * d >= kParallelPackElements)
   for (int64_t q = 0; q < npanels; ++q) {
     float* dst = panels + q * d * kPanel;
-    for (int j = 0; j < kPanel; ++j) {
-      const int64_t code = q * kPanel + j;
-      if (code < k) {
-        const float* e = codebook + code * d;
-        double norm = 0.0;  // double, then rounded once: the norm is as exact as float allows
-        for (int64_t p = 0; p < d; ++p) {
-          norm += static_cast<double>(e[p]) * e[p];
-          dst[p * kPanel + j] = -2.0f * e[p];
-        }
-        norms[q * kPanel + j] = static_cast<float>(norm);
-      } else {
-        for (int64_t p = 0; p < d; ++p) dst[p * kPanel + j] = 0.0f;
-        norms[q * kPanel + j] = std::numeric_limits<float>::infinity();
-      }
+    const int64_t valid = std::min<int64_t>(kPanel, k - q * kPanel);
+    const float* e = codebook + q * kPanel * d;
+    for (int j = 0; j < kPanel; ++j)
+      norms[q * kPanel + j] = j < valid ? squared_norm(e + j * d, d) : std::numeric_limits<float>::infinity();
+    // Transpose with the exact scaling by -2; codes past K get 0 (their +inf norm decides).
+    for (int64_t p = 0; p < d; ++p) {
+      float* row = dst + p * kPanel;
+      for (int j = 0; j < valid; ++j) row[j] = -2.0f * e[j * d + p];
+      for (int j = static_cast<int>(valid); j < kPanel; ++j) row[j] = 0.0f;
     }
   }
 }
@@ -154,14 +194,18 @@ int thread_id() {
 void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, int64_t k,
                   int64_t* indices_out, float* sqdist_out, float* quantized_out, int num_threads) {
   if (n == 0) return;
-  const int nt = resolve_threads(num_threads);
   const int64_t npanels = (k + kPanel - 1) / kPanel;
-  AlignedFloats panels(npanels * d * kPanel);
-  AlignedFloats norms(npanels * kPanel);
-  pack_codebook(codebook, k, d, npanels, panels.ptr, norms.ptr, nt);
+  // Tiny problems run on fewer threads: waking a thread costs more than it would save
+  // (the answer is the same for any thread count).
+  const int64_t padded_flops = 2 * ((n + kTileRows - 1) / kTileRows) * kTileRows * npanels * kPanel * d;
+  const int nt = static_cast<int>(std::min<int64_t>(resolve_threads(num_threads), 1 + padded_flops / kMinFlopsPerThread));
+  std::unique_ptr<AlignedFloats> temporary;
+  float* const panels = pack_workspace(npanels * (d + 1) * kPanel, temporary);
+  float* const norms = panels + npanels * d * kPanel;  // still 64-byte aligned
+  pack_codebook(codebook, k, d, npanels, panels, norms, nt);
 
   const int64_t panel_bytes = d * kPanel * static_cast<int64_t>(sizeof(float));
-  const Search search{current_search_tile(), d, panels.ptr, norms.ptr,
+  const Search search{current_search_tile(), d, panels, norms,
                       std::max<int64_t>(1, kBlockBytes / panel_bytes)};
   const float inf = std::numeric_limits<float>::infinity();
 
