@@ -67,14 +67,18 @@ def check(name, idx, x, e, sample=512):
         raise SystemExit(f"{name}: chosen code is {err:.3g} farther than the nearest (tolerance {tol:.3g})")
 
 
-def time_it(fn, repeats, stat):
-    fn()  # warm-up (page faults, thread pools)
-    times = []
+def time_all(fns, repeats, stat):
+    """Runs the providers in turn, `repeats` rounds, so a change in machine load hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up (page faults, thread pools)
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) if stat == "median" else min(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    pick = statistics.median if stat == "median" else min
+    return {name: pick(ts) for name, ts in times.items()}
 
 
 def main():
@@ -103,12 +107,11 @@ def main():
         n, k, d = (int(v) for v in shape.split("x"))
         x = torch.randn(n, d, generator=gen)
         e = torch.randn(k, d, generator=gen)
-        times = {}
+        fns = {}
         for name in providers:
-            fn = PROVIDERS[name](x, e)
-            check(name, fn(), x, e)
-            reps = args.repeats if name != "naive" else max(1, min(args.repeats, 3))
-            times[name] = time_it(fn, reps, args.stat)
+            fns[name] = PROVIDERS[name](x, e)
+            check(name, fns[name](), x, e)
+        times = time_all(fns, args.repeats, args.stat)
         flops = 2.0 * n * k * d
         row = f"{n:>6} {k:>6} {d:>4} " + " ".join(
             f"{times[p] * 1e3:>11.2f} {flops / times[p] / 1e9:>11.1f}" for p in providers)
