@@ -100,6 +100,14 @@ def test_slow_providers_do_fewer_rounds_but_at_least_min_repeats():
     assert (stats["fast"].repeats, stats["slow"].repeats) == (5, 2)
 
 
+def test_a_slow_provider_skips_the_extra_warm_up():
+    calls = []
+    runs = {"fast": lambda: calls.append("fast"), "slow": lambda: calls.append("slow")}
+    time_alternating(runs, repeats=1, warmup=1, min_repeats=1, estimates_s={"fast": 0.01, "slow": 2.0},
+                     warm_if_under_s=1.0)
+    assert calls == ["fast", "fast", "slow"]
+
+
 def test_stats_median_and_spread():
     stats = Stats([4.0, 1.0, 3.0, 2.0])
     assert (stats.median_ms, stats.min_ms, stats.max_ms, stats.q1_ms, stats.q3_ms) == (2.5, 1.0, 4.0, 1.75, 3.25)
@@ -130,6 +138,14 @@ def test_judge_passes_the_oracle_and_fails_a_wrong_code():
     wrong[100] = farthest[100]
     verdict = judge(x, codebook, wrong, rows, oracle)
     assert not verdict.ok and verdict.passed == len(x) - 1 and verdict.max_excess > 1.0
+
+
+def test_exact_oracle_agrees_with_the_reference():
+    x, codebook = _search_inputs(n=300, k=40, d=6)
+    from fastvq.bench.verify import ExactOracle
+
+    rows = torch.arange(300)
+    assert judge(x, codebook, ExactOracle().indices(x, codebook), rows, Oracle()).ok
 
 
 def test_judge_accepts_an_exact_tie_either_way():

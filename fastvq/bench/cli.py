@@ -140,22 +140,32 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-class _NoBar:
-    def set_postfix_str(self, *args, **kwargs):
-        pass
+class _Lines:
+    """Progress for logs (stderr is not a terminal, or tqdm is missing): one line per finished case."""
 
-    def update(self, *args):
-        pass
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.done, self.quiet, self.last = total, 0, quiet, ""
+        self.clock = time.perf_counter()
 
-    def close(self):
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.last = text.split(":")[0]
+
+    def update(self, count: int = 1) -> None:
+        self.done += count
+        if not self.quiet:
+            print(f"[{self.done}/{self.total}] {self.last} done, {time.perf_counter() - self.clock:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
         pass
 
 
 def _progress(total: int, disable: bool):
-    if disable:
-        return _NoBar()
+    """A tqdm bar on a terminal, one line per case otherwise, nothing with --no-progress."""
+    if disable or not sys.stderr.isatty():
+        return _Lines(total, quiet=disable)
     try:
         from tqdm import tqdm
     except ImportError:
-        return _NoBar()
-    return tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True, disable=None)  # off unless a tty
+        return _Lines(total, quiet=False)
+    return tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)

@@ -1,7 +1,7 @@
 """Peak memory of one provider on one case, measured in a child process of its own.
 
 The child builds the case's tensors and the provider's runner, runs it once to warm
-up, records its RSS, resets the kernel's high-water mark (``/proc/self/clear_refs``
+up (skipped for providers slower than a second), records its RSS, resets the kernel's high-water mark (``/proc/self/clear_refs``
 = 5, Linux), runs the provider once more, and reports VmHWM. So ``peak_rss_mb`` is the process's peak
 resident memory during a run (interpreter, libraries and inputs included; every
 child imports the libraries of all providers first, so the baselines match) and
@@ -69,7 +69,7 @@ def _load_every_library() -> None:
             pass
 
 
-def measure_here(workload: str, provider_name: str, case: Case, seed: int) -> dict:
+def measure_here(workload: str, provider_name: str, case: Case, seed: int, warmup: bool = True) -> dict:
     """Run in the child: the peak RSS of one run of the provider."""
     from .providers import all_providers
     from .workloads import make_data
@@ -81,7 +81,8 @@ def measure_here(workload: str, provider_name: str, case: Case, seed: int) -> di
     if reason:
         raise RuntimeError(f"{provider_name} is absent in the child: {reason}")
     runner = provider.prepare(case, data)
-    runner()  # warm-up: one-time costs (thread pools, lazy imports, caches) are not a run's memory
+    if warmup:  # one-time costs (thread pools, lazy imports, caches) are not a run's memory
+        runner()
     gc.collect()
     before = _status_mb("VmRSS")
     reset = _reset_peak()
@@ -93,6 +94,7 @@ def measure_here(workload: str, provider_name: str, case: Case, seed: int) -> di
         scale = 1.0 if sys.platform == "darwin" else 1024.0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
     return {
+        "warmup": warmup,
         "peak_rss_mb": round(peak, 1),
         "before_mb": None if before is None else round(before, 1),
         "delta_mb": None if before is None else round(max(0.0, peak - before), 1),
@@ -100,10 +102,13 @@ def measure_here(workload: str, provider_name: str, case: Case, seed: int) -> di
     }
 
 
-def measure(workload: str, provider_name: str, case: Case, seed: int, threads: int) -> dict:
-    """In the parent: spawn the child and return its report, or {"error": ...}."""
+def measure(workload: str, provider_name: str, case: Case, seed: int, threads: int, warmup: bool = True) -> dict:
+    """In the parent: spawn the child and return its report, or {"error": ...}.
+
+    ``warmup=False`` skips the child's warm-up run (for slow providers, whose one-time
+    costs are small beside a run)."""
     request = {"workload": workload, "provider": provider_name, "case": case.to_json(), "seed": seed,
-               "threads": threads}
+               "threads": threads, "warmup": warmup}
     try:
         done = subprocess.run(
             [sys.executable, "-m", "fastvq.bench.memory", json.dumps(request)],
@@ -124,7 +129,8 @@ def _child_main(argv: list[str]) -> None:
 
     torch.set_num_threads(int(request["threads"]))
     fields = {k: v for k, v in request["case"].items() if k in Case.__dataclass_fields__}
-    report = measure_here(request["workload"], request["provider"], Case(**fields), int(request["seed"]))
+    report = measure_here(request["workload"], request["provider"], Case(**fields), int(request["seed"]),
+                          bool(request.get("warmup", True)))
     print(json.dumps(report))
 
 

@@ -24,6 +24,7 @@ class Options:
     warmup: int = 1
     min_repeats: int = 3
     budget_s: float = 10.0  # per provider and case; slower providers do fewer rounds (>= min_repeats)
+    warm_if_under_s: float = 1.0  # a provider whose checked run took longer gets no extra warm-up
     memory: bool = True
     seed: int = 0
     threads: int = 1
@@ -109,7 +110,8 @@ def run_case(case: Case, providers: list[Provider], options: Options,
         try:
             timings = time_alternating(runners, repeats=options.repeats, warmup=options.warmup,
                                        min_repeats=options.min_repeats, budget_s=options.budget_s,
-                                       estimates_s=estimates, on_run=on_run)
+                                       estimates_s=estimates, warm_if_under_s=options.warm_if_under_s,
+                                       on_run=on_run)
         except Exception as error:  # one provider failing mid-run fails the case's timing, reported
             for name in runners:
                 results[name].status, results[name].reason = "error", f"while timing: {_short(error)}"
@@ -124,7 +126,9 @@ def run_case(case: Case, providers: list[Provider], options: Options,
         for result in results.values():
             if result.status == "ok" and result.role != "sgemm":
                 status(f"memory {result.provider}")
-                result.memory = memory.measure(case.workload, result.provider, case, options.seed, options.threads)
+                warm = estimates.get(result.provider, 0.0) < options.warm_if_under_s
+                result.memory = memory.measure(case.workload, result.provider, case, options.seed,
+                                               options.threads, warmup=warm)
     return list(results.values())
 
 

@@ -85,18 +85,21 @@ def time_alternating(
     min_repeats: int = 3,
     budget_s: float = math.inf,
     estimates_s: dict[str, float] | None = None,
+    warm_if_under_s: float = math.inf,
     on_run: Callable[[str], None] | None = None,
 ) -> dict[str, Stats]:
     """Warm up each provider ``warmup`` times, then alternate them for up to ``repeats`` rounds.
 
-    ``estimates_s`` are earlier single-run times (the checked run); the warm-up's
-    minimum refines them. ``on_run(name)`` is called after every run (progress).
+    ``estimates_s`` are earlier single-run times (the checked run, itself a first
+    warm-up); the warm-up's minimum refines them. A provider whose estimate is at
+    least ``warm_if_under_s`` skips the extra warm-up: one-time costs are lost in a
+    run that long. ``on_run(name)`` is called after every run (progress).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     estimates = dict(estimates_s or {})
     for name, fn in runs.items():
-        for _ in range(warmup):
+        for _ in range(warmup if estimates.get(name, 0.0) < warm_if_under_s else 0):
             seconds = time_once(fn)
             estimates[name] = min(estimates.get(name, seconds), seconds)
             if on_run:

@@ -13,7 +13,7 @@ from torch import Tensor
 from .providers import Check, Provider, Runner, fastvq_backend_reason, fastvq_backends, import_reason
 from .search_providers import Sgemm
 from .verify import Oracle, judge
-from .workloads import Case, CaseData
+from .workloads import CaseData
 
 DECAY = 0.99
 COMMITMENT_WEIGHT = 0.25

@@ -50,15 +50,15 @@ class Case:
 DEFAULT_CASES = (
     # MaskGIT: 16×16 tokens per image, batch 64.
     Case("search", "maskgit", 16384, 1024, 256),
-    # VQGAN f16: 16×16 tokens, batch 8; and its factorized, l2-normalized d=8 codes at batch 32.
+    # VQGAN f16: 16×16 tokens, batch 8; and its factorized, l2-normalized d=8 codes at batch 16.
     Case("search", "vqgan", 2048, 16384, 256),
-    Case("search", "vqgan-l2", 8192, 16384, 8, l2norm=True),
+    Case("search", "vqgan-l2", 4096, 16384, 8, l2norm=True),
     # SoundStream / EnCodec: 10 s at 75 frames/s, batch 16 (one residual level).
     Case("search", "encodec", 12000, 1024, 128),
-    # A large codebook: 16×16 tokens, batch 16; with the K scan below at the same N and d, it draws
+    # A large codebook: 16×16 tokens, batch 8; with the K scan below at the same N and d, it draws
     # the time-vs-K line of the plot.
-    Case("search", "large-k", 4096, 65536, 64),
-    *(Case("search", f"k{k}", 4096, k, 64) for k in (256, 1024, 4096, 16384)),
+    Case("search", "large-k", 2048, 65536, 64),
+    *(Case("search", f"k{k}", 2048, k, 64) for k in (256, 1024, 4096, 16384)),
     # The core issue's three shapes.
     Case("search", "core-1", 32768, 1024, 64),
     Case("search", "core-2", 16384, 16384, 64),
