@@ -416,6 +416,40 @@ def test_kernels_follow_the_interpreter_setting_at_launch(monkeypatch):
     assert isinstance(_jit.for_current_mode(nearest_code._nearest_code_kernel).fn, JITFunction)
 
 
+def test_aot_autograd_traces_into_the_triton_kernels(monkeypatch):
+    # What torch.compile sees: each triton_op decomposes into triton_kernel_wrapper_functional nodes
+    # (no kernel is compiled or run here). Compiled-mode kernels, so the interpreter is switched off.
+    from functorch.compile import aot_function
+
+    import fastvq.triton  # noqa: F401  (registers torch.ops.fastvq.triton_*)
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, codebook = randn(7, 3, seed=0), randn(5, 3, seed=1)
+    indices = torch.randint(0, 5, (7,), generator=torch.Generator().manual_seed(0))
+    scales = (torch.tensor(0.1), torch.tensor(0.2))
+    calls = {
+        "triton_nearest_code": (lambda a, b: torch.ops.fastvq.triton_nearest_code(a, b, True), (x, codebook)),
+        "triton_ema_stats": (lambda a, i: torch.ops.fastvq.triton_ema_stats(a, i, 5), (x, indices)),
+        "triton_quantize_backward": (lambda a, b, i: torch.ops.fastvq.triton_quantize_backward(
+            a, a, b, i, *scales, True, True), (x, codebook, indices)),
+    }
+
+    class Traced(Exception):
+        pass
+
+    for name, (fn, args) in calls.items():
+        graphs = []
+
+        def capture(graph_module, example_inputs):
+            graphs.append(graph_module.code)
+            raise Traced  # stop before anything would run
+
+        with pytest.raises(Traced):
+            aot_function(fn, fw_compiler=capture)(*args)
+        assert "triton_kernel_wrapper_functional" in graphs[0], f"{name}: {graphs[0]}"
+        assert f"fastvq.{name}" not in graphs[0], f"{name} stayed opaque: {graphs[0]}"
+
+
 def test_options(monkeypatch):
     from fastvq import triton as fvt
 
