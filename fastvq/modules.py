@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import codebook_init, ops  # noqa: F401  (register torch.ops.fastvq.*)
+from . import codebook_init, ops, snapshot  # noqa: F401  (register torch.ops.fastvq.*)
 from .checks import check_float_tensor, check_fraction, check_non_negative, check_positive_int, shape_str
 from .compat import (FORWARD_UNSUPPORTED, STRAIGHT_THROUGH_ROTATION_TRICK, VECTOR_QUANTIZE_UNSUPPORTED,
                      reject_unsupported)
@@ -244,7 +244,8 @@ class FastVectorQuantizer(nn.Module):
         codebook = self._search_codebook()
         if update and self.ema_update:
             # The EMA step rewrites embed in place; backward needs the rows this forward used.
-            codebook = codebook.clone()
+            # A custom-op copy, as torch.compile may recompute a plain clone after the update.
+            codebook = torch.ops.fastvq.snapshot(codebook)
         codebook_weight = 1.0 if self.learnable_codebook and update else 0.0
         if self.num_codebooks == 1:
             quantized, indices, loss = torch.ops.fastvq.quantize(
