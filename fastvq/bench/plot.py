@@ -14,6 +14,7 @@ def plot(results: list[Result], path: str, machine_line: str) -> None:
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     workloads = [w for w in WORKLOADS if any(r.case.workload == w and r.timed for r in results)]
     if not workloads:
@@ -29,20 +30,23 @@ def plot(results: list[Result], path: str, machine_line: str) -> None:
             if result.case.workload == workload and result.timed:
                 key = (result.provider, result.case.n, result.case.d)
                 series[key].append((result.case.k, result.stats.median_ms))
-        labelled = set()
+        has_lines = any(len(points) > 1 for points in series.values())
         for key in sorted(series, key=lambda key: (_provider_order(key[0]), key[1:])):
             name, points = key[0], sorted(series[key])
+            lone = has_lines and len(points) == 1  # another shape: lighter, so the K-scan lines read first
             axis.plot([p[0] for p in points], [p[1] for p in points], marker=styles[name], color=colors[name],
-                      label=None if name in labelled else name, linestyle=":" if name == "sgemm" else "-",
-                      linewidth=1.4 if name.startswith("fastvq") else 0.9)
-            labelled.add(name)
+                      linestyle=":" if name == "sgemm" else "-", linewidth=1.4 if name.startswith("fastvq") else 0.9,
+                      alpha=0.45 if lone else 1.0, markersize=4 if lone else 6)
+        names = sorted({key[0] for key in series}, key=_provider_order)
+        handles = [Line2D([], [], marker=styles[n], color=colors[n], linestyle=":" if n == "sgemm" else "-",
+                          label=n) for n in names]
+        axis.legend(handles=handles, fontsize=8)
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("codebook size K")
         axis.set_ylabel("median time per run (ms)")
         axis.set_title(WORKLOAD_TITLES[workload], fontsize=10)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
     figure.suptitle(f"fastvq.bench: lines join shapes with the same N and d; lone points are other shapes "
                     f"(see the table)\n{machine_line}", fontsize=9)
     figure.tight_layout()
