@@ -430,8 +430,8 @@ def test_aot_autograd_traces_into_the_triton_kernels(monkeypatch):
     calls = {
         "triton_nearest_code": (lambda a, b: torch.ops.fastvq.triton_nearest_code(a, b, True), (x, codebook)),
         "triton_ema_stats": (lambda a, i: torch.ops.fastvq.triton_ema_stats(a, i, 5), (x, indices)),
-        "triton_quantize_backward": (lambda a, b, i: torch.ops.fastvq.triton_quantize_backward(
-            a, a, b, i, *scales, True, True), (x, codebook, indices)),
+        "triton_quantize_backward": (lambda a, b, i, s, t: torch.ops.fastvq.triton_quantize_backward(
+            a, a, b, i, s, t, True, True), (x, codebook, indices, *scales)),
     }
 
     class Traced(Exception):
