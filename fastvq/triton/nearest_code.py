@@ -37,7 +37,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
 
 # BLOCK_D (the slice of d per tl.dot) is not tuned: it follows d, so the x tile stays in
-# registers for the whole codebook walk when d <= MAX_BLOCK_D.
+# registers for the whole codebook walk when d <= MAX_BLOCK_D (half that for fp32 operands,
+# which take twice the registers and shared memory).
 MAX_BLOCK_D = 128
 # Under the interpreter, a smaller cap makes d = 33 and d = 64 take the chunked-d path too.
 INTERPRETER_MAX_BLOCK_D = 32
