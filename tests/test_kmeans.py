@@ -52,12 +52,17 @@ def test_inertia_at_most_1_02_times_faiss_with_the_same_iterations():
     faiss = pytest.importorskip("faiss")
     x = blobs(6000, 16, 48, seed=2, spread=1.5)
     ours, theirs = [], []
-    for seed in range(3):
-        centroids, _ = fastvq.kmeans(x, 32, iters=10, seed=seed)
-        ours.append(inertia(x, centroids))
-        reference_kmeans = faiss.Kmeans(16, 32, niter=10, seed=seed + 1, max_points_per_centroid=10**6)
-        reference_kmeans.train(x.numpy())
-        theirs.append(inertia(x, torch.from_numpy(reference_kmeans.centroids)))
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # quality, not speed, is judged here
+    try:
+        for seed in range(3):
+            centroids, _ = fastvq.kmeans(x, 32, iters=10, seed=seed)
+            ours.append(inertia(x, centroids))
+            reference_kmeans = faiss.Kmeans(16, 32, niter=10, seed=seed + 1, max_points_per_centroid=10**6)
+            reference_kmeans.train(x.numpy())
+            theirs.append(inertia(x, torch.from_numpy(reference_kmeans.centroids)))
+    finally:
+        faiss.omp_set_num_threads(threads)
     assert sum(ours) <= 1.02 * sum(theirs), (ours, theirs)
     assert max(ours) <= 1.05 * min(theirs), (ours, theirs)
 
@@ -147,7 +152,7 @@ class _LargestAllocation(TorchDispatchMode):
 
 @pytest.mark.parametrize("init", ["kmeans++", "random"])
 def test_no_n_by_k_tensor_outside_the_kernels(init):
-    num_rows, dim, k = 3000, 4, 500  # N·K = 1.5M elements; x is 12k
+    num_rows, dim, k = 3000, 4, 200  # N·K = 600k elements; x is 12k
     x = torch.randn(num_rows, dim)
     with _LargestAllocation() as mode:
         fastvq.kmeans(x, k, iters=2, init=init)
