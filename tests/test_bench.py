@@ -330,8 +330,12 @@ def test_faiss_ivf_reports_recall_and_is_timed_even_when_approximate():
     assert ivf_nlist(65536) == 1024 and ivf_nlist(100) == 2
     case = Case("search", "ivf", 300, 2048, 8)
     options = Options(repeats=1, warmup=0, min_repeats=1, memory=False)
-    (result,) = run_case(case, [FaissIVF(min_codes=1024, nprobe=1)], options)
+    (result,) = run_case(case, [FaissIVF(min_codes=1024, target_recall=0.5)], options)
     assert result.status == "ok" and result.stats.repeats == 1
     assert 0.0 < result.check["recall_at_1"] <= 1.0 and result.check["rows"] == 300
+    assert 1 <= result.check["nprobe"] <= result.check["nlist"] == ivf_nlist(2048)
+    (exact,) = run_case(case, [FaissIVF(min_codes=1024, target_recall=1.0)], options)
+    assert exact.check["nprobe"] >= result.check["nprobe"]
+    assert exact.check["recall_at_1"] == 1.0  # the tuning sample is every row here
     (absent,) = run_case(Case("search", "small", 30, 512, 8), [FaissIVF(min_codes=1024)], options)
     assert absent.status == "absent" and absent.reason.startswith("not applicable")

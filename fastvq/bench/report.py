@@ -134,7 +134,8 @@ def table_rows(results: list[Result], workload: str) -> list[tuple[list[str], st
         if result.status != "ok":
             note = f"{result.status.upper()}: {result.reason}"
         elif "recall_at_1" in check:
-            note = f"recall@1 {check['recall_at_1']:.3f} ({check['rows']} rows)"
+            probes = f", nprobe {check['nprobe']}/{check['nlist']}" if "nprobe" in check else ""
+            note = f"recall@1 {check['recall_at_1']:.3f} ({check['rows']} rows{probes})"
         elif "error" in mem:
             note = f"memory: {mem['error']}"
         elif result.role == "sgemm":
