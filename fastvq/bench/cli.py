@@ -34,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-repeats", type=int, help="rounds never cut below this (default 3, --quick 2)")
     p.add_argument("--budget", type=float, help="seconds per provider and case; slower providers do fewer rounds, "
                                                 "down to --min-repeats (default 10, --quick 1; 'inf' disables)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per provider after the checked run (default 1)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per provider after the checked run (default 1; none for a provider "
+                                                                 "whose checked run took over 1 s)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help=f"torch and faiss threads (default {torch.get_num_threads()})")
     p.add_argument("--kmeans-iters", type=int, help="k-means iterations (default 10, --quick 5)")
