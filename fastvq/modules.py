@@ -217,7 +217,7 @@ class FastVectorQuantizer(nn.Module):
         x_last = self.layout.to_channel_last(x, self.dim)
         frozen = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
         with torch.autocast(x.device.type, enabled=False):  # the codebook math stays float32
-            quantized, indices, loss, counts = self._quantize(x_last, self.training and not frozen, return_stats)
+            quantized, indices, loss, counts = self._quantize(x_last, frozen, return_stats)
         quantized = self.layout.from_channel_last(quantized)
         if self.heads == 1:
             indices = indices.squeeze(-1)
@@ -229,8 +229,9 @@ class FastVectorQuantizer(nn.Module):
         return quantized, indices, loss, stats
 
     # ---- the step --------------------------------------------------------------------------
-    def _quantize(self, x: Tensor, update: bool, want_counts: bool):
+    def _quantize(self, x: Tensor, frozen: bool, want_counts: bool):
         """x (..., dim) -> quantized (..., dim), indices (..., heads), loss, counts (C, K) or None."""
+        update = self.training and not frozen
         lead_shape = x.shape[:-1]
         # (M, C, d): row m of codebook c. A shared codebook sees every head's vector as a row.
         rows = x.reshape(-1, self.num_codebooks, self.codebook_dim)
@@ -246,7 +247,7 @@ class FastVectorQuantizer(nn.Module):
             # The EMA step rewrites embed in place; backward needs the rows this forward used.
             # A custom-op copy, as torch.compile may recompute a plain clone after the update.
             codebook = torch.ops.fastvq.snapshot(codebook)
-        codebook_weight = 1.0 if self.learnable_codebook and update else 0.0
+        codebook_weight = 1.0 if self.learnable_codebook and not frozen else 0.0
         if self.num_codebooks == 1:
             quantized, indices, loss = torch.ops.fastvq.quantize(
                 rows.view(-1, self.codebook_dim), codebook, self.commitment_weight, codebook_weight, self.backend)

@@ -297,6 +297,18 @@ def test_freeze_codebook_keeps_the_state():
         torch.testing.assert_close(unfrozen.state_dict()[name], value, rtol=0, atol=0)
 
 
+def test_frozen_learnable_codebook_gets_no_gradient_and_eval_keeps_the_codebook_term():
+    module = FastVectorQuantizer(4, 8, ema_update=False).train()
+    x = torch.randn(30, 4)
+    _, indices, loss = module(x, freeze_codebook=True)
+    mse = ((x - module.embed.detach()[indices]) ** 2).mean()
+    torch.testing.assert_close(loss.detach(), 0.25 * mse, **FP32)
+    loss.backward()
+    assert module.embed.grad is None
+    _, _, eval_loss = module.eval()(x)
+    torch.testing.assert_close(eval_loss.detach(), 1.25 * mse, **FP32)
+
+
 def test_learnable_codebook_kwarg_agrees_with_ema_update():
     assert FastVectorQuantizer(4, 8, ema_update=False, learnable_codebook=True).learnable_codebook
     assert FastVectorQuantizer(4, 8, learnable_codebook=False).ema_update
