@@ -164,6 +164,16 @@ def test_nearest_code_without_quantized_and_with_numpy():
     assert np.array_equal(idx_np, idx.numpy()) and np.array_equal(sq_np, sq.numpy())
 
 
+def test_nearest_code_views_with_storage_offsets():
+    x, e = small_int_inputs(60, 40, 9, seed=6)
+    want = exact_sqdist(x[10:], e).argmin(1)
+    out = torch.full((200,), -1, dtype=torch.int64)
+    sq = torch.empty(100)
+    _cpu.nearest_code(x[10:], e[0:], out[100:150], sq[50:])
+    assert torch.equal(out[100:150], want)
+    assert (out[:100] == -1).all() and (out[150:] == -1).all()
+
+
 def test_nearest_code_non_finite_values():
     # Matches fastvq.reference: a NaN/inf distance counts as +inf.
     e = torch.tensor([[float("nan"), 0.0], [float("inf"), 0.0], [5.0, 5.0], [1.0, 1.0]])
