@@ -3,11 +3,13 @@
 Every rank must call these in the same order with the same shapes: which
 collectives run depends only on the module's configuration and on shapes, never
 on tensor values, so no rank can skip a collective that another rank waits in.
+They use functional collectives, which torch.compile(fullgraph=True) can trace.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 
@@ -27,14 +29,14 @@ def rank() -> int:
 def all_reduce_sum_(tensor: Tensor) -> Tensor:
     """Sum ``tensor`` over all ranks, in place; a no-op in a single process."""
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.copy_(funcol.all_reduce(tensor, "sum", dist.group.WORLD))
     return tensor
 
 
 def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
     """Overwrite ``tensor`` on every rank with rank ``src``'s value, in place."""
     if is_distributed():
-        dist.broadcast(tensor, src=src)
+        tensor.copy_(funcol.broadcast(tensor, src, dist.group.WORLD))
     return tensor
 
 
@@ -42,6 +44,6 @@ def all_reduce_stats(counts: Tensor, sums: Tensor) -> tuple[Tensor, Tensor]:
     """Sum per-code counts (..., K) and sums (..., K, d) over all ranks in one collective."""
     if not is_distributed():
         return counts, sums
-    packed = torch.cat([counts.unsqueeze(-1), sums], dim=-1).contiguous()
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    packed = torch.cat([counts.unsqueeze(-1), sums], dim=-1)
+    packed = funcol.all_reduce(packed, "sum", dist.group.WORLD)
     return packed[..., 0], packed[..., 1:]

@@ -103,6 +103,16 @@ def ddp_training(rank, ema_update):
     return state(ddp.module)
 
 
+def compiled_sync(rank):
+    torch.manual_seed(0)
+    module = FastVectorQuantizer(DIM, CODES, kmeans_init=True, threshold_ema_dead_code=0.5, decay=0.8)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")  # collectives traced in the graph
+    torch.manual_seed(100 + rank)
+    for batch in batches(3, seed=4):
+        compiled(own_half(batch, rank).requires_grad_())[2].backward()
+    return state(module)
+
+
 def worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
@@ -111,6 +121,7 @@ def worker(rank, init_file, out_dir):
         results = {"ema": ema_sync(rank), "dead": dead_codes(rank), "kmeans": kmeans_init(rank)}
         results["ddp_ema"] = ddp_training(rank, ema_update=True)
         results["ddp_learnable"] = ddp_training(rank, ema_update=False)
+        results["compiled"] = compiled_sync(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -165,3 +176,8 @@ def test_kmeans_init_is_decided_on_rank_0_and_uses_every_ranks_rows(ranks):
 @pytest.mark.parametrize("mode", ["ddp_ema", "ddp_learnable"])
 def test_ddp_training_keeps_ranks_identical_without_find_unused_parameters(ranks, mode):
     assert_same_state(ranks[0][mode], ranks[1][mode])
+
+
+def test_compiled_fullgraph_module_syncs_its_codebook(ranks):
+    assert_same_state(ranks[0]["compiled"], ranks[1]["compiled"])
+    assert bool(ranks[0]["compiled"]["initted"])
