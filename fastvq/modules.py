@@ -1,12 +1,15 @@
 """FastVectorQuantizer: a drop-in for vector-quantize-pytorch's VectorQuantize on fastvq's kernels."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import codebook_init, ops, snapshot  # noqa: F401  (register torch.ops.fastvq.*)
-from .checks import check_float_tensor, check_fraction, check_non_negative, check_positive_int, shape_str
+from .checks import (check_float_tensor, check_fraction, check_non_negative, check_positive_int, check_same_device,
+                     shape_str)
 from .compat import (FORWARD_UNSUPPORTED, STRAIGHT_THROUGH_ROTATION_TRICK, VECTOR_QUANTIZE_UNSUPPORTED,
                      reject_unsupported)
 from .dead_codes import revive_dead_codes_
@@ -215,8 +218,9 @@ class FastVectorQuantizer(nn.Module):
         reject_unsupported(f"{type(self).__name__}.forward", unsupported, FORWARD_UNSUPPORTED)
         check_float_tensor("x", x)
         x_last = self.layout.to_channel_last(x, self.dim)
+        check_same_device(x, self.embed)
         frozen = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
-        with torch.autocast(x.device.type, enabled=False):  # the codebook math stays float32
+        with _no_autocast(x.device.type):  # the codebook math stays float32
             quantized, indices, loss, counts = self._quantize(x_last, frozen, return_stats)
         quantized = self.layout.from_channel_last(quantized)
         if self.heads == 1:
@@ -318,6 +322,12 @@ class FastVectorQuantizer(nn.Module):
         if self.use_cosine_sim and self.learnable_codebook:
             return F.normalize(self.embed, dim=-1)
         return self.embed
+
+
+def _no_autocast(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _after_load_state_dict(module: FastVectorQuantizer, incompatible_keys) -> None:
