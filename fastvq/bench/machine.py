@@ -63,6 +63,7 @@ def describe() -> dict:
         usable_cpus = os.cpu_count()
     return {
         "cpu_model": cpuinfo.get("model name") or platform.processor() or platform.machine(),
+        "cpu_family_model_stepping": [cpuinfo.get(k) for k in ("cpu family", "model", "stepping")],
         "machine": platform.machine(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable_cpus,
@@ -83,8 +84,24 @@ def describe() -> dict:
             "vector-quantize-pytorch": _version("vector-quantize-pytorch"),
         },
         "fastvq_backends": available_backends(),
+        "fastvq_git": _git_revision(),
         "environment": {name: os.environ[name] for name in THREAD_ENV if name in os.environ},
     }
+
+
+def _git_revision() -> str | None:
+    """The commit of the fastvq checkout this runs from (with "+dirty" if modified), or None."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 def _memory_gb() -> float | None:
