@@ -16,7 +16,7 @@ from .dead_codes import revive_dead_codes_
 from .distributed import all_reduce_stats, is_distributed
 from .layout import ChannelLayout
 from .reference import ema_update
-from .stats import CodebookStats, code_counts, codebook_stats
+from .stats import code_counts, codebook_stats
 
 
 class FastVectorQuantizer(nn.Module):

@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-import fastvq
 from fastvq import FastVectorQuantizer, codebook_init  # noqa: F401  (registers fastvq::kmeans_init_)
 
 from conftest import TOLERANCES, backend_or_skip
