@@ -268,12 +268,14 @@ def test_wrong_rows_are_shown_and_absent_ones_summarised():
 
 # ---- the command line -----------------------------------------------------------------------
 def test_cli_tiny_run_writes_json_and_plot(tmp_path, capsys):
-    path, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    path, png, md = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "bench.md"
     code = cli.main(["--shapes", "65x17x3", "--workloads", "search,train,kmeans",
                      "--providers", "naive,addmm,faiss-flat,vqtorch,faiss-kmeans,fastvq-cpu",
                      "--repeats", "2", "--min-repeats", "1", "--warmup", "0", "--kmeans-iters", "2",
-                     "--no-memory", "--no-progress", "--json", str(path), "--plot", str(png)])
+                     "--no-memory", "--no-progress", "--json", str(path), "--plot", str(png), "--markdown", str(md)])
     assert code == 0
+    table = md.read_text()
+    assert "| case | N×K×d | provider | ms |" in table and "| 65x17x3 | naive |" in table
     document = json.loads(path.read_text())
     assert document["schema"] == "fastvq.bench/1"
     assert document["machine"]["torch_threads"] == torch.get_num_threads()

@@ -45,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write every figure and the machine description here")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: time vs K per provider, one panel per workload")
+    p.add_argument("--markdown", metavar="PATH", help="write the tables as GitHub markdown (for a README)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the sweeps' shapes and the providers, then exit")
     return p
@@ -126,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         report.write_json(args.json, report.to_json(results, machine, meta))
         print(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(report.markdown(results, machine_line, meta["command"]))
+        print(f"wrote {args.markdown}")
     if args.plot:
         try:
             from .plot import plot

@@ -211,6 +211,31 @@ def _plain_table(title: str, header: list[str], rows: list[list[str]], absent: l
     return "\n".join(lines)
 
 
+def markdown(results: list[Result], machine_line: str, command: str) -> str:
+    """The tables as GitHub markdown, for the README: one table per workload, then the targets."""
+    parts = [f"Measured with `{command}` on {machine_line}."]
+    for workload in WORKLOADS:
+        rows = table_rows(results, workload)
+        if not rows:
+            continue
+        columns = headers(workload)
+        lines = [f"**{WORKLOAD_TITLES[workload]}**", "", "| " + " | ".join(columns) + " |",
+                 "|" + "|".join("---:" if 3 <= i < len(columns) - 1 else "---" for i in range(len(columns))) + "|"]
+        for cells, _ in rows:
+            bold = cells[2].startswith("fastvq")
+            shown = [f"**{c}**" if bold and c not in ("", "—") and i >= 2 else c for i, c in enumerate(cells)]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in shown) + " |")
+        absent = absent_lines(results, workload)
+        if absent:
+            lines += [""] + [f"absent: {a}" for a in absent]
+        parts.append("\n".join(lines))
+    targets = target_lines(results)
+    if targets:
+        parts.append("Targets (ratios within this run):\n\n" + "\n".join(
+            f"- {'✅' if met else '❌'} {text}" for met, text in targets))
+    return "\n\n".join(parts) + "\n"
+
+
 def to_json(results: list[Result], machine: dict, meta: dict) -> dict:
     return {"schema": SCHEMA, **meta, "machine": machine, "results": [r.to_json() for r in results],
             "targets": [{"met": met, "text": text} for met, text in target_lines(results)]}
