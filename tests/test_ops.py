@@ -187,5 +187,5 @@ def test_environment_variable_overrides_the_backend_argument(monkeypatch):
     with pytest.raises(fastvq.BackendNotSupportedError, match=r"\$FASTVQ_BACKEND"):
         fastvq.nearest_code(x, codebook, backend="torch")
     monkeypatch.setenv("FASTVQ_BACKEND", "no-such-backend")
-    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+    with pytest.raises(ValueError, match=r"\$FASTVQ_BACKEND must be 'auto' or one of .*, got 'no-such-backend'"):
         fastvq.nearest_code(x, codebook)
