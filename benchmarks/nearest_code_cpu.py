@@ -1,7 +1,12 @@
 """Time nearest_code (search + gather) on the CPU: fastvq vs faiss-cpu vs naive torch.
 
     python benchmarks/nearest_code_cpu.py [--repeats 5] [--shapes 32768x1024x64 ...] [--no-naive]
-                                          [--simd avx2] [--stat min]
+                                          [--isa avx2] [--stat min]
+
+--isa avx2 runs every provider as on an AVX2-only machine (the CI machines): fastvq's AVX2
+kernel, faiss's AVX2 code (faiss.SIMDConfig), OpenBLAS and MKL limited to AVX2 (through
+OPENBLAS_CORETYPE / MKL_ENABLE_INSTRUCTIONS, set by re-executing this script). Without it,
+each provider uses the best instructions of this CPU.
 
 Each provider is checked for correctness first (the chosen code's exact float64 distance
 must be within a small tolerance of the true minimum, on a sample of rows), then timed
@@ -13,6 +18,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -28,9 +34,14 @@ def fastvq_provider(x, e):
     return lambda: backend.nearest_code(x, e, want_quantized=True)[0]
 
 
+FAISS_SIMD = None  # "AVX2" under --isa avx2
+
+
 def faiss_provider(x, e):
     import faiss  # only here: a baseline, not a dependency
 
+    if FAISS_SIMD is not None and hasattr(faiss, "SIMDConfig"):
+        faiss.SIMDConfig.set_level(getattr(faiss, f"SIMDLevel_{FAISS_SIMD}"))
     faiss.omp_set_num_threads(torch.get_num_threads())
     index = faiss.IndexFlatL2(e.shape[1])
     index.add(e.numpy())
@@ -88,16 +99,25 @@ def main():
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     parser.add_argument("--no-naive", action="store_true")
     parser.add_argument("--simd", default="auto", help="force a fastvq SIMD level: portable, avx2, avx512")
+    parser.add_argument("--isa", choices=["best", "avx2"], default="best",
+                        help="avx2: every provider limited to AVX2, as on the CI machines")
     parser.add_argument("--stat", choices=["median", "min"], default="median",
                         help="min is steadier on a machine shared with other jobs")
     args = parser.parse_args()
     providers = [p for p in args.providers if not (args.no_naive and p == "naive")]
+    if args.isa == "avx2":
+        blas_env = {"OPENBLAS_CORETYPE": "Haswell", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+        if any(os.environ.get(k) != v for k, v in blas_env.items()):  # BLAS reads these at load time
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **blas_env})
+        global FAISS_SIMD
+        FAISS_SIMD = "AVX2"
+        args.simd = "avx2"
     _cpu.set_simd_level(args.simd)
 
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"{platform.machine()}  {os.cpu_count()} cpus  load avg {load}  torch {torch.__version__}  "
           f"threads {torch.get_num_threads()}  fastvq simd {_cpu.simd_level()}  openmp {_cpu.openmp_enabled()}  "
-          f"{args.stat} of {args.repeats}")
+          f"{args.stat} of {args.repeats}  isa {args.isa}")
     header = f"{'N':>6} {'K':>6} {'d':>4} " + " ".join(f"{p + ' ms':>11} {p + ' GF/s':>11}" for p in providers)
     if "fastvq" in providers:
         header += "".join(f" {'vs ' + p:>9}" for p in providers if p != "fastvq")
