@@ -14,8 +14,10 @@
 // NaN / inf: a distance that is NaN never replaces a finite (or any) candidate, and neither
 // does +inf. So codebook rows containing NaN/inf are skipped; a row of x whose distances are
 // all NaN or +inf (e.g. x contains NaN or inf) gets index 0, and its sqdist is then computed
-// directly against code 0 (NaN or inf). No crash in any case. torch.argmin would return the
-// NaN position instead; the Python layer decides what users see.
+// directly against code 0 (NaN or inf). No crash in any case. This is the rule of
+// fastvq.reference.nearest_code (a non-finite distance counts as +inf). Values so large that
+// ||x||^2 or ||e||^2 overflow float32 (|v| > ~1e19) make the expansion itself non-finite and
+// are outside the contract.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
