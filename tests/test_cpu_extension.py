@@ -35,11 +35,11 @@ def run_nearest_code(x, e, num_threads=0, quantized=True):
     return idx, sq, q
 
 
-def small_int_inputs(n, k, d, seed, duplicate=True):
+def small_int_inputs(n, k, d, seed):
     """Integers in [-3, 3]; codebook rows duplicated at scattered positions so ties occur."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randint(-3, 4, (max(1, (k + 1) // 2), d), generator=g).float()
-    e = base[torch.randint(0, base.shape[0], (k,), generator=g)] if duplicate else torch.randint(-3, 4, (k, d), generator=g).float()
+    e = base[torch.randint(0, base.shape[0], (k,), generator=g)]
     x = torch.randint(-3, 4, (n, d), generator=g).float()
     return x, e
 
