@@ -13,12 +13,14 @@
 //
 // NaN / inf: a distance that is NaN never replaces a finite (or any) candidate, and neither
 // does +inf. So codebook rows containing NaN/inf are skipped; a row of x whose distances are
-// all NaN or +inf (e.g. x contains NaN or inf) gets index 0, and its sqdist is then computed
+// all NaN or +inf gets index 0, and so does a row whose chosen code's direct sqdist is not
+// finite (x holding +-inf can drive the expansion to -inf); its sqdist is then computed
 // directly against code 0 (NaN or inf). No crash in any case. This is the rule of
 // fastvq.reference.nearest_code (a non-finite distance counts as +inf). Values so large that
 // ||x||^2 or ||e||^2 overflow float32 (|v| > ~1e19) make the expansion itself non-finite and
 // are outside the contract.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -140,10 +142,17 @@ inline void finish_rows(const float* x, int64_t d, const float* codebook, int64_
                         const int64_t* best_idx, int64_t* indices_out, float* sqdist_out,
                         float* quantized_out) {
   for (int64_t i = r0; i < r1; ++i) {
-    const int64_t idx = best_idx[i - r0] < 0 ? 0 : best_idx[i - r0];
+    int64_t idx = best_idx[i - r0] < 0 ? 0 : best_idx[i - r0];
+    float sqdist = squared_l2(x + i * d, codebook + idx * d, d);
+    // A row of x holding +-inf can make the expansion -inf for some code, which then "wins".
+    // Its true distance to every code is non-finite, so the rule gives it code 0.
+    if (!std::isfinite(sqdist) && idx != 0) {
+      idx = 0;
+      sqdist = squared_l2(x + i * d, codebook, d);
+    }
     const float* e = codebook + idx * d;
     indices_out[i] = idx;
-    sqdist_out[i] = squared_l2(x + i * d, e, d);
+    sqdist_out[i] = sqdist;
     if (quantized_out) std::copy(e, e + d, quantized_out + i * d);
   }
 }
