@@ -230,7 +230,7 @@ def _result(case, provider, role, times, delta_mb=None, status="ok"):
 
 
 def test_derive_gflops_sgemm_share_ratios_and_targets():
-    case = Case("train", "t", 1000, 500, 10)  # 1e7 FLOPs
+    case = Case("train", "core-t", 1000, 500, 10)  # 1e7 FLOPs; targets apply to core-* cases only
     results = [
         _result(case, "sgemm", "sgemm", [1.0]),
         _result(case, "vqtorch", "baseline", [30.0, 40.0, 50.0], delta_mb=1000.0),
@@ -249,6 +249,9 @@ def test_derive_gflops_sgemm_share_ratios_and_targets():
     results[2].stats = Stats([10.0])
     report.derive(results)
     assert [met for met, _ in report.target_lines(results)] == [False, True]
+    for result in results:  # the same figures on a shape without targets: ratios only, no verdicts
+        result.case = Case("train", "small", 1000, 500, 10)
+    assert report.target_lines(results) == []
 
 
 def test_wrong_rows_are_shown_and_absent_ones_summarised():
