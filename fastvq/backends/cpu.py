@@ -6,10 +6,16 @@ The kernels compute in float32 on C-contiguous arrays. This wrapper converts inp
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
 from .base import Backend
+
+# Caps the SIMD level the kernels use (portable, avx2, avx512); for benchmarks that must run
+# as on an older CPU. Unset: the best level this CPU supports.
+SIMD_ENV_VAR = "FASTVQ_CPU_SIMD"
 
 try:
     from .. import _cpu
@@ -18,6 +24,11 @@ except ImportError as error:  # surfaced by unavailable_reason(), fastvq.info an
     _IMPORT_ERROR: str | None = f"fastvq._cpu failed to import ({error}); build it with `pip install -e .`"
 else:
     _IMPORT_ERROR = None
+    if os.environ.get(SIMD_ENV_VAR):
+        try:
+            _cpu.set_simd_level(os.environ[SIMD_ENV_VAR])
+        except ValueError as error:
+            _IMPORT_ERROR = f"${SIMD_ENV_VAR}={os.environ[SIMD_ENV_VAR]!r}: {error}"
 
 # Input dtypes the kernels accept after an exact (or, for the outputs, rounding) conversion.
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -39,6 +50,13 @@ class CpuBackend(Backend):
 
     def unavailable_reason(self) -> str | None:
         return _IMPORT_ERROR
+
+    def describe(self) -> str:
+        if _IMPORT_ERROR is not None:
+            return ""
+        capped = f", capped by ${SIMD_ENV_VAR}" if os.environ.get(SIMD_ENV_VAR) else ""
+        return (f"simd {_cpu.simd_level()} (best here: {_cpu.best_simd_level()}{capped}), "
+                f"OpenMP {'on' if _cpu.openmp_enabled() else 'off'}")
 
     def not_supported_reasons(self, *tensors: Tensor) -> list[str]:
         reasons = []

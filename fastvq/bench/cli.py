@@ -13,6 +13,7 @@ import torch
 
 from . import machine as machine_info
 from . import report
+from .isa import ISA_CHOICES, reexec_if_needed
 from .providers import provider_names, select_providers
 from .run import Options, run_case
 from .workloads import DEFAULT_CASES, QUICK_CASES, WORKLOADS, select_cases
@@ -42,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", dest="memory", action="store_true", default=None,
                    help="measure peak RSS, one child process per provider and case (default: on; off with --quick)")
     p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--isa", choices=ISA_CHOICES, default="best",
+                   help="avx2: limit fastvq, faiss, MKL and OpenBLAS to AVX2, as on an AVX2-only CPU "
+                        "(re-executes the bench with the caps in its environment; default: each uses its best)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write every figure and the machine description here")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: time vs K per provider, one panel per workload")
@@ -69,6 +73,7 @@ def _list() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    reexec_if_needed(args.isa, sys.argv[1:] if argv is None else argv)
     if args.list:
         print(_list())
         return 0

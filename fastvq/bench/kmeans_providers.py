@@ -15,6 +15,7 @@ from .providers import Check, Provider, Runner, fastvq_backend_reason, fastvq_ba
 from .search_providers import Sgemm
 from .verify import Oracle, exact_inertia, judge
 from .workloads import Case, CaseData
+from .isa import limit_faiss
 
 SEED = 0
 
@@ -41,6 +42,7 @@ class _Faiss(KmeansRunner):
         super().__init__(case, data)
         import faiss
 
+        limit_faiss(faiss)
         faiss.omp_set_num_threads(torch.get_num_threads())
         self.faiss = faiss
         self.x_numpy = data.x.numpy()

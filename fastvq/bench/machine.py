@@ -7,6 +7,8 @@ from importlib import metadata
 
 import torch
 
+from .isa import current_isa
+
 # Environment variables that change how the libraries thread.
 THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "KMP_BLOCKTIME",
               "KMP_AFFINITY", "OMP_PROC_BIND", "FASTVQ_BACKEND")
@@ -69,6 +71,7 @@ def describe() -> dict:
         "usable_cpus": usable_cpus,
         "isa": {flag: flag in flags for flag in ISA_FLAGS} if flags else {},
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_limit": current_isa(),
         "memory_gb": _memory_gb(),
         "torch_threads": torch.get_num_threads(),
         "faiss_threads": _faiss_threads(),
@@ -119,6 +122,7 @@ def summary(machine: dict) -> str:
         machine["cpu_model"],
         f"{machine['usable_cpus']} cpus",
         "/".join(isa).upper() or machine["torch_cpu_capability"],
+        *([f"every provider limited to {machine['isa_limit'].upper()}"] if machine.get("isa_limit", "best") != "best" else []),
         f"{machine['torch_threads']} threads",
         f"torch {versions['torch']}",
         f"faiss {versions['faiss-cpu'] or 'absent'}",

@@ -15,6 +15,7 @@ from torch import Tensor
 from .providers import Check, Provider, Runner, fastvq_backend_reason, fastvq_backends, import_reason
 from .verify import ExactOracle, Oracle, judge, judge_gather, recall_rows
 from .workloads import CaseData
+from .isa import limit_faiss
 
 # faiss's IVF index is shown for large codebooks only, where an approximate search is a real option.
 IVF_MIN_CODES = 65536
@@ -119,6 +120,7 @@ class _Faiss(SearchRunner):
 def _faiss_threads():
     import faiss
 
+    limit_faiss(faiss)
     faiss.omp_set_num_threads(torch.get_num_threads())
     return faiss
 
