@@ -5,9 +5,14 @@
 // bitwise identical for any number of threads.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace fastvq::cpu {
 
@@ -20,5 +25,32 @@ struct CodeGroups {
 
 // Serial O(N + K). `indices` must already be validated to lie in [0, k).
 CodeGroups group_rows_by_code(const int64_t* indices, int64_t n, int64_t k);
+
+// For every code c, in parallel over codes: sum (in double, in increasing row order) the rows
+// of x (d wide) assigned to c, then call emit(c, count, sums). The sums, and so whatever emit
+// writes, do not depend on the thread count or the schedule.
+template <typename Emit>
+void for_each_code_sum(const float* x, int64_t d, const CodeGroups& groups, int num_threads, Emit emit) {
+  const int64_t k = static_cast<int64_t>(groups.offsets.size()) - 1;
+  std::vector<double> scratch(static_cast<size_t>(num_threads) * d);
+  // dynamic balances skewed code usage; each code's result is independent of who computes it.
+#pragma omp parallel num_threads(num_threads)
+  {
+#ifdef _OPENMP
+    double* acc = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * d;
+#else
+    double* acc = scratch.data();
+#endif
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t c = 0; c < k; ++c) {
+      std::fill(acc, acc + d, 0.0);
+      for (int64_t t = groups.offsets[c]; t < groups.offsets[c + 1]; ++t) {
+        const float* row = x + groups.rows[t] * d;
+        for (int64_t p = 0; p < d; ++p) acc[p] += row[p];
+      }
+      emit(c, groups.count(c), static_cast<const double*>(acc));
+    }
+  }
+}
 
 }  // namespace fastvq::cpu

@@ -3,16 +3,10 @@
 //   grad_x[i]        = grad_quantized[i] + commit_scale * (x[i] - codebook[idx_i])      (float32)
 //   grad_codebook[k] = codebook_scale * sum_{i : idx_i = k} (codebook[k] - x[i])
 //
-// grad_codebook reuses the counting sort of ema_stats: codes in parallel, each summing its
-// rows in increasing row order in double, scaled and rounded once to float32, so the result
-// is bitwise identical for any thread count. Codes with no rows get 0.
-#include <algorithm>
+// grad_codebook reuses ema_stats's per-code sums (code_groups.h): codes in parallel, each
+// summing its rows in increasing row order in double, scaled and rounded once to float32, so
+// the result is bitwise identical for any thread count. Codes with no rows get 0.
 #include <cstdint>
-#include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "cpu/code_groups.h"
 #include "cpu/kernels.h"
@@ -41,27 +35,14 @@ void quantize_backward(const float* grad_quantized, const float* x, int64_t n, i
   }
 
   if (grad_codebook_out) {
+    // sum_i (e_k - x_i) = count_k * e_k - sum_i x_i, formed in double before the one rounding.
     const CodeGroups groups = group_rows_by_code(indices, n, k);
-    std::vector<double> scratch(static_cast<size_t>(nt) * d);
-#pragma omp parallel num_threads(nt)
-    {
-#ifdef _OPENMP
-      double* acc = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * d;
-#else
-      double* acc = scratch.data();
-#endif
-#pragma omp for schedule(dynamic, 16)
-      for (int64_t c = 0; c < k; ++c) {
-        const float* e = codebook + c * d;
-        std::fill(acc, acc + d, 0.0);
-        for (int64_t t = groups.offsets[c]; t < groups.offsets[c + 1]; ++t) {
-          const float* row = x + groups.rows[t] * d;
-          for (int64_t p = 0; p < d; ++p) acc[p] += static_cast<double>(e[p]) - row[p];
-        }
-        float* out = grad_codebook_out + c * d;
-        for (int64_t p = 0; p < d; ++p) out[p] = static_cast<float>(codebook_scale * acc[p]);
-      }
-    }
+    for_each_code_sum(x, d, groups, nt, [&](int64_t c, int64_t count, const double* sums) {
+      const float* e = codebook + c * d;
+      float* out = grad_codebook_out + c * d;
+      for (int64_t p = 0; p < d; ++p)
+        out[p] = static_cast<float>(codebook_scale * (static_cast<double>(count) * e[p] - sums[p]));
+    });
   }
 }
 
