@@ -30,6 +30,13 @@ constexpr int kTileRows = 6;
 // All codes of this call come after the codes already merged into best_*, so "strictly
 // better" keeps the lowest index on ties. Within the call, ties also go to the lowest
 // index. A distance that is NaN or +inf never replaces anything (see nearest_code.cpp).
+// Fold per-lane bests into the rows' running bests: for each of `rows` rows, the lane with
+// the smallest value (ties: smallest lane index) replaces best_*[r] only if strictly
+// smaller. lane_idx holds code offsets from code_base. Defined in the portable translation
+// unit and called by every SIMD kernel, so the tie rule lives in one place.
+void merge_lanes(const float (*lane_val)[kPanel], const int32_t (*lane_idx)[kPanel], int rows,
+                 int64_t code_base, float* best_val, int64_t* best_idx);
+
 using SearchTileFn = void (*)(const float* xpack, int64_t d, const float* panels, const float* norms,
                               int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx);
 

@@ -42,23 +42,10 @@ struct Lanes {
     }
   }
 
-  // Cross-lane reduction (smallest value, ties to the smallest index) merged strictly into
-  // the row's running best, whose codes all come before this call's.
+  // Cross-lane reduction merged strictly into the row's running best, whose codes all come
+  // before this call's (kernels.h: merge_lanes).
   void merge_into(int64_t code_base, float* best_val, int64_t* best_idx) const {
-    for (int r = 0; r < R; ++r) {
-      float v = val[r][0];
-      int32_t i = idx[r][0];
-      for (int j = 1; j < kPanel; ++j) {
-        if (val[r][j] < v || (val[r][j] == v && idx[r][j] < i)) {
-          v = val[r][j];
-          i = idx[r][j];
-        }
-      }
-      if (v < best_val[r]) {
-        best_val[r] = v;
-        best_idx[r] = code_base + i;
-      }
-    }
+    merge_lanes(val, idx, R, code_base, best_val, best_idx);
   }
 };
 

@@ -98,20 +98,7 @@ void search_tile_avx512(const float* xpack, int64_t d, const float* panels, cons
   _mm512_store_ps(val[3], v3); _mm512_store_ps(val[4], v4); _mm512_store_ps(val[5], v5);
   _mm512_store_si512(idx[0], i0); _mm512_store_si512(idx[1], i1); _mm512_store_si512(idx[2], i2);
   _mm512_store_si512(idx[3], i3); _mm512_store_si512(idx[4], i4); _mm512_store_si512(idx[5], i5);
-  for (int r = 0; r < R; ++r) {
-    float v = val[r][0];
-    int32_t i = idx[r][0];
-    for (int j = 1; j < kPanel; ++j) {
-      if (val[r][j] < v || (val[r][j] == v && idx[r][j] < i)) {
-        v = val[r][j];
-        i = idx[r][j];
-      }
-    }
-    if (v < best_val[r]) {
-      best_val[r] = v;
-      best_idx[r] = code_base + i;
-    }
-  }
+  merge_lanes(val, idx, R, code_base, best_val, best_idx);
 }
 
 #undef FASTVQ_UPDATE

@@ -48,7 +48,14 @@ void search_rows(const float* xpack, int r0, int64_t d, const float* panels, con
         }
   }
 
-  for (int r = 0; r < R; ++r) {
+  merge_lanes(lane_val, lane_idx, R, code_base, best_val + r0, best_idx + r0);
+}
+
+}  // namespace
+
+void merge_lanes(const float (*lane_val)[kPanel], const int32_t (*lane_idx)[kPanel], int rows,
+                 int64_t code_base, float* best_val, int64_t* best_idx) {
+  for (int r = 0; r < rows; ++r) {
     float v = lane_val[r][0];
     int32_t i = lane_idx[r][0];
     for (int j = 1; j < kPanel; ++j)
@@ -56,14 +63,12 @@ void search_rows(const float* xpack, int r0, int64_t d, const float* panels, con
         v = lane_val[r][j];
         i = lane_idx[r][j];
       }
-    if (v < best_val[r0 + r]) {
-      best_val[r0 + r] = v;
-      best_idx[r0 + r] = code_base + i;
+    if (v < best_val[r]) {
+      best_val[r] = v;
+      best_idx[r] = code_base + i;
     }
   }
 }
-
-}  // namespace
 
 void search_tile_portable(const float* xpack, int64_t d, const float* panels, const float* norms,
                           int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx) {
