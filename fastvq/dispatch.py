@@ -67,19 +67,27 @@ def get_backend(name: str) -> Backend:
     return _instances[name]
 
 
-def requested_backend(backend: str) -> str:
+def _check_known(name: str, source: str) -> None:
+    if name != "auto" and name not in _BACKEND_CLASSES:
+        raise ValueError(f"{source} must be 'auto' or one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}")
+
+
+def check_backend_argument(backend) -> str:
+    """A ``backend=`` argument as given (before $FASTVQ_BACKEND), checked."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    return os.environ.get(ENV_VAR, "").strip() or backend
+    _check_known(backend, "backend")
+    return backend
 
 
 def check_backend_name(backend) -> str:
-    """The backend name that will be used (after $FASTVQ_BACKEND), checked; no tensors needed."""
-    name = requested_backend(backend)
-    if name != "auto" and name not in _BACKEND_CLASSES:
-        source = f"${ENV_VAR}" if os.environ.get(ENV_VAR, "").strip() else "backend"
-        raise ValueError(f"{source} must be 'auto' or one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}")
-    return name
+    """The backend name that will be used ($FASTVQ_BACKEND, else the argument), checked."""
+    check_backend_argument(backend)
+    override = os.environ.get(ENV_VAR, "").strip()
+    if override:
+        _check_known(override, f"${ENV_VAR}")
+        return override
+    return backend
 
 
 def auto_order(*tensors: Tensor) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from .checks import (check_float_tensor, check_fraction, check_non_negative, che
 from .compat import (FORWARD_UNSUPPORTED, STRAIGHT_THROUGH_ROTATION_TRICK, VECTOR_QUANTIZE_UNSUPPORTED,
                      reject_unsupported)
 from .dead_codes import revive_dead_codes_
+from .dispatch import check_backend_argument
 from .distributed import all_reduce_stats, is_distributed
 from .layout import ChannelLayout
 from .reference import ema_update
@@ -91,8 +92,7 @@ class FastVectorQuantizer(nn.Module):
         check_non_negative("threshold_ema_dead_code", threshold_ema_dead_code)
         if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 0:
             raise ValueError(f"kmeans_iters must be an int >= 0, got {kmeans_iters!r}")
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+        check_backend_argument(backend)
         if dim % heads:
             raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
         if codebook_dim is not None and codebook_dim != dim // heads:

@@ -170,6 +170,8 @@ def test_results_are_bitwise_identical_for_one_and_two_threads(backend):
         (dict(dim=4, codebook_size=-3), ValueError, "codebook_size must be a positive int, got -3"),
         (dict(dim=4, codebook_size=8.0), TypeError, "codebook_size must be an int"),
         (dict(dim=4, codebook_size=8, decay=1.5), ValueError, r"decay must be in \[0, 1\]"),
+        (dict(dim=4, codebook_size=8, backend="nope"), ValueError, "backend must be 'auto' or one of .*, got 'nope'"),
+        (dict(dim=4, codebook_size=8, backend=3), TypeError, "backend must be a str, got int"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, pattern):
