@@ -119,11 +119,15 @@ def ema_update(
     decay: float,
     eps: float,
 ) -> None:
-    """One EMA codebook step, in place: lerp the statistics, then embed = embed_avg / ñ."""
+    """One EMA codebook step, in place: lerp the statistics, then embed = embed_avg / ñ.
+
+    A code whose smoothed count is 0 has no statistics left (only possible with decay = 0
+    and eps = 0, or an empty batch with decay = 0) and keeps its value instead of 0/0.
+    """
     cluster_size.lerp_(counts.to(cluster_size.dtype), 1.0 - decay)
     embed_avg.lerp_(sums.to(embed_avg.dtype), 1.0 - decay)
-    smoothed = laplace_smoothed_counts(cluster_size, eps)
-    embed.copy_(embed_avg / smoothed.unsqueeze(1))
+    smoothed = laplace_smoothed_counts(cluster_size, eps).unsqueeze(1)
+    embed.copy_(torch.where(smoothed > 0, embed_avg / smoothed, embed))
 
 
 def ema_vq_step(

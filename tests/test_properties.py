@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import assume, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import fastvq
@@ -211,11 +211,9 @@ def test_ema_stats_property(backend_name, dtype, case):
 
 @PROPERTY_SETTINGS
 @with_edge_cases(decay=0.5)
+@with_edge_cases(decay=0.0)  # with N = 0 every smoothed count is 0: codes must keep their values
 @given(case=cases, decay=st.sampled_from([0.0, 0.5, 0.99]))
 def test_ema_training_step_property(backend_name, dtype, case, decay):
-    # decay = 0 with an empty batch zeroes every cluster_size and the smoothed counts, so the
-    # reference EMA update divides 0 by 0 (reported to the lead); every other case is checked.
-    assume(not (decay == 0.0 and case.num_rows == 0))
     x, codebook = make_inputs(case, dtype)
     module = FastVectorQuantizer(case.dim, case.num_codes, decay=decay, backend=backend_name).train()
     module.set_codebook(codebook.float())

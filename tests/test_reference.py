@@ -83,3 +83,14 @@ def test_unchosen_code_keeps_its_value_from_the_start_state():
     # code 1: cluster_size 0.9, embed_avg 0.9·(10, 10): ratio unchanged when eps = 0
     torch.testing.assert_close(embed[1], torch.tensor([10.0, 10.0]))
     torch.testing.assert_close(embed[0], torch.tensor([0.05, 0.05]) / 1.1)
+
+
+@pytest.mark.parametrize("num_rows", [0, 3])
+def test_ema_update_keeps_codes_without_statistics(num_rows):
+    # decay = 0 and eps = 0: an unchosen code (or every code, for an empty batch) has ñ = 0.
+    embed = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    cluster_size, embed_avg = torch.ones(2), embed.clone()
+    x = torch.zeros(num_rows, 2) + torch.tensor([1.5, 2.5])
+    reference.ema_vq_step(x, embed, cluster_size, embed_avg, decay=0.0, eps=0.0, commitment_weight=0.25)
+    expected_first = [1.5, 2.5] if num_rows else [1.0, 2.0]
+    torch.testing.assert_close(embed, torch.tensor([expected_first, [3.0, 4.0]]))
