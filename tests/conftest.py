@@ -66,3 +66,16 @@ def assert_nearest(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tenso
 def small_integers(*shape, low=-4, high=5, generator=None) -> torch.Tensor:
     """Exactly representable inputs: every distance a kernel computes is an exact integer."""
     return torch.randint(low, high, shape, generator=generator).to(torch.float32)
+
+
+def exact_inputs_with_duplicate_codes(num_rows: int, num_codes: int, dim: int, seed: int):
+    """(x, codebook) of small integers; when K > 2 the codebook repeats rows 0 and 1 later on
+    (the later copy must never win), and every other row of x is a codebook row (distance 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    codebook = small_integers(num_codes, dim, generator=generator)
+    if num_codes > 2:
+        codebook[num_codes // 2] = codebook[1]
+        codebook[-1] = codebook[0]
+    x = small_integers(num_rows, dim, generator=generator)
+    x[::2] = codebook[torch.randint(0, num_codes, (len(x[::2]),), generator=generator)]
+    return x, codebook

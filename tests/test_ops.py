@@ -7,7 +7,7 @@ import torch
 import fastvq
 from fastvq import reference
 
-from conftest import TOLERANCES, assert_nearest, backend_or_skip, exact_sqdist, small_integers
+from conftest import TOLERANCES, assert_nearest, backend_or_skip, exact_inputs_with_duplicate_codes, exact_sqdist
 
 SHAPES = [  # (N, K, d): every size from the issue appears at least once
     (0, 3, 33),
@@ -40,14 +40,7 @@ def test_nearest_code_random_inputs_by_distance(backend, num_rows, num_codes, di
 
 @pytest.mark.parametrize("num_rows,num_codes,dim", [(1, 1, 1), (7, 3, 3), (1000, 257, 33), (4099, 1030, 64)])
 def test_nearest_code_exact_inputs_match_argmin_with_duplicate_codes(backend, num_rows, num_codes, dim):
-    generator = torch.Generator().manual_seed(num_codes + dim)
-    codebook = small_integers(num_codes, dim, generator=generator)
-    if num_codes > 2:  # duplicates: the later copy must never win
-        codebook[num_codes // 2] = codebook[1]
-        codebook[-1] = codebook[0]
-    # Half the rows are codebook rows themselves (distance 0), half random integers.
-    x = small_integers(num_rows, dim, generator=generator)
-    x[::2] = codebook[torch.randint(0, num_codes, (len(x[::2]),), generator=generator)]
+    x, codebook = exact_inputs_with_duplicate_codes(num_rows, num_codes, dim, seed=num_codes + dim)
     indices, sqdist = fastvq.nearest_code(x, codebook, backend=backend)
     expected_indices, expected_sqdist = reference.nearest_code(x.double(), codebook.double())
     torch.testing.assert_close(indices, expected_indices, rtol=0, atol=0)

@@ -52,7 +52,7 @@ import fastvq  # noqa: E402
 from fastvq import dispatch, reference  # noqa: E402
 from fastvq.modules import FastVectorQuantizer  # noqa: E402
 
-from conftest import TOLERANCES, assert_nearest, exact_sqdist, small_integers  # noqa: E402
+from conftest import TOLERANCES, assert_nearest, exact_inputs_with_duplicate_codes, exact_sqdist  # noqa: E402
 
 # True when triton's library was decorated for the interpreter, so CPU tensors can run here.
 RUNS_HERE = ON_GPU or type(triton.language.zeros).__name__ == "InterpretedFunction"
@@ -174,13 +174,7 @@ def test_nearest_code_half_inputs_by_distance(dtype, num_rows, num_codes, dim):
 @pytest.mark.parametrize("dtype", (torch.float32,) + HALF_DTYPES)
 @pytest.mark.parametrize("num_rows,num_codes,dim", [(1, 1, 1), (7, 3, 3), (300, 257, 33), (300, 257, 64)])
 def test_nearest_code_exact_inputs_with_duplicate_codes(dtype, num_rows, num_codes, dim):
-    generator = torch.Generator().manual_seed(num_codes + dim)
-    codebook = small_integers(num_codes, dim, generator=generator)
-    if num_codes > 2:  # duplicates: the later copy must never win
-        codebook[num_codes // 2] = codebook[1]
-        codebook[-1] = codebook[0]
-    x = small_integers(num_rows, dim, generator=generator)
-    x[::2] = codebook[torch.randint(0, num_codes, (len(x[::2]),), generator=generator)]
+    x, codebook = exact_inputs_with_duplicate_codes(num_rows, num_codes, dim, seed=num_codes + dim)
     x, codebook = x.to(dtype), codebook.to(dtype)
     expected_indices, expected_sqdist = reference.nearest_code(x.double(), codebook.double())
     quantized, indices = quantize(x, codebook)
