@@ -2,9 +2,7 @@
 from .dispatch import BackendNotSupportedError, available_backends, unavailable_reasons
 from .functional import ema_stats, nearest_code, quantize
 from .kmeans import kmeans
-from .modules import FastVectorQuantizer
-from .residual import ResidualVQ
-from .stats import CodebookStats
+from .nn import CodebookStats, FastVectorQuantizer, ResidualVQ
 
 __version__ = "0.1.0"
 

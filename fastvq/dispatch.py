@@ -7,24 +7,27 @@
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 from torch import Tensor
 
 from .backends.base import Backend
+from .backends.cpu import CpuBackend
+from .backends.cuda import CudaBackend
+from .backends.torch import TorchBackend
+from .backends.triton import TritonBackend
 
 ENV_VAR = "FASTVQ_BACKEND"
 
-# name -> (module, class). Modules are imported on first use; a module that fails to
-# import becomes a backend that reports the failure instead of disappearing.
-_BACKEND_CLASSES = {
-    "cpu": ("fastvq.backends.cpu", "CpuBackend"),
-    "triton": ("fastvq.backends.triton", "TritonBackend"),
-    "cuda": ("fastvq.backends.cuda", "CudaBackend"),
-    "torch": ("fastvq.backends.torch", "TorchBackend"),
+# Each backend module guards its own optional import (fastvq._cpu, fastvq._cuda, triton)
+# and reports a failure through unavailable_reason(), so these imports never fail.
+BACKENDS: dict[str, Backend] = {
+    "cpu": CpuBackend(),
+    "triton": TritonBackend(),
+    "cuda": CudaBackend(),
+    "torch": TorchBackend(),
 }
-BACKEND_NAMES = tuple(_BACKEND_CLASSES)
+BACKEND_NAMES = tuple(BACKENDS)
 
 # Preference per device type under "auto". Triton serves CPU tensors only through
 # its interpreter, which is far too slow to pick silently, so it is never auto on CPU.
@@ -33,42 +36,18 @@ AUTO_ORDER = {
     "cuda": ("triton", "cuda", "torch"),
 }
 
-_instances: dict[str, Backend] = {}
-
-
 class BackendNotSupportedError(ValueError):
     """A backend was named explicitly but cannot run on the given inputs."""
 
 
-class _BrokenBackend(Backend):
-    """Stands in for a backend whose module could not be imported."""
-
-    def __init__(self, name: str, reason: str):
-        self.name = name
-        self._reason = reason
-
-    def unavailable_reason(self) -> str | None:
-        return self._reason
-
-    def not_supported_reasons(self, *tensors: Tensor) -> list[str]:
-        return [self._reason]
-
-
 def get_backend(name: str) -> Backend:
-    if name not in _BACKEND_CLASSES:
+    if name not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}")
-    if name not in _instances:
-        module_name, class_name = _BACKEND_CLASSES[name]
-        try:
-            backend = getattr(importlib.import_module(module_name), class_name)()
-        except Exception as error:  # recorded and surfaced by fastvq.info and forced-backend errors
-            backend = _BrokenBackend(name, f"{module_name} failed to import: {type(error).__name__}: {error}")
-        _instances[name] = backend
-    return _instances[name]
+    return BACKENDS[name]
 
 
 def _check_known(name: str, source: str) -> None:
-    if name != "auto" and name not in _BACKEND_CLASSES:
+    if name != "auto" and name not in BACKENDS:
         raise ValueError(f"{source} must be 'auto' or one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}")
 
 

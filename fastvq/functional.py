@@ -1,10 +1,9 @@
 """The public functions: argument checks, (..., d) reshaping, then the custom ops."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from . import ops
 from .checks import check_float_tensor, check_indices, check_rows_and_codebook, check_vectors_and_codebook, shape_str
 from .dispatch import check_backend_name
 
@@ -17,7 +16,7 @@ def nearest_code(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple
     """
     check_rows_and_codebook(x, codebook)
     check_backend_name(backend)
-    return torch.ops.fastvq.nearest_code(x, codebook, backend)
+    return ops.nearest_code(x, codebook, backend)
 
 
 def quantize(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -30,7 +29,7 @@ def quantize(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple[Ten
     check_vectors_and_codebook(x, codebook)
     check_backend_name(backend)
     rows = x.reshape(-1, x.shape[-1])
-    quantized, indices, _ = torch.ops.fastvq.quantize(rows, codebook, 0.0, 0.0, backend)
+    quantized, indices, _ = ops.quantize(rows, codebook, 0.0, 0.0, backend)
     return quantized.view(x.shape), indices.view(x.shape[:-1])
 
 
@@ -48,4 +47,4 @@ def ema_stats(x: Tensor, indices: Tensor, num_codes: int, *, backend: str = "aut
             f"indices must lie in [0, num_codes) = [0, {num_codes}), "
             f"got values in [{int(indices.min())}, {int(indices.max())}]"
         )
-    return torch.ops.fastvq.ema_stats(x, indices, num_codes, backend)
+    return ops.ema_stats(x, indices, num_codes, backend)

@@ -27,7 +27,7 @@ def report() -> str:
     lines.append(f"{'backend':<{width}}  status")
     for name in BACKEND_NAMES:
         reason = get_backend(name).unavailable_reason()
-        detail = getattr(get_backend(name), "describe", lambda: "")()
+        detail = get_backend(name).describe()
         status = "available" + (f" ({detail})" if detail else "") if reason is None else f"unavailable: {reason}"
         lines.append(f"{name:<{width}}  {status}")
     for label, probe in probes.items():

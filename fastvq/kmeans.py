@@ -1,7 +1,7 @@
 """k-means (Lloyd's algorithm) on fastvq's fused kernels: no N×K matrix at any step.
 
-- assignment: ``torch.ops.fastvq.nearest_code`` (fused search, returns each row's squared distance);
-- update: ``torch.ops.fastvq.ema_stats`` (per-cluster counts and sums in one pass);
+- assignment: ``ops.nearest_code`` (fused search, returns each row's squared distance);
+- update: ``ops.ema_stats`` (per-cluster counts and sums in one pass);
 - k-means++ seeding keeps one running min-distance vector (N,), updated with the
   distances to each new centroid (one matrix-vector product each);
 - an empty cluster is re-seeded with the point farthest from its centroid (taken
@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from . import ops
+from .numerics import compute_dtype
 from .checks import check_float_tensor, shape_str
 
 INITS = ("kmeans++", "random")
@@ -79,13 +80,13 @@ def fit(
 ) -> KMeansResult:
     """Lloyd's algorithm on validated x (N >= 1, d). ``spherical`` keeps centroids unit-norm
     (for l2-normalised x: cosine-similarity k-means)."""
-    x = _compute_view(x)
+    x = x.to(compute_dtype(x.dtype))
     centroids = seed_centroids(x, k, generator=generator, init=init)
     if spherical:
         centroids = F.normalize(centroids, dim=-1)
     for _ in range(iters):
-        assignments, sqdist = torch.ops.fastvq.nearest_code(x, centroids, backend)
-        counts, sums = torch.ops.fastvq.ema_stats(x, assignments, k, backend)
+        assignments, sqdist = ops.nearest_code(x, centroids, backend)
+        counts, sums = ops.ema_stats(x, assignments, k, backend)
         counts, sums = counts.to(x.dtype), sums.to(x.dtype)
         means = sums / counts.clamp_min(1.0).unsqueeze(1)
         if spherical:
@@ -93,7 +94,7 @@ def fit(
         empty = counts == 0
         centroids = torch.where(empty.unsqueeze(1), centroids, means)
         centroids = _reseed_empty(x, centroids, empty, counts, assignments, sqdist)
-    assignments, sqdist = torch.ops.fastvq.nearest_code(x, centroids, backend)
+    assignments, sqdist = ops.nearest_code(x, centroids, backend)
     counts = torch.zeros(k, dtype=torch.float32, device=x.device).index_add_(
         0, assignments, torch.ones_like(sqdist)
     )
@@ -151,11 +152,6 @@ def _sample_rows(num_rows: int, num: int, generator: torch.Generator, device) ->
     """num row indices: distinct when num <= num_rows, else every row then repeats."""
     perm = torch.randperm(num_rows, generator=generator, device=device)
     return perm[torch.arange(num, device=device) % num_rows]
-
-
-def _compute_view(x: Tensor) -> Tensor:
-    """x in the arithmetic dtype of the kernels: float32, or float64 for float64 input."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
 
 
 def _check_int(name: str, value, *, low: int | None) -> None:

@@ -1,25 +1,43 @@
-"""fastvq's torch.library custom ops: schema, fake implementation and autograd, in one place.
+"""Every fastvq torch.library custom op: schema, fake implementation and autograd, in one place.
+
+Op map: each op by name through every layer (the kernels keep the op's name in each backend).
+
+| op                | cpu (C++)                      | triton                            | cuda (C++)                    | oracle (torch backend)          | test                        | benchmark                   |
+|-------------------|--------------------------------|-----------------------------------|-------------------------------|---------------------------------|-----------------------------|-----------------------------|
+| nearest_code      | csrc/cpu/nearest_code.cpp      | fastvq/triton/nearest_code.py     | csrc/cuda/nearest_code.cu     | reference.nearest_code          | tests/test_nearest_code.py  | fastvq.bench nearest_code   |
+| quantize          | nearest_code, + loss here      | nearest_code, + loss here         | nearest_code, + loss here     | reference.quantize              | tests/test_quantize.py      | fastvq.bench train          |
+| quantize_backward | csrc/cpu/quantize_backward.cpp | fastvq/triton/quantize_backward.py| csrc/cuda/quantize_backward.cu| reference.quantize_backward     | tests/test_quantize.py      | fastvq.bench train          |
+| ema_stats         | csrc/cpu/ema_stats.cpp         | fastvq/triton/ema_stats.py        | csrc/cuda/ema_stats.cu        | reference.ema_stats             | tests/test_ema_stats.py     | fastvq.bench train, kmeans  |
+| snapshot          | (torch clone)                  |                                   |                               |                                 | tests/test_compile.py       |                             |
+| kmeans_init_      | fastvq/nn/codebook_init.py on nearest_code + ema_stats                                                         | | tests/test_module_features.py | fastvq.bench kmeans |
+
+The path of one call, e.g. ``FastVectorQuantizer.forward`` → ``ops.quantize`` (here) →
+``dispatch.resolve`` → ``backends/cpu.py: CpuBackend.nearest_code`` → ``fastvq._cpu.nearest_code``
+(csrc/cpu/bindings.cpp) → ``csrc/cpu/nearest_code.cpp`` → the micro-kernel in ``search_tile_*.cpp``.
 
     fastvq::nearest_code(x, codebook, backend) -> (indices, sqdist)
     fastvq::quantize(x, codebook, commitment_weight, codebook_weight, backend) -> (quantized, indices, loss)
     fastvq::quantize_backward(grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
                               backend, need_grad_codebook) -> (grad_x, grad_codebook)
     fastvq::ema_stats(x, indices, num_codes, backend) -> (counts, sums)
+    fastvq::snapshot(tensor) -> copy
+    fastvq::kmeans_init_(embed, cluster_size, embed_avg, initted, x, iters, spherical, sync, backend)
 
 x is (N, d) here; fastvq.functional reshapes (..., d) and checks arguments. The
 backend string ("auto" or a name) is resolved when the op runs, so tracing with
 torch.compile never looks at tensor values. N = 0 never reaches a backend.
+Inside the package, call these op objects (``ops.quantize(...)``), never ``torch.ops.fastvq.*``.
+The Triton kernels register their own ops (``fastvq::triton_*``, fastvq/triton), called by the triton backend.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .dispatch import check_backend_name, resolve
-
-
-def loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .numerics import compute_dtype
 
 
 # ---- nearest_code ---------------------------------------------------------------------------
@@ -49,17 +67,17 @@ def quantize(
     num_rows, dim = x.shape
     if num_rows == 0:
         check_backend_name(backend)
-        return x.new_empty((0, dim)), _empty_indices(x), x.new_zeros((), dtype=loss_dtype(x.dtype))
+        return x.new_empty((0, dim)), _empty_indices(x), x.new_zeros((), dtype=compute_dtype(x.dtype))
     indices, sqdist, quantized = resolve(backend, x, codebook).nearest_code(x, codebook, want_quantized=True)
     # mean((x − q)²) over all N·d entries is Σ sqdist / (N·d); both loss terms have that value.
     weight = (commitment_weight + codebook_weight) / (num_rows * dim)
-    loss = (sqdist.sum(dtype=torch.float64) * weight).to(loss_dtype(x.dtype))
+    loss = (sqdist.sum(dtype=torch.float64) * weight).to(compute_dtype(x.dtype))
     return quantized, indices, loss
 
 
 @quantize.register_fake
 def _(x, codebook, commitment_weight, codebook_weight, backend):
-    return torch.empty_like(x), _empty_indices(x), x.new_empty((), dtype=loss_dtype(x.dtype))
+    return torch.empty_like(x), _empty_indices(x), x.new_empty((), dtype=compute_dtype(x.dtype))
 
 
 def _setup_quantize(ctx, inputs, output):
@@ -138,3 +156,53 @@ def ema_stats(x: Tensor, indices: Tensor, num_codes: int, backend: str) -> tuple
 def _(x, indices, num_codes, backend):
     return (x.new_empty((num_codes,), dtype=torch.float32),
             x.new_empty((num_codes, x.shape[1]), dtype=torch.float32))
+
+
+# ---- snapshot -------------------------------------------------------------------------------
+@torch.library.custom_op("fastvq::snapshot", mutates_args=())
+def snapshot(tensor: Tensor) -> Tensor:
+    """A copy of a buffer that torch.compile must save, never recompute.
+
+    FastVectorQuantizer's EMA step rewrites ``embed`` in place after the search, and the
+    backward needs the rows the search used. A plain ``embed.clone()`` is correct in eager
+    mode, but AOTAutograd's partitioners (torch 2.13) may recompute that clone in the
+    backward from the buffer, after the in-place update, and so return a silently wrong
+    commitment gradient (pytorch/pytorch PR #197039, "Don't recompute reads of mutated
+    inputs or mutable buffers"). A custom op is opaque to the partitioner, so its output
+    is saved instead of recomputed. No autograd: use it on buffers.
+    """
+    return tensor.clone()
+
+
+@snapshot.register_fake
+def _(tensor):
+    return torch.empty_like(tensor)
+
+
+# ---- kmeans_init_ ---------------------------------------------------------------------------
+@torch.library.custom_op("fastvq::kmeans_init_", mutates_args=("embed", "cluster_size", "embed_avg", "initted"))
+def kmeans_init_(
+    embed: Tensor,
+    cluster_size: Optional[Tensor],
+    embed_avg: Optional[Tensor],
+    initted: Tensor,
+    x: Tensor,
+    iters: int,
+    spherical: bool,
+    sync: bool,
+    backend: str,
+) -> None:
+    """Set each codebook from k-means on x, unless ``initted`` is already True.
+
+    One opaque op, so ``torch.compile(fullgraph=True)`` never traces k-means' data-dependent
+    loops. The work is the module layer's (fastvq/nn/codebook_init.py), imported here at the
+    call: the op layer does not import the module layer when it loads.
+    """
+    from .nn.codebook_init import kmeans_init_codebook_
+
+    kmeans_init_codebook_(embed, cluster_size, embed_avg, initted, x, iters, spherical, sync, backend)
+
+
+@kmeans_init_.register_fake
+def _(embed, cluster_size, embed_avg, initted, x, iters, spherical, sync, backend):
+    return None

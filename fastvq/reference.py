@@ -11,12 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .numerics import compute_dtype
+
 # Rows per chunk are chosen so one (rows, K, d) difference tensor stays near this size.
 _CHUNK_ELEMENTS = 1 << 24
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def pairwise_sqdist(x: Tensor, codebook: Tensor) -> Tensor:
@@ -44,6 +42,60 @@ def nearest_code(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     sqdist = ((x.to(dtype) - codebook.to(dtype)[indices]) ** 2).sum(-1).to(torch.float32)
     return indices, sqdist
 
+
+
+# ---- the judge: is a chosen code a nearest code? -----------------------------------------------
+# Every test, the benchmark and the device check judge indices with these two functions.
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def nearest_code_slack(x: Tensor, codebook: Tensor) -> Tensor:
+    """(N,) float64: how far two codes' exact distances may be apart and still swap in float32.
+
+    A float32 evaluation of ‖e‖² − 2x·e over d terms errs by at most about
+    (d+2)·u·(‖x‖² + 2‖e‖²) (u = 2⁻²⁴); two codes can swap only when their exact
+    distances differ by less than twice that. Anything further apart is a wrong answer.
+    """
+    x64, e64 = x.detach().double(), codebook.detach().double()
+    scale = (x64**2).sum(-1) + 2 * (e64**2).sum(-1).max()
+    return 2 * (x.shape[-1] + 2) * FLOAT32_UNIT_ROUNDOFF * scale
+
+
+def nearest_code_excess(x: Tensor, codebook: Tensor, indices: Tensor, best: Tensor | None = None) -> Tensor:
+    """(N,) float64: (exact distance of the chosen code − exact nearest distance) / slack.
+
+    A row passes when its excess is <= 1. ``best`` is the oracle's choice for these rows
+    (computed here when None). Inputs may live on any device; the judge runs on the CPU.
+    """
+    x, codebook = x.detach().cpu(), codebook.detach().cpu()
+    chosen = indices.detach().cpu().long()
+    if best is None:
+        best, _ = nearest_code(x.double(), codebook.double())
+    x64, e64 = x.double(), codebook.double()
+    d_chosen = ((x64 - e64[chosen]) ** 2).sum(-1)
+    d_best = ((x64 - e64[best.cpu()]) ** 2).sum(-1)
+    return (d_chosen - d_best) / nearest_code_slack(x, codebook).clamp_min(1e-300)
+
+
+def assert_nearest(x: Tensor, codebook: Tensor, indices: Tensor) -> None:
+    """Raise AssertionError unless every indices[i] is a nearest code of x[i] (within the slack)."""
+    if indices.dtype != torch.int64 or tuple(indices.shape) != tuple(x.shape[:1]):
+        raise AssertionError(f"indices must be int64 of shape ({x.shape[0]},), got {indices.dtype} "
+                             f"{tuple(indices.shape)}")
+    if x.shape[0] == 0:
+        return
+    best, _ = nearest_code(x.detach().cpu().double(), codebook.detach().cpu().double())
+    excess = nearest_code_excess(x, codebook, indices, best)
+    if bool((excess <= 1.0).all()):
+        return
+    worst = int(torch.argmax(excess))
+    x64, e64 = x.detach().cpu().double(), codebook.detach().cpu().double()
+    chosen, nearest = int(indices[worst]), int(best[worst])
+    raise AssertionError(
+        f"row {worst}: chose code {chosen} at distance {float(((x64[worst] - e64[chosen]) ** 2).sum())}, "
+        f"but code {nearest} is at {float(((x64[worst] - e64[nearest]) ** 2).sum())} "
+        f"(excess {float(excess[worst]):.3g} × the float32 slack)"
+    )
 
 def vq_loss(x: Tensor, quantized: Tensor, commitment_weight: float, codebook_weight: float) -> Tensor:
     """commitment_weight·mean((x − sg(q))²) + codebook_weight·mean((sg(x) − q)²); 0 for empty x."""

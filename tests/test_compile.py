@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastvq import FastVectorQuantizer, codebook_init  # noqa: F401  (registers fastvq::kmeans_init_)
+from fastvq import FastVectorQuantizer
 
 from conftest import TOLERANCES, backend_or_skip
 

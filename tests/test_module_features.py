@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import fastvq
 from fastvq import FastVectorQuantizer, reference
+from fastvq.nn.layout import ChannelLayout
 
 from conftest import TOLERANCES
 
@@ -247,7 +248,7 @@ def test_channel_first_layouts_equal_channel_last_on_moved_input(kwargs, shape):
     torch.manual_seed(7)
     first = FastVectorQuantizer(6, 10, **kwargs).train()
     last = copy.deepcopy(first)
-    last.layout = fastvq.layout.ChannelLayout()
+    last.layout = ChannelLayout()
     x = torch.randn(shape)
     quantized, indices, loss = first(x)
     want_q, want_i, want_loss = last(x.movedim(1, -1))

@@ -50,7 +50,7 @@ triton = pytest.importorskip("triton")
 
 import fastvq  # noqa: E402
 from fastvq import dispatch, reference  # noqa: E402
-from fastvq.modules import FastVectorQuantizer  # noqa: E402
+from fastvq.nn import FastVectorQuantizer  # noqa: E402
 
 from conftest import TOLERANCES, assert_nearest, exact_inputs_with_duplicate_codes, exact_sqdist  # noqa: E402
 

@@ -15,6 +15,10 @@ class Backend:
         """Why this backend cannot run at all in this install, or None."""
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """Build and mode details for ``python -m fastvq.info`` ("" when there is nothing to add)."""
+        return ""
+
     def not_supported_reasons(self, *tensors: Tensor) -> list[str]:
         """Why this backend cannot run on these tensors (device, dtype, build); empty if it can."""
         raise NotImplementedError

@@ -11,6 +11,7 @@ import os
 import torch
 from torch import Tensor
 
+from ..numerics import KERNEL_DTYPE_NAMES
 from .base import Backend
 
 # Caps the SIMD level the kernels use (portable, avx2, avx512); for benchmarks that must run
@@ -30,8 +31,6 @@ else:
         except ValueError as error:
             _IMPORT_ERROR = f"${SIMD_ENV_VAR}={os.environ[SIMD_ENV_VAR]!r}: {error}"
 
-# Input dtypes the kernels accept after an exact (or, for the outputs, rounding) conversion.
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Index dtype the kernels read without conversion.
 INDEX_DTYPE = torch.int64
 
@@ -67,7 +66,7 @@ class CpuBackend(Backend):
                 continue
             if t.device.type != "cpu":
                 reasons.append(f"device {t.device}: the cpu backend needs CPU tensors")
-            if t.is_floating_point() and t.dtype not in SUPPORTED_DTYPES:
+            if t.is_floating_point() and t.dtype not in KERNEL_DTYPE_NAMES:
                 if t.dtype == torch.float64:
                     reasons.append(
                         "dtype torch.float64: the cpu kernels compute in float32; float64 goes to the torch backend"

@@ -6,39 +6,32 @@ its kernels on the caller's current stream of the tensors' device and never sync
 """
 from __future__ import annotations
 
-import importlib
-import os
 import re
 
 import torch
 from torch import Tensor
 
+from ..numerics import KERNEL_DTYPE_NAMES, deterministic, sort_by_code
 from .base import Backend
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def _deterministic() -> bool:
-    """The same switch as fastvq.triton.deterministic (kept apart so this module needs no triton)."""
-    if torch.are_deterministic_algorithms_enabled():
-        return True
-    return os.environ.get("FASTVQ_DETERMINISTIC", "").strip().lower() in ("1", "true", "yes", "on")
+try:
+    from .. import _cuda
+except ImportError as error:  # surfaced by unavailable_reason(), fastvq.info and forced-backend errors
+    _cuda = None
+    if getattr(error, "name", None) == "fastvq._cuda":
+        _IMPORT_ERROR = "fastvq._cuda is not built (reinstall with a CUDA toolkit: FASTVQ_CUDA=ON pip install .)"
+    else:
+        _IMPORT_ERROR = f"fastvq._cuda failed to load: {type(error).__name__}: {error}"
+else:
+    _IMPORT_ERROR = None
 
 
 class CudaBackend(Backend):
     name = "cuda"
 
     def __init__(self):
-        try:
-            self._ext = importlib.import_module("fastvq._cuda")
-            self._import_error = None
-        except ImportError as error:
-            self._ext = None
-            if getattr(error, "name", None) == "fastvq._cuda":
-                self._import_error = ("fastvq._cuda is not built (reinstall with a CUDA toolkit: "
-                                      "FASTVQ_CUDA=ON pip install .)")
-            else:
-                self._import_error = f"fastvq._cuda failed to load: {type(error).__name__}: {error}"
+        self._ext = _cuda
+        self._import_error = _IMPORT_ERROR
 
     def unavailable_reason(self) -> str | None:
         if self._ext is None:
@@ -76,9 +69,9 @@ class CudaBackend(Backend):
                                    f"but fastvq._cuda was built for sm {self._ext.built_archs()}")
         float_dtypes = {t.dtype for t in tensors if t.is_floating_point()}
         for dtype in sorted(float_dtypes, key=str):
-            if dtype not in _DTYPE_NAMES:
+            if dtype not in KERNEL_DTYPE_NAMES:
                 reasons.append(f"dtype {str(dtype).removeprefix('torch.')}: cuda supports "
-                               f"{', '.join(_DTYPE_NAMES.values())}")
+                               f"{', '.join(KERNEL_DTYPE_NAMES.values())}")
         if len(float_dtypes) > 1:
             names = ", ".join(str(d).removeprefix("torch.") for d in sorted(float_dtypes, key=str))
             reasons.append(f"dtypes {names}: the cuda backend needs x and codebook in one dtype")
@@ -100,18 +93,13 @@ class CudaBackend(Backend):
             self._ext.nearest_code(x, codebook, norms, indices, sqdist, quantized, stream=self._stream(x.device))
         return indices, sqdist, quantized
 
-    def _sort_by_code(self, indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
-        sorted_indices, perm = torch.sort(indices, stable=True)
-        boundaries = torch.arange(num_codes + 1, device=indices.device, dtype=indices.dtype)
-        return perm, torch.searchsorted(sorted_indices, boundaries)
-
     def ema_stats(self, x, indices, num_codes):
         x, indices = x.detach(), indices.detach().contiguous()
         sums = torch.empty((num_codes, x.shape[1]), dtype=torch.float32, device=x.device)
         with torch.cuda.device(x.device):
             stream = self._stream(x.device)
-            if _deterministic():
-                perm, offsets = self._sort_by_code(indices, num_codes)
+            if deterministic():
+                perm, offsets = sort_by_code(indices, num_codes)
                 self._ext.segment_sum(x, perm, offsets, sums, None, stream=stream)
                 return (offsets[1:] - offsets[:-1]).to(torch.float32), sums
             counts = torch.empty((num_codes,), dtype=torch.float32, device=x.device)
@@ -124,18 +112,18 @@ class CudaBackend(Backend):
         codebook, indices = codebook.detach().contiguous(), indices.detach().contiguous()
         commit_scale = commit_scale.detach().to(device=x.device, dtype=torch.float32)
         codebook_scale = codebook_scale.detach().to(device=x.device, dtype=torch.float32)
-        deterministic = need_grad_codebook and _deterministic()
+        sorted_sums = need_grad_codebook and deterministic()
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_grad_x else None
         accumulated = None
         if need_grad_codebook:
             accumulated = torch.empty(codebook.shape, dtype=torch.float32, device=x.device)
         with torch.cuda.device(x.device):
             stream = self._stream(x.device)
-            if need_grad_x or (need_grad_codebook and not deterministic):
+            if need_grad_x or (need_grad_codebook and not sorted_sums):
                 self._ext.quantize_backward(grad_quantized, x, codebook, indices, commit_scale, grad_x,
-                                            None if deterministic else accumulated, stream=stream)
-            if deterministic:
-                perm, offsets = self._sort_by_code(indices, codebook.shape[0])
+                                            None if sorted_sums else accumulated, stream=stream)
+            if sorted_sums:
+                perm, offsets = sort_by_code(indices, codebook.shape[0])
                 self._ext.segment_sum(x, perm, offsets, accumulated, codebook, stream=stream)
         grad_codebook = (accumulated * codebook_scale).to(codebook.dtype) if need_grad_codebook else None
         return grad_x, grad_codebook

@@ -6,14 +6,11 @@ reports "triton is not installed" instead of failing to load.
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import Tensor
 
+from ..numerics import KERNEL_DTYPE_NAMES
 from .base import Backend
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 class TritonBackend(Backend):
@@ -26,7 +23,9 @@ class TritonBackend(Backend):
     def _load(self):
         if self._kernels is None and self._import_error is None:
             try:
-                self._kernels = importlib.import_module("fastvq.triton")
+                from .. import triton as kernels  # imports triton: slow, so only on first use
+
+                self._kernels = kernels
             except ImportError as error:
                 if getattr(error, "name", None) == "triton" or "No module named 'triton'" in str(error):
                     self._import_error = "triton is not installed (pip install triton, or fastvq[triton])"
@@ -75,24 +74,21 @@ class TritonBackend(Backend):
             elif device_type not in ("cpu", "cuda"):
                 reasons.append(f"device {device}: triton runs on CUDA tensors (or CPU under TRITON_INTERPRET=1)")
         for dtype in sorted({t.dtype for t in tensors if t.is_floating_point()}, key=str):
-            if dtype not in _DTYPE_NAMES:
+            if dtype not in KERNEL_DTYPE_NAMES:
                 reasons.append(f"dtype {str(dtype).removeprefix('torch.')}: triton supports "
-                               f"{', '.join(_DTYPE_NAMES.values())}")
+                               f"{', '.join(KERNEL_DTYPE_NAMES.values())}")
         return reasons
 
     def nearest_code(self, x, codebook, want_quantized):
-        self._load()
-        indices, sqdist, quantized = torch.ops.fastvq.triton_nearest_code(x, codebook, want_quantized)
+        indices, sqdist, quantized = self._load().triton_nearest_code(x, codebook, want_quantized)
         return indices, sqdist, (quantized if want_quantized else None)
 
     def ema_stats(self, x, indices, num_codes):
-        self._load()
-        return torch.ops.fastvq.triton_ema_stats(x, indices, num_codes)
+        return self._load().triton_ema_stats(x, indices, num_codes)
 
     def quantize_backward(self, grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
                           need_grad_x, need_grad_codebook):
-        self._load()
-        grad_x, grad_codebook = torch.ops.fastvq.triton_quantize_backward(
+        grad_x, grad_codebook = self._load().triton_quantize_backward(
             grad_quantized, x, codebook, indices, commit_scale, codebook_scale, need_grad_x, need_grad_codebook
         )
         return (grad_x if need_grad_x else None), (grad_codebook if need_grad_codebook else None)

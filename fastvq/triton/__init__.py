@@ -1,9 +1,9 @@
 """fastvq's Triton kernels, each registered with ``torch.library.triton_op`` (so
 ``torch.compile`` sees the kernels inside) and called by fastvq.backends.triton:
 
-    torch.ops.fastvq.triton_nearest_code(x, codebook, want_quantized)      nearest_code.py
-    torch.ops.fastvq.triton_quantize_backward(grad_q, x, codebook, ...)     quantize_backward.py
-    torch.ops.fastvq.triton_ema_stats(x, indices, num_codes)               ema_stats.py
+    triton_nearest_code(x, codebook, want_quantized)      nearest_code.py       fastvq::triton_nearest_code
+    triton_quantize_backward(grad_q, x, codebook, ...)     quantize_backward.py  fastvq::triton_quantize_backward
+    triton_ema_stats(x, indices, num_codes)               ema_stats.py          fastvq::triton_ema_stats
 
 Options:
     set_allow_tf32(True) / FASTVQ_TRITON_TF32=1      float32 search on TF32 tensor cores (default: full fp32)
@@ -15,11 +15,10 @@ Importing this package needs triton; fastvq.backends.triton reports its absence.
 """
 from ._jit import allow_tf32, deterministic, interpreting, set_allow_tf32
 from .ema_stats import triton_ema_stats
-from .nearest_code import SUPPORTED_DTYPES, triton_nearest_code
+from .nearest_code import triton_nearest_code
 from .quantize_backward import triton_quantize_backward
 
 __all__ = [
-    "SUPPORTED_DTYPES",
     "allow_tf32",
     "deterministic",
     "interpreting",

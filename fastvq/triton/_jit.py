@@ -17,13 +17,13 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from ..numerics import deterministic  # noqa: F401  (re-exported: fastvq.triton.deterministic)
+
 _TF32_ENV = "FASTVQ_TRITON_TF32"
-_DETERMINISTIC_ENV = "FASTVQ_DETERMINISTIC"
 _TRUE = ("1", "true", "yes", "on")
 
 _options = {"allow_tf32": None}
@@ -53,15 +53,18 @@ def allow_tf32() -> bool:
     return os.environ.get(_TF32_ENV, "").strip().lower() in _TRUE
 
 
-def deterministic() -> bool:
-    """Sort-and-segment reductions instead of float atomics (bitwise reproducible).
+# BLOCK_D, the slice of d per tl.dot, is not tuned: it follows d up to a cap (tl.dot needs >= 16).
+MAX_BLOCK_D = 128
+# Under the interpreter, a smaller cap makes d = 33 and d = 64 take the chunked-d path too.
+INTERPRETER_MAX_BLOCK_D = 32
 
-    On when ``torch.use_deterministic_algorithms(True)`` is in force or the
-    environment variable FASTVQ_DETERMINISTIC=1 is set.
-    """
-    if torch.are_deterministic_algorithms_enabled():
-        return True
-    return os.environ.get(_DETERMINISTIC_ENV, "").strip().lower() in _TRUE
+
+def block_d_for(dim: int, cap: int = MAX_BLOCK_D) -> int:
+    """The d-slice of every fastvq Triton kernel: next power of two of d, in [16, cap]
+    (cap is INTERPRETER_MAX_BLOCK_D under the interpreter)."""
+    if interpreting():
+        cap = min(cap, INTERPRETER_MAX_BLOCK_D)
+    return min(max(16, triton.next_power_of_2(dim)), cap)
 
 
 class _KernelSpec:

@@ -21,6 +21,7 @@ from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 
 from . import ema_stats, nearest_code, quantize_backward, segment_sum
+from ._jit import MAX_BLOCK_D, block_d_for
 
 # Largest dynamic shared memory per block, bytes (CUDA programming guide, compute capabilities).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -51,8 +52,7 @@ def compile_kernel(decorated, pointer_types: dict, constexprs: dict, arch: int, 
 
 def search_case(dtype: str, dim: int, tensor_cores: bool, config: triton.Config, want_quantized=True):
     t = _TYPE[dtype]
-    cap = nearest_code.MAX_BLOCK_D if tensor_cores else nearest_code.MAX_BLOCK_D // 2
-    block_d = min(max(16, triton.next_power_of_2(dim)), cap)
+    block_d = block_d_for(dim, MAX_BLOCK_D if tensor_cores else MAX_BLOCK_D // 2)
     pointers = dict(x_ptr=t, codebook_ptr=t, code_norms_ptr="fp32", indices_ptr="i64", sqdist_ptr="fp32",
                     quantized_ptr=t)
     constexprs = dict(WRITE_QUANTIZED=want_quantized, CAST_TO_FP32=not tensor_cores,

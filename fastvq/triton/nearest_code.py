@@ -31,17 +31,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ._jit import allow_tf32, for_current_mode, interpreting, kernel
+from ._jit import MAX_BLOCK_D, allow_tf32, block_d_for, for_current_mode, interpreting, kernel
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
 
-# BLOCK_D (the slice of d per tl.dot) is not tuned: it follows d, so the x tile stays in
-# registers for the whole codebook walk when d <= MAX_BLOCK_D (half that for fp32 operands,
-# which take twice the registers and shared memory).
-MAX_BLOCK_D = 128
-# Under the interpreter, a smaller cap makes d = 33 and d = 64 take the chunked-d path too.
-INTERPRETER_MAX_BLOCK_D = 32
 
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -135,14 +128,6 @@ def _nearest_code_kernel(
     tl.store(sqdist_ptr + rows, sqdist, mask=row_mask)
 
 
-def block_d_for(dim: int, tensor_cores: bool) -> int:
-    if interpreting():
-        cap = INTERPRETER_MAX_BLOCK_D
-    else:  # fp32 operands take twice the registers and shared memory per element
-        cap = MAX_BLOCK_D if tensor_cores else MAX_BLOCK_D // 2
-    return min(max(16, triton.next_power_of_2(dim)), cap)  # tl.dot needs >= 16
-
-
 @triton_op("fastvq::triton_nearest_code", mutates_args={})
 def triton_nearest_code(x: Tensor, codebook: Tensor, want_quantized: bool) -> tuple[Tensor, Tensor, Tensor]:
     """indices int64 (N,), sqdist float32 (N,), quantized (N, d) in x.dtype, or (0, d) if not wanted.
@@ -161,7 +146,9 @@ def triton_nearest_code(x: Tensor, codebook: Tensor, want_quantized: bool) -> tu
     # The interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584,
     # "not supported yet"), so it gets float32 operands: exact, as bf16 products are exact in fp32.
     upcast = not tensor_cores or (interpreting() and x.dtype == torch.bfloat16)
-    block_d = block_d_for(dim, not upcast)
+    # The x tile stays in registers for the whole codebook walk when d <= BLOCK_D; fp32 operands
+    # take twice the registers and shared memory, so their cap is half.
+    block_d = block_d_for(dim, MAX_BLOCK_D if not upcast else MAX_BLOCK_D // 2)
     # ‖e_k‖² once per call (O(K·d)), not once per program.
     code_norms = codebook.to(torch.float32).square().sum(dim=1)
 

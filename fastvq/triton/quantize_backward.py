@@ -20,8 +20,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ._jit import deterministic, for_current_mode, interpreting, kernel
-from .segment_sum import segment_sum, sort_by_code
+from ._jit import block_d_for, deterministic, for_current_mode, kernel
+from ..numerics import sort_by_code
+from .segment_sum import segment_sum
 
 
 # Not autotuned: an autotuner re-runs the kernel per config, which would add the atomics twice.
@@ -79,7 +80,7 @@ def triton_quantize_backward(
                    else x.new_empty((0,), dtype=torch.float32))
 
     if num_rows > 0 and (need_grad_x or scatter):
-        block_d = min(max(16, triton.next_power_of_2(dim)), 32 if interpreting() else 128)
+        block_d = block_d_for(dim)
         block_n = 64 if block_d <= 64 else 32
         grid = (triton.cdiv(num_rows, block_n), triton.cdiv(dim, block_d))
         wrap_triton(for_current_mode(_quantize_backward_kernel))[grid](

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from ._jit import for_current_mode, interpreting, kernel
+from ._jit import block_d_for, for_current_mode, kernel
 
 
 @kernel()
@@ -49,22 +49,11 @@ def _segment_sum_kernel(
     tl.store(out_ptr + code * d + cols, tl.sum(acc, axis=0), mask=col_mask)
 
 
-def sort_by_code(indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
-    """(perm, offsets): rows perm[offsets[k]:offsets[k+1]] have index k, in row order.
-
-    Indices outside [0, num_codes) fall outside every segment and are ignored.
-    """
-    sorted_indices, perm = torch.sort(indices, stable=True)
-    boundaries = torch.arange(num_codes + 1, device=indices.device, dtype=indices.dtype)
-    offsets = torch.searchsorted(sorted_indices, boundaries)
-    return perm, offsets
-
-
 def segment_sum(x: Tensor, perm: Tensor, offsets: Tensor, num_codes: int, codebook: Tensor | None = None) -> Tensor:
     """float32 (num_codes, d): Σ x_i per code, or Σ (codebook_k − x_i) when codebook is given."""
     dim = x.shape[1]
     out = torch.empty((num_codes, dim), dtype=torch.float32, device=x.device)
-    block_d = min(max(16, triton.next_power_of_2(dim)), 32 if interpreting() else 128)
+    block_d = block_d_for(dim)
     block_r = 32 if block_d > 64 else 64
     residual = codebook is not None
     source = codebook if residual else x  # any valid pointer when unused

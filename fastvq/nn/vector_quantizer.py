@@ -7,16 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import codebook_init, ops, snapshot  # noqa: F401  (register torch.ops.fastvq.*)
-from .checks import (check_float_tensor, check_fraction, check_non_negative, check_positive_int, check_same_device,
-                     shape_str)
+from .. import ops
+from ..checks import (check_float_tensor, check_fraction, check_non_negative, check_positive_int, check_same_device,
+                      shape_str)
+from ..dispatch import check_backend_argument
 from .compat import (FORWARD_UNSUPPORTED, STRAIGHT_THROUGH_ROTATION_TRICK, VECTOR_QUANTIZE_UNSUPPORTED,
                      reject_unsupported)
 from .dead_codes import revive_dead_codes_
-from .dispatch import check_backend_argument
 from .distributed import all_reduce_stats, is_distributed
+from .ema import ema_update
 from .layout import ChannelLayout
-from .reference import ema_update
 from .stats import code_counts, codebook_stats
 
 
@@ -48,7 +48,7 @@ class FastVectorQuantizer(nn.Module):
       None means on when torch.distributed is initialised with world size > 1.
     - ``forward(x, return_stats=True)`` also returns a CodebookStats (perplexity,
       utilization, counts) of this process's batch, computed from per-code counts.
-    Other VectorQuantize kwargs are accepted only at their defaults (fastvq.compat).
+    Other VectorQuantize kwargs are accepted only at their defaults (fastvq/nn/compat.py).
     """
 
     def __init__(
@@ -79,30 +79,11 @@ class FastVectorQuantizer(nn.Module):
         **unsupported,
     ):
         super().__init__()
-        reject_unsupported(type(self).__name__, unsupported, VECTOR_QUANTIZE_UNSUPPORTED)
-        if rotation_trick not in STRAIGHT_THROUGH_ROTATION_TRICK:
-            raise ValueError(f"{type(self).__name__} does not implement rotation_trick={rotation_trick!r}; "
-                             "it uses the straight-through estimator (rotation_trick None or False)")
-        check_positive_int("dim", dim)
-        check_positive_int("codebook_size", codebook_size)
-        check_positive_int("heads", heads)
-        check_fraction("decay", decay)
-        check_non_negative("eps", eps)
-        check_non_negative("commitment_weight", commitment_weight)
-        check_non_negative("threshold_ema_dead_code", threshold_ema_dead_code)
-        if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 0:
-            raise ValueError(f"kmeans_iters must be an int >= 0, got {kmeans_iters!r}")
-        check_backend_argument(backend)
-        if dim % heads:
-            raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
-        if codebook_dim is not None and codebook_dim != dim // heads:
-            raise ValueError(f"codebook_dim must be None or dim // heads == {dim // heads} (fastvq splits x into "
-                             f"heads without projections), got codebook_dim={codebook_dim!r}")
-        if learnable_codebook is not None and bool(learnable_codebook) == bool(ema_update):
-            raise ValueError(
-                f"learnable_codebook={learnable_codebook} conflicts with ema_update={ema_update}: the codebook is "
-                "learned either by EMA (ema_update=True) or by gradient (ema_update=False, learnable_codebook=True)"
-            )
+        _check_arguments(type(self).__name__, unsupported, dim=dim, codebook_size=codebook_size, heads=heads,
+                         decay=decay, eps=eps, commitment_weight=commitment_weight,
+                         threshold_ema_dead_code=threshold_ema_dead_code, kmeans_iters=kmeans_iters, backend=backend,
+                         codebook_dim=codebook_dim, learnable_codebook=learnable_codebook, ema_update=ema_update,
+                         rotation_trick=rotation_trick)
         self.dim = dim
         self.codebook_size = codebook_size
         self.decay = float(decay)
@@ -250,15 +231,15 @@ class FastVectorQuantizer(nn.Module):
         if update and self.ema_update:
             # The EMA step rewrites embed in place; backward needs the rows this forward used.
             # A custom-op copy, as torch.compile may recompute a plain clone after the update.
-            codebook = torch.ops.fastvq.snapshot(codebook)
+            codebook = ops.snapshot(codebook)
         codebook_weight = 1.0 if self.learnable_codebook and not frozen else 0.0
         if self.num_codebooks == 1:
-            quantized, indices, loss = torch.ops.fastvq.quantize(
+            quantized, indices, loss = ops.quantize(
                 rows.view(-1, self.codebook_dim), codebook, self.commitment_weight, codebook_weight, self.backend)
             quantized, indices = quantized.view(rows.shape), indices.view(rows.shape[:-1])
         else:
             per_head = rows.transpose(0, 1).contiguous()  # (C, M, d): one contiguous block per codebook
-            outputs = [torch.ops.fastvq.quantize(per_head[c], codebook[c], self.commitment_weight,
+            outputs = [ops.quantize(per_head[c], codebook[c], self.commitment_weight,
                                                  codebook_weight, self.backend) for c in range(self.num_codebooks)]
             quantized = torch.stack([q for q, _, _ in outputs], dim=1)
             indices = torch.stack([i for _, i, _ in outputs], dim=1)
@@ -278,7 +259,7 @@ class FastVectorQuantizer(nn.Module):
         num_codes = self.codebook_size
         offsets = torch.arange(self.num_codebooks, device=indices.device) * num_codes
         flat_indices = (indices + offsets).reshape(-1)  # one ema_stats call for all codebooks
-        counts, sums = torch.ops.fastvq.ema_stats(
+        counts, sums = ops.ema_stats(
             rows.reshape(-1, self.codebook_dim), flat_indices, self.num_codebooks * num_codes, self.backend)
         counts = counts.view(self.num_codebooks, num_codes)
         sums = sums.view(self.num_codebooks, num_codes, self.codebook_dim)
@@ -309,7 +290,7 @@ class FastVectorQuantizer(nn.Module):
         sync_init = sync and self.sync_kmeans
         if rows.shape[0] == 0 and not sync_init:
             return  # wait for a non-empty batch
-        torch.ops.fastvq.kmeans_init_(
+        ops.kmeans_init_(
             self.embed if self.ema_update else self.embed.detach(),
             getattr(self, "cluster_size", None),
             self.embed_avg if self.ema_update else None,
@@ -322,6 +303,37 @@ class FastVectorQuantizer(nn.Module):
         if self.use_cosine_sim and self.learnable_codebook:
             return F.normalize(self.embed, dim=-1)
         return self.embed
+
+
+
+def _check_arguments(owner: str, unsupported: dict, *, dim, codebook_size, heads, decay, eps, commitment_weight,
+                     threshold_ema_dead_code, kmeans_iters, backend, codebook_dim, learnable_codebook, ema_update,
+                     rotation_trick) -> None:
+    """FastVectorQuantizer's constructor arguments, each checked with a message naming it."""
+    reject_unsupported(owner, unsupported, VECTOR_QUANTIZE_UNSUPPORTED)
+    if rotation_trick not in STRAIGHT_THROUGH_ROTATION_TRICK:
+        raise ValueError(f"{owner} does not implement rotation_trick={rotation_trick!r}; "
+                         "it uses the straight-through estimator (rotation_trick None or False)")
+    check_positive_int("dim", dim)
+    check_positive_int("codebook_size", codebook_size)
+    check_positive_int("heads", heads)
+    check_fraction("decay", decay)
+    check_non_negative("eps", eps)
+    check_non_negative("commitment_weight", commitment_weight)
+    check_non_negative("threshold_ema_dead_code", threshold_ema_dead_code)
+    if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 0:
+        raise ValueError(f"kmeans_iters must be an int >= 0, got {kmeans_iters!r}")
+    check_backend_argument(backend)
+    if dim % heads:
+        raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
+    if codebook_dim is not None and codebook_dim != dim // heads:
+        raise ValueError(f"codebook_dim must be None or dim // heads == {dim // heads} (fastvq splits x into "
+                         f"heads without projections), got codebook_dim={codebook_dim!r}")
+    if learnable_codebook is not None and bool(learnable_codebook) == bool(ema_update):
+        raise ValueError(
+            f"learnable_codebook={learnable_codebook} conflicts with ema_update={ema_update}: the codebook is "
+            "learned either by EMA (ema_update=True) or by gradient (ema_update=False, learnable_codebook=True)"
+        )
 
 
 def _no_autocast(device_type: str):

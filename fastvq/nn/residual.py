@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .checks import check_float_tensor, check_positive_int, shape_str
+from ..checks import check_float_tensor, check_positive_int, shape_str
+from ..numerics import compute_dtype
 from .compat import RESIDUAL_FORWARD_UNSUPPORTED, RESIDUAL_VQ_UNSUPPORTED, reject_unsupported
 from .layout import ChannelLayout
-from .modules import FastVectorQuantizer
+from .vector_quantizer import FastVectorQuantizer
 from .stats import CodebookStats
 
 
@@ -85,7 +86,7 @@ class ResidualVQ(nn.Module):
         reject_unsupported(f"{type(self).__name__}.forward", unsupported, RESIDUAL_FORWARD_UNSUPPORTED)
         check_float_tensor("x", x)
         x_last = self.layout.to_channel_last(x, self.dim)
-        residual = x_last.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        residual = x_last.to(compute_dtype(x.dtype))
         total = torch.zeros_like(residual)
         all_indices, losses, stats = [], [], []
         for layer in self.layers:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .checks import shape_str
+from ..checks import shape_str
 
 
 class ChannelLayout:

@@ -1,8 +1,9 @@
 """k-means initialisation of a FastVectorQuantizer codebook from its first training batch.
 
-It is the custom op ``fastvq::kmeans_init_`` so that ``torch.compile(fullgraph=True)``
-sees one opaque call instead of tracing k-means' data-dependent loops; the module
-calls it once (a Python flag, guarded by the compiler, then stops the calls).
+The work behind the custom op ``fastvq::kmeans_init_`` (fastvq/ops.py), so that
+``torch.compile(fullgraph=True)`` sees one opaque call instead of tracing k-means'
+data-dependent loops; the module calls it once (a Python flag, guarded by the
+compiler, then stops the calls).
 
 With ``sync=True`` (torch.distributed, world size > 1), rank 0 runs k-means on its
 own rows and broadcasts the centroids; then every rank assigns its rows to them and
@@ -17,14 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import ops
+from ..kmeans import fit as kmeans_fit
+from ..numerics import compute_dtype
 from . import distributed
-from .kmeans import fit as kmeans_fit
 
 
-@torch.library.custom_op(
-    "fastvq::kmeans_init_", mutates_args=("embed", "cluster_size", "embed_avg", "initted")
-)
-def kmeans_init_(
+def kmeans_init_codebook_(
     embed: Tensor,
     cluster_size: Optional[Tensor],
     embed_avg: Optional[Tensor],
@@ -57,7 +57,7 @@ def kmeans_init_(
                              "rows on rank 0, which decides the centroids for every rank")
     elif num_rows == 0:
         return
-    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    x = x.to(compute_dtype(x.dtype))
     centroids = x.new_zeros((num_codebooks, num_codes, dim))
     if not sync or distributed.rank() == 0:
         seed = int(torch.randint(2**62, (1,)))  # from torch's global RNG, so torch.manual_seed applies
@@ -72,8 +72,8 @@ def kmeans_init_(
     sums = x.new_zeros((num_codebooks, num_codes, dim), dtype=torch.float32)
     for c in range(num_codebooks):
         rows = x[:, c].contiguous()
-        assignments, _ = torch.ops.fastvq.nearest_code(rows, centroids[c], backend)
-        counts[c], sums[c] = torch.ops.fastvq.ema_stats(rows, assignments, num_codes, backend)
+        assignments, _ = ops.nearest_code(rows, centroids[c], backend)
+        counts[c], sums[c] = ops.ema_stats(rows, assignments, num_codes, backend)
     if sync:
         counts, sums = distributed.all_reduce_stats(counts, sums)
     used = counts > 0
@@ -88,8 +88,3 @@ def kmeans_init_(
     if embed_avg is not None:
         embed_avg.copy_(new_embed_avg.view(embed_avg.shape))
     initted.fill_(True)
-
-
-@kmeans_init_.register_fake
-def _(embed, cluster_size, embed_avg, initted, x, iters, spherical, sync, backend):
-    return None

@@ -18,19 +18,8 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
-
-
-def all_reduce_sum_(tensor: Tensor) -> Tensor:
-    """Sum ``tensor`` over all ranks, in place; a no-op in a single process."""
-    if is_distributed():
-        tensor.copy_(funcol.all_reduce(tensor, "sum", dist.group.WORLD))
-    return tensor
 
 
 def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
