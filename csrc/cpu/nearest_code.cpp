@@ -136,11 +136,16 @@ inline float squared_l2(const float* a, const float* b, int64_t d) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
+struct Outputs {
+  int64_t* indices;
+  float* sqdist;
+  float* quantized;  // may be null
+};
+
 // Rows [r0, r1): turn the running best into outputs. best_idx < 0 means no code had a
 // finite distance (see the NaN note above): report code 0.
 inline void finish_rows(const float* x, int64_t d, const float* codebook, int64_t r0, int64_t r1,
-                        const int64_t* best_idx, int64_t* indices_out, float* sqdist_out,
-                        float* quantized_out) {
+                        const int64_t* best_idx, const Outputs& out) {
   for (int64_t i = r0; i < r1; ++i) {
     int64_t idx = best_idx[i - r0] < 0 ? 0 : best_idx[i - r0];
     float sqdist = squared_l2(x + i * d, codebook + idx * d, d);
@@ -151,9 +156,9 @@ inline void finish_rows(const float* x, int64_t d, const float* codebook, int64_
       sqdist = squared_l2(x + i * d, codebook, d);
     }
     const float* e = codebook + idx * d;
-    indices_out[i] = idx;
-    sqdist_out[i] = sqdist;
-    if (quantized_out) std::copy(e, e + d, quantized_out + i * d);
+    out.indices[i] = idx;
+    out.sqdist[i] = sqdist;
+    if (out.quantized) std::copy(e, e + d, out.quantized + i * d);
   }
 }
 
@@ -177,6 +182,7 @@ struct Search {
   int64_t d;
   const float* panels;
   const float* norms;
+  int64_t npanels;
   int64_t block_panels;
 
   // `ntiles` packed tiles against panels [q_begin, q_end), K-blocked, merged into best_*
@@ -200,60 +206,40 @@ int thread_id() {
 #endif
 }
 
-}  // namespace
+// Both schedules hand out work items dynamically, so a thread that loses its core (shared
+// machines) does not hold up the others; no result depends on which thread runs which item.
 
-void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, int64_t k,
-                  int64_t* indices_out, float* sqdist_out, float* quantized_out, int num_threads) {
-  if (n == 0) return;
-  const int64_t npanels = (k + kPanel - 1) / kPanel;
-  // Tiny problems run on fewer threads: waking a thread costs more than it would save
-  // (the answer is the same for any thread count).
-  const int64_t padded_flops = 2 * ((n + kTileRows - 1) / kTileRows) * kTileRows * npanels * kPanel * d;
-  const int nt = static_cast<int>(std::min<int64_t>(resolve_threads(num_threads), 1 + padded_flops / kMinFlopsPerThread));
-  std::unique_ptr<AlignedFloats> temporary;
-  float* const panels = pack_workspace(npanels * (d + 1) * kPanel, temporary);
-  float* const norms = panels + npanels * d * kPanel;  // still 64-byte aligned
-  pack_codebook(codebook, k, d, npanels, panels, norms, nt);
-
-  const int64_t panel_bytes = d * kPanel * static_cast<int64_t>(sizeof(float));
-  const Search search{current_search_tile(), d, panels, norms,
-                      std::max<int64_t>(1, kBlockBytes / panel_bytes)};
-  const float inf = std::numeric_limits<float>::infinity();
-
-  // Work items are (row group, code chunk) pairs. With enough row groups there is one chunk
-  // and each group is finished right after its search. With few rows (e.g. N = 64,
-  // K = 65536) the codes are also split into contiguous chunks so every thread gets work;
-  // the chunks' results are merged afterwards in code order with the same strict rule.
-  // The schedule is dynamic so a thread that loses its core (shared machines) does not
-  // hold up the others; no result depends on which thread runs which item.
+// One work item per group of rows: search all codes, then finish the group's rows.
+void search_by_row_groups(const Search& search, const float* x, int64_t n, const float* codebook,
+                          const Outputs& out, int nt) {
+  const int64_t d = search.d;
   const int64_t ngroups = (n + kGroupRows - 1) / kGroupRows;
-  const int64_t want_items = 4 * static_cast<int64_t>(nt);
-  const int64_t nchunks =
-      nt > 1 && ngroups < want_items
-          ? std::max<int64_t>(1, std::min((want_items + ngroups - 1) / ngroups, npanels / kMinChunkPanels))
-          : 1;
-
-  if (nchunks == 1) {
-    AlignedFloats xpack(static_cast<int64_t>(nt) * kGroupRows * d);
+  AlignedFloats xpack(static_cast<int64_t>(nt) * kGroupRows * d);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-    for (int64_t g = 0; g < ngroups; ++g) {
-      const int64_t r0 = g * kGroupRows, r1 = std::min(n, r0 + kGroupRows);
-      float* xp = xpack.ptr + thread_id() * kGroupRows * d;
-      pack_rows(x, d, r0, r1, xp);
-      float best_val[kGroupRows];
-      int64_t best_idx[kGroupRows];
-      std::fill(best_val, best_val + kGroupRows, inf);
-      std::fill(best_idx, best_idx + kGroupRows, int64_t{-1});
-      search.tiles(xp, (r1 - r0 + kTileRows - 1) / kTileRows, 0, npanels, best_val, best_idx);
-      finish_rows(x, d, codebook, r0, r1, best_idx, indices_out, sqdist_out, quantized_out);
-    }
-    return;
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const int64_t r0 = g * kGroupRows, r1 = std::min(n, r0 + kGroupRows);
+    float* xp = xpack.ptr + thread_id() * kGroupRows * d;
+    pack_rows(x, d, r0, r1, xp);
+    float best_val[kGroupRows];
+    int64_t best_idx[kGroupRows];
+    std::fill(best_val, best_val + kGroupRows, std::numeric_limits<float>::infinity());
+    std::fill(best_idx, best_idx + kGroupRows, int64_t{-1});
+    search.tiles(xp, (r1 - r0 + kTileRows - 1) / kTileRows, 0, search.npanels, best_val, best_idx);
+    finish_rows(x, d, codebook, r0, r1, best_idx, out);
   }
+}
 
+// One work item per (row group, code chunk) pair, the codes split into `nchunks` contiguous
+// chunks. Each chunk keeps its own running best per row; the chunks are merged afterwards in
+// code order with the same strict rule, so ties still go to the lowest index.
+void search_by_code_chunks(const Search& search, const float* x, int64_t n, const float* codebook,
+                           int64_t nchunks, const Outputs& out, int nt) {
+  const int64_t d = search.d, npanels = search.npanels;
+  const int64_t ngroups = (n + kGroupRows - 1) / kGroupRows;
   const int64_t npad = ngroups * kGroupRows;  // few rows here: pack them all once
   AlignedFloats xpack(npad * d);
   pack_rows(x, d, 0, n, xpack.ptr);
-  std::vector<float> chunk_val(static_cast<size_t>(nchunks * npad), inf);
+  std::vector<float> chunk_val(static_cast<size_t>(nchunks * npad), std::numeric_limits<float>::infinity());
   std::vector<int64_t> chunk_idx(static_cast<size_t>(nchunks * npad), -1);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t item = 0; item < ngroups * nchunks; ++item) {
@@ -274,7 +260,40 @@ void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, i
       }
     best_idx[i] = idx;
   }
-  finish_rows(x, d, codebook, 0, n, best_idx.data(), indices_out, sqdist_out, quantized_out);
+  finish_rows(x, d, codebook, 0, n, best_idx.data(), out);
+}
+
+}  // namespace
+
+void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, int64_t k,
+                  int64_t* indices_out, float* sqdist_out, float* quantized_out, int num_threads) {
+  if (n == 0) return;
+  const int64_t npanels = (k + kPanel - 1) / kPanel;
+  // Tiny problems run on fewer threads: waking a thread costs more than it would save
+  // (the answer is the same for any thread count).
+  const int64_t padded_flops = 2 * ((n + kTileRows - 1) / kTileRows) * kTileRows * npanels * kPanel * d;
+  const int nt = static_cast<int>(std::min<int64_t>(resolve_threads(num_threads), 1 + padded_flops / kMinFlopsPerThread));
+  std::unique_ptr<AlignedFloats> temporary;
+  float* const panels = pack_workspace(npanels * (d + 1) * kPanel, temporary);
+  float* const norms = panels + npanels * d * kPanel;  // still 64-byte aligned
+  pack_codebook(codebook, k, d, npanels, panels, norms, nt);
+
+  const int64_t panel_bytes = d * kPanel * static_cast<int64_t>(sizeof(float));
+  const Search search{current_search_tile(), d, panels, norms, npanels,
+                      std::max<int64_t>(1, kBlockBytes / panel_bytes)};
+  const Outputs out{indices_out, sqdist_out, quantized_out};
+
+  // Few row groups (e.g. N = 64, K = 65536) cannot keep every thread busy: split the codes too.
+  const int64_t ngroups = (n + kGroupRows - 1) / kGroupRows;
+  const int64_t want_items = 4 * static_cast<int64_t>(nt);
+  const int64_t nchunks =
+      nt > 1 && ngroups < want_items
+          ? std::max<int64_t>(1, std::min((want_items + ngroups - 1) / ngroups, npanels / kMinChunkPanels))
+          : 1;
+  if (nchunks == 1)
+    search_by_row_groups(search, x, n, codebook, out, nt);
+  else
+    search_by_code_chunks(search, x, n, codebook, nchunks, out, nt);
 }
 
 }  // namespace fastvq::cpu
