@@ -17,6 +17,9 @@ namespace fastvq::nbargs {
 
 namespace nb = nanobind;
 
+using In = nb::ndarray<nb::ro>;  // read-only inputs (numpy read-only arrays accepted too)
+using Out = nb::ndarray<>;       // outputs, written in place
+
 inline std::string dtype_name(nb::dlpack::dtype t) {
   using code = nb::dlpack::dtype_code;
   std::string base;

@@ -21,51 +21,39 @@
 namespace nb = nanobind;
 using namespace nb::literals;
 using fastvq::checks::ArrayArg;
+using fastvq::checks::as_or_null;
 using fastvq::checks::check_array;
 using fastvq::checks::check_shape;
+using fastvq::checks::check_shape_k_d;
+using fastvq::checks::check_shape_n;
+using fastvq::checks::check_shape_n_d;
+using fastvq::checks::eq;
 using fastvq::checks::kAnySize;
 using fastvq::nbargs::describe;
+using fastvq::nbargs::In;
+using fastvq::nbargs::Out;
 
 namespace {
 
-using In = nb::ndarray<nb::ro>;  // read-only inputs (numpy read-only arrays accepted too)
-using Out = nb::ndarray<>;       // outputs, written in place
-
-std::string eq(const char* what, int64_t value) { return std::string(what) + " == " + std::to_string(value); }
-
-float* fptr(const ArrayArg& a) { return static_cast<float*>(a.data); }
-const float* cfptr(const std::optional<ArrayArg>& a) { return a ? fptr(*a) : nullptr; }
-float* mfptr(const std::optional<ArrayArg>& a) { return a ? fptr(*a) : nullptr; }
-int64_t* iptr(const ArrayArg& a) { return static_cast<int64_t*>(a.data); }
-
-// x (N, d) with d >= 1; returns (N, d).
 std::pair<int64_t, int64_t> check_x(const ArrayArg& x) {
   check_array(x, "float32");
-  check_shape(x, {kAnySize, kAnySize}, "(N, d)");
-  if (x.size(1) < 1) fastvq::checks::fail("x must have shape (N, d) with d >= 1, got " + fastvq::checks::tuple_str(x.shape));
-  return {x.size(0), x.size(1)};
+  return fastvq::checks::check_x_shape(x);
 }
 
-// codebook (K, d) with K >= 1 and d == x.shape[1]; returns K.
 int64_t check_codebook(const ArrayArg& codebook, int64_t d) {
   check_array(codebook, "float32");
-  check_shape(codebook, {kAnySize, d}, "(K, d)", eq("d == x.shape[1]", d));
-  const int64_t k = codebook.size(0);
-  if (k < 1) fastvq::checks::fail("codebook must have shape (K, d) with K >= 1, got " + fastvq::checks::tuple_str(codebook.shape));
   // Lane indices inside the micro-kernels are int32.
-  if (k > std::numeric_limits<int32_t>::max() - 64)
-    fastvq::checks::fail("codebook must have K < 2**31 - 64 rows, got K == " + std::to_string(k));
-  return k;
+  return fastvq::checks::check_codebook_shape(codebook, d, std::numeric_limits<int32_t>::max() - 64, "K < 2**31 - 64");
 }
 
 void check_rows(const ArrayArg& a, const char* dtype, int64_t n) {
   check_array(a, dtype);
-  check_shape(a, {n}, "(N,)", eq("N == x.shape[0]", n));
+  check_shape_n(a, n);
 }
 
 void check_rows_by_d(const ArrayArg& a, int64_t n, int64_t d) {
   check_array(a, "float32");
-  check_shape(a, {n, d}, "(N, d)", eq("N == x.shape[0]", n) + " and " + eq("d == x.shape[1]", d));
+  check_shape_n_d(a, n, d);
 }
 
 void nearest_code(In x_, In codebook_, Out indices_out_, Out sqdist_out_,
@@ -82,8 +70,8 @@ void nearest_code(In x_, In codebook_, Out indices_out_, Out sqdist_out_,
   if (quantized_out) check_rows_by_d(*quantized_out, n, d);
 
   nb::gil_scoped_release release;
-  fastvq::cpu::nearest_code(fptr(x), n, d, fptr(codebook), k, iptr(indices_out), fptr(sqdist_out),
-                            mfptr(quantized_out), num_threads);
+  fastvq::cpu::nearest_code(x.as<const float>(), n, d, codebook.as<const float>(), k, indices_out.as<int64_t>(),
+                            sqdist_out.as<float>(), as_or_null<float>(quantized_out), num_threads);
 }
 
 void ema_stats(In x_, In indices_, Out counts_out_, Out sums_out_, int num_threads) {
@@ -97,11 +85,12 @@ void ema_stats(In x_, In indices_, Out counts_out_, Out sums_out_, int num_threa
   const int64_t k = counts_out.size(0);
   const ArrayArg sums_out = describe("sums_out", sums_out_);
   check_array(sums_out, "float32");
-  check_shape(sums_out, {k, d}, "(K, d)", eq("K == counts_out.shape[0]", k) + " and " + eq("d == x.shape[1]", d));
-  fastvq::checks::check_indices("indices", iptr(indices), n, k, eq("K == counts_out.shape[0]", k));
+  check_shape_k_d(sums_out, k, d, "K == counts_out.shape[0]");
+  fastvq::checks::check_indices("indices", indices.as<int64_t>(), n, k, eq("K == counts_out.shape[0]", k));
 
   nb::gil_scoped_release release;
-  fastvq::cpu::ema_stats(fptr(x), n, d, iptr(indices), k, fptr(counts_out), fptr(sums_out), num_threads);
+  fastvq::cpu::ema_stats(x.as<const float>(), n, d, indices.as<const int64_t>(), k, counts_out.as<float>(),
+                         sums_out.as<float>(), num_threads);
 }
 
 void quantize_backward(std::optional<In> grad_quantized_, In x_, In codebook_, In indices_,
@@ -120,15 +109,15 @@ void quantize_backward(std::optional<In> grad_quantized_, In x_, In codebook_, I
   const std::optional<ArrayArg> grad_codebook_out = describe("grad_codebook_out", grad_codebook_out_);
   if (grad_codebook_out) {
     check_array(*grad_codebook_out, "float32");
-    check_shape(*grad_codebook_out, {k, d}, "(K, d)",
-                eq("K == codebook.shape[0]", k) + " and " + eq("d == x.shape[1]", d));
+    check_shape_k_d(*grad_codebook_out, k, d, "K == codebook.shape[0]");
   }
-  fastvq::checks::check_indices("indices", iptr(indices), n, k, eq("K == codebook.shape[0]", k));
+  fastvq::checks::check_indices("indices", indices.as<int64_t>(), n, k, eq("K == codebook.shape[0]", k));
 
   nb::gil_scoped_release release;
-  fastvq::cpu::quantize_backward(cfptr(grad_quantized), fptr(x), n, d, fptr(codebook), k, iptr(indices),
+  fastvq::cpu::quantize_backward(as_or_null<const float>(grad_quantized), x.as<const float>(), n, d,
+                                 codebook.as<const float>(), k, indices.as<const int64_t>(),
                                  static_cast<float>(commit_scale), static_cast<float>(codebook_scale),
-                                 mfptr(grad_x_out), mfptr(grad_codebook_out), num_threads);
+                                 as_or_null<float>(grad_x_out), as_or_null<float>(grad_codebook_out), num_threads);
 }
 
 }  // namespace

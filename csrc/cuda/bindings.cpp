@@ -27,21 +27,22 @@
 namespace nb = nanobind;
 using namespace nb::literals;
 using fastvq::checks::ArrayArg;
+using fastvq::checks::as_or_null;
 using fastvq::checks::check_shape;
+using fastvq::checks::check_shape_k_d;
+using fastvq::checks::check_shape_n;
+using fastvq::checks::check_shape_n_d;
+using fastvq::checks::eq;
 using fastvq::checks::fail;
-using fastvq::checks::is_c_contiguous;
 using fastvq::checks::kAnySize;
 using fastvq::checks::tuple_str;
 using fastvq::cuda::DType;
 using fastvq::cuda::Strided;
 using fastvq::nbargs::describe;
+using fastvq::nbargs::In;
+using fastvq::nbargs::Out;
 
 namespace {
-
-using In = nb::ndarray<nb::ro>;
-using Out = nb::ndarray<>;
-
-std::string eq(const char* what, int64_t value) { return std::string(what) + " == " + std::to_string(value); }
 
 // All arrays of one call must live on the same CUDA device; the first one fixes it.
 class Device {
@@ -69,14 +70,11 @@ DType float_dtype(const ArrayArg& a) {
   fail(a.name + " must have dtype float32, float16 or bfloat16, got " + a.dtype);
 }
 
-void check_dtype(const ArrayArg& a, const std::string& dtype, const std::string& because = "") {
-  if (a.dtype != dtype)
-    fail(a.name + " must have dtype " + dtype + (because.empty() ? "" : " (" + because + ")") + ", got " + a.dtype);
-}
-
-void check_contiguous(const ArrayArg& a) {
-  if (!is_c_contiguous(a))
-    fail(a.name + " must be C-contiguous, got strides " + tuple_str(a.strides) + " for shape " + tuple_str(a.shape));
+// On the call's device, of this dtype, C-contiguous.
+void check_array(const ArrayArg& a, const std::string& dtype, Device& device, const std::string& because = "") {
+  device.check(a);
+  fastvq::checks::check_dtype(a, dtype, because);
+  fastvq::checks::check_contiguous(a);
 }
 
 Strided strided(const ArrayArg& a) { return {a.data, a.strides[0], a.strides[1]}; }
@@ -85,38 +83,15 @@ Strided strided(const ArrayArg& a) { return {a.data, a.strides[0], a.strides[1]}
 std::pair<int64_t, int64_t> check_x(const ArrayArg& x, Device& device) {
   device.check(x);
   float_dtype(x);
-  check_shape(x, {kAnySize, kAnySize}, "(N, d)");
-  if (x.size(1) < 1) fail("x must have shape (N, d) with d >= 1, got " + tuple_str(x.shape));
-  if ((x.size(1) + 31) / 32 > 65535) fail("x must have d <= 2097120 columns, got d == " + std::to_string(x.size(1)));
-  return {x.size(0), x.size(1)};
+  const auto [n, d] = fastvq::checks::check_x_shape(x);
+  if ((d + 31) / 32 > 65535) fail("x must have d <= 2097120 columns, got d == " + std::to_string(d));
+  return {n, d};
 }
 
 // A contiguous (K, d) array of x's dtype; returns K.
 int64_t check_codebook(const ArrayArg& codebook, const ArrayArg& x, int64_t d, Device& device) {
-  device.check(codebook);
-  check_dtype(codebook, x.dtype, "x's dtype");
-  check_contiguous(codebook);
-  check_shape(codebook, {kAnySize, d}, "(K, d)", eq("d == x.shape[1]", d));
-  const int64_t k = codebook.size(0);
-  if (k < 1) fail("codebook must have shape (K, d) with K >= 1, got " + tuple_str(codebook.shape));
-  if (k > std::numeric_limits<int32_t>::max())
-    fail("codebook must have K < 2**31 rows, got K == " + std::to_string(k));
-  return k;
-}
-
-void check_vector(const ArrayArg& a, const char* dtype, int64_t size, const std::string& because, Device& device) {
-  device.check(a);
-  check_dtype(a, dtype);
-  check_contiguous(a);
-  check_shape(a, {size}, "(" + std::to_string(size) + ",)", because);
-}
-
-void check_matrix(const ArrayArg& a, const std::string& dtype, int64_t rows, int64_t cols, const std::string& pattern,
-                  const std::string& because, Device& device) {
-  device.check(a);
-  check_dtype(a, dtype);
-  check_contiguous(a);
-  check_shape(a, {rows, cols}, pattern, because);
+  check_array(codebook, x.dtype, device, "x's dtype");
+  return fastvq::checks::check_codebook_shape(codebook, d, std::numeric_limits<int32_t>::max(), "K < 2**31");
 }
 
 void nearest_code(In x_, In codebook_, Out code_norms_scratch_, Out indices_out_, Out sqdist_out_,
@@ -127,19 +102,24 @@ void nearest_code(In x_, In codebook_, Out code_norms_scratch_, Out indices_out_
   const ArrayArg codebook = describe("codebook", codebook_);
   const int64_t k = check_codebook(codebook, x, d, device);
   const ArrayArg norms = describe("code_norms_scratch", code_norms_scratch_);
-  check_vector(norms, "float32", k, eq("K == codebook.shape[0]", k), device);
+  check_array(norms, "float32", device);
+  check_shape(norms, {k}, "(K,)", eq("K == codebook.shape[0]", k));
   const ArrayArg indices_out = describe("indices_out", indices_out_);
-  check_vector(indices_out, "int64", n, eq("N == x.shape[0]", n), device);
+  check_array(indices_out, "int64", device);
+  check_shape_n(indices_out, n);
   const ArrayArg sqdist_out = describe("sqdist_out", sqdist_out_);
-  check_vector(sqdist_out, "float32", n, eq("N == x.shape[0]", n), device);
+  check_array(sqdist_out, "float32", device);
+  check_shape_n(sqdist_out, n);
   const std::optional<ArrayArg> quantized_out = describe("quantized_out", quantized_out_);
-  if (quantized_out)
-    check_matrix(*quantized_out, x.dtype, n, d, "(N, d)", eq("N == x.shape[0]", n) + " and " + eq("d", d), device);
+  if (quantized_out) {
+    check_array(*quantized_out, x.dtype, device);
+    check_shape_n_d(*quantized_out, n, d);
+  }
 
   nb::gil_scoped_release release;
   fastvq::cuda::nearest_code(device.id(), stream, float_dtype(x), strided(x), n, d, codebook.data, k,
-                             static_cast<float*>(norms.data), static_cast<int64_t*>(indices_out.data),
-                             static_cast<float*>(sqdist_out.data), quantized_out ? quantized_out->data : nullptr);
+                             norms.as<float>(), indices_out.as<int64_t>(), sqdist_out.as<float>(),
+                             as_or_null<void>(quantized_out));
 }
 
 void ema_stats(In x_, In indices_, Out counts_out_, Out sums_out_, std::uintptr_t stream) {
@@ -147,20 +127,19 @@ void ema_stats(In x_, In indices_, Out counts_out_, Out sums_out_, std::uintptr_
   const ArrayArg x = describe("x", x_);
   const auto [n, d] = check_x(x, device);
   const ArrayArg indices = describe("indices", indices_);
-  check_vector(indices, "int64", n, eq("N == x.shape[0]", n), device);
+  check_array(indices, "int64", device);
+  check_shape_n(indices, n);
   const ArrayArg counts_out = describe("counts_out", counts_out_);
-  device.check(counts_out);
-  check_dtype(counts_out, "float32");
-  check_contiguous(counts_out);
+  check_array(counts_out, "float32", device);
   check_shape(counts_out, {kAnySize}, "(K,)");
   const int64_t k = counts_out.size(0);
   const ArrayArg sums_out = describe("sums_out", sums_out_);
-  check_matrix(sums_out, "float32", k, d, "(K, d)", eq("K == counts_out.shape[0]", k) + " and " + eq("d", d), device);
+  check_array(sums_out, "float32", device);
+  check_shape_k_d(sums_out, k, d, "K == counts_out.shape[0]");
 
   nb::gil_scoped_release release;
-  fastvq::cuda::ema_stats(device.id(), stream, float_dtype(x), strided(x), n, d,
-                          static_cast<const int64_t*>(indices.data), k, static_cast<float*>(counts_out.data),
-                          static_cast<float*>(sums_out.data));
+  fastvq::cuda::ema_stats(device.id(), stream, float_dtype(x), strided(x), n, d, indices.as<const int64_t>(), k,
+                          counts_out.as<float>(), sums_out.as<float>());
 }
 
 void segment_sum(In x_, In perm_, In offsets_, Out out_, std::optional<In> codebook_, std::uintptr_t stream) {
@@ -168,26 +147,25 @@ void segment_sum(In x_, In perm_, In offsets_, Out out_, std::optional<In> codeb
   const ArrayArg x = describe("x", x_);
   const auto [n, d] = check_x(x, device);
   const ArrayArg perm = describe("perm", perm_);
-  check_vector(perm, "int64", n, eq("N == x.shape[0]", n), device);
+  check_array(perm, "int64", device);
+  check_shape_n(perm, n);
   const ArrayArg out = describe("out", out_);
-  device.check(out);
-  check_dtype(out, "float32");
-  check_contiguous(out);
+  check_array(out, "float32", device);
   check_shape(out, {kAnySize, d}, "(K, d)", eq("d == x.shape[1]", d));
   const int64_t k = out.size(0);
   if (k < 1 || k > std::numeric_limits<int32_t>::max())
     fail("out must have shape (K, d) with 1 <= K < 2**31, got " + tuple_str(out.shape));
   const ArrayArg offsets = describe("offsets", offsets_);
-  check_vector(offsets, "int64", k + 1, eq("K + 1 == out.shape[0] + 1", k + 1), device);
+  check_array(offsets, "int64", device);
+  check_shape(offsets, {k + 1}, "(K + 1,)", eq("K + 1 == out.shape[0] + 1", k + 1));
   const std::optional<ArrayArg> codebook = describe("codebook", codebook_);
   if (codebook) check_codebook(*codebook, x, d, device);
   if (codebook && codebook->size(0) != k)
     fail("codebook must have shape (K, d) with " + eq("K == out.shape[0]", k) + ", got " + tuple_str(codebook->shape));
 
   nb::gil_scoped_release release;
-  fastvq::cuda::segment_sum(device.id(), stream, float_dtype(x), strided(x), d, static_cast<const int64_t*>(perm.data),
-                            static_cast<const int64_t*>(offsets.data), k, codebook ? codebook->data : nullptr,
-                            static_cast<float*>(out.data));
+  fastvq::cuda::segment_sum(device.id(), stream, float_dtype(x), strided(x), d, perm.as<const int64_t>(),
+                            offsets.as<const int64_t>(), k, as_or_null<const void>(codebook), out.as<float>());
 }
 
 void quantize_backward(In grad_quantized_, In x_, In codebook_, In indices_, In commit_scale_,
@@ -195,33 +173,35 @@ void quantize_backward(In grad_quantized_, In x_, In codebook_, In indices_, In 
   Device device;
   const ArrayArg x = describe("x", x_);
   const auto [n, d] = check_x(x, device);
-  const ArrayArg grad_quantized = describe("grad_quantized", grad_quantized_);
+  const ArrayArg grad_quantized = describe("grad_quantized", grad_quantized_);  // any strides, like x
   device.check(grad_quantized);
-  check_dtype(grad_quantized, x.dtype, "x's dtype");
-  check_shape(grad_quantized, {n, d}, "(N, d)", eq("N == x.shape[0]", n) + " and " + eq("d", d));
+  fastvq::checks::check_dtype(grad_quantized, x.dtype, "x's dtype");
+  check_shape_n_d(grad_quantized, n, d);
   const ArrayArg codebook = describe("codebook", codebook_);
   const int64_t k = check_codebook(codebook, x, d, device);
   const ArrayArg indices = describe("indices", indices_);
-  check_vector(indices, "int64", n, eq("N == x.shape[0]", n), device);
+  check_array(indices, "int64", device);
+  check_shape_n(indices, n);
   const ArrayArg commit_scale = describe("commit_scale", commit_scale_);
   device.check(commit_scale);
-  check_dtype(commit_scale, "float32");
+  fastvq::checks::check_dtype(commit_scale, "float32");
   if (commit_scale.ndim() != 0 && !(commit_scale.ndim() == 1 && commit_scale.size(0) == 1))
     fail("commit_scale must be a 0-dim tensor, got shape " + tuple_str(commit_scale.shape));
   const std::optional<ArrayArg> grad_x_out = describe("grad_x_out", grad_x_out_);
-  if (grad_x_out)
-    check_matrix(*grad_x_out, x.dtype, n, d, "(N, d)", eq("N == x.shape[0]", n) + " and " + eq("d", d), device);
+  if (grad_x_out) {
+    check_array(*grad_x_out, x.dtype, device);
+    check_shape_n_d(*grad_x_out, n, d);
+  }
   const std::optional<ArrayArg> grad_codebook_out = describe("grad_codebook_out", grad_codebook_out_);
-  if (grad_codebook_out)
-    check_matrix(*grad_codebook_out, "float32", k, d, "(K, d)", eq("K == codebook.shape[0]", k) + " and " + eq("d", d),
-                 device);
+  if (grad_codebook_out) {
+    check_array(*grad_codebook_out, "float32", device);
+    check_shape_k_d(*grad_codebook_out, k, d, "K == codebook.shape[0]");
+  }
 
   nb::gil_scoped_release release;
   fastvq::cuda::quantize_backward(device.id(), stream, float_dtype(x), strided(grad_quantized), strided(x), n, d,
-                                  codebook.data, static_cast<const int64_t*>(indices.data), k,
-                                  static_cast<const float*>(commit_scale.data),
-                                  grad_x_out ? grad_x_out->data : nullptr,
-                                  grad_codebook_out ? static_cast<float*>(grad_codebook_out->data) : nullptr);
+                                  codebook.data, indices.as<const int64_t>(), k, commit_scale.as<const float>(),
+                                  as_or_null<void>(grad_x_out), as_or_null<float>(grad_codebook_out));
 }
 
 }  // namespace
