@@ -16,9 +16,10 @@ The path of one call, e.g. ``FastVectorQuantizer.forward`` → ``ops.quantize`` 
 (csrc/cpu/bindings.cpp) → ``csrc/cpu/nearest_code.cpp`` → the micro-kernel in ``search_tile_*.cpp``.
 
     fastvq::nearest_code(x, codebook, backend) -> (indices, sqdist)
-    fastvq::quantize(x, codebook, commitment_weight, codebook_weight, backend) -> (quantized, indices, loss)
+    fastvq::quantize(x, codebook, commitment_weight, codebook_weight, backend, rotation_trick=False)
+        -> (quantized, indices, loss)
     fastvq::quantize_backward(grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
-                              backend, need_grad_codebook) -> (grad_x, grad_codebook)
+                              backend, need_grad_codebook, rotation_trick=False) -> (grad_x, grad_codebook)
     fastvq::ema_stats(x, indices, num_codes, backend) -> (counts, sums)
     fastvq::snapshot(tensor) -> copy
     fastvq::kmeans_init_(embed, cluster_size, embed_avg, initted, x, iters, spherical, sync, backend)
@@ -59,11 +60,24 @@ def _empty_indices(x: Tensor) -> Tensor:
     return x.new_empty((x.shape[0],), dtype=torch.int64)
 
 
-# ---- quantize (search + gather + loss, with the straight-through backward) -----------------
+# ---- quantize (search + gather + loss, with the straight-through or rotation-trick backward) -
+# vector-quantize-pytorch's safe division in the rotation trick: norms are clamped to at least this.
+ROTATION_EPS = 1e-6
+
+
 @torch.library.custom_op("fastvq::quantize", mutates_args=())
 def quantize(
-    x: Tensor, codebook: Tensor, commitment_weight: float, codebook_weight: float, backend: str
+    x: Tensor, codebook: Tensor, commitment_weight: float, codebook_weight: float, backend: str,
+    rotation_trick: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(quantized, indices, loss): quantized = codebook[indices] in x's dtype, loss =
+    (commitment_weight + codebook_weight)·mean((x − q)²).
+
+    The backward is straight-through, or with ``rotation_trick`` the rotation trick's
+    (grad_x = (‖q‖/‖x‖)·Rᵀg, fused into quantize_backward). The rotation trick's value is q
+    up to rounding except where its safe division bites (‖x‖ < ROTATION_EPS; x = 0 gives 0),
+    and those rows get vector-quantize-pytorch's value.
+    """
     num_rows, dim = x.shape
     if num_rows == 0:
         check_backend_name(backend)
@@ -72,21 +86,41 @@ def quantize(
     # mean((x − q)²) over all N·d entries is Σ sqdist / (N·d); both loss terms have that value.
     weight = (commitment_weight + codebook_weight) / (num_rows * dim)
     loss = (sqdist.sum(dtype=torch.float64) * weight).to(compute_dtype(x.dtype))
+    if rotation_trick:
+        quantized = _rotation_value_of_tiny_rows(x, quantized)
     return quantized, indices, loss
 
 
+def _rotation_value_of_tiny_rows(x: Tensor, quantized: Tensor) -> Tensor:
+    """quantized, with the rows where ‖x‖ < ROTATION_EPS replaced by the rotation trick's value
+    (x·(‖q‖/ε) rotated, as vector-quantize-pytorch computes it; 0 for x = 0)."""
+    x32 = x.to(torch.float32)
+    tiny = torch.nonzero(x32.norm(dim=1) < ROTATION_EPS).squeeze(1)
+    if tiny.numel() == 0:
+        return quantized
+    rows, codes = x32[tiny], quantized[tiny].to(torch.float32)
+    q_norm = codes.norm(dim=1, keepdim=True)
+    x_unit, q_unit = rows / ROTATION_EPS, codes / q_norm.clamp_min(ROTATION_EPS)
+    w = torch.nn.functional.normalize(x_unit + q_unit, dim=1, eps=ROTATION_EPS)
+    rotated = rows - 2 * (rows * w).sum(1, keepdim=True) * w + 2 * (rows * x_unit).sum(1, keepdim=True) * q_unit
+    quantized = quantized.clone()
+    quantized[tiny] = (rotated * (q_norm / ROTATION_EPS)).to(quantized.dtype)
+    return quantized
+
+
 @quantize.register_fake
-def _(x, codebook, commitment_weight, codebook_weight, backend):
+def _(x, codebook, commitment_weight, codebook_weight, backend, rotation_trick=False):
     return torch.empty_like(x), _empty_indices(x), x.new_empty((), dtype=compute_dtype(x.dtype))
 
 
 def _setup_quantize(ctx, inputs, output):
-    x, codebook, commitment_weight, codebook_weight, backend = inputs
+    x, codebook, commitment_weight, codebook_weight, backend, rotation_trick = inputs
     _, indices, _ = output
     ctx.save_for_backward(x, codebook, indices)
     ctx.commitment_weight = commitment_weight
     ctx.codebook_weight = codebook_weight
     ctx.backend = backend
+    ctx.rotation_trick = rotation_trick
 
 
 def _quantize_backward_rule(ctx, grad_quantized, grad_indices, grad_loss):
@@ -105,8 +139,9 @@ def _quantize_backward_rule(ctx, grad_quantized, grad_indices, grad_loss):
         grad_loss * (ctx.codebook_weight * scale),
         ctx.backend,
         need_grad_codebook,
+        ctx.rotation_trick,
     )
-    return grad_x, (grad_codebook if need_grad_codebook else None), None, None, None
+    return grad_x, (grad_codebook if need_grad_codebook else None), None, None, None, None
 
 
 quantize.register_autograd(_quantize_backward_rule, setup_context=_setup_quantize)
@@ -123,6 +158,7 @@ def quantize_backward(
     codebook_scale: Tensor,
     backend: str,
     need_grad_codebook: bool,
+    rotation_trick: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """grad_codebook is an empty (0,) tensor when not needed (a custom op cannot return None)."""
     if x.shape[0] == 0:
@@ -131,13 +167,14 @@ def quantize_backward(
         return torch.empty_like(x), grad_codebook
     grad_x, grad_codebook = resolve(backend, x, codebook).quantize_backward(
         grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
-        need_grad_x=True, need_grad_codebook=need_grad_codebook,
+        need_grad_x=True, need_grad_codebook=need_grad_codebook, rotation_trick=rotation_trick,
     )
     return grad_x, (grad_codebook if need_grad_codebook else codebook.new_empty((0,)))
 
 
 @quantize_backward.register_fake
-def _(grad_quantized, x, codebook, indices, commit_scale, codebook_scale, backend, need_grad_codebook):
+def _(grad_quantized, x, codebook, indices, commit_scale, codebook_scale, backend, need_grad_codebook,
+      rotation_trick=False):
     return torch.empty_like(x), (torch.empty_like(codebook) if need_grad_codebook else codebook.new_empty((0,)))
 
 

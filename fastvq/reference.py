@@ -108,19 +108,47 @@ def vq_loss(x: Tensor, quantized: Tensor, commitment_weight: float, codebook_wei
     return commitment_weight * commitment + codebook_weight * codebook_loss
 
 
+# vector-quantize-pytorch's safe division: norms are clamped to at least this.
+ROTATION_EPS = 1e-6
+
+
+def rotate_to(x: Tensor, quantized: Tensor) -> Tensor:
+    """The rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation
+    Trick", §4.2), written as vector-quantize-pytorch 1.32 writes it, for rows (..., d).
+
+    Value: R·x·(‖q‖/‖x‖) with R = I − 2wwᵀ + 2q̂x̂ᵀ, w = (x̂ + q̂)/‖x̂ + q̂‖, which is q itself up to
+    rounding. Everything but x is detached, so the gradient is grad_x = (‖q‖/‖x‖)·Rᵀ·g and q
+    gets none. Norms are clamped to ROTATION_EPS, so x = 0 gives 0 (vqp's safe division).
+    """
+    dtype = compute_dtype(x.dtype)
+    x, quantized = x.to(dtype), quantized.to(dtype)
+    x_norm = x.norm(dim=-1, keepdim=True).clamp_min(ROTATION_EPS)
+    q_norm = quantized.norm(dim=-1, keepdim=True)
+    x_unit = (x / x_norm).detach()
+    q_unit = (quantized / q_norm.clamp_min(ROTATION_EPS)).detach()
+    w = torch.nn.functional.normalize(x_unit + q_unit, dim=-1, eps=ROTATION_EPS).detach()
+    rotated = (x - 2 * (x * w).sum(-1, keepdim=True) * w
+               + 2 * (x * x_unit).sum(-1, keepdim=True) * q_unit)
+    return rotated * (q_norm / x_norm).detach()
+
+
 def quantize(
-    x: Tensor, codebook: Tensor, commitment_weight: float = 0.0, codebook_weight: float = 0.0
+    x: Tensor, codebook: Tensor, commitment_weight: float = 0.0, codebook_weight: float = 0.0,
+    rotation_trick: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable reference of the fused ``quantize`` op for x of shape (N, d).
 
     Returns (quantized, indices, loss). ``quantized`` has x's dtype, takes the
-    straight-through gradient to x, and no gradient to the codebook; the codebook
-    learns only through the codebook term of ``loss``.
+    straight-through gradient to x (or the rotation trick's, ``rotate_to``), and no
+    gradient to the codebook; the codebook learns only through the codebook term of ``loss``.
     """
     indices, _ = nearest_code(x.detach(), codebook.detach())
     codes = codebook[indices]
     loss = vq_loss(x, codes, commitment_weight, codebook_weight)
-    quantized = x + (codes.to(x.dtype) - x).detach()
+    if rotation_trick:
+        quantized = rotate_to(x, codes.detach()).to(x.dtype)
+    else:
+        quantized = x + (codes.to(x.dtype) - x).detach()
     return quantized, indices, loss
 
 
@@ -140,16 +168,26 @@ def quantize_backward(
     indices: Tensor,
     commit_scale: Tensor,
     codebook_scale: Tensor,
+    rotation_trick: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of the fused op, written out by hand.
 
-    grad_x = grad_quantized + commit_scale·(x − e_idx)
+    grad_x = G + commit_scale·(x − e_idx), where G = grad_quantized (straight-through) or,
+             with the rotation trick, G = s·(g − 2w(w·g) + 2x̂(q̂·g)) = s·Rᵀg (see rotate_to)
     grad_codebook_k = codebook_scale · Σ_{i: idx_i = k} (e_k − x_i)
     where commit_scale = dL·commitment_weight·2/(N·d), likewise codebook_scale.
     """
     dtype = compute_dtype(x.dtype)
-    residual = x.to(dtype) - codebook.to(dtype)[indices]
-    grad_x = grad_quantized.to(dtype) + commit_scale.to(dtype) * residual
+    x_c, codes, grad = x.to(dtype), codebook.to(dtype)[indices], grad_quantized.to(dtype)
+    residual = x_c - codes
+    if rotation_trick:
+        x_norm = x_c.norm(dim=-1, keepdim=True).clamp_min(ROTATION_EPS)
+        q_norm = codes.norm(dim=-1, keepdim=True)
+        x_unit, q_unit = x_c / x_norm, codes / q_norm.clamp_min(ROTATION_EPS)
+        w = torch.nn.functional.normalize(x_unit + q_unit, dim=-1, eps=ROTATION_EPS)
+        grad = (q_norm / x_norm) * (grad - 2 * w * (w * grad).sum(-1, keepdim=True)
+                                    + 2 * x_unit * (q_unit * grad).sum(-1, keepdim=True))
+    grad_x = grad + commit_scale.to(dtype) * residual
     grad_codebook = torch.zeros(codebook.shape, dtype=dtype, device=codebook.device)
     grad_codebook.index_add_(0, indices, -residual)
     grad_codebook = codebook_scale.to(dtype) * grad_codebook

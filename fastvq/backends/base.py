@@ -41,8 +41,10 @@ class Backend:
         codebook_scale: Tensor,
         need_grad_x: bool,
         need_grad_codebook: bool,
+        rotation_trick: bool = False,
     ) -> tuple[Tensor | None, Tensor | None]:
-        """grad_x = grad_q + commit_scale·(x − e_idx) in x.dtype;
+        """grad_x = G + commit_scale·(x − e_idx) in x.dtype, where G = grad_q (straight-through)
+        or, with ``rotation_trick``, G = (‖q‖/‖x‖)·Rᵀ·grad_q (fastvq.reference.quantize_backward);
         grad_codebook_k = codebook_scale·Σ_{idx_i=k}(e_k − x_i) in codebook.dtype.
         The scales are 0-dim tensors so GPU backends need not synchronise."""
         raise NotImplementedError

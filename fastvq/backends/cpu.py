@@ -103,6 +103,7 @@ class CpuBackend(Backend):
         codebook_scale: Tensor,
         need_grad_x: bool,
         need_grad_codebook: bool,
+        rotation_trick: bool = False,
     ) -> tuple[Tensor | None, Tensor | None]:
         if not (need_grad_x or need_grad_codebook):
             return None, None

@@ -107,7 +107,7 @@ class CudaBackend(Backend):
         return counts, sums
 
     def quantize_backward(self, grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
-                          need_grad_x, need_grad_codebook):
+                          need_grad_x, need_grad_codebook, rotation_trick=False):
         grad_quantized, x = grad_quantized.detach(), x.detach()
         codebook, indices = codebook.detach().contiguous(), indices.detach().contiguous()
         commit_scale = commit_scale.detach().to(device=x.device, dtype=torch.float32)

@@ -27,8 +27,8 @@ class TorchBackend(Backend):
         return counts.to(torch.float32), sums.to(torch.float32)
 
     def quantize_backward(self, grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
-                          need_grad_x, need_grad_codebook):
+                          need_grad_x, need_grad_codebook, rotation_trick=False):
         grad_x, grad_codebook = reference.quantize_backward(
-            grad_quantized, x, codebook, indices, commit_scale, codebook_scale
+            grad_quantized, x, codebook, indices, commit_scale, codebook_scale, rotation_trick
         )
         return (grad_x if need_grad_x else None), (grad_codebook if need_grad_codebook else None)

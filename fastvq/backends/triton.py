@@ -87,7 +87,7 @@ class TritonBackend(Backend):
         return self._load().triton_ema_stats(x, indices, num_codes)
 
     def quantize_backward(self, grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
-                          need_grad_x, need_grad_codebook):
+                          need_grad_x, need_grad_codebook, rotation_trick=False):
         grad_x, grad_codebook = self._load().triton_quantize_backward(
             grad_quantized, x, codebook, indices, commit_scale, codebook_scale, need_grad_x, need_grad_codebook
         )
