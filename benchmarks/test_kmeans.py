@@ -1,9 +1,7 @@
-"""pytest-benchmark: k-means (Lloyd, the same iterations); see benchmarks/suite.py."""
+"""pytest-benchmark: k-means (Lloyd, the same iterations); see suite.py."""
 from suite import benchmark_provider, parametrize_workload
 
-WORKLOAD = "kmeans"
 
-
-@parametrize_workload(WORKLOAD)
+@parametrize_workload("kmeans")
 def test_kmeans(benchmark, case, provider):
-    benchmark_provider(benchmark, WORKLOAD, case, provider)
+    benchmark_provider(benchmark, "kmeans", case, provider)

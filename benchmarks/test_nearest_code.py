@@ -1,9 +1,7 @@
-"""pytest-benchmark: search forward (nearest_code + gather); see benchmarks/suite.py."""
+"""pytest-benchmark: nearest_code forward (search + gather); see suite.py."""
 from suite import benchmark_provider, parametrize_workload
 
-WORKLOAD = "search"
 
-
-@parametrize_workload(WORKLOAD)
+@parametrize_workload("nearest_code")
 def test_nearest_code(benchmark, case, provider):
-    benchmark_provider(benchmark, WORKLOAD, case, provider)
+    benchmark_provider(benchmark, "nearest_code", case, provider)

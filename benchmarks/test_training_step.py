@@ -1,9 +1,7 @@
-"""pytest-benchmark: one training step (forward + backward + EMA update); see benchmarks/suite.py."""
+"""pytest-benchmark: one training step (forward + backward + EMA update); see suite.py."""
 from suite import benchmark_provider, parametrize_workload
 
-WORKLOAD = "train"
 
-
-@parametrize_workload(WORKLOAD)
+@parametrize_workload("train")
 def test_training_step(benchmark, case, provider):
-    benchmark_provider(benchmark, WORKLOAD, case, provider)
+    benchmark_provider(benchmark, "train", case, provider)

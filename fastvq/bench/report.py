@@ -1,262 +1,170 @@
-"""Figures derived from the timings (GFLOP/s, % sgemm, ratios, targets), the tables, and the JSON file."""
+"""What the timings give (GFLOP/s, % sgemm, ratios), shown once as rich tables (on the terminal, or in
+rich's MARKDOWN box for --markdown), in JSON and as a plot. Performance targets are not judged here."""
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections import defaultdict
 
-from .run import Result
-from .workloads import WORKLOAD_TITLES, WORKLOADS
+from .cases import TITLES, WORKLOADS
 
-# The baselines each workload's ratio columns compare against ("× naive" = naive's time / this time).
-BASELINES = {"search": ("naive", "addmm", "faiss-flat"), "train": ("vqtorch",), "kmeans": ("faiss-kmeans",)}
-SHORT = {"faiss-flat": "faiss", "faiss-kmeans": "faiss"}
-# Targets are for fastvq's performance backends; fastvq-torch is the oracle, timed only on request.
-NOT_TARGETED = ("fastvq-torch",)
-SCHEMA = "fastvq.bench/1"
-
-# (workload, metric, baseline, required, aim, "higher"|"lower"): checked for every fastvq-* row of
-# the cases the issues set targets on (the "core-*" shapes); other shapes only report ratios.
-TARGET_LABEL_PREFIX = "core-"
-TARGETS = (
-    ("search", "speedup", "faiss-flat", 1.5, 2.0, "higher"),
-    ("search", "speedup", "naive", 4.0, 5.0, "higher"),
-    ("train", "speedup", "vqtorch", 12.0, 15.0, "higher"),
-    ("train", "memory", "vqtorch", 0.1, 0.1, "lower"),
-    ("kmeans", "speedup", "faiss-kmeans", 1.2, 1.2, "higher"),
-    ("kmeans", "inertia", "faiss-kmeans", 1.02, 1.02, "lower"),
-)
+# The baselines of each workload's ratio columns ("×naive" = naive's time / this time).
+BASELINES = {"nearest_code": ("naive", "addmm", "faiss-flat"), "train": ("vector-quantize-pytorch",),
+             "kmeans": ("faiss-kmeans",)}
+SHORT = {"faiss-flat": "faiss", "faiss-kmeans": "faiss", "vector-quantize-pytorch": "VectorQuantize"}
+RATIO = {"train": ("memory_ratio", ".3f", "run mem/VQ"), "kmeans": ("inertia_ratio", ".4f", "inertia/faiss")}  # a column
 
 
-def _median_s(result: Result | None) -> float:
-    return result.stats.median_ms / 1e3 if result is not None and result.timed else math.nan
+def _seconds(result) -> float:
+    return result.timing["median_ms"] / 1e3 if result is not None and result.times_ms else math.nan
 
 
-def _run_memory(result: Result | None) -> float:
-    """MB a run adds above the RSS before it (see memory.py); NaN if not measured."""
-    mem = result.memory if result is not None else None
-    value = mem.get("delta_mb") if mem else None
-    return math.nan if value is None else max(value, 1.0)  # 1 MB floor: below the resolution of RSS
+def _run_mb(result) -> float:
+    """MB one run adds above the RSS before it (memory.py), at least 1 (RSS resolution); NaN if unmeasured."""
+    value = result.memory.get("delta_mb") if result is not None else None
+    return math.nan if value is None else max(value, 1.0)
 
 
-def _finite(value: float) -> float | None:
+def _finite(value):
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def derive(results: list[Result]) -> None:
-    """Fill each result's ``derived``: gflops, pct_sgemm, speedup/memory/inertia ratios per baseline."""
-    by_case: dict[tuple, dict[str, Result]] = defaultdict(dict)
+def derive(results: list) -> None:
+    """Fill each timed result's ``derived``: gflops, pct_sgemm, and speedup/memory/inertia ratios per baseline."""
+    groups = defaultdict(dict)
     for result in results:
-        by_case[(result.case.workload, result.case)][result.provider] = result
-    for (workload, case), group in by_case.items():
-        sgemm_s = _median_s(group.get("sgemm"))
-        sgemm_gflops = case.pass_flops / sgemm_s / 1e9 if sgemm_s > 0 else math.nan
-        for result in group.values():
-            seconds = _median_s(result)
-            if not seconds > 0:
-                continue
-            gflops = (case.pass_flops if result.role == "sgemm" else case.flops) / seconds / 1e9
-            derived = {"gflops": gflops, "pct_sgemm": _finite(100.0 * gflops / sgemm_gflops),
-                       "speedup": {}, "memory_ratio": {}, "inertia_ratio": {}}
-            for name in BASELINES[workload] if result.role != "sgemm" else ():
+        groups[result.case][result.provider] = result
+    for case, group in groups.items():
+        sgemm_gflops = case.pass_flops / _seconds(group.get("sgemm")) / 1e9
+        for result in (r for r in group.values() if r.times_ms):
+            gflops = (case.pass_flops if result.role == "sgemm" else case.flops) / _seconds(result) / 1e9
+            derived = result.derived = {"gflops": gflops, "pct_sgemm": _finite(100.0 * gflops / sgemm_gflops),
+                                        "speedup": {}, "memory_ratio": {}, "inertia_ratio": {}}
+            for name in BASELINES[case.workload] if result.role != "sgemm" else ():
                 base = group.get(name)
-                derived["speedup"][name] = _finite(_median_s(base) / seconds)
-                derived["memory_ratio"][name] = _finite(_run_memory(result) / _run_memory(base))
-                mine = (result.check or {}).get("inertia")
-                theirs = ((base.check or {}) if base else {}).get("inertia")
-                if mine is not None and theirs:
-                    derived["inertia_ratio"][name] = mine / theirs
-            result.derived = derived
-
-
-def target_lines(results: list[Result]) -> list[tuple[bool, str]]:
-    """(met, text) for every fastvq row and applicable target."""
-    lines = []
-    for result in sorted(results, key=lambda r: WORKLOADS.index(r.case.workload)):
-        if result.role != "fastvq" or not result.derived or result.provider in NOT_TARGETED:
-            continue
-        if not result.case.label.startswith(TARGET_LABEL_PREFIX):
-            continue
-        for workload, metric, baseline, required, aim, direction in TARGETS:
-            if workload != result.case.workload:
-                continue
-            value = result.derived.get({"speedup": "speedup", "memory": "memory_ratio",
-                                        "inertia": "inertia_ratio"}[metric], {}).get(baseline)
-            if value is None:
-                continue
-            met = value >= required if direction == "higher" else value <= required
-            sign = "≥" if direction == "higher" else "≤"
-            what = {"speedup": f"{value:.2f}× faster than {baseline}",
-                    "memory": f"{value:.3f}× the run memory of {baseline}",
-                    "inertia": f"inertia {value:.4f}× {baseline}'s"}[metric]
-            aim_text = f", aim {sign} {aim:g}" if aim != required else ""
-            lines.append((met, f"{workload} {result.case.label} ({result.case.shape}) {result.provider}: "
-                               f"{what} (target {sign} {required:g}{aim_text}) {'met' if met else 'MISSED'}"))
-    return lines
+                derived["speedup"][name] = _finite(_seconds(base) / _seconds(result))
+                derived["memory_ratio"][name] = _finite(_run_mb(result) / _run_mb(base))
+                theirs = base.check.get("inertia") if base else None
+                derived["inertia_ratio"][name] = result.check["inertia"] / theirs if theirs and "inertia" in result.check else None
 
 
 def _fmt(value, spec: str) -> str:
     return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
 
 
-def headers(workload: str) -> list[str]:
-    columns = ["case", "N×K×d", "provider", "ms", "IQR", "GFLOP/s", "%sgemm"]
-    columns += [f"×{SHORT.get(name, name)}" for name in BASELINES[workload]]
-    columns += ["peak MB", "+run MB"]
-    if workload == "train":
-        columns += ["run mem/vqtorch"]
-    if workload == "kmeans":
-        columns += ["inertia/faiss"]
-    columns += ["note"]
-    return columns
+def _note(result) -> str:
+    check, mem = result.check, result.memory
+    if result.status != "ok":
+        return f"{result.status.upper()}: {result.reason}"
+    if "recall_at_1" in check:
+        probes = f", nprobe {check['nprobe']}/{check['nlist']}" if "nprobe" in check else ""
+        return f"recall@1 {check['recall_at_1']:.3f} ({check['rows']} rows{probes})"
+    if "error" in mem or "gpu_delta_mb" in mem:
+        return f"memory: {mem['error']}" if "error" in mem else f"GPU +{mem['gpu_delta_mb']:.0f} MB"
+    return "yardstick (N×K product)" if result.role == "sgemm" else ""
 
 
-def table_rows(results: list[Result], workload: str) -> list[tuple[list[str], str]]:
-    """(cells, style) per shown row: ok, wrong and error rows (absent ones go to the footnote)."""
+def table_rows(results: list, workload: str) -> tuple[list[str], list[tuple[list[str], str]]]:
+    """The headers, and (cells, style) for every ok, wrong or error result (absent ones go to the caption)."""
+    ratio = RATIO.get(workload)
+    headers = (["case", "N×K×d", "provider", "ms", "IQR", "GFLOP/s", "%sgemm"] + [f"×{SHORT.get(b, b)}" for b in BASELINES[workload]]
+               + ["peak MB", "+run MB"] + ([ratio[2]] if ratio else []) + ["note"])
     rows = []
-    for result in results:
-        if result.case.workload != workload or result.status == "absent":
-            continue
-        stats, derived = result.stats, result.derived
-        label = "" if result.case.label == result.case.shape else result.case.label
-        cells = [label, result.case.shape, result.provider]
-        if result.timed:
-            cells += [_fmt(stats.median_ms, ".1f"), f"{stats.q1_ms:.1f}–{stats.q3_ms:.1f}",
-                      _fmt(derived.get("gflops"), ".1f"), _fmt(derived.get("pct_sgemm"), ".0f")]
-        else:
-            cells += ["—"] * 4
-        for name in BASELINES[workload]:
-            cells.append("1" if name == result.provider else _fmt(derived.get("speedup", {}).get(name), ".2f"))
-        mem = result.memory or {}
-        cells += [_fmt(mem.get("peak_rss_mb"), ".0f"), _fmt(mem.get("delta_mb"), ".0f")]
-        if workload == "train":
-            cells.append(_fmt(derived.get("memory_ratio", {}).get("vqtorch"), ".3f"))
-        if workload == "kmeans":
-            cells.append(_fmt(derived.get("inertia_ratio", {}).get("faiss-kmeans"), ".4f"))
-        note = ""
-        check = result.check or {}
-        if result.status != "ok":
-            note = f"{result.status.upper()}: {result.reason}"
-        elif "recall_at_1" in check:
-            probes = f", nprobe {check['nprobe']}/{check['nlist']}" if "nprobe" in check else ""
-            note = f"recall@1 {check['recall_at_1']:.3f} ({check['rows']} rows{probes})"
-        elif "error" in mem:
-            note = f"memory: {mem['error']}"
-        elif result.role == "sgemm":
-            note = "yardstick (N×K product)"
-        cells.append(note)
-        style = {"sgemm": "dim", "fastvq": "bold"}.get(result.role, "")
-        rows.append((cells, "red" if result.status != "ok" else style))
-    return rows
+    for result in (r for r in results if r.case.workload == workload and r.status != "absent"):
+        timing, derived, case = result.timing, result.derived, result.case
+        cells = ["" if case.label == case.shape else case.label, case.shape, result.provider]
+        cells += [_fmt(timing["median_ms"], ".1f"), f"{timing['q1_ms']:.1f}–{timing['q3_ms']:.1f}",
+                  _fmt(derived["gflops"], ".1f"), _fmt(derived["pct_sgemm"], ".0f")] if timing else ["—"] * 4
+        cells += ["1" if name == result.provider else _fmt(derived.get("speedup", {}).get(name), ".2f")
+                  for name in BASELINES[workload]]
+        cells += [_fmt(result.memory.get("peak_rss_mb"), ".0f"), _fmt(result.memory.get("delta_mb"), ".0f")]
+        if ratio:
+            cells.append(_fmt(derived.get(ratio[0], {}).get(BASELINES[workload][0]), ratio[1]))
+        style = "red" if result.status != "ok" else {"sgemm": "dim", "fastvq": "bold"}.get(result.role, "")
+        rows.append((cells + [_note(result)], style))
+    return headers, rows
 
 
-def absent_lines(results: list[Result], workload: str) -> list[str]:
-    """One line per (provider, reason) among absent providers; 'not applicable' ones are left out."""
-    seen: dict[tuple[str, str], list[str]] = {}
-    for result in results:
-        if result.case.workload == workload and result.status == "absent" and not result.reason.startswith("not applicable"):
-            seen.setdefault((result.provider, result.reason), []).append(result.case.label)
-    return [f"{provider}: {reason}" for (provider, reason) in seen]
+def tables(results: list, machine_line: str, markdown: bool = False):
+    """One rich Table per workload with results; with ``markdown``, GitHub markdown with fastvq's rows bold."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text  # cells are plain text, never rich markup
 
-
-def render(results: list[Result], machine_line: str, console=None) -> str:
-    """Print the tables (rich if installed, plain text otherwise); return the plain text too."""
-    try:
-        from rich.table import Table
-    except ImportError:
-        Table = None
-    if Table is not None and console is None:
-        console = _console()
-    plain = []
     for workload in WORKLOADS:
-        rows = table_rows(results, workload)
-        absent = absent_lines(results, workload)
-        if not rows and not absent:
-            continue
-        title = f"{WORKLOAD_TITLES[workload]} | {machine_line}"
-        columns = headers(workload)
-        plain.append(_plain_table(title, columns, [cells for cells, _ in rows], absent))
-        if Table is not None:
-            table = Table(title=title, title_justify="left", caption_justify="left",
-                          caption="\n".join(f"absent: {a}" for a in absent) or None)
-            for i, header in enumerate(columns):
-                last = i == len(columns) - 1
-                table.add_column(header, justify="left" if i < 3 or last else "right", no_wrap=not last,
-                                 overflow="fold")
+        headers, rows = table_rows(results, workload)
+        absent = dict.fromkeys(f"absent: {r.provider}: {r.reason}" for r in results if r.case.workload == workload
+                               and r.status == "absent" and not r.reason.startswith("not applicable"))
+        if rows or absent:
+            table = Table(title=f"**{TITLES[workload]}**" if markdown else f"{TITLES[workload]} | {machine_line}",
+                          caption="\n".join(absent) or None, title_justify="left", caption_justify="left",
+                          box=box.MARKDOWN if markdown else box.HEAVY_HEAD)
+            for i, header in enumerate(headers):
+                last = i == len(headers) - 1
+                table.add_column(header, justify="left" if i < 3 or last else "right", no_wrap=markdown or not last)
             for cells, style in rows:
-                table.add_row(*cells, style=style or None)
-            console.print(table)
-    targets = target_lines(results)
-    if targets:
-        plain.append("targets (ratios within this run):\n" + "\n".join(f"  {text}" for _, text in targets))
-        if Table is not None:
-            console.print("[bold]targets[/bold] (ratios within this run)")
-            for met, text in targets:
-                console.print(f"  [{'green' if met else 'red'}]{text}[/]", highlight=False, soft_wrap=True)
-    text = "\n\n".join(plain)
-    if Table is None:
-        print(text)
-    return text
+                if markdown:
+                    cells = [f"**{c}**" if style == "bold" and c not in ("", "—") and i >= 2 else c.replace("|", "\\|")
+                             for i, c in enumerate(cells)]
+                table.add_row(*map(Text, cells), style=style or None)
+            yield table
 
 
-def _console():
-    """A rich console; when the output is not a terminal (a file, CI), wide enough for every column."""
+def render(results: list, machine_line: str) -> None:
+    """Print the tables; when stdout is not a terminal (a log, CI), wide enough for every column."""
     from rich.console import Console
 
     console = Console()
-    return console if console.is_terminal else Console(width=220)
+    console = console if console.is_terminal else Console(width=240)
+    for table in tables(results, machine_line):
+        console.print(table)
 
 
-def _plain_table(title: str, header: list[str], rows: list[list[str]], absent: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines += [f"absent: {a}" for a in absent]
-    return "\n".join(lines)
+def markdown(results: list, machine_line: str, command: str) -> str:
+    from rich.console import Console
 
-
-def markdown(results: list[Result], machine_line: str, command: str) -> str:
-    """The tables as GitHub markdown, for the README: one table per workload, then the targets."""
-    parts = [f"Measured with `{command}` on {machine_line}."]
-    for workload in WORKLOADS:
-        rows = table_rows(results, workload)
-        if not rows:
-            continue
-        columns = headers(workload)
-        lines = [f"**{WORKLOAD_TITLES[workload]}**", "", "| " + " | ".join(columns) + " |",
-                 "|" + "|".join("---:" if 3 <= i < len(columns) - 1 else "---" for i in range(len(columns))) + "|"]
-        for cells, _ in rows:
-            bold = cells[2].startswith("fastvq")
-            shown = [f"**{c}**" if bold and c not in ("", "—") and i >= 2 else c for i, c in enumerate(cells)]
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in shown) + " |")
-        absent = absent_lines(results, workload)
-        if absent:
-            lines += [""] + [f"absent: {a}" for a in absent]
-        parts.append("\n".join(lines))
-    targets = target_lines(results)
-    if targets:
-        parts.append("Targets (ratios within this run):\n\n" + "\n".join(
-            f"- {'✅' if met else '❌'} {text}" for met, text in targets))
-    return "\n\n".join(parts) + "\n"
-
-
-def to_json(results: list[Result], machine: dict, meta: dict) -> dict:
-    return {"schema": SCHEMA, **meta, "machine": machine, "results": [r.to_json() for r in results],
-            "targets": [{"met": met, "text": text} for met, text in target_lines(results)]}
+    console = Console(file=io.StringIO(), width=100_000, color_system=None)
+    console.print(f"Measured with `{command}` on {machine_line}.\n", markup=False, highlight=False)
+    for table in tables(results, machine_line, markdown=True):
+        console.print(table, "")
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines()).strip() + "\n"
 
 
 def write_json(path: str, document: dict) -> None:
+    def clean(value):  # NaN and ±inf become null, so the file is strict JSON
+        if isinstance(value, (dict, list, tuple)):
+            return {k: clean(v) for k, v in value.items()} if isinstance(value, dict) else [clean(v) for v in value]
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
     with open(path, "w") as handle:
-        json.dump(_clean(document), handle, indent=1, allow_nan=False)
-        handle.write("\n")
+        json.dump(clean(document), handle, indent=1, allow_nan=False)
 
 
-def _clean(value):
-    """NaN and ±inf become null, so the file is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _clean(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(item) for item in value]
-    return value
+def plot(results: list, path: str, machine_line: str) -> None:
+    """Median time vs K per provider, log-log, one panel per workload; lines join shapes with the same N, d, dtype."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in results if r.times_ms]
+    workloads = [w for w in WORKLOADS if any(r.case.workload == w for r in timed)]
+    figure, axes = plt.subplots(1, max(1, len(workloads)), figsize=(6.0 * max(1, len(workloads)), 4.8), squeeze=False)
+    order = sorted({r.provider for r in timed}, key=lambda n: (0 if n.startswith("fastvq") else 2 if n == "sgemm" else 1, n))
+    for axis, workload in zip(axes[0], workloads):
+        series = defaultdict(list)
+        for r in (r for r in timed if r.case.workload == workload):
+            series[(order.index(r.provider), r.case.n, r.case.d, r.case.dtype)].append((r.case.k, r.timing["median_ms"]))
+        for key in sorted(series):
+            name = order[key[0]]
+            axis.plot(*zip(*sorted(series[key])), marker="os^vD<>xP*h"[key[0] % 10], color=f"C{key[0] % 10}",
+                      linestyle=":" if name == "sgemm" else "-", label=name if name not in axis.get_legend_handles_labels()[1] else None)
+        axis.set(xscale="log", yscale="log", xlabel="codebook size K", ylabel="median time per run (ms)")
+        axis.set_title(TITLES[workload], fontsize=10)
+        axis.legend(fontsize=8)
+        axis.grid(True, which="both", alpha=0.3)
+    figure.suptitle(f"fastvq.bench, {machine_line}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,32 @@
+"""The issues' performance targets, judged on a bench JSON file (never in the unit tests):
+
+    python -m fastvq.bench --json bench.json && python benchmarks/check_targets.py bench.json
+
+Ratios within one run, for fastvq's performance backends, on the "core-*" shapes (and "big" on CUDA,
+where the target is for bf16 on an H100). Exit status 1 when one is missed.
+"""
+import json
+import sys
+
+TARGETS = (  # (workload, device, figure, baseline, sense, bound)
+    ("nearest_code", "cpu", "speedup", "faiss-flat", ">=", 1.5), ("nearest_code", "cpu", "speedup", "naive", ">=", 4.0),
+    ("train", "cpu", "speedup", "vector-quantize-pytorch", ">=", 12.0),
+    ("train", "cpu", "memory_ratio", "vector-quantize-pytorch", "<=", 0.1),
+    ("kmeans", "cpu", "speedup", "faiss-kmeans", ">=", 1.2), ("kmeans", "cpu", "inertia_ratio", "faiss-kmeans", "<=", 1.02),
+    ("nearest_code", "cuda", "pct_sgemm", None, ">=", 50.0), ("nearest_code", "cuda", "speedup", "naive", ">=", 3.0),
+)
+
+if __name__ == "__main__":
+    missed = 0
+    for r in json.load(open(sys.argv[1]))["results"]:
+        case, derived = r["case"], r["derived"]
+        if r["role"] != "fastvq" or r["provider"] == "fastvq-torch" or not case["label"].startswith(("core", "big")):
+            continue
+        for workload, device, figure, baseline, sense, bound in TARGETS:
+            value = derived.get(figure, {}).get(baseline) if baseline else derived.get(figure)
+            if workload == case["workload"] and case["device"].startswith(device) and value is not None:
+                met = value >= bound if sense == ">=" else value <= bound
+                missed += not met
+                print(f"{'met   ' if met else 'MISSED'} {workload} {case['shape']} {case['device']} {r['provider']}: "
+                      f"{figure}{' vs ' + baseline if baseline else ''} {value:.3g} ({sense} {bound:g})")
+    sys.exit(1 if missed else 0)

@@ -1,0 +1,107 @@
+"""What is timed: the workloads, the named shapes of each sweep, and the seeded tensors of a case."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+WORKLOADS = ("nearest_code", "train", "kmeans")
+TITLES = {"nearest_code": "nearest_code forward: search + gather", "kmeans": "k-means (Lloyd)",
+          "train": "training step: forward + backward + EMA update"}
+
+
+@dataclass(frozen=True)
+class Case:
+    workload: str
+    label: str
+    n: int
+    k: int
+    d: int
+    l2norm: bool = False
+    iters: int = 10  # k-means iterations; unused by the other workloads
+    dtype: str = "float32"  # of x and the codebook; bfloat16 only for nearest_code (GPU tensor cores)
+    device: str = "cpu"
+
+    @property
+    def shape(self) -> str:
+        return f"{self.n}x{self.k}x{self.d}" + "-l2" * self.l2norm + "-bf16" * (self.dtype == "bfloat16")
+
+    @property
+    def pass_flops(self) -> float:
+        """2·N·K·d: the FLOPs of one N×K product, i.e. of one nearest-code pass (k-means does ``iters``)."""
+        return 2.0 * self.n * self.k * self.d
+
+    @property
+    def flops(self) -> float:
+        return self.pass_flops * (self.iters if self.workload == "kmeans" else 1)
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"shape": self.shape, "flops": self.flops}
+
+
+def _nc(label: str, n: int, k: int, d: int, **options) -> Case:
+    return Case("nearest_code", label, n, k, d, **options)
+
+
+# The default sweep; N is batch × tokens of the model a shape is named after.
+DEFAULT_CASES = (
+    _nc("maskgit", 16384, 1024, 256),  # MaskGIT: 16×16 tokens per image, batch 64
+    _nc("vqgan", 2048, 16384, 256), _nc("vqgan-l2", 4096, 16384, 8, l2norm=True),  # VQGAN f16; factorized l2 codes
+    _nc("encodec", 12000, 1024, 128),  # SoundStream/EnCodec: 10 s at 75 frames/s, batch 16
+    *(_nc(f"k{k}", 2048, k, 64) for k in (256, 1024, 4096, 16384)), _nc("large-k", 2048, 65536, 64),  # a K scan
+    _nc("core-1", 32768, 1024, 64), _nc("core-2", 16384, 16384, 64), _nc("core-3", 8192, 65536, 32),  # the issue's
+    Case("train", "core-1", 32768, 1024, 64), Case("train", "core-2", 16384, 16384, 64),
+    Case("kmeans", "core-1", 32768, 1024, 64),  # a 1024-code codebook for one core-1 batch
+)
+# On a GPU also bf16 (tensor cores), and a shape big enough to fill an H100.
+CUDA_CASES = (*(replace(c, dtype="bfloat16") for c in DEFAULT_CASES if c.label.startswith("core") and c.workload == "nearest_code"),
+              _nc("big", 65536, 16384, 256), _nc("big", 65536, 16384, 256, dtype="bfloat16"))
+# --quick: every workload and code path once, on small shapes (the CI smoke test, < 1 minute).
+QUICK_CASES = (_nc("small", 4096, 1024, 64), _nc("small-k16k", 512, 16384, 32), _nc("small-l2", 2048, 4096, 8, l2norm=True),
+               Case("train", "small", 2048, 1024, 64), Case("kmeans", "small", 2048, 128, 32, iters=5))
+_SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+)(-l2)?(-bf16)?$")
+
+
+def parse_shapes(spec: str, workloads: tuple[str, ...], sweep: tuple[Case, ...]) -> tuple[Case, ...]:
+    """--shapes: sweep labels (their cases) and/or NxKxd[-l2][-bf16] shapes (one case per workload)."""
+    tokens, labels, cases = [t.strip() for t in spec.split(",") if t.strip()], {c.label for c in sweep}, []
+    if not tokens:
+        raise ValueError("--shapes must name at least one label or NxKxd shape, got an empty string")
+    for token in tokens:
+        match = _SHAPE.match(token)
+        if match and min(int(match.group(i)) for i in (1, 2, 3)) >= 1:
+            n, k, d = (int(match.group(i)) for i in (1, 2, 3))
+            dtype = "bfloat16" if match.group(5) else "float32"
+            cases += [Case(w, token, n, k, d, l2norm=bool(match.group(4)), dtype=dtype) for w in workloads]
+        elif token in labels:
+            cases += [c for c in sweep if c.label == token and c.workload in workloads]
+        else:
+            raise ValueError(f"--shapes entry {token!r} must be NxKxd with N, K, d >= 1 (optionally -l2, -bf16) "
+                             f"or one of the sweep's labels {sorted(labels)}")
+    return tuple(dict.fromkeys(cases))
+
+
+def select_cases(quick: bool, shapes: str | None, workloads: tuple[str, ...], device: str = "cpu",
+                 kmeans_iters: int | None = None) -> tuple[Case, ...]:
+    sweep = QUICK_CASES if quick else DEFAULT_CASES + (CUDA_CASES if device.startswith("cuda") else ())
+    cases = parse_shapes(shapes, workloads, sweep) if shapes else tuple(c for c in sweep if c.workload in workloads)
+    return tuple(replace(c, device=device, iters=kmeans_iters or c.iters) for c in cases
+                 if c.dtype == "float32" or c.workload == "nearest_code")  # training and k-means stay fp32
+
+
+@dataclass
+class Data:
+    x: torch.Tensor  # (N, d)
+    codebook: torch.Tensor  # (K, d); the initial codebook for train
+    grad_out: torch.Tensor | None  # (N, d) upstream gradient of the quantized output (train only)
+
+
+def make_data(case: Case, seed: int = 0) -> Data:
+    """Gaussian x and codebook (unit rows with l2norm) from a seeded CPU generator, moved to the case's device."""
+    generator = torch.Generator().manual_seed(seed)
+    x, codebook = torch.randn(case.n, case.d, generator=generator), torch.randn(case.k, case.d, generator=generator)
+    if case.l2norm:
+        x, codebook = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(codebook, dim=1)
+    grad = torch.randn(case.n, case.d, generator=generator).to(case.device) if case.workload == "train" else None
+    return Data(x.to(case.device, getattr(torch, case.dtype)), codebook.to(case.device, getattr(torch, case.dtype)), grad)
