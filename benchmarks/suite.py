@@ -28,7 +28,8 @@ def parametrize_workload(workload: str):
     cases = select_cases(QUICK, SHAPES, (workload,), os.environ.get("FASTVQ_BENCH_DEVICE", "cpu"))
     names = [p.name for p in providers.select(None)[workload]]
     ids = [f"{c.label}-{c.shape}-{c.device}".replace(f"{c.shape}-{c.shape}", c.shape) for c in cases]
-    return lambda test: pytest.mark.parametrize("case", cases, ids=ids)(pytest.mark.parametrize("provider", names)(test))
+    by_case = pytest.mark.parametrize("case", cases, ids=ids)
+    return lambda test: by_case(pytest.mark.parametrize("provider", names)(test))
 
 
 def benchmark_provider(benchmark, workload: str, case, name: str) -> None:
@@ -36,7 +37,10 @@ def benchmark_provider(benchmark, workload: str, case, name: str) -> None:
     result = Result(case, name, provider.role, provider.description)
     best = oracle(data.x, data.codebook, rows) if workload != "kmeans" else None
     if (prepared := prepare(provider, case, data, rows, best, result)) is None:
-        (pytest.skip if result.status == "absent" else pytest.fail)(f"{name} on {case.shape}: {result.status}: {result.reason}")
+        why = f"{name} on {case.shape}: {result.status}: {result.reason}"
+        if result.status == "absent":
+            pytest.skip(why)
+        pytest.fail(why)
     run = prepared[0]
     benchmark.group = f"{workload} {case.label} {case.shape} {case.device}"
     benchmark.pedantic((lambda: (run(), torch.cuda.synchronize())) if case.device.startswith("cuda") else run,

@@ -32,7 +32,8 @@ def test_shapes_sweeps_and_seeded_data():
         with pytest.raises(ValueError, match="--shapes"):
             parse_shapes(spec, ("nearest_code",), DEFAULT_CASES)
     on_gpu = select_cases(False, None, ("nearest_code", "train"), "cuda")
-    assert all(c.device == "cuda" for c in on_gpu) and {c.workload for c in on_gpu if c.dtype == "bfloat16"} == {"nearest_code"}
+    assert all(c.device == "cuda" for c in on_gpu)
+    assert {c.workload for c in on_gpu if c.dtype == "bfloat16"} == {"nearest_code"}
     assert {c.iters for c in select_cases(True, None, ("kmeans",), kmeans_iters=4)} == {4}
     assert Case("kmeans", "k", 10, 4, 2, iters=3).flops == 3 * Case("nearest_code", "s", 10, 4, 2).flops == 480
     case = Case("train", "t", 33, 7, 5, l2norm=True)
@@ -113,7 +114,8 @@ def test_faiss_ivf_is_timed_with_its_recall(monkeypatch):
 def test_derived_figures_and_tables():
     case = Case("train", "core-t", 1000, 500, 10)  # 1e7 FLOPs
     results = [Result(case, "sgemm", "sgemm", "", times_ms=[1.0]),
-               Result(case, "vector-quantize-pytorch", "baseline", "", times_ms=[30.0, 40.0, 50.0], memory={"delta_mb": 1000.0}),
+               Result(case, "vector-quantize-pytorch", "baseline", "", times_ms=[30.0, 40.0, 50.0],
+                      memory={"delta_mb": 1000.0}),
                Result(case, "fastvq-cpu", "fastvq", "", times_ms=[2.0, 3.0, 4.0], memory={"delta_mb": 50.0}),
                Result(case, "fastvq-cuda", "fastvq", "", status="absent", reason="no CUDA device"),
                Result(case, "fastvq-torch", "fastvq", "", status="wrong", reason="3 of 10 rows are not a nearest code")]
@@ -132,9 +134,10 @@ def test_derived_figures_and_tables():
 
 def test_cli_tiny_end_to_end_writes_json_markdown_and_plot(tmp_path, capsys):
     path, png, md = tmp_path / "b.json", tmp_path / "b.png", tmp_path / "b.md"
-    code = cli.main(["--shapes", "65x17x3", "--providers", "naive,addmm,faiss-flat,vector-quantize-pytorch,faiss-kmeans,"
-                     "fastvq-cpu", "--repeats", "2", "--min-repeats", "1", "--warmup", "0", "--kmeans-iters", "2",
-                     "--no-memory", "--no-progress", "--json", str(path), "--plot", str(png), "--markdown", str(md)])
+    names = "naive,addmm,faiss-flat,vector-quantize-pytorch,faiss-kmeans,fastvq-cpu"
+    code = cli.main(["--shapes", "65x17x3", "--providers", names, "--repeats", "2", "--min-repeats", "1",
+                     "--warmup", "0", "--kmeans-iters", "2", "--no-memory", "--no-progress",
+                     "--json", str(path), "--plot", str(png), "--markdown", str(md)])
     assert code == 0 and "nearest_code forward" in capsys.readouterr().out
     assert re.search(r"\| 65x17x3 +\| naive +\|", md.read_text())
     document = json.loads(path.read_text())
@@ -145,7 +148,8 @@ def test_cli_tiny_end_to_end_writes_json_markdown_and_plot(tmp_path, capsys):
     assert all(r["status"] in ("ok", "absent") for r in by_key.values()), [r["reason"] for r in by_key.values()]
     naive, addmm = by_key[("nearest_code", "naive")], by_key[("nearest_code", "addmm")]
     assert len(naive["times_ms"]) == 2 and by_key[("kmeans", "fastvq-cpu")]["check"]["inertia"] > 0
-    torch.testing.assert_close(addmm["derived"]["speedup"]["naive"], naive["timing"]["median_ms"] / addmm["timing"]["median_ms"])
+    ratio = naive["timing"]["median_ms"] / addmm["timing"]["median_ms"]
+    torch.testing.assert_close(addmm["derived"]["speedup"]["naive"], ratio)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -168,7 +172,11 @@ def test_check_passes_the_cpu_backend_and_catches_a_wrong_one(monkeypatch):
     assert check.backends_here(torch.device("cpu"))["cpu"] is None
     assert check.check_backend("cpu", torch.device("cpu")) == []
     right = fastvq.nearest_code
-    monkeypatch.setattr(fastvq, "nearest_code", lambda x, e, backend: (lambda i, s: ((i + 1) % len(e), s))(*right(x, e)))
+
+    def off_by_one(x, codebook, backend):
+        indices, sqdist = right(x, codebook, backend=backend)
+        return (indices + 1) % len(codebook), sqdist
+    monkeypatch.setattr(fastvq, "nearest_code", off_by_one)
     assert any("chose code" in failure for failure in check.check_backend("cpu", torch.device("cpu")))
 
 

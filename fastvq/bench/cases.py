@@ -55,11 +55,13 @@ DEFAULT_CASES = (
     Case("kmeans", "core-1", 32768, 1024, 64),  # a 1024-code codebook for one core-1 batch
 )
 # On a GPU also bf16 (tensor cores), and a shape big enough to fill an H100.
-CUDA_CASES = (*(replace(c, dtype="bfloat16") for c in DEFAULT_CASES if c.label.startswith("core") and c.workload == "nearest_code"),
+CUDA_CASES = (*(replace(c, dtype="bfloat16") for c in DEFAULT_CASES
+                if c.workload == "nearest_code" and c.label.startswith("core")),
               _nc("big", 65536, 16384, 256), _nc("big", 65536, 16384, 256, dtype="bfloat16"))
 # --quick: every workload and code path once, on small shapes (the CI smoke test, < 1 minute).
-QUICK_CASES = (_nc("small", 4096, 1024, 64), _nc("small-k16k", 512, 16384, 32), _nc("small-l2", 2048, 4096, 8, l2norm=True),
-               Case("train", "small", 2048, 1024, 64), Case("kmeans", "small", 2048, 128, 32, iters=5))
+QUICK_CASES = (_nc("small", 4096, 1024, 64), _nc("small-k16k", 512, 16384, 32),
+               _nc("small-l2", 2048, 4096, 8, l2norm=True), Case("train", "small", 2048, 1024, 64),
+               Case("kmeans", "small", 2048, 128, 32, iters=5))
 _SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+)(-l2)?(-bf16)?$")
 
 
@@ -104,4 +106,5 @@ def make_data(case: Case, seed: int = 0) -> Data:
     if case.l2norm:
         x, codebook = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(codebook, dim=1)
     grad = torch.randn(case.n, case.d, generator=generator).to(case.device) if case.workload == "train" else None
-    return Data(x.to(case.device, getattr(torch, case.dtype)), codebook.to(case.device, getattr(torch, case.dtype)), grad)
+    dtype = getattr(torch, case.dtype)
+    return Data(x.to(case.device, dtype), codebook.to(case.device, dtype), grad)

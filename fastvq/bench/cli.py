@@ -10,7 +10,7 @@ import time
 import torch
 
 from . import machine, providers, report
-from .cases import DEFAULT_CASES, QUICK_CASES, WORKLOADS, select_cases
+from .cases import CUDA_CASES, DEFAULT_CASES, QUICK_CASES, WORKLOADS, select_cases
 from .run import Options, run_case
 
 
@@ -45,7 +45,8 @@ def parser() -> argparse.ArgumentParser:
 
 def listing() -> str:
     lines = [f"{title}:\n" + "\n".join(f"  {c.workload:<12} {c.label:<10} {c.shape}" for c in sweep)
-             for title, sweep in (("default sweep", DEFAULT_CASES), ("--quick sweep", QUICK_CASES))]
+             for title, sweep in (("default sweep", DEFAULT_CASES), ("--device cuda adds", CUDA_CASES),
+                                  ("--quick sweep", QUICK_CASES))]
     return "\n".join(lines + [f"{workload} providers:\n" + "\n".join(
         f"  {p.name:<24} {p.description}" + "  [only when named]" * p.opt_in for p in group)
         for workload, group in providers.select(",".join(providers.names())).items()])
@@ -58,7 +59,8 @@ def configure(args) -> tuple[list, dict, Options]:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     workloads = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
     if not workloads or set(workloads) - set(WORKLOADS):
-        raise SystemExit(f"--workloads must be a comma-separated subset of {','.join(WORKLOADS)}, got {args.workloads!r}")
+        raise SystemExit(f"--workloads must be a comma-separated subset of {','.join(WORKLOADS)}, "
+                         f"got {args.workloads!r}")
     try:
         device, quick = str(torch.device(args.device)), args.quick
         cases = select_cases(quick, args.shapes, workloads, device, args.kmeans_iters or (5 if quick else None))
@@ -86,8 +88,8 @@ def run_all(cases: list, chosen: dict, options: Options, quiet: bool) -> list:
     with tqdm(cases, unit="case", file=sys.stderr, disable=True if quiet else None, dynamic_ncols=True) as bar:
         for case in bar:  # the bar shows on a terminal only (disable=None)
             label = f"{case.workload} {case.label} {case.shape}"
-            results += run_case(case, chosen[case.workload], options,
-                                lambda message: bar.set_postfix_str(f"{label}: {message}", refresh=True))
+            results += run_case(case, chosen[case.workload], options, lambda message, label=label:
+                                bar.set_postfix_str(f"{label}: {message}", refresh=True))
     report.derive(results)
     return results
 

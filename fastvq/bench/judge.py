@@ -32,7 +32,8 @@ def excess(x: Tensor, codebook: Tensor, indices, rows: Tensor, best: Tensor | No
     """reference.nearest_code_excess of indices[rows] (a row passes when <= 1); Wrong if malformed."""
     indices = torch.as_tensor(indices).reshape(-1)
     if indices.shape != (x.shape[0],) or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-        raise Wrong(f"indices must be an integer tensor of shape ({x.shape[0]},), got {indices.dtype} {tuple(indices.shape)}")
+        raise Wrong(f"indices must be an integer tensor of shape ({x.shape[0]},), "
+                    f"got {indices.dtype} {tuple(indices.shape)}")
     chosen = indices.detach().cpu().long()[rows]
     if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= codebook.shape[0]):
         raise Wrong(f"indices out of range [0, {codebook.shape[0]}): [{int(chosen.min())}, {int(chosen.max())}]")

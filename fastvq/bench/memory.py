@@ -45,7 +45,8 @@ def measure_here(workload: str, name: str, case, seed: int, warmup: bool = True)
         handle.write("5")
     run()
     peak = _status_mb("VmHWM")
-    report = {"peak_rss_mb": round(peak, 1), "before_mb": round(before, 1), "delta_mb": round(max(0.0, peak - before), 1)}
+    report = {"peak_rss_mb": round(peak, 1), "before_mb": round(before, 1),
+              "delta_mb": round(max(0.0, peak - before), 1)}
     if cuda:
         torch.cuda.synchronize()
         report["gpu_delta_mb"] = round((torch.cuda.max_memory_allocated() - gpu_before) / 2**20, 1)
@@ -66,7 +67,8 @@ def measure(workload: str, name: str, case, seed: int, threads: int, warmup: boo
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {TIMEOUT_S} s"}
     if done.returncode != 0 or not done.stdout.strip():
-        return {"error": f"child exited with {done.returncode}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}"}
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"child exited with {done.returncode}: {last}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 
@@ -144,7 +144,8 @@ def faiss_kmeans(case: Case, data: Data):
 
 
 def _train_step(module: torch.nn.Module, data: Data):
-    x, one = data.x.clone().requires_grad_(True), torch.ones((), device=data.x.device)  # x: a leaf, like an encoder's output
+    x = data.x.clone().requires_grad_(True)  # a leaf, like an encoder's output
+    one = torch.ones((), device=x.device)
 
     def run():
         x.grad = None

@@ -13,7 +13,8 @@ from .cases import TITLES, WORKLOADS
 BASELINES = {"nearest_code": ("naive", "addmm", "faiss-flat"), "train": ("vector-quantize-pytorch",),
              "kmeans": ("faiss-kmeans",)}
 SHORT = {"faiss-flat": "faiss", "faiss-kmeans": "faiss", "vector-quantize-pytorch": "VectorQuantize"}
-RATIO = {"train": ("memory_ratio", ".3f", "run mem/VQ"), "kmeans": ("inertia_ratio", ".4f", "inertia/faiss")}  # a column
+# The extra column of a workload: (derived figure, format, header).
+RATIO = {"train": ("memory_ratio", ".3f", "run mem/VQ"), "kmeans": ("inertia_ratio", ".4f", "inertia/faiss")}
 
 
 def _seconds(result) -> float:
@@ -45,8 +46,8 @@ def derive(results: list) -> None:
                 base = group.get(name)
                 derived["speedup"][name] = _finite(_seconds(base) / _seconds(result))
                 derived["memory_ratio"][name] = _finite(_run_mb(result) / _run_mb(base))
-                theirs = base.check.get("inertia") if base else None
-                derived["inertia_ratio"][name] = result.check["inertia"] / theirs if theirs and "inertia" in result.check else None
+                mine, theirs = result.check.get("inertia"), base.check.get("inertia") if base else None
+                derived["inertia_ratio"][name] = mine / theirs if mine is not None and theirs else None
 
 
 def _fmt(value, spec: str) -> str:
@@ -68,7 +69,8 @@ def _note(result) -> str:
 def table_rows(results: list, workload: str) -> tuple[list[str], list[tuple[list[str], str]]]:
     """The headers, and (cells, style) for every ok, wrong or error result (absent ones go to the caption)."""
     ratio = RATIO.get(workload)
-    headers = (["case", "N×K×d", "provider", "ms", "IQR", "GFLOP/s", "%sgemm"] + [f"×{SHORT.get(b, b)}" for b in BASELINES[workload]]
+    headers = (["case", "N×K×d", "provider", "ms", "IQR", "GFLOP/s", "%sgemm"]
+               + [f"×{SHORT.get(b, b)}" for b in BASELINES[workload]]
                + ["peak MB", "+run MB"] + ([ratio[2]] if ratio else []) + ["note"])
     rows = []
     for result in (r for r in results if r.case.workload == workload and r.status != "absent"):
@@ -150,16 +152,19 @@ def plot(results: list, path: str, machine_line: str) -> None:
 
     timed = [r for r in results if r.times_ms]
     workloads = [w for w in WORKLOADS if any(r.case.workload == w for r in timed)]
-    figure, axes = plt.subplots(1, max(1, len(workloads)), figsize=(6.0 * max(1, len(workloads)), 4.8), squeeze=False)
-    order = sorted({r.provider for r in timed}, key=lambda n: (0 if n.startswith("fastvq") else 2 if n == "sgemm" else 1, n))
+    panels = max(1, len(workloads))
+    figure, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 4.8), squeeze=False)
+    rank = {"fastvq": 0, "sgemm": 2}  # fastvq first, the baselines, the yardstick last
+    order = sorted({r.provider for r in timed}, key=lambda n: (rank.get(n.split("-")[0], 1), n))
     for axis, workload in zip(axes[0], workloads):
         series = defaultdict(list)
         for r in (r for r in timed if r.case.workload == workload):
-            series[(order.index(r.provider), r.case.n, r.case.d, r.case.dtype)].append((r.case.k, r.timing["median_ms"]))
+            key = (order.index(r.provider), r.case.n, r.case.d, r.case.dtype)
+            series[key].append((r.case.k, r.timing["median_ms"]))
         for key in sorted(series):
-            name = order[key[0]]
+            name, shown = order[key[0]], axis.get_legend_handles_labels()[1]
             axis.plot(*zip(*sorted(series[key])), marker="os^vD<>xP*h"[key[0] % 10], color=f"C{key[0] % 10}",
-                      linestyle=":" if name == "sgemm" else "-", label=name if name not in axis.get_legend_handles_labels()[1] else None)
+                      linestyle=":" if name == "sgemm" else "-", label=None if name in shown else name)
         axis.set(xscale="log", yscale="log", xlabel="codebook size K", ylabel="median time per run (ms)")
         axis.set_title(TITLES[workload], fontsize=10)
         axis.legend(fontsize=8)

@@ -81,6 +81,8 @@ def prepare(provider: Provider, case: Case, data: Data, rows, best, result: Resu
         run = provider.setup(case, data)
         start = time.perf_counter()
         output = run()
+        if data.x.is_cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         result.check = check_output(case, data, provider.role, output, rows, best) | getattr(run, "info", {})
         return run, seconds

@@ -6,7 +6,7 @@ import gc
 import math
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
