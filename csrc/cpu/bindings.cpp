@@ -95,7 +95,7 @@ void ema_stats(In x_, In indices_, Out counts_out_, Out sums_out_, int num_threa
 
 void quantize_backward(std::optional<In> grad_quantized_, In x_, In codebook_, In indices_,
                        double commit_scale, double codebook_scale, std::optional<Out> grad_x_out_,
-                       std::optional<Out> grad_codebook_out_, int num_threads) {
+                       std::optional<Out> grad_codebook_out_, int num_threads, bool rotation_trick) {
   const ArrayArg x = describe("x", x_);
   const auto [n, d] = check_x(x);
   const std::optional<ArrayArg> grad_quantized = describe("grad_quantized", grad_quantized_);
@@ -116,7 +116,7 @@ void quantize_backward(std::optional<In> grad_quantized_, In x_, In codebook_, I
   nb::gil_scoped_release release;
   fastvq::cpu::quantize_backward(as_or_null<const float>(grad_quantized), x.as<const float>(), n, d,
                                  codebook.as<const float>(), k, indices.as<const int64_t>(),
-                                 static_cast<float>(commit_scale), static_cast<float>(codebook_scale),
+                                 static_cast<float>(commit_scale), static_cast<float>(codebook_scale), rotation_trick,
                                  as_or_null<float>(grad_x_out), as_or_null<float>(grad_codebook_out), num_threads);
 }
 
@@ -135,9 +135,11 @@ NB_MODULE(_cpu, m) {
         "Bitwise identical for any num_threads.");
   m.def("quantize_backward", &quantize_backward, "grad_quantized"_a.none(), "x"_a, "codebook"_a,
         "indices"_a, "commit_scale"_a, "codebook_scale"_a, "grad_x_out"_a = nb::none(),
-        "grad_codebook_out"_a = nb::none(), "num_threads"_a = 0,
-        "grad_x_out = grad_quantized + commit_scale * (x - codebook[indices]) (grad_quantized None = 0);\n"
-        "grad_codebook_out[k] = codebook_scale * sum over indices[i] == k of (codebook[k] - x[i]).");
+        "grad_codebook_out"_a = nb::none(), "num_threads"_a = 0, nb::kw_only(), "rotation_trick"_a = false,
+        "grad_x_out = G + commit_scale * (x - codebook[indices]), G = grad_quantized (None = 0) or, with\n"
+        "rotation_trick, the rotation trick's (|q|/|x|) R^T grad_quantized (fastvq.reference.quantize_backward);\n"
+        "grad_codebook_out[k] = codebook_scale * sum over indices[i] == k of (codebook[k] - x[i]).\n"
+        "Bitwise identical for any num_threads.");
   m.def("simd_level", [] { return std::string(fastvq::cpu::simd_level_name(fastvq::cpu::current_simd_level())); },
         "The nearest_code kernel the dispatcher picks now: 'avx512', 'avx2' or 'portable'.");
   m.def("best_simd_level", [] { return std::string(fastvq::cpu::simd_level_name(fastvq::cpu::best_simd_level())); },

@@ -73,9 +73,11 @@ void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, i
 void ema_stats(const float* x, int64_t n, int64_t d, const int64_t* indices, int64_t k,
                float* counts_out, float* sums_out, int num_threads);
 
+// grad_x = G + commit_scale (x - e_idx), G = grad_quantized (null: 0) or, with rotation_trick, the
+// rotation trick's s R^T grad_quantized (see quantize_backward.cpp); grad_codebook as always.
 void quantize_backward(const float* grad_quantized, const float* x, int64_t n, int64_t d,
                        const float* codebook, int64_t k, const int64_t* indices,
-                       float commit_scale, float codebook_scale, float* grad_x_out,
-                       float* grad_codebook_out, int num_threads);
+                       float commit_scale, float codebook_scale, bool rotation_trick,
+                       float* grad_x_out, float* grad_codebook_out, int num_threads);
 
 }  // namespace fastvq::cpu

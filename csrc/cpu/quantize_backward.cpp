@@ -1,22 +1,69 @@
-// quantize_backward: gradients of the straight-through quantizer with its two VQ losses.
+// quantize_backward: gradients of the quantizer (straight-through or rotation trick) with its two
+// VQ losses.
 //
-//   grad_x[i]        = grad_quantized[i] + commit_scale * (x[i] - codebook[idx_i])      (float32)
+//   grad_x[i]        = G_i + commit_scale * (x[i] - codebook[idx_i])                    (float32)
 //   grad_codebook[k] = codebook_scale * sum_{i : idx_i = k} (codebook[k] - x[i])
+//
+// G_i = g_i = grad_quantized[i] (straight-through), or with the rotation trick (Fifty et al. 2024,
+// as vector-quantize-pytorch writes it; fastvq/reference.py: rotate_to), with q = codebook[idx_i]
+// and vqp's safe division (eps = 1e-6):
+//   n_x = max(|x|, eps), u = x / n_x, qhat = q / max(|q|, eps), a = u + qhat, w = a / max(|a|, eps),
+//   s = |q| / n_x,   G_i = s * (g - 2 w (w.g) + 2 u (qhat.g))      (= s * R^T g; R is never built)
+// |a| is summed from a = u + qhat formed elementwise (the expansion |u|^2 + |qhat|^2 + 2 u.qhat
+// cancels when x ~ -q). Elements are float32; the row sums accumulate in double. A null
+// grad_quantized means g = 0, so G = 0 either way. Each row is computed by one thread, in order.
 //
 // grad_codebook reuses ema_stats's per-code sums (code_groups.h): codes in parallel, each
 // summing its rows in increasing row order in double, scaled and rounded once to float32, so
 // the result is bitwise identical for any thread count. Codes with no rows get 0.
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "cpu/code_groups.h"
 #include "cpu/kernels.h"
 
 namespace fastvq::cpu {
+namespace {
+
+// vector-quantize-pytorch's safe division: norms are clamped to at least this (fastvq.ops.ROTATION_EPS).
+constexpr float kRotationEps = 1e-6f;
+
+float norm_of(const float* v, int64_t d) {
+  double sum = 0.0;
+  for (int64_t p = 0; p < d; ++p) sum += static_cast<double>(v[p]) * v[p];
+  return static_cast<float>(std::sqrt(sum));
+}
+
+// out = s * (g - 2 w (w.g) + 2 u (qhat.g)) + commit_scale * (x - q) for one row (see the top).
+void rotation_row(const float* g, const float* xi, const float* q, int64_t d, float commit_scale, float* out) {
+  const float x_norm = std::max(norm_of(xi, d), kRotationEps);
+  const float q_norm = norm_of(q, d);
+  const float q_div = std::max(q_norm, kRotationEps);
+  double a_sq = 0.0, a_dot_g = 0.0, qhat_dot_g = 0.0;
+  for (int64_t p = 0; p < d; ++p) {
+    const float u = xi[p] / x_norm, qhat = q[p] / q_div, a = u + qhat;
+    a_sq += static_cast<double>(a) * a;
+    a_dot_g += static_cast<double>(a) * g[p];
+    qhat_dot_g += static_cast<double>(qhat) * g[p];
+  }
+  const float a_div = std::max(static_cast<float>(std::sqrt(a_sq)), kRotationEps);
+  const float s = q_norm / x_norm;
+  // 2 w (w.g), with w.g = (a.g) / a_div and w = a / a_div formed elementwise, as the oracle does.
+  const float two_w_dot_g = static_cast<float>(2.0 * a_dot_g / a_div);
+  const float two_qhat_dot_g = static_cast<float>(2.0 * qhat_dot_g);
+  for (int64_t p = 0; p < d; ++p) {
+    const float u = xi[p] / x_norm, w = (u + q[p] / q_div) / a_div;
+    out[p] = s * (g[p] - w * two_w_dot_g + u * two_qhat_dot_g) + commit_scale * (xi[p] - q[p]);
+  }
+}
+
+}  // namespace
 
 void quantize_backward(const float* grad_quantized, const float* x, int64_t n, int64_t d,
                        const float* codebook, int64_t k, const int64_t* indices,
-                       float commit_scale, float codebook_scale, float* grad_x_out,
-                       float* grad_codebook_out, int num_threads) {
+                       float commit_scale, float codebook_scale, bool rotation_trick,
+                       float* grad_x_out, float* grad_codebook_out, int num_threads) {
   const int nt = resolve_threads(num_threads);
 
   if (grad_x_out) {
@@ -25,7 +72,9 @@ void quantize_backward(const float* grad_quantized, const float* x, int64_t n, i
       const float* xi = x + i * d;
       const float* e = codebook + indices[i] * d;
       float* out = grad_x_out + i * d;
-      if (grad_quantized) {
+      if (grad_quantized && rotation_trick) {
+        rotation_row(grad_quantized + i * d, xi, e, d, commit_scale, out);
+      } else if (grad_quantized) {
         const float* g = grad_quantized + i * d;
         for (int64_t p = 0; p < d; ++p) out[p] = g[p] + commit_scale * (xi[p] - e[p]);
       } else {

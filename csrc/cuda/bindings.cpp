@@ -169,7 +169,8 @@ void segment_sum(In x_, In perm_, In offsets_, Out out_, std::optional<In> codeb
 }
 
 void quantize_backward(In grad_quantized_, In x_, In codebook_, In indices_, In commit_scale_,
-                       std::optional<Out> grad_x_out_, std::optional<Out> grad_codebook_out_, std::uintptr_t stream) {
+                       std::optional<Out> grad_x_out_, std::optional<Out> grad_codebook_out_, std::uintptr_t stream,
+                       bool rotation_trick) {
   Device device;
   const ArrayArg x = describe("x", x_);
   const auto [n, d] = check_x(x, device);
@@ -201,7 +202,7 @@ void quantize_backward(In grad_quantized_, In x_, In codebook_, In indices_, In 
   nb::gil_scoped_release release;
   fastvq::cuda::quantize_backward(device.id(), stream, float_dtype(x), strided(grad_quantized), strided(x), n, d,
                                   codebook.data, indices.as<const int64_t>(), k, commit_scale.as<const float>(),
-                                  as_or_null<void>(grad_x_out), as_or_null<float>(grad_codebook_out));
+                                  rotation_trick, as_or_null<void>(grad_x_out), as_or_null<float>(grad_codebook_out));
 }
 
 }  // namespace
@@ -224,7 +225,9 @@ NB_MODULE(_cuda, m) {
         "codebook[k] - x[perm[s]] when codebook is given (overwritten).");
   m.def("quantize_backward", &quantize_backward, "grad_quantized"_a, "x"_a, "codebook"_a, "indices"_a,
         "commit_scale"_a, "grad_x_out"_a = nb::none(), "grad_codebook_out"_a = nb::none(), nb::kw_only(), "stream"_a,
-        "grad_x_out = grad_quantized + commit_scale * (x - codebook[indices]) in x's dtype;\n"
+        "rotation_trick"_a = false,
+        "grad_x_out = G + commit_scale * (x - codebook[indices]) in x's dtype, G = grad_quantized or, with\n"
+        "rotation_trick, the rotation trick's (|q|/|x|) R^T grad_quantized (fastvq.reference.quantize_backward);\n"
         "grad_codebook_out[k] = sum over indices[i] == k of (codebook[k] - x[i]), float32 atomics (overwritten).");
   m.def("built_archs", [] { return std::string(FASTVQ_CUDA_ARCHS); },
         "The CMAKE_CUDA_ARCHITECTURES this extension was compiled for, e.g. '80;90'.");

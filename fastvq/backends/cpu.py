@@ -113,7 +113,7 @@ class CpuBackend(Backend):
         grad_codebook = torch.empty_like(cf) if need_grad_codebook else None
         _cpu.quantize_backward(
             gq, xf, cf, _as_index(indices), float(commit_scale), float(codebook_scale),
-            grad_x, grad_codebook, torch.get_num_threads(),
+            grad_x, grad_codebook, torch.get_num_threads(), rotation_trick=rotation_trick,
         )
         if grad_x is not None and grad_x.dtype != x.dtype:
             grad_x = grad_x.to(x.dtype)

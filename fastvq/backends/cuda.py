@@ -121,7 +121,8 @@ class CudaBackend(Backend):
             stream = self._stream(x.device)
             if need_grad_x or (need_grad_codebook and not sorted_sums):
                 self._ext.quantize_backward(grad_quantized, x, codebook, indices, commit_scale, grad_x,
-                                            None if sorted_sums else accumulated, stream=stream)
+                                            None if sorted_sums else accumulated, stream=stream,
+                                            rotation_trick=rotation_trick)
             if sorted_sums:
                 perm, offsets = sort_by_code(indices, codebook.shape[0])
                 self._ext.segment_sum(x, perm, offsets, accumulated, codebook, stream=stream)

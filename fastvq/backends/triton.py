@@ -89,6 +89,7 @@ class TritonBackend(Backend):
     def quantize_backward(self, grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
                           need_grad_x, need_grad_codebook, rotation_trick=False):
         grad_x, grad_codebook = self._load().triton_quantize_backward(
-            grad_quantized, x, codebook, indices, commit_scale, codebook_scale, need_grad_x, need_grad_codebook
+            grad_quantized, x, codebook, indices, commit_scale, codebook_scale, need_grad_x, need_grad_codebook,
+            rotation_trick,
         )
         return (grad_x if need_grad_x else None), (grad_codebook if need_grad_codebook else None)

@@ -77,6 +77,10 @@ def default_cases():
            dict(grad_q_ptr="fp16", x_ptr="fp16", codebook_ptr="fp16", indices_ptr="i64", commit_scale_ptr="fp32",
                 grad_x_ptr="fp16", grad_codebook_ptr="fp32"),
            dict(NEED_GRAD_X=True, SCATTER_GRAD_CODEBOOK=True, BLOCK_N=32, BLOCK_D=128), 4, 1), (80, 90)
+    yield ("quantize_backward bfloat16 rotation trick", quantize_backward._quantize_backward_kernel,
+           dict(grad_q_ptr="bf16", x_ptr="bf16", codebook_ptr="bf16", indices_ptr="i64", commit_scale_ptr="fp32",
+                grad_x_ptr="bf16", grad_codebook_ptr="fp32"),
+           dict(NEED_GRAD_X=True, SCATTER_GRAD_CODEBOOK=True, BLOCK_N=4, BLOCK_D=128, ROTATION_TRICK=True), 4, 1), (90,)
     yield ("segment_sum float32 residual", segment_sum._segment_sum_kernel,
            dict(x_ptr="fp32", perm_ptr="i64", offsets_ptr="i64", codebook_ptr="fp32", out_ptr="fp32"),
            dict(RESIDUAL=True, BLOCK_R=32, BLOCK_D=128), 4, 1), (80, 90)
