@@ -55,7 +55,7 @@ INTERPRETER_RUNNER = "test_triton_interpreter.py"
 
 # Under the interpreter every Triton program runs as numpy in Python, a few milliseconds per
 # (64 rows × 64 codes × 32 dims) tile it steps through (the interpreter's block sizes). Cases over
-# this many tiles skip there, which keeps the whole triton-cpu run near 20 s; the odd sizes 1, 3,
+# this many tiles skip there, which keeps the whole triton-cpu run near 30 s; the odd sizes 1, 3,
 # 33, 257 (N = 300), d = 130 (N = 7) and a non-contiguous case per op stay under it.
 INTERPRETER_TILE_BUDGET = 60
 
