@@ -169,7 +169,7 @@ def test_kmeans_init_is_decided_on_rank_0_and_uses_every_ranks_rows(ranks):
     counts = torch.bincount(labels, minlength=6).float()
     order = torch.cdist(result["embed"], means).argmin(1)
     assert sorted(order.tolist()) == list(range(6))
-    torch.testing.assert_close(result["embed"], means[order], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(result["embed"], means[order], **TOLERANCES["centroids"])
     torch.testing.assert_close(result["cluster_size"], counts[order], rtol=0, atol=0)
 
 

@@ -6,6 +6,8 @@ import torch
 
 from fastvq import reference
 
+from conftest import TOLERANCES
+
 
 def well_separated(num_rows=6, num_codes=4, dim=3, seed=0):
     generator = torch.Generator().manual_seed(seed)
@@ -30,7 +32,7 @@ def test_straight_through_is_identity_and_codebook_gets_only_the_loss_gradient()
     x, codebook = well_separated(seed=2)
     x.requires_grad_(), codebook.requires_grad_()
     quantized, indices, loss = reference.quantize(x, codebook, 0.25, 1.0)
-    torch.testing.assert_close(quantized.detach(), codebook.detach()[indices], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(quantized.detach(), codebook.detach()[indices], **TOLERANCES["float64_roundings"])
     upstream = torch.randn_like(x)
     grad_x, grad_codebook = torch.autograd.grad((quantized * upstream).sum(), (x, codebook), allow_unused=True)
     torch.testing.assert_close(grad_x, upstream)
@@ -58,6 +60,22 @@ def test_nearest_code_small_example():
     indices, sqdist = reference.nearest_code(x, codebook)
     assert indices.tolist() == [1, 2, 0, 1]  # row 2 ties between 0 and 1 (and 3): lowest wins
     torch.testing.assert_close(sqdist, torch.tensor([0.02, 0.29, 1.0, 34.0]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_rule_in_float64(bad):
+    # The rule every backend is judged by (README "Non-finite inputs"), in the oracle's own float64:
+    # a non-finite distance counts as +inf, so bad codes never win and bad rows of x get index 0.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(-4, 5, (37, 19), generator=generator).double()
+    codebook = torch.randint(-4, 5, (45, 19), generator=generator).double()
+    clean_indices, clean_sqdist = reference.nearest_code(x[2:], codebook[4:])
+    codebook[:4, 3] = bad
+    x[:2, 5] = bad
+    indices, sqdist = reference.nearest_code(x, codebook)
+    assert indices[:2].tolist() == [0, 0] and not bool(torch.isfinite(sqdist[:2]).any())
+    torch.testing.assert_close(indices[2:], clean_indices + 4, rtol=0, atol=0)
+    torch.testing.assert_close(sqdist[2:], clean_sqdist, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])

@@ -1,4 +1,8 @@
-"""Reliability: determinism, resume from a state_dict, non-finite inputs, and the bad-input table."""
+"""Reliability: determinism, resume from a state_dict, non-finite inputs, and the bad-input table.
+
+Resume and non-finite inputs run on every (backend, device) pair (conftest.py); the thread-count
+determinism tests are about the cpu kernels only.
+"""
 from __future__ import annotations
 
 import io
@@ -10,14 +14,7 @@ from torch import nn
 import fastvq
 from fastvq import BackendNotSupportedError, FastVectorQuantizer, dispatch, reference
 
-from conftest import backend_or_skip
-
-BACKENDS = [name for name in dispatch.BACKEND_NAMES if name != "triton"]  # triton: its own interpreter tests
-
-
-@pytest.fixture(params=BACKENDS)
-def backend_name(request) -> str:
-    return request.param
+from conftest import backend_or_skip, skip_on_interpreter, to_cpu, use_reduction
 
 
 def with_threads(threads: int, fn):
@@ -85,12 +82,13 @@ def test_cpu_kernels_are_bitwise_identical_for_any_thread_count():
 
 # ---- resume -----------------------------------------------------------------------------------
 class TinyVQAutoencoder(nn.Module):
-    def __init__(self, backend: str, ema_update: bool, seed: int):
+    def __init__(self, pair, ema_update: bool, seed: int):
         super().__init__()
         torch.manual_seed(seed)
         self.encoder = nn.Linear(12, 2 * 6)
-        self.quantizer = FastVectorQuantizer(6, 17, decay=0.8, ema_update=ema_update, backend=backend)
+        self.quantizer = FastVectorQuantizer(6, 17, decay=0.8, ema_update=ema_update, backend=pair.backend)
         self.decoder = nn.Linear(2 * 6, 12)
+        self.to(pair.device)
 
     def forward(self, x):
         quantized, indices, loss = self.quantizer(self.encoder(x).view(-1, 2, 6))
@@ -110,16 +108,17 @@ def train_steps(model, optimizer, batches) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("ema_update", [True, False], ids=["ema", "learnable"])
-def test_resume_from_state_dict_equals_uninterrupted_training(backend_name, ema_update):
-    backend_or_skip(backend_name, torch.empty(1, 1))
+def test_resume_from_state_dict_equals_uninterrupted_training(pair, monkeypatch, ema_update):
+    skip_on_interpreter(pair, "24 training steps")
+    use_reduction(monkeypatch, "deterministic")  # GPU float atomics would differ run to run
     generator = torch.Generator().manual_seed(3)
-    batches = list(torch.randn(8, 64, 12, generator=generator))
+    batches = list(pair.to(torch.randn(8, 64, 12, generator=generator)))
 
-    model = TinyVQAutoencoder(backend_name, ema_update, seed=0)
+    model = TinyVQAutoencoder(pair, ema_update, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     uninterrupted = train_steps(model, optimizer, batches)
 
-    model = TinyVQAutoencoder(backend_name, ema_update, seed=0)
+    model = TinyVQAutoencoder(pair, ema_update, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     first_half = train_steps(model, optimizer, batches[:4])
     checkpoint = io.BytesIO()
@@ -128,14 +127,14 @@ def test_resume_from_state_dict_equals_uninterrupted_training(backend_name, ema_
 
     checkpoint.seek(0)
     saved = torch.load(checkpoint, weights_only=True)
-    resumed = TinyVQAutoencoder(backend_name, ema_update, seed=1)  # different initial weights
+    resumed = TinyVQAutoencoder(pair, ema_update, seed=1)  # different initial weights
     resumed.load_state_dict(saved["model"])
     resumed_optimizer = torch.optim.Adam(resumed.parameters(), lr=1e-2)
     resumed_optimizer.load_state_dict(saved["optimizer"])
     second_half = train_steps(resumed, resumed_optimizer, batches[4:])
 
     assert_bitwise_equal(uninterrupted, first_half + second_half, "indices and losses")
-    reference_model = TinyVQAutoencoder(backend_name, ema_update, seed=0)
+    reference_model = TinyVQAutoencoder(pair, ema_update, seed=0)
     train_steps(reference_model, torch.optim.Adam(reference_model.parameters(), lr=1e-2), batches)
     final, expected = resumed.state_dict(), reference_model.state_dict()
     assert final.keys() == expected.keys()
@@ -156,23 +155,35 @@ def exact_problem(dtype, num_rows=37, num_codes=45, dim=19, seed=0):
     return x, codebook
 
 
-def dtype_or_skip(backend: str, dtype: torch.dtype) -> torch.dtype:
-    backend_or_skip(backend, torch.empty(1, 1, dtype=dtype))
+def dtype_or_skip(pair, dtype: torch.dtype) -> torch.dtype:
+    pair.require(torch.empty(1, 1, dtype=dtype, device=pair.device))
     return dtype
 
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# The kernels' dtypes; float64 runs only on the torch backend (the oracle: test_reference.py).
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 dtype_ids = [str(dtype).removeprefix("torch.") for dtype in DTYPES]
+
+
+def nearest(pair, x, codebook):
+    """fastvq.nearest_code on the pair's device; (indices, sqdist) on the CPU."""
+    return to_cpu(*fastvq.nearest_code(*pair.to(x, codebook), backend=pair.backend))
+
+
+def quantize(pair, x, codebook):
+    """fastvq.quantize on the pair's device; (quantized, indices) on the CPU."""
+    return to_cpu(*fastvq.quantize(*pair.to(x, codebook), backend=pair.backend))
 
 
 SIZES = {"small": (7, 4, 2), "tiled": (37, 45, 19)}  # (N, K, d): one panel, and several with remainders
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
 @pytest.mark.parametrize("bad", list(NON_FINITE))
-def test_non_finite_rows_of_x_get_index_zero_and_leave_other_rows_alone(backend_name, dtype, bad, size):
-    dtype_or_skip(backend_name, dtype)
+def test_non_finite_rows_of_x_get_index_zero_and_leave_other_rows_alone(pair, dtype, bad, size):
+    dtype_or_skip(pair, dtype)
     num_rows, num_codes, dim = SIZES[size]
     x, codebook = exact_problem(dtype, num_rows, num_codes, dim)
     codebook[0] = 0  # code 0 is not an extreme one, so "index 0" can't happen by chance
@@ -185,8 +196,8 @@ def test_non_finite_rows_of_x_get_index_zero_and_leave_other_rows_alone(backend_
     good = torch.ones(len(x), dtype=torch.bool)
     good[bad_rows] = False
 
-    indices, sqdist = fastvq.nearest_code(x, codebook, backend=backend_name)
-    clean_indices, clean_sqdist = fastvq.nearest_code(x[good], codebook, backend=backend_name)
+    indices, sqdist = nearest(pair, x, codebook)
+    clean_indices, clean_sqdist = nearest(pair, x[good], codebook)
     want_indices, want_sqdist = reference.nearest_code(x[good].double(), codebook.double())
     torch.testing.assert_close(clean_indices, want_indices, rtol=0, atol=0)
     torch.testing.assert_close(indices[good], clean_indices, rtol=0, atol=0, msg="finite rows changed")
@@ -194,16 +205,17 @@ def test_non_finite_rows_of_x_get_index_zero_and_leave_other_rows_alone(backend_
     assert indices[bad_rows].tolist() == [0, 0, 0, 0], f"non-finite rows of x got {indices[bad_rows].tolist()}"
     assert not torch.isfinite(sqdist[bad_rows]).any(), f"non-finite rows of x got sqdist {sqdist[bad_rows]}"
 
-    quantized, quantize_indices = fastvq.quantize(x, codebook, backend=backend_name)
+    quantized, quantize_indices = quantize(pair, x, codebook)
     torch.testing.assert_close(quantize_indices, indices, rtol=0, atol=0)
     torch.testing.assert_close(quantized[bad_rows], codebook[[0, 0, 0, 0]], rtol=0, atol=0)
     torch.testing.assert_close(quantized[good], codebook[clean_indices], rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
 @pytest.mark.parametrize("bad", list(NON_FINITE))
-def test_non_finite_codebook_rows_are_never_chosen(backend_name, dtype, bad):
-    dtype_or_skip(backend_name, dtype)
+def test_non_finite_codebook_rows_are_never_chosen(pair, dtype, bad):
+    dtype_or_skip(pair, dtype)
     x, codebook = exact_problem(dtype)
     bad_codes = [0, 3, 20, 44]  # the first, the last, and two inside
     codebook[0, 0] = NON_FINITE[bad]
@@ -213,8 +225,8 @@ def test_non_finite_codebook_rows_are_never_chosen(backend_name, dtype, bad):
     x[:4] = codebook[[1, 2, 3, 4]].nan_to_num(posinf=4, neginf=-4, nan=0)  # rows next to the bad codes
     finite_codes = torch.tensor([k for k in range(len(codebook)) if k not in bad_codes])
 
-    indices, sqdist = fastvq.nearest_code(x, codebook, backend=backend_name)
-    clean_indices, clean_sqdist = fastvq.nearest_code(x, codebook[finite_codes], backend=backend_name)
+    indices, sqdist = nearest(pair, x, codebook)
+    clean_indices, clean_sqdist = nearest(pair, x, codebook[finite_codes])
     want_indices, _ = reference.nearest_code(x.double(), codebook[finite_codes].double())
     torch.testing.assert_close(clean_indices, want_indices, rtol=0, atol=0)
     chosen_bad = sorted(set(indices.tolist()) & set(bad_codes))
@@ -223,27 +235,29 @@ def test_non_finite_codebook_rows_are_never_chosen(backend_name, dtype, bad):
     torch.testing.assert_close(sqdist, clean_sqdist, rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("bad", list(NON_FINITE))
-def test_all_codes_non_finite_gives_index_zero_without_crashing(backend_name, bad):
-    dtype_or_skip(backend_name, torch.float32)
+def test_all_codes_non_finite_gives_index_zero_without_crashing(pair, bad):
+    dtype_or_skip(pair, torch.float32)
     x, codebook = exact_problem(torch.float32, num_rows=9, num_codes=5, dim=3)
     codebook[:, 1] = NON_FINITE[bad]
     x[4] = float("nan")  # and a bad row of x as well
-    indices, sqdist = fastvq.nearest_code(x, codebook, backend=backend_name)
+    indices, sqdist = nearest(pair, x, codebook)
     assert indices.tolist() == [0] * 9
     assert not torch.isfinite(sqdist).any()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("bad", list(NON_FINITE))
-def test_ema_training_on_a_non_finite_row_runs_and_keeps_the_other_codes_finite(backend_name, bad):
-    dtype_or_skip(backend_name, torch.float32)
+def test_ema_training_on_a_non_finite_row_runs_and_keeps_the_other_codes_finite(pair, bad):
+    dtype_or_skip(pair, torch.float32)
     x, codebook = exact_problem(torch.float32)
     codebook[0] = 0  # not an extreme code, so "index 0" can't happen by chance
-    module = FastVectorQuantizer(x.shape[1], len(codebook), backend=backend_name).train()
+    module = FastVectorQuantizer(x.shape[1], len(codebook)).train()
     module.set_codebook(codebook)
-    clean_indices, _ = fastvq.nearest_code(x[1:], codebook, backend=backend_name)
+    clean_indices, _ = nearest(pair, x[1:], codebook)
     x[0, 3] = NON_FINITE[bad]
-    _, indices, _ = module(x)  # no crash
+    _, indices, _ = to_cpu(*module(pair.to(x)))  # no crash
     assert int(indices[0]) == 0, f"the non-finite row got code {int(indices[0])}"
     torch.testing.assert_close(indices[1:], clean_indices, rtol=0, atol=0)
     # the bad row is averaged into code 0 only; every other code stays finite

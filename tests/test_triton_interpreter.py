@@ -1,0 +1,50 @@
+"""The ("triton", "cpu") pair: every triton-cpu case of the op test files, in a fresh process
+started with TRITON_INTERPRET=1.
+
+Triton decorates its own library (tl.zeros, tl.sum, ...) for the interpreter only if
+TRITON_INTERPRET=1 is set when triton is first imported, and a normal test run imports it
+earlier (torch._dynamo does). So in this process the triton-cpu cases skip, and the test below
+runs them in a new one, failing if any fails or if none ran. It takes about 30 s; the
+interpreter budget in conftest.py keeps it there.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import MODE_VARIABLES, STARTED_INTERPRETED
+
+HERE = Path(__file__).resolve().parent
+FILES = ["test_nearest_code.py", "test_quantize.py", "test_ema_stats.py", "test_modules.py", "test_reliability.py",
+         "test_triton.py"]
+# About 170 cases run today; far fewer means the pair was skipped wholesale.
+MIN_PASSED = 100
+
+
+def summary_counts(output: str) -> dict[str, int]:
+    """{"passed": 12, "skipped": 3, ...} from the last line of `pytest -q`."""
+    lines = output.strip().splitlines()
+    last = lines[-1] if lines else ""
+    return {word: int(number) for number, word in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", last)}
+
+
+@pytest.mark.skipif(STARTED_INTERPRETED, reason="this process was started with TRITON_INTERPRET=1 and runs the "
+                                                "triton-cpu cases itself")
+def test_triton_cpu_cases_pass_in_a_fresh_interpreter_process(record_property):
+    pytest.importorskip("triton")
+    env = {name: value for name, value in os.environ.items() if name not in MODE_VARIABLES}
+    env["TRITON_INTERPRET"] = "1"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton-cpu",
+               *(str(HERE / name) for name in FILES)]
+    result = subprocess.run(command, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout[-8000:] + result.stderr[-4000:]
+    counts = summary_counts(result.stdout)
+    record_property("triton_cpu_summary", counts)
+    assert result.returncode == 0, output
+    assert not counts.get("failed") and not counts.get("error") and not counts.get("errors"), output
+    assert counts.get("passed", 0) >= MIN_PASSED, f"only {counts.get('passed', 0)} triton-cpu cases ran:\n{output}"
