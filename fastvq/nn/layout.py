@@ -9,6 +9,8 @@ and M = B·heads·N rows ordered (b, h, n).
 """
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from ..checks import shape_str
@@ -43,7 +45,7 @@ class ChannelLayout:
         moved = x.movedim(1, -1) if self.channel_first(x.dim()) else x
         if moved.shape[-1] != dim:
             raise ValueError(f"x must have {self.describe(dim)}, got {shape_str(x.shape)}")
-        return moved.reshape(moved.shape[0], -1, dim)
+        return moved.reshape(moved.shape[0], math.prod(moved.shape[1:-1]), dim)
 
     def from_sequence(self, x: Tensor, like_shape: tuple[int, ...]) -> Tensor:
         """(B, N, d') -> the input's layout (like_shape, with d' at the channel axis)."""
@@ -75,6 +77,7 @@ def split_heads(x: Tensor, heads: int, separate: bool) -> Tensor:
 def merge_heads(rows: Tensor, batch: int, heads: int, separate: bool) -> Tensor:
     """Rows (C, M, ...) -> (B, N, heads, ...): the inverse order of split_heads."""
     tail = rows.shape[2:]
+    length = rows.shape[1] // max(batch * (1 if separate else heads), 1)
     if separate:
-        return rows.reshape(heads, batch, -1, *tail).movedim(0, 2)
-    return rows.reshape(batch, heads, -1, *tail).movedim(1, 2)
+        return rows.reshape(heads, batch, length, *tail).movedim(0, 2)
+    return rows.reshape(batch, heads, length, *tail).movedim(1, 2)
