@@ -1,10 +1,9 @@
-"""The issues' performance targets, judged on a bench JSON file (never in the unit tests):
+"""The issues' performance targets, judged on a bench JSON file (never in the unit tests), for fastvq's
+performance backends on the "core-*" shapes (and "big" on CUDA, where the target is for bf16 on an H100):
 
     python -m fastvq.bench --json bench.json && python benchmarks/check_targets.py bench.json
 
-Ratios within one run, for fastvq's performance backends, on the "core-*" shapes (and "big" on CUDA,
-where the target is for bf16 on an H100). Exit status 1 when one is missed.
-"""
+Ratios within one run. Exit status 1 when one is missed."""
 import json
 import sys
 

@@ -1,7 +1,3 @@
-"""pytest-benchmark: k-means (Lloyd, the same iterations); see suite.py."""
-from suite import benchmark_provider, parametrize_workload
+from suite import benchmark_test
 
-
-@parametrize_workload("kmeans")
-def test_kmeans(benchmark, case, provider):
-    benchmark_provider(benchmark, "kmeans", case, provider)
+test_kmeans = benchmark_test("kmeans")

@@ -1,7 +1,3 @@
-"""pytest-benchmark: one training step (forward + backward + EMA update); see suite.py."""
-from suite import benchmark_provider, parametrize_workload
+from suite import benchmark_test
 
-
-@parametrize_workload("train")
-def test_training_step(benchmark, case, provider):
-    benchmark_provider(benchmark, "train", case, provider)
+test_training_step = benchmark_test("train")

@@ -1,7 +1,5 @@
 """fastvq.bench's logic: shapes, providers, the alternation, the correctness gate, the report, the CLI.
 Nothing here asserts a speed; the sweep is `python -m fastvq.bench`, and CI runs `--quick`."""
-from __future__ import annotations
-
 import json
 import re
 import subprocess
@@ -12,29 +10,27 @@ import torch
 
 import fastvq
 from fastvq import reference
-from fastvq.bench import check, cli, providers, report
-from fastvq.bench.cases import DEFAULT_CASES, Case, make_data, parse_shapes, select_cases
-from fastvq.bench.judge import Wrong, check_nearest, check_rows, exact_nearest
-from fastvq.bench.memory import measure
-from fastvq.bench.run import Options, Result, run_case
-from fastvq.bench.timing import plan_repeats, summary, time_alternating
+from fastvq.bench import cli, judge, providers, report
+from fastvq.bench.cases import Case, make_data, select_cases
+from fastvq.bench.run import Options, Result, measure_memory, run_case, time_alternating
 
 TINY = Options(repeats=1, warmup=0, min_repeats=1, memory=False)
 
 
 def test_shapes_sweeps_and_seeded_data():
-    cases = parse_shapes("core-2,33x1030x3-l2,8x4x2-bf16", ("nearest_code", "train"), DEFAULT_CASES)
+    cases = select_cases(False, "core-2,33x1030x3-l2,8x4x2-bf16", ("nearest_code", "train"))
     assert [(c.workload, c.label, c.n, c.k, c.d, c.l2norm, c.dtype) for c in cases[::2]] == [
         ("nearest_code", "core-2", 16384, 16384, 64, False, "float32"),
         ("nearest_code", "33x1030x3-l2", 33, 1030, 3, True, "float32"),
         ("nearest_code", "8x4x2-bf16", 8, 4, 2, False, "bfloat16")]
     for spec in ("", "12x3", "0x4x4", "nonsense", "4x4x4x4"):
         with pytest.raises(ValueError, match="--shapes"):
-            parse_shapes(spec, ("nearest_code",), DEFAULT_CASES)
+            select_cases(False, spec, ("nearest_code",))
     on_gpu = select_cases(False, None, ("nearest_code", "train"), "cuda")
     assert all(c.device == "cuda" for c in on_gpu)
     assert {c.workload for c in on_gpu if c.dtype == "bfloat16"} == {"nearest_code"}
     assert {c.iters for c in select_cases(True, None, ("kmeans",), kmeans_iters=4)} == {4}
+    assert not select_cases(False, "8x16x2", ("kmeans",))  # k-means needs K <= N
     assert Case("kmeans", "k", 10, 4, 2, iters=3).flops == 3 * Case("nearest_code", "s", 10, 4, 2).flops == 480
     case = Case("train", "t", 33, 7, 5, l2norm=True)
     a, b = make_data(case, seed=3), make_data(case, seed=3)
@@ -42,67 +38,71 @@ def test_shapes_sweeps_and_seeded_data():
     torch.testing.assert_close(a.codebook.norm(dim=1), torch.ones(7))
 
 
-def test_provider_selection_keeps_sgemm_and_the_oracle_is_opt_in():
-    assert "fastvq-torch" not in {p.name for p in providers.select(None)["nearest_code"]}
-    chosen = providers.select("naive,fastvq-torch")
-    assert [p.name for p in chosen["nearest_code"]] == ["sgemm", "naive", "fastvq-torch"]
-    assert [p.name for p in chosen["train"]] == ["sgemm", "fastvq-torch"]
-
-
 def test_alternation_warm_up_round_cutting_and_summary():
     calls = []
     runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    assert {len(t) for t in time_alternating(runs, repeats=3, warmup=1).values()} == {3}
+    assert {len(t) for t in time_alternating(runs, Options(repeats=3, warmup=1)).values()} == {3}
     assert calls == list("abc") + list("abc") + list("bca") + list("cab")
-    assert [plan_repeats(e, 7, 3, 5.0) for e in (1.0, 4.0, 0.01)] == [5, 3, 7]
+    times = time_alternating(runs, Options(repeats=7, min_repeats=3, budget_s=5.0), {"a": 1.0, "b": 4.0, "c": 0.01})
+    assert [len(times[name]) for name in "abc"] == [5, 3, 7]  # rounds cut to fit the budget, never under 3
     calls.clear()
     runs = {"fast": lambda: calls.append("fast"), "slow": lambda: calls.append("slow")}
-    times = time_alternating(runs, repeats=5, warmup=1, min_repeats=2, budget_s=2.0,
-                             estimates_s={"fast": 0.001, "slow": 1.0}, warm_if_under_s=0.5)
+    times = time_alternating(runs, Options(repeats=5, warmup=1, min_repeats=2, budget_s=2.0),
+                             {"fast": 0.001, "slow": 1.0})  # slow: no warm-up (>= WARM_IF_UNDER_S)
     assert calls.count("slow") == 2 and calls.count("fast") == 6 and len(times["slow"]) == 2
     values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
+    timing = Result(Case("nearest_code", "s", 1, 1, 1), "p", "baseline", "", times_ms=values).timing
     for key, q in (("q1_ms", 0.25), ("median_ms", 0.5), ("q3_ms", 0.75)):
-        torch.testing.assert_close(summary(values)[key], float(torch.quantile(torch.tensor(values), q)))
+        torch.testing.assert_close(timing[key], float(torch.quantile(torch.tensor(values), q)))
 
 
-def test_judge_passes_the_oracle_and_rejects_wrong_or_malformed_indices():
+def test_judge_and_check_pass_the_right_answers_and_reject_the_wrong_ones(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x, codebook = torch.randn(257, 5, generator=g), torch.randn(33, 5, generator=g)
-    rows, best = check_rows(257, 33, 5), reference.nearest_code(x, codebook)[0]
-    check_nearest(x, codebook, best, rows)
-    check_nearest(x, codebook, exact_nearest(x, codebook)[1], rows)  # the float64 expansion agrees
+    rows, best = judge.spread(257, 512), reference.nearest_code(x, codebook)[0]
+    judge.check_nearest(x, codebook, best, rows)
+    judge.check_nearest(x, codebook, judge.exact_nearest(x, codebook)[1], rows)  # the float64 expansion agrees
     wrong = best.clone()
     wrong[256] = reference.pairwise_sqdist(x, codebook)[256].argmax()
-    with pytest.raises(Wrong, match="1 of 257 checked rows are not a nearest code"):
-        check_nearest(x, codebook, wrong, rows)
+    with pytest.raises(judge.Wrong, match="1 of 257 checked rows are not a nearest code"):
+        judge.check_nearest(x, codebook, wrong, rows)
     for bad, message in ((best[:-1], "shape"), (best.float(), "integer"), (best + 33, "out of range")):
-        with pytest.raises(Wrong, match=message):
-            check_nearest(x, codebook, bad, rows)
+        with pytest.raises(judge.Wrong, match=message):
+            judge.check_nearest(x, codebook, bad, rows)
+    # --check: the cpu backend passes, and an off-by-one nearest_code is caught
+    lines = []
+    assert judge.check_device(torch.device("cpu"), lines.append) == 0 and "check cpu: checking" in lines
+    right = fastvq.nearest_code
+
+    def off_by_one(x, codebook, backend):
+        indices, sqdist = right(x, codebook, backend=backend)
+        return (indices + 1) % len(codebook), sqdist
+    monkeypatch.setattr(fastvq, "nearest_code", off_by_one)
+    assert any("chose code" in failure for failure in judge.check_backend("cpu", torch.device("cpu")))
 
 
-def _fake(name, shift=0, absent=None):
-    def setup(case, data):
-        if absent or shift is None:
-            raise providers.Absent(absent) if absent else RuntimeError("cannot set up")
-        indices = (reference.nearest_code(data.x, data.codebook)[0] + shift) % case.k
-        return lambda: (data.codebook[indices], indices)
-    return providers.Provider(name, "nearest_code", "baseline", name, setup)
-
-
-def test_run_case_times_the_right_provider_and_never_the_wrong_one():
-    fakes = [_fake("good"), _fake("wrong", shift=1), _fake("absent", absent="no such package"), _fake("broken", None)]
+def test_run_case_times_the_right_providers_never_the_wrong_one_and_measures_memory(monkeypatch):
+    def fake(name, shift=0, error=None):
+        def setup(case, data):
+            if error:
+                raise error
+            indices = (reference.nearest_code(data.x, data.codebook)[0] + shift) % case.k
+            return lambda: (data.codebook[indices], indices)
+        return providers.Provider(name, "nearest_code", "baseline", name, setup)
+    fakes = [fake("good"), fake("wrong", shift=1), fake("absent", error=providers.Absent("no such package")),
+             fake("broken", error=RuntimeError("cannot set up"))]
     results = {r.provider: r for r in run_case(Case("nearest_code", "fake", 65, 9, 3), fakes, TINY)}
     assert results["good"].status == "ok" and len(results["good"].times_ms) == 1
     assert results["wrong"].status == "wrong" and not results["wrong"].times_ms
     assert "not a nearest code" in results["wrong"].reason
     assert (results["absent"].status, results["absent"].reason) == ("absent", "no such package")
     assert results["broken"].status == "error" and "cannot set up" in results["broken"].reason
-
-
-def test_faiss_ivf_is_timed_with_its_recall(monkeypatch):
-    pytest.importorskip("faiss")
+    memory = measure_memory("naive", Case("nearest_code", "m", 2048, 1024, 64), seed=0)  # in a child process
+    assert "error" not in memory, memory
+    assert memory["peak_rss_mb"] > memory["before_mb"] > 10 and 8 <= memory["delta_mb"] < 200  # cdist's N×K: 8 MiB
+    pytest.importorskip("faiss")  # faiss IVF: timed with its recall
     monkeypatch.setattr(providers, "IVF_MIN_CODES", 1024)
-    ivf = [providers.find("nearest_code", "faiss-ivf")]
+    ivf = [providers.REGISTRY["nearest_code", "faiss-ivf"]]
     (result,) = run_case(Case("nearest_code", "ivf", 300, 2048, 8), ivf, TINY)
     assert result.status == "ok" and len(result.times_ms) == 1 and result.check["rows"] == 300
     assert 0.0 < result.check["recall_at_1"] <= 1.0 and 1 <= result.check["nprobe"] <= result.check["nlist"] == 52
@@ -111,7 +111,7 @@ def test_faiss_ivf_is_timed_with_its_recall(monkeypatch):
     assert absent.status == "absent" and absent.reason.startswith("not applicable")
 
 
-def test_derived_figures_and_tables():
+def test_derived_figures_tables_and_the_cli_end_to_end(tmp_path, capsys):
     case = Case("train", "core-t", 1000, 500, 10)  # 1e7 FLOPs
     results = [Result(case, "sgemm", "sgemm", "", times_ms=[1.0]),
                Result(case, "vector-quantize-pytorch", "baseline", "", times_ms=[30.0, 40.0, 50.0],
@@ -130,14 +130,11 @@ def test_derived_figures_and_tables():
     assert rows[3][0][-1].startswith("WRONG: 3 of 10") and rows[3][1] == "red" and rows[2][0][7] == "13.33"
     table = report.markdown(results, "test machine", "python -m fastvq.bench")
     assert re.search(r"\| \*\*fastvq-cpu\*\* +\|", table) and "absent: fastvq-cuda: no CUDA device" in table
-
-
-def test_cli_tiny_end_to_end_writes_json_markdown_and_plot(tmp_path, capsys):
+    # the same figures and tables, end to end through the CLI, with JSON and a plot
     path, png, md = tmp_path / "b.json", tmp_path / "b.png", tmp_path / "b.md"
     names = "naive,addmm,faiss-flat,vector-quantize-pytorch,faiss-kmeans,fastvq-cpu"
-    code = cli.main(["--shapes", "65x17x3", "--providers", names, "--repeats", "2", "--min-repeats", "1",
-                     "--warmup", "0", "--kmeans-iters", "2", "--no-memory", "--no-progress",
-                     "--json", str(path), "--plot", str(png), "--markdown", str(md)])
+    code = cli.main(f"--shapes 65x17x3 --providers {names} --repeats 2 --min-repeats 1 --warmup 0 --kmeans-iters 2 "
+                    f"--no-memory --no-progress --json {path} --plot {png} --markdown {md}".split())
     assert code == 0 and "nearest_code forward" in capsys.readouterr().out
     assert re.search(r"\| 65x17x3 +\| naive +\|", md.read_text())
     document = json.loads(path.read_text())
@@ -153,43 +150,23 @@ def test_cli_tiny_end_to_end_writes_json_markdown_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_rejects_bad_arguments_and_the_old_names():
-    for argv, message in ((["--shapes", "1x2"], "--shapes"), (["--repeats", "0"], "--repeats"),
-                          (["--workloads", "search"], "--workloads"), (["--providers", "naive,vqtorch"], "--providers"),
-                          (["--device", "nope"], "device")):
-        with pytest.raises(SystemExit, match=message):
-            cli.main(argv)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
-def test_device_cuda_without_a_gpu_exits_cleanly_with_a_message():
-    done = subprocess.run([sys.executable, "-m", "fastvq.bench", "--device", "cuda", "--check"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "no such CUDA device here" in done.stdout and "nothing was run" in done.stdout
-
-
-def test_check_passes_the_cpu_backend_and_catches_a_wrong_one(monkeypatch):
-    assert check.backends_here(torch.device("cpu"))["cpu"] is None
-    assert check.check_backend("cpu", torch.device("cpu")) == []
-    right = fastvq.nearest_code
-
-    def off_by_one(x, codebook, backend):
-        indices, sqdist = right(x, codebook, backend=backend)
-        return (indices + 1) % len(codebook), sqdist
-    monkeypatch.setattr(fastvq, "nearest_code", off_by_one)
-    assert any("chose code" in failure for failure in check.check_backend("cpu", torch.device("cpu")))
+def test_cli_arguments_provider_selection_and_a_missing_gpu(capsys):
+    for argv in ("--shapes 1x2", "--repeats 0", "--workloads search", "--providers naive,vqtorch", "--device nope"):
+        with pytest.raises(SystemExit, match=argv.split()[0]):  # the message names the argument
+            cli.main(argv.split())
+    assert "fastvq-torch" not in {p.name for p in providers.select(None)["nearest_code"]}
+    chosen = providers.select("naive,fastvq-torch")  # sgemm always; the slow oracle only when named
+    assert [p.name for p in chosen["nearest_code"]] == ["sgemm", "naive", "fastvq-torch"]
+    assert [p.name for p in chosen["train"]] == ["sgemm", "fastvq-torch"]
+    assert cli.main(["--device", f"cuda:{torch.cuda.device_count()}", "--check"]) == 0  # a GPU job without the GPU
+    out = capsys.readouterr().out
+    assert "no such CUDA device here" in out and "nothing was run" in out
 
 
 def test_import_fastvq_loads_no_bench_and_the_bench_no_baseline():
     code = ("import sys, torch; before = set(sys.modules); import fastvq; new = set(sys.modules) - before; "
             "print(sorted(m for m in new if m.split('.')[0] in ('rich', 'tqdm', 'matplotlib', 'faiss', "
-            "'vector_quantize_pytorch') or m.startswith('fastvq.bench'))); import fastvq.bench.run; "
+            "'vector_quantize_pytorch') or m.startswith('fastvq.bench'))); import fastvq.bench.cli; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('faiss', 'vector_quantize_pytorch')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "[]"]  # torch itself imports tqdm (torch.hub), so only what fastvq adds counts
-
-
-def test_memory_is_measured_in_a_child():
-    mem = measure("nearest_code", "naive", Case("nearest_code", "m", 2048, 1024, 64), seed=0, threads=1)
-    assert "error" not in mem, mem
-    assert mem["peak_rss_mb"] > mem["before_mb"] > 10 and 8 <= mem["delta_mb"] < 200  # cdist's N×K is 8 MiB

@@ -288,3 +288,23 @@ def test_backend_not_supported_reasons():
     assert reasons == ["dtype torch.float64: the cpu kernels compute in float32; float64 goes to the torch backend"]
     reasons = backend.not_supported_reasons(torch.zeros(2, 2, device="meta"))
     assert reasons == ["device meta: the cpu backend needs CPU tensors"]
+
+
+@pytest.mark.parametrize("module", ["_cpu", "_cuda"])
+def test_committed_stubs_match_the_built_extensions(module, tmp_path):
+    """fastvq/_cpu.pyi and _cuda.pyi let go-to-definition follow a call into the compiled modules
+    (each function's docstring names its C++ source); regenerated from the build, they must not differ."""
+    import importlib.util
+    import pathlib
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec(f"fastvq.{module}") is None:
+        pytest.skip(f"fastvq.{module} is not built here")
+    generated = tmp_path / f"{module}.pyi"
+    subprocess.run([sys.executable, "-m", "nanobind.stubgen", "-q", "-m", f"fastvq.{module}", "-o", str(generated)],
+                   check=True)
+    committed = pathlib.Path(__file__).resolve().parents[1] / "fastvq" / f"{module}.pyi"
+    assert committed.read_text() == generated.read_text(), (
+        f"fastvq/{module}.pyi is stale: regenerate it with python -m nanobind.stubgen -m fastvq.{module} "
+        f"-o fastvq/{module}.pyi")

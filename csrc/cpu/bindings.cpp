@@ -123,23 +123,25 @@ void quantize_backward(std::optional<In> grad_quantized_, In x_, In codebook_, I
 }  // namespace
 
 NB_MODULE(_cpu, m) {
-  m.doc() = "fastvq CPU kernels (OpenMP + run-time AVX2 dispatch). Arrays: float32/int64, C-contiguous, CPU.";
+  m.doc() = "fastvq CPU kernels (OpenMP + run-time AVX2 dispatch). Arrays: float32/int64, C-contiguous, CPU.\n"
+            "Bindings: csrc/cpu/bindings.cpp; each kernel names its source file.";
 
   m.def("nearest_code", &nearest_code, "x"_a, "codebook"_a, "indices_out"_a, "sqdist_out"_a,
         "quantized_out"_a = nb::none(), "num_threads"_a = 0,
         "indices_out[i] = argmin_k ||x[i] - codebook[k]||^2 (ties -> lowest k), sqdist_out[i] = that\n"
         "squared distance (computed directly), quantized_out[i] = codebook[indices_out[i]] if given.\n"
-        "num_threads <= 0 uses the OpenMP default.");
+        "num_threads <= 0 uses the OpenMP default.\n"
+        "Source: csrc/cpu/nearest_code.cpp (micro-kernels: csrc/cpu/search_tile_*.cpp).");
   m.def("ema_stats", &ema_stats, "x"_a, "indices"_a, "counts_out"_a, "sums_out"_a, "num_threads"_a = 0,
         "counts_out[k] = #{i: indices[i] == k}, sums_out[k] = sum of x[i] over those i (overwritten).\n"
-        "Bitwise identical for any num_threads.");
+        "Bitwise identical for any num_threads. Source: csrc/cpu/ema_stats.cpp.");
   m.def("quantize_backward", &quantize_backward, "grad_quantized"_a.none(), "x"_a, "codebook"_a,
         "indices"_a, "commit_scale"_a, "codebook_scale"_a, "grad_x_out"_a = nb::none(),
         "grad_codebook_out"_a = nb::none(), "num_threads"_a = 0, nb::kw_only(), "rotation_trick"_a = false,
         "grad_x_out = G + commit_scale * (x - codebook[indices]), G = grad_quantized (None = 0) or, with\n"
         "rotation_trick, the rotation trick's (|q|/|x|) R^T grad_quantized (fastvq.reference.quantize_backward);\n"
         "grad_codebook_out[k] = codebook_scale * sum over indices[i] == k of (codebook[k] - x[i]).\n"
-        "Bitwise identical for any num_threads.");
+        "Bitwise identical for any num_threads. Source: csrc/cpu/quantize_backward.cpp.");
   m.def("simd_level", [] { return std::string(fastvq::cpu::simd_level_name(fastvq::cpu::current_simd_level())); },
         "The nearest_code kernel the dispatcher picks now: 'avx512', 'avx2' or 'portable'.");
   m.def("best_simd_level", [] { return std::string(fastvq::cpu::simd_level_name(fastvq::cpu::best_simd_level())); },

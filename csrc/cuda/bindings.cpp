@@ -209,26 +209,28 @@ void quantize_backward(In grad_quantized_, In x_, In codebook_, In indices_, In 
 
 NB_MODULE(_cuda, m) {
   m.doc() = "fastvq CUDA kernels. Tensors: CUDA, one device; x float32/float16/bfloat16 with any strides.\n"
-            "Work is enqueued on `stream` (torch.cuda.current_stream(device).cuda_stream).";
+            "Work is enqueued on `stream` (torch.cuda.current_stream(device).cuda_stream).\n"
+            "Bindings: csrc/cuda/bindings.cpp; each kernel names its source file.";
 
   m.def("nearest_code", &nearest_code, "x"_a, "codebook"_a, "code_norms_scratch"_a, "indices_out"_a, "sqdist_out"_a,
         "quantized_out"_a = nb::none(), nb::kw_only(), "stream"_a,
         "indices_out[i] = argmin_k ||x[i] - codebook[k]||^2 (ties -> lowest k; non-finite distance = +inf),\n"
         "sqdist_out[i] = that squared distance computed directly (float32), quantized_out[i] = codebook[idx].\n"
-        "code_norms_scratch: float32 (K,), overwritten.");
+        "code_norms_scratch: float32 (K,), overwritten. Source: csrc/cuda/nearest_code.cu.");
   m.def("ema_stats", &ema_stats, "x"_a, "indices"_a, "counts_out"_a, "sums_out"_a, nb::kw_only(), "stream"_a,
         "counts_out[k] = #{i: indices[i] == k}, sums_out[k] = sum of x[i] over those i (float32 atomics;\n"
-        "overwritten). Indices outside [0, K) are ignored.");
+        "overwritten). Indices outside [0, K) are ignored. Source: csrc/cuda/ema_stats.cu.");
   m.def("segment_sum", &segment_sum, "x"_a, "perm"_a, "offsets"_a, "out"_a, "codebook"_a = nb::none(), nb::kw_only(),
         "stream"_a,
         "Deterministic: out[k] = sum over s in [offsets[k], offsets[k+1]) of x[perm[s]], or of\n"
-        "codebook[k] - x[perm[s]] when codebook is given (overwritten).");
+        "codebook[k] - x[perm[s]] when codebook is given (overwritten). Source: csrc/cuda/ema_stats.cu.");
   m.def("quantize_backward", &quantize_backward, "grad_quantized"_a, "x"_a, "codebook"_a, "indices"_a,
         "commit_scale"_a, "grad_x_out"_a = nb::none(), "grad_codebook_out"_a = nb::none(), nb::kw_only(), "stream"_a,
         "rotation_trick"_a = false,
         "grad_x_out = G + commit_scale * (x - codebook[indices]) in x's dtype, G = grad_quantized or, with\n"
         "rotation_trick, the rotation trick's (|q|/|x|) R^T grad_quantized (fastvq.reference.quantize_backward);\n"
-        "grad_codebook_out[k] = sum over indices[i] == k of (codebook[k] - x[i]), float32 atomics (overwritten).");
+        "grad_codebook_out[k] = sum over indices[i] == k of (codebook[k] - x[i]), float32 atomics (overwritten).\n"
+        "Source: csrc/cuda/quantize_backward.cu.");
   m.def("built_archs", [] { return std::string(FASTVQ_CUDA_ARCHS); },
         "The CMAKE_CUDA_ARCHITECTURES this extension was compiled for, e.g. '80;90'.");
   m.def("runtime_version", &fastvq::cuda::runtime_version, "CUDA runtime version linked in, e.g. '13.0'.");

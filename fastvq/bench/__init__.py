@@ -1,7 +1,3 @@
-"""``python -m fastvq.bench``: fastvq against naive PyTorch, faiss-cpu and vector-quantize-pytorch, on CPU or CUDA.
-
-cases (workloads, sweeps, tensors) -> providers (one setup function each) -> run (judge: correctness
-first; timing: alternated rounds; memory: child processes) -> report (rich table, markdown, JSON),
-plot; check is --check; machine says which machine (and caps the ISA); cli ties them together.
-Nothing here is imported by ``import fastvq``.
-"""
+"""``python -m fastvq.bench`` (cli.py): cases (workloads, sweeps, tensors) -> providers (one setup function each)
+-> judge (correctness first; --check) -> run (alternated timing rounds, memory in child processes) -> report
+(derived figures, tables, markdown, plot, the machine). Nothing here is imported by ``import fastvq``."""

@@ -1,12 +1,11 @@
 """What is timed: the workloads, the named shapes of each sweep, and the seeded tensors of a case."""
-from __future__ import annotations
-
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 
 WORKLOADS = ("nearest_code", "train", "kmeans")
+DECAY, COMMITMENT_WEIGHT, EPS = 0.99, 0.25, 1e-5  # the training step's quantizers (both providers'; the check's loss)
 TITLES = {"nearest_code": "nearest_code forward: search + gather", "kmeans": "k-means (Lloyd)",
           "train": "training step: forward + backward + EMA update"}
 
@@ -36,9 +35,6 @@ class Case:
     def flops(self) -> float:
         return self.pass_flops * (self.iters if self.workload == "kmeans" else 1)
 
-    def to_json(self) -> dict:
-        return asdict(self) | {"shape": self.shape, "flops": self.flops}
-
 
 def _nc(label: str, n: int, k: int, d: int, **options) -> Case:
     return Case("nearest_code", label, n, k, d, **options)
@@ -58,38 +54,32 @@ DEFAULT_CASES = (
 CUDA_CASES = (*(replace(c, dtype="bfloat16") for c in DEFAULT_CASES
                 if c.workload == "nearest_code" and c.label.startswith("core")),
               _nc("big", 65536, 16384, 256), _nc("big", 65536, 16384, 256, dtype="bfloat16"))
-# --quick: every workload and code path once, on small shapes (the CI smoke test, < 1 minute).
+# --quick: every workload and code path once, on small shapes (the CI smoke test, < 1 minute; k-means 5 iterations).
 QUICK_CASES = (_nc("small", 4096, 1024, 64), _nc("small-k16k", 512, 16384, 32),
                _nc("small-l2", 2048, 4096, 8, l2norm=True), Case("train", "small", 2048, 1024, 64),
-               Case("kmeans", "small", 2048, 128, 32, iters=5))
-_SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+)(-l2)?(-bf16)?$")
-
-
-def parse_shapes(spec: str, workloads: tuple[str, ...], sweep: tuple[Case, ...]) -> tuple[Case, ...]:
-    """--shapes: sweep labels (their cases) and/or NxKxd[-l2][-bf16] shapes (one case per workload)."""
-    tokens, labels, cases = [t.strip() for t in spec.split(",") if t.strip()], {c.label for c in sweep}, []
-    if not tokens:
-        raise ValueError("--shapes must name at least one label or NxKxd shape, got an empty string")
-    for token in tokens:
-        match = _SHAPE.match(token)
-        if match and min(int(match.group(i)) for i in (1, 2, 3)) >= 1:
-            n, k, d = (int(match.group(i)) for i in (1, 2, 3))
-            dtype = "bfloat16" if match.group(5) else "float32"
-            cases += [Case(w, token, n, k, d, l2norm=bool(match.group(4)), dtype=dtype) for w in workloads]
-        elif token in labels:
-            cases += [c for c in sweep if c.label == token and c.workload in workloads]
-        else:
-            raise ValueError(f"--shapes entry {token!r} must be NxKxd with N, K, d >= 1 (optionally -l2, -bf16) "
-                             f"or one of the sweep's labels {sorted(labels)}")
-    return tuple(dict.fromkeys(cases))
+               Case("kmeans", "small", 2048, 128, 32))
+_SHAPE = re.compile(r"^([1-9]\d*)x([1-9]\d*)x([1-9]\d*)(-l2)?(-bf16)?$")
 
 
 def select_cases(quick: bool, shapes: str | None, workloads: tuple[str, ...], device: str = "cpu",
                  kmeans_iters: int | None = None) -> tuple[Case, ...]:
+    """The sweep's cases of ``workloads``, or those --shapes names: sweep labels (their cases) and/or
+    NxKxd[-l2][-bf16] shapes (one case per workload). Training and k-means stay float32; k-means needs K <= N."""
     sweep = QUICK_CASES if quick else DEFAULT_CASES + (CUDA_CASES if device.startswith("cuda") else ())
-    cases = parse_shapes(shapes, workloads, sweep) if shapes else tuple(c for c in sweep if c.workload in workloads)
-    return tuple(replace(c, device=device, iters=kmeans_iters or c.iters) for c in cases
-                 if c.dtype == "float32" or c.workload == "nearest_code")  # training and k-means stay fp32
+    tokens, cases = [t.strip() for t in shapes.split(",")] if shapes is not None else [], []
+    for token in tokens:
+        if match := _SHAPE.match(token):
+            n, k, d = map(int, match.group(1, 2, 3))
+            dtype = "bfloat16" if match.group(5) else "float32"
+            cases += [Case(w, token, n, k, d, l2norm=bool(match.group(4)), dtype=dtype) for w in workloads]
+        elif token in {c.label for c in sweep}:
+            cases += [c for c in sweep if c.label == token and c.workload in workloads]
+        else:
+            raise ValueError(f"--shapes entry {token!r} must be NxKxd with N, K, d >= 1 (optionally -l2, -bf16) "
+                             f"or one of the sweep's labels {sorted({c.label for c in sweep})}")
+    cases = dict.fromkeys(cases) if shapes is not None else [c for c in sweep if c.workload in workloads]
+    return tuple(replace(c, device=device, iters=kmeans_iters or (5 if quick else c.iters)) for c in cases
+                 if (c.dtype == "float32" or c.workload == "nearest_code") and (c.workload != "kmeans" or c.k <= c.n))
 
 
 @dataclass

@@ -1,14 +1,21 @@
-"""Correctness before timing, by fastvq.reference's one judge, on an evenly spread subset of rows
-(the direct-difference oracle is slow). Approximate providers (faiss IVF) get a recall@1 against a
-float64 expansion, exact enough and fast enough for many more rows."""
-from __future__ import annotations
+"""Correctness, by fastvq.reference's one judge. Before timing (check_output): on an evenly spread subset of rows
+(the direct-difference oracle is slow); approximate providers (faiss IVF) get a float64 recall@1 on more rows.
+--check: every fastvq backend that runs on the device; N, K, d from 1, 3, 33, 257, 1030; fp32, bf16; random,
+small-integer (exact, with ties: indices must be argmin's), non-contiguous x; indices, sqdist, quantize, ema_stats."""
+import itertools
+from functools import partial
 
 import torch
 from torch import Tensor
 
-from .. import reference
+import fastvq
+from fastvq import reference
+from fastvq.dispatch import explain
+
+from .cases import COMMITMENT_WEIGHT, Case, Data
 
 CHECK_ELEMENTS, MIN_ROWS, MAX_ROWS, RECALL_ROWS = 1 << 26, 32, 512, 1024  # the oracle's (rows, K, d) work ~ 2^26
+SHAPES = ((1, 1, 1), (3, 257, 33), (33, 3, 1030), (257, 1030, 3), (1030, 33, 257), (1030, 257, 1))  # --check's
 
 
 class Wrong(Exception):
@@ -19,17 +26,15 @@ def spread(n: int, count: int) -> Tensor:
     return torch.linspace(0, n - 1, min(n, count)).round().long().unique() if n else torch.zeros(0, dtype=torch.long)
 
 
-def check_rows(n: int, k: int, d: int) -> Tensor:
-    return spread(n, max(MIN_ROWS, min(MAX_ROWS, CHECK_ELEMENTS // max(1, k * d))))
-
-
-def oracle(x: Tensor, codebook: Tensor, rows: Tensor) -> Tensor:
-    """reference.nearest_code on the checked rows (float32, direct differences)."""
-    return reference.nearest_code(x.detach().cpu().float()[rows], codebook.detach().cpu().float())[0]
+def check_rows(case: Case, data: Data) -> tuple[Tensor, Tensor | None]:
+    """The rows a case's check judges, and the oracle's codes for them (k-means: none; its codebook is its output)."""
+    rows = spread(case.n, max(MIN_ROWS, min(MAX_ROWS, CHECK_ELEMENTS // max(1, case.k * case.d))))
+    x, codebook = data.x.cpu().float()[rows], data.codebook.cpu().float()
+    return rows, None if case.workload == "kmeans" else reference.nearest_code(x, codebook)[0]
 
 
 def excess(x: Tensor, codebook: Tensor, indices, rows: Tensor, best: Tensor | None = None) -> Tensor:
-    """reference.nearest_code_excess of indices[rows] (a row passes when <= 1); Wrong if malformed."""
+    """reference.nearest_code_excess of indices[rows] (<= 1 passes; best: the oracle's codes); Wrong if malformed."""
     indices = torch.as_tensor(indices).reshape(-1)
     if indices.shape != (x.shape[0],) or indices.dtype.is_floating_point or indices.dtype == torch.bool:
         raise Wrong(f"indices must be an integer tensor of shape ({x.shape[0]},), "
@@ -37,23 +42,14 @@ def excess(x: Tensor, codebook: Tensor, indices, rows: Tensor, best: Tensor | No
     chosen = indices.detach().cpu().long()[rows]
     if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= codebook.shape[0]):
         raise Wrong(f"indices out of range [0, {codebook.shape[0]}): [{int(chosen.min())}, {int(chosen.max())}]")
-    best = oracle(x, codebook, rows) if best is None else best
     return reference.nearest_code_excess(x.detach().cpu().float()[rows], codebook.detach().cpu().float(), chosen, best)
 
 
 def check_nearest(x: Tensor, codebook: Tensor, indices, rows: Tensor, best: Tensor | None = None) -> None:
     found = excess(x, codebook, indices, rows, best)
-    if bool((found > 1.0).any()):
-        raise Wrong(f"{int((found > 1.0).sum())} of {len(rows)} checked rows are not a nearest code "
+    if not bool((found <= 1.0).all()):  # not `> 1`: a NaN is wrong too
+        raise Wrong(f"{int((~(found <= 1.0)).sum())} of {len(rows)} checked rows are not a nearest code "
                     f"(worst: {float(found.max()):.3g}× the float32 rounding slack above the minimum)")
-
-
-def check_gather(quantized: Tensor, codebook: Tensor, indices: Tensor, rows: Tensor) -> None:
-    """quantized[rows] == codebook[indices[rows]], up to one rounding (straight-through outputs are x + (e − x))."""
-    got = quantized.detach().cpu().reshape(-1, codebook.shape[1])[rows].float()
-    want = codebook.detach().cpu()[indices.detach().cpu().reshape(-1)[rows]].float()
-    if not torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max().clamp_min(1.0))):
-        raise Wrong(f"quantized != codebook[indices] on {int((~torch.isclose(got, want)).any(1).sum())} checked rows")
 
 
 def exact_nearest(x: Tensor, codebook: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
@@ -64,13 +60,84 @@ def exact_nearest(x: Tensor, codebook: Tensor, chunk: int = 4096) -> tuple[Tenso
     return torch.cat([p.values for p in parts]).clamp_min(0), torch.cat([p.indices for p in parts])
 
 
-def recall(x: Tensor, codebook: Tensor, indices) -> tuple[float, int]:
-    """(recall@1, rows scored) on up to RECALL_ROWS evenly spread rows."""
+def recall(x: Tensor, codebook: Tensor, indices, best: Tensor | None = None) -> tuple[float, int]:
+    """(recall@1, rows scored) on up to RECALL_ROWS evenly spread rows; ``best``: their exact nearest codes."""
     rows = spread(x.shape[0], RECALL_ROWS)
-    best = exact_nearest(x.detach().cpu()[rows], codebook)[1]
+    best = exact_nearest(x.detach().cpu()[rows], codebook)[1] if best is None else best
     return float((excess(x, codebook, indices, rows, best) <= 1.0).double().mean()), len(rows)
 
 
-def inertia(x: Tensor, centroids: Tensor) -> float:
-    """Σ_i min_k ‖x_i − c_k‖², float64."""
-    return float(exact_nearest(x, centroids)[0].sum())
+def check_output(case: Case, data: Data, role: str, output, rows, best) -> dict:
+    """What the check found (rows, recall, loss, inertia); raises Wrong when the output is wrong."""
+    if role == "sgemm":
+        return {}
+    if case.workload == "kmeans":
+        centroids = torch.as_tensor(output[0]).reshape(case.k, case.d).float()
+        check_nearest(data.x, centroids, output[1], rows)
+        return {"rows": len(rows), "inertia": float(exact_nearest(data.x, centroids)[0].sum())}
+    quantized, indices = output[:2]
+    if role == "approximate":
+        found, scored = recall(data.x, data.codebook, indices)
+        return {"recall_at_1": found, "rows": scored} | output[2]  # and the index's settings
+    check_nearest(data.x, data.codebook, indices, rows, best)
+    got = quantized.detach().cpu().reshape(-1, case.d)[rows].float()  # straight-through outputs are x + (e − x):
+    want = data.codebook.cpu()[indices.detach().cpu().reshape(-1)[rows]].float()  # equal up to one rounding
+    if not torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max().clamp_min(1.0))):
+        raise Wrong(f"quantized != codebook[indices] on {int((~torch.isclose(got, want)).any(1).sum())} checked rows")
+    if case.workload == "nearest_code":
+        return {"rows": len(rows)}
+    loss, x = float(output[2].detach()), output[3]
+    expected = COMMITMENT_WEIGHT * float(((x.detach() - data.codebook[indices.reshape(-1)]).double() ** 2).mean())
+    if not abs(loss - expected) <= 1e-4 * max(abs(expected), 1e-12):  # `not <=`: a NaN loss is wrong too
+        raise Wrong(f"loss {loss:.6g} != commitment_weight·mean((x − e_idx)²) = {expected:.6g}")
+    if x.grad is None or not bool(torch.isfinite(x.grad).all()):
+        raise Wrong("x.grad is missing or non-finite after backward")
+    return {"rows": len(rows), "loss": loss}
+
+
+def check_backend(backend: str, device: torch.device) -> list[str]:
+    """What is wrong with one backend over every shape, dtype and kind of input (empty: nothing), as judged by
+    reference.assert_nearest and torch.testing (not assert statements: python -O must not skip the check)."""
+    failures, same = [], partial(torch.testing.assert_close, rtol=0, atol=0)
+    for (n, k, d), dtype in itertools.product(SHAPES, (torch.float32, torch.bfloat16)):
+        g = torch.Generator().manual_seed(n * k + d)
+        codes = torch.randint(-3, 4, (k, d), generator=g).float()
+        codes[1::2] = codes[0:k - 1:2]  # duplicate codes: exact ties
+        for kind, (x, e) in {
+            "random": (torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)),
+            "small-integer": (torch.randint(-3, 4, (n, d), generator=g).float(), codes),
+            "non-contiguous": (torch.randn(d, n, generator=g).T, torch.randn(k, d, generator=g)),
+        }.items():
+            x, e = x.to(device, dtype), e.to(device, dtype)  # e: the codebook
+            try:
+                indices, sqdist = fastvq.nearest_code(x, e, backend=backend)
+                reference.assert_nearest(x.float(), e.float(), indices)
+                if kind == "small-integer":  # exact distances: the indices must be torch.argmin's
+                    same(indices, reference.nearest_code(x.float(), e.float())[0], msg=lambda m: f"not argmin: {m}")
+                torch.testing.assert_close(sqdist, ((x.float() - e.float()[indices]) ** 2).sum(1), rtol=1e-4,
+                                           atol=1e-5 * d, msg=lambda m: f"sqdist != ‖x − e_idx‖²: {m}")
+                quantized, again = fastvq.quantize(x, e, backend=backend)
+                same(again, indices, msg=lambda m: f"quantize's indices differ from nearest_code's: {m}")
+                same(quantized, e[indices], msg=lambda m: f"quantize: quantized != codebook[indices]: {m}")
+                counts, sums = fastvq.ema_stats(x, indices, k, backend=backend)
+                want_counts, want_sums = reference.ema_stats(x, indices, k)
+                same(counts.float(), want_counts.float(), msg=lambda m: f"ema_stats counts: {m}")
+                torch.testing.assert_close(sums.float(), want_sums.float(), rtol=1e-4, atol=1e-3,
+                                           msg=lambda m: f"ema_stats sums: {m}")
+            except Exception as error:  # a crash is a failure too, reported with its configuration
+                failures.append(f"{backend} {n}x{k}x{d} {str(dtype)[6:]} {kind}: {type(error).__name__}: {error}")
+    return failures
+
+
+def check_device(device: torch.device, out=print) -> int:
+    """0 if every backend but the oracle ("torch") that runs on ``device`` is right; 1 if one is wrong or none runs."""
+    reasons = {b: "; ".join(why) for b, why in explain(torch.zeros(1, 1, device=device)).items() if b != "torch"}
+    checked, failures = [b for b, why in reasons.items() if not why], []
+    for backend, why in reasons.items():
+        out(f"check {backend}: " + (f"skipped: {why}" if why else "checking"))
+        failures += [] if why else check_backend(backend, device)
+    for failure in failures:
+        out(f"FAILED {failure}")
+    verdict = f"{', '.join(checked)}: " + (f"{len(failures)} failures" if failures else "all right")
+    out(f"check on {device}: " + (verdict if checked else "no fastvq backend but the torch oracle runs here"))
+    return 1 if failures or not checked else 0

@@ -1,9 +1,6 @@
-"""Providers: one function each, ``setup(case, data) -> run``, building what is built once (an index,
-a module) or raising ``Absent``; ``run()`` is one timed call and returns what the check needs:
-(quantized, indices[, loss, x]) or, for k-means, (centroids, assignments). Baselines' packages are
-imported inside setup only."""
-from __future__ import annotations
-
+"""Providers: one function each, ``setup(case, data) -> run``, building what is built once (an index, a module)
+or raising ``Absent``; ``run()`` is one timed call and returns what the check needs: (quantized, indices[, loss, x]),
+IVF's (quantized, indices, settings), k-means' (centroids, assignments). Baselines are imported inside setup only."""
 import importlib
 import math
 from collections.abc import Callable
@@ -14,12 +11,11 @@ import torch
 
 import fastvq
 
-from .cases import WORKLOADS, Case, Data
-from .judge import exact_nearest, excess
-from .machine import limit_faiss
+from .cases import COMMITMENT_WEIGHT, DECAY, EPS, WORKLOADS, Case, Data
+from .judge import exact_nearest, recall
 
-DECAY, COMMITMENT_WEIGHT, EPS = 0.99, 0.25, 1e-5  # both quantizers of the training step
-IVF_MIN_CODES, IVF_RECALL, IVF_TUNING_ROWS = 65536, 0.9, 512  # IVF is shown for large codebooks only
+# IVF is shown for large codebooks only; its tuning sample fits judge.RECALL_ROWS, so recall scores every row
+IVF_MIN_CODES, IVF_RECALL, IVF_TUNING_ROWS = 65536, 0.9, 512
 
 
 class Absent(Exception):
@@ -36,12 +32,12 @@ class Provider:
     opt_in: bool = False  # only when named in --providers (fastvq-torch, the slow oracle)
 
 
-REGISTRY: list[Provider] = []
+REGISTRY: dict[tuple[str, str], Provider] = {}  # (workload, name) -> provider
 
 
-def provider(workloads: tuple[str, ...], name: str, description: str, role: str = "baseline"):
+def provider(workloads: tuple[str, ...], name: str, description: str, role: str = "baseline", opt_in: bool = False):
     def register(setup):
-        REGISTRY.extend(Provider(name, workload, role, description, setup) for workload in workloads)
+        REGISTRY.update({(w, name): Provider(name, w, role, description, setup, opt_in) for w in workloads})
         return setup
     return register
 
@@ -59,45 +55,38 @@ def sgemm(case: Case, data: Data):
     return lambda: torch.mm(data.x, data.codebook.T, out=out)
 
 
+def _gathered(codebook: torch.Tensor, indices: torch.Tensor):
+    return codebook[indices], indices
+
+
 @provider(("nearest_code",), "naive", "torch.cdist + argmin + gather")
 def naive(case: Case, data: Data):
-    def run():
-        indices = torch.cdist(data.x, data.codebook).argmin(1)
-        return data.codebook[indices], indices
-    return run
+    return lambda: _gathered(data.codebook, torch.cdist(data.x, data.codebook).argmin(1))
 
 
 @provider(("nearest_code",), "addmm", "torch.addmm(‖e‖², x, eᵀ, alpha=−2) + argmin + gather")
 def addmm(case: Case, data: Data):
-    def run():
-        e = data.codebook
-        indices = torch.addmm((e * e).sum(1), data.x, e.T, alpha=-2.0).argmin(1)
-        return e[indices], indices
-    return run
+    e = data.codebook
+    return lambda: _gathered(e, torch.addmm((e * e).sum(1), data.x, e.T, alpha=-2.0).argmin(1))
 
 
 def _faiss(data: Data):
     if data.x.device.type != "cpu" or data.x.dtype != torch.float32:
         raise Absent("faiss-cpu takes float32 CPU tensors only")
     faiss = _import("faiss")
-    limit_faiss(faiss)
     faiss.omp_set_num_threads(torch.get_num_threads())
     return faiss
 
 
-def _faiss_search(index, data: Data, **info):
-    def run():
-        indices = torch.from_numpy(index.search(data.x.numpy(), 1)[1][:, 0])
-        return data.codebook[indices], indices
-    run.info = info  # reported beside the check
-    return run
+def _nearest(index, x: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(index.search(x.numpy(), 1)[1][:, 0])
 
 
 @provider(("nearest_code",), "faiss-flat", "faiss-cpu IndexFlatL2, k=1 (exact), + gather")
 def faiss_flat(case: Case, data: Data):
     index = _faiss(data).IndexFlatL2(case.d)
     index.add(data.codebook.numpy())
-    return _faiss_search(index, data)
+    return lambda: _gathered(data.codebook, _nearest(index, data.x))
 
 
 def ivf_nlist(num_codes: int) -> int:
@@ -116,20 +105,15 @@ def faiss_ivf(case: Case, data: Data):
     index.train(codes)
     index.add(codes)
     sample = data.x[torch.randperm(case.n, generator=torch.Generator().manual_seed(1))[:IVF_TUNING_ROWS]]
-    best, every_row = exact_nearest(sample, data.codebook)[1], torch.arange(len(sample))
+    best = exact_nearest(sample, data.codebook)[1]
     index.nprobe = 1
-    while index.nprobe < nlist:
-        found = torch.from_numpy(index.search(sample.numpy(), 1)[1][:, 0])
-        if float((excess(sample, data.codebook, found, every_row, best) <= 1).double().mean()) >= IVF_RECALL:
-            break
+    while index.nprobe < nlist and recall(sample, data.codebook, _nearest(index, sample), best)[0] < IVF_RECALL:
         index.nprobe = min(2 * index.nprobe, nlist)
-    return _faiss_search(index, data, nprobe=index.nprobe, nlist=nlist)
+    return lambda: (*_gathered(data.codebook, _nearest(index, data.x)), {"nprobe": index.nprobe, "nlist": nlist})
 
 
 @provider(("kmeans",), "faiss-kmeans", "faiss.Kmeans(d, K, niter=iters, k-means++ init, no subsampling) + assignment")
 def faiss_kmeans(case: Case, data: Data):
-    if case.k > case.n:
-        raise Absent(f"not applicable: K={case.k} > N={case.n}")
     faiss, x = _faiss(data), data.x.numpy()
     options = {"niter": case.iters, "seed": 0, "verbose": False,  # every point used, none warned about
                "max_points_per_centroid": case.n, "min_points_per_centroid": 1}
@@ -139,18 +123,17 @@ def faiss_kmeans(case: Case, data: Data):
     def run():
         kmeans = faiss.Kmeans(case.d, case.k, **options)
         kmeans.train(x)
-        return torch.from_numpy(kmeans.centroids), torch.from_numpy(kmeans.index.search(x, 1)[1][:, 0])
+        return torch.from_numpy(kmeans.centroids), _nearest(kmeans.index, data.x)
     return run
 
 
 def _train_step(module: torch.nn.Module, data: Data):
     x = data.x.clone().requires_grad_(True)  # a leaf, like an encoder's output
-    one = torch.ones((), device=x.device)
 
     def run():
         x.grad = None
         quantized, indices, loss = module(x)
-        torch.autograd.backward([quantized, loss], [data.grad_out, one.to(loss.dtype)])
+        torch.autograd.backward([quantized, loss], [data.grad_out, torch.ones_like(loss)])
         return quantized, indices, loss, x
     return run
 
@@ -170,16 +153,13 @@ def vector_quantize_pytorch(case: Case, data: Data):
 
 
 def fastvq_setup(case: Case, data: Data, backend: str):
-    """fastvq.quantize, a FastVectorQuantizer training step, or fastvq.kmeans, on ``backend``."""
-    if backend in fastvq.unavailable_reasons():
-        raise Absent(fastvq.unavailable_reasons()[backend])
+    """fastvq.quantize, a FastVectorQuantizer training step, or fastvq.kmeans, on ``backend`` (a backend that
+    cannot run here raises BackendNotSupportedError at the first run: absent)."""
     if backend == "triton" and data.x.device.type == "cpu":
         raise Absent("triton runs CPU tensors only in its interpreter, which is not a performance path")
     if case.workload == "nearest_code":
         return lambda: fastvq.quantize(data.x, data.codebook, backend=backend)
     if case.workload == "kmeans":
-        if case.k > case.n:
-            raise Absent(f"not applicable: K={case.k} > N={case.n}")
         return lambda: fastvq.kmeans(data.x, case.k, iters=case.iters, seed=0, init="kmeans++", backend=backend)
     module = fastvq.FastVectorQuantizer(case.d, case.k, decay=DECAY, eps=EPS, commitment_weight=COMMITMENT_WEIGHT,
                                         ema_update=True, backend=backend).to(data.x.device).train()
@@ -191,24 +171,17 @@ FASTVQ = {"nearest_code": "fastvq.quantize(x, codebook, backend={!r}): fused sea
           "train": f"fastvq.FastVectorQuantizer(dim, K, decay={DECAY}, commitment_weight={COMMITMENT_WEIGHT}, "
                    "backend={!r}), EMA",
           "kmeans": "fastvq.kmeans(x, K, iters=iters, init='kmeans++', backend={!r})"}
-REGISTRY += [Provider(f"fastvq-{backend}", workload, "fastvq", text.format(backend),
-                      partial(fastvq_setup, backend=backend), opt_in=backend == "torch")
-             for backend in [*fastvq.available_backends(), *fastvq.unavailable_reasons()]
-             for workload, text in FASTVQ.items()]
-
-
-def names() -> list[str]:
-    return sorted({p.name for p in REGISTRY})
+for backend in [*fastvq.available_backends(), *fastvq.unavailable_reasons()]:
+    for workload, text in FASTVQ.items():
+        provider((workload,), f"fastvq-{backend}", text.format(backend), "fastvq", opt_in=backend == "torch")(
+            partial(fastvq_setup, backend=backend))
 
 
 def select(spec: str | None) -> dict[str, list[Provider]]:
     """--providers a,b: these (and always the sgemm yardstick), per workload; None: all but the opt-in ones."""
+    names = {name for _, name in REGISTRY}
     wanted = None if spec is None else {n.strip() for n in spec.split(",") if n.strip()}
-    if wanted is not None and (not wanted or wanted - set(names())):
-        raise ValueError(f"--providers must be a comma-separated subset of {names()}, got {spec!r}")
+    if wanted is not None and (not wanted or wanted - names):
+        raise ValueError(f"--providers must be a comma-separated subset of {sorted(names)}, got {spec!r}")
     keep = (lambda p: not p.opt_in) if wanted is None else (lambda p: p.role == "sgemm" or p.name in wanted)
-    return {w: [p for p in REGISTRY if p.workload == w and keep(p)] for w in WORKLOADS}
-
-
-def find(workload: str, name: str) -> Provider:
-    return next(p for p in REGISTRY if p.workload == workload and p.name == name)
+    return {w: [p for p in REGISTRY.values() if p.workload == w and keep(p)] for w in WORKLOADS}

@@ -1,30 +1,32 @@
-"""What the timings give (GFLOP/s, % sgemm, ratios), shown once as rich tables (on the terminal, or in
-rich's MARKDOWN box for --markdown), in JSON and as a plot. Performance targets are not judged here."""
-from __future__ import annotations
-
+"""The timings' derived figures (GFLOP/s, % sgemm, ratios; None where not finite, so JSON stays strict) and the
+machine they came from, shown once as rich tables (terminal, or rich's MARKDOWN box for --markdown), JSON and a plot."""
 import io
-import json
 import math
+import os
+import platform
 from collections import defaultdict
+from datetime import datetime, timezone
+from importlib import metadata
+
+import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text  # cells are plain text, never rich markup
+
+import fastvq
 
 from .cases import TITLES, WORKLOADS
 
+ISA_MARKER = "FASTVQ_BENCH_ISA"  # set by --isa avx2 (cli.py)
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_tile")
+VERSIONS = ("torch", "numpy", "faiss-cpu", "vector-quantize-pytorch", "triton", "fastvq")
 # The baselines of each workload's ratio columns ("×naive" = naive's time / this time).
 BASELINES = {"nearest_code": ("naive", "addmm", "faiss-flat"), "train": ("vector-quantize-pytorch",),
              "kmeans": ("faiss-kmeans",)}
 SHORT = {"faiss-flat": "faiss", "faiss-kmeans": "faiss", "vector-quantize-pytorch": "VectorQuantize"}
 # The extra column of a workload: (derived figure, format, header).
 RATIO = {"train": ("memory_ratio", ".3f", "run mem/VQ"), "kmeans": ("inertia_ratio", ".4f", "inertia/faiss")}
-
-
-def _seconds(result) -> float:
-    return result.timing["median_ms"] / 1e3 if result is not None and result.times_ms else math.nan
-
-
-def _run_mb(result) -> float:
-    """MB one run adds above the RSS before it (memory.py), at least 1 (RSS resolution); NaN if unmeasured."""
-    value = result.memory.get("delta_mb") if result is not None else None
-    return math.nan if value is None else max(value, 1.0)
 
 
 def _finite(value):
@@ -37,21 +39,24 @@ def derive(results: list) -> None:
     for result in results:
         groups[result.case][result.provider] = result
     for case, group in groups.items():
-        sgemm_gflops = case.pass_flops / _seconds(group.get("sgemm")) / 1e9
+        seconds, run_mb = defaultdict(lambda: math.nan), defaultdict(lambda: math.nan)  # NaN: no figure, ratio None
+        seconds |= {n: r.timing["median_ms"] / 1e3 for n, r in group.items() if r.times_ms}
+        # MB one run adds above the RSS before it (run.py), at least 1 (RSS resolution)
+        run_mb |= {n: max(r.memory["delta_mb"], 1.0) for n, r in group.items() if "delta_mb" in r.memory}
         for result in (r for r in group.values() if r.times_ms):
-            gflops = (case.pass_flops if result.role == "sgemm" else case.flops) / _seconds(result) / 1e9
-            derived = result.derived = {"gflops": gflops, "pct_sgemm": _finite(100.0 * gflops / sgemm_gflops),
-                                        "speedup": {}, "memory_ratio": {}, "inertia_ratio": {}}
+            gflops = (case.pass_flops if result.role == "sgemm" else case.flops) / seconds[result.provider] / 1e9
+            derived = result.derived = {"gflops": _finite(gflops), "speedup": {}, "memory_ratio": {},
+                                        "inertia_ratio": {}}
+            derived["pct_sgemm"] = _finite(100 * gflops * seconds["sgemm"] * 1e9 / case.pass_flops)
             for name in BASELINES[case.workload] if result.role != "sgemm" else ():
-                base = group.get(name)
-                derived["speedup"][name] = _finite(_seconds(base) / _seconds(result))
-                derived["memory_ratio"][name] = _finite(_run_mb(result) / _run_mb(base))
-                mine, theirs = result.check.get("inertia"), base.check.get("inertia") if base else None
-                derived["inertia_ratio"][name] = mine / theirs if mine is not None and theirs else None
+                derived["speedup"][name] = _finite(seconds[name] / seconds[result.provider])
+                derived["memory_ratio"][name] = _finite(run_mb[result.provider] / run_mb[name])
+                mine, theirs = result.check.get("inertia"), group[name].check.get("inertia") if name in group else None
+                derived["inertia_ratio"][name] = _finite(mine / theirs) if mine is not None and theirs else None
 
 
 def _fmt(value, spec: str) -> str:
-    return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+    return "—" if value is None else format(value, spec)
 
 
 def _note(result) -> str:
@@ -59,8 +64,7 @@ def _note(result) -> str:
     if result.status != "ok":
         return f"{result.status.upper()}: {result.reason}"
     if "recall_at_1" in check:
-        probes = f", nprobe {check['nprobe']}/{check['nlist']}" if "nprobe" in check else ""
-        return f"recall@1 {check['recall_at_1']:.3f} ({check['rows']} rows{probes})"
+        return f"recall@1 {check['recall_at_1']:.3f} ({check['rows']} rows, nprobe {check['nprobe']}/{check['nlist']})"
     if "error" in mem or "gpu_delta_mb" in mem:
         return f"memory: {mem['error']}" if "error" in mem else f"GPU +{mem['gpu_delta_mb']:.0f} MB"
     return "yardstick (N×K product)" if result.role == "sgemm" else ""
@@ -68,10 +72,9 @@ def _note(result) -> str:
 
 def table_rows(results: list, workload: str) -> tuple[list[str], list[tuple[list[str], str]]]:
     """The headers, and (cells, style) for every ok, wrong or error result (absent ones go to the caption)."""
-    ratio = RATIO.get(workload)
-    headers = (["case", "N×K×d", "provider", "ms", "IQR", "GFLOP/s", "%sgemm"]
-               + [f"×{SHORT.get(b, b)}" for b in BASELINES[workload]]
-               + ["peak MB", "+run MB"] + ([ratio[2]] if ratio else []) + ["note"])
+    ratio, bases = RATIO.get(workload), BASELINES[workload]
+    headers = ["case", "N×K×d", "provider", "ms", "IQR", "GFLOP/s", "%sgemm", *(f"×{SHORT.get(b, b)}" for b in bases),
+               "peak MB", "+run MB", *([ratio[2]] if ratio else []), "note"]
     rows = []
     for result in (r for r in results if r.case.workload == workload and r.status != "absent"):
         timing, derived, case = result.timing, result.derived, result.case
@@ -79,10 +82,9 @@ def table_rows(results: list, workload: str) -> tuple[list[str], list[tuple[list
         cells += [_fmt(timing["median_ms"], ".1f"), f"{timing['q1_ms']:.1f}–{timing['q3_ms']:.1f}",
                   _fmt(derived["gflops"], ".1f"), _fmt(derived["pct_sgemm"], ".0f")] if timing else ["—"] * 4
         cells += ["1" if name == result.provider else _fmt(derived.get("speedup", {}).get(name), ".2f")
-                  for name in BASELINES[workload]]
+                  for name in bases]
         cells += [_fmt(result.memory.get("peak_rss_mb"), ".0f"), _fmt(result.memory.get("delta_mb"), ".0f")]
-        if ratio:
-            cells.append(_fmt(derived.get(ratio[0], {}).get(BASELINES[workload][0]), ratio[1]))
+        cells += [_fmt(derived.get(ratio[0], {}).get(bases[0]), ratio[1])] if ratio else []
         style = "red" if result.status != "ok" else {"sgemm": "dim", "fastvq": "bold"}.get(result.role, "")
         rows.append((cells + [_note(result)], style))
     return headers, rows
@@ -90,57 +92,39 @@ def table_rows(results: list, workload: str) -> tuple[list[str], list[tuple[list
 
 def tables(results: list, machine_line: str, markdown: bool = False):
     """One rich Table per workload with results; with ``markdown``, GitHub markdown with fastvq's rows bold."""
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text  # cells are plain text, never rich markup
-
     for workload in WORKLOADS:
         headers, rows = table_rows(results, workload)
         absent = dict.fromkeys(f"absent: {r.provider}: {r.reason}" for r in results if r.case.workload == workload
                                and r.status == "absent" and not r.reason.startswith("not applicable"))
-        if rows or absent:
-            table = Table(title=f"**{TITLES[workload]}**" if markdown else f"{TITLES[workload]} | {machine_line}",
-                          caption="\n".join(absent) or None, title_justify="left", caption_justify="left",
-                          box=box.MARKDOWN if markdown else box.HEAVY_HEAD)
-            for i, header in enumerate(headers):
-                last = i == len(headers) - 1
-                table.add_column(header, justify="left" if i < 3 or last else "right", no_wrap=markdown or not last)
-            for cells, style in rows:
-                if markdown:
-                    cells = [f"**{c}**" if style == "bold" and c not in ("", "—") and i >= 2 else c.replace("|", "\\|")
-                             for i, c in enumerate(cells)]
-                table.add_row(*map(Text, cells), style=style or None)
-            yield table
+        if not rows and not absent:
+            continue
+        table = Table(title=f"**{TITLES[workload]}**" if markdown else f"{TITLES[workload]} | {machine_line}",
+                      caption="\n".join(absent) or None, title_justify="left", caption_justify="left",
+                      box=box.MARKDOWN if markdown else box.HEAVY_HEAD)
+        for i, header in enumerate(headers):
+            last = i == len(headers) - 1
+            table.add_column(header, justify="left" if i < 3 or last else "right", no_wrap=markdown or not last)
+        for cells, style in rows:
+            if markdown:
+                cells = [f"**{c}**" if style == "bold" and c not in ("", "—") and i >= 2 else c.replace("|", "\\|")
+                         for i, c in enumerate(cells)]
+            table.add_row(*map(Text, cells), style=style or None)
+        yield table
 
 
 def render(results: list, machine_line: str) -> None:
     """Print the tables; when stdout is not a terminal (a log, CI), wide enough for every column."""
-    from rich.console import Console
-
-    console = Console()
-    console = console if console.is_terminal else Console(width=240)
+    console = Console(width=None if Console().is_terminal else 240)
     for table in tables(results, machine_line):
         console.print(table)
 
 
 def markdown(results: list, machine_line: str, command: str) -> str:
-    from rich.console import Console
-
     console = Console(file=io.StringIO(), width=100_000, color_system=None)
     console.print(f"Measured with `{command}` on {machine_line}.\n", markup=False, highlight=False)
     for table in tables(results, machine_line, markdown=True):
         console.print(table, "")
     return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines()).strip() + "\n"
-
-
-def write_json(path: str, document: dict) -> None:
-    def clean(value):  # NaN and ±inf become null, so the file is strict JSON
-        if isinstance(value, (dict, list, tuple)):
-            return {k: clean(v) for k, v in value.items()} if isinstance(value, dict) else [clean(v) for v in value]
-        return None if isinstance(value, float) and not math.isfinite(value) else value
-
-    with open(path, "w") as handle:
-        json.dump(clean(document), handle, indent=1, allow_nan=False)
 
 
 def plot(results: list, path: str, machine_line: str) -> None:
@@ -153,14 +137,12 @@ def plot(results: list, path: str, machine_line: str) -> None:
     timed = [r for r in results if r.times_ms]
     workloads = [w for w in WORKLOADS if any(r.case.workload == w for r in timed)]
     panels = max(1, len(workloads))
-    figure, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 4.8), squeeze=False)
-    rank = {"fastvq": 0, "sgemm": 2}  # fastvq first, the baselines, the yardstick last
-    order = sorted({r.provider for r in timed}, key=lambda n: (rank.get(n.split("-")[0], 1), n))
+    figure, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 4.8), squeeze=False, layout="tight")
+    order = sorted({r.provider for r in timed}, key=lambda n: (n == "sgemm", not n.startswith("fastvq"), n))
     for axis, workload in zip(axes[0], workloads):
         series = defaultdict(list)
         for r in (r for r in timed if r.case.workload == workload):
-            key = (order.index(r.provider), r.case.n, r.case.d, r.case.dtype)
-            series[key].append((r.case.k, r.timing["median_ms"]))
+            series[order.index(r.provider), r.case.n, r.case.d, r.case.dtype].append((r.case.k, r.timing["median_ms"]))
         for key in sorted(series):
             name, shown = order[key[0]], axis.get_legend_handles_labels()[1]
             axis.plot(*zip(*sorted(series[key])), marker="os^vD<>xP*h"[key[0] % 10], color=f"C{key[0] % 10}",
@@ -170,6 +152,40 @@ def plot(results: list, path: str, machine_line: str) -> None:
         axis.legend(fontsize=8)
         axis.grid(True, which="both", alpha=0.3)
     figure.suptitle(f"fastvq.bench, {machine_line}", fontsize=9)
-    figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def describe(device: str = "cpu") -> dict:
+    """pytest-benchmark's machine info (py-cpuinfo: CPU model, flags) and commit (git), and what a figure depends on."""
+    from pytest_benchmark.plugin import pytest_benchmark_generate_machine_info
+    from pytest_benchmark.utils import get_commit_info
+
+    machine = pytest_benchmark_generate_machine_info()
+    flags = set(machine["cpu"].get("flags", ()))
+    installed = {(d.metadata["Name"] or "").lower().replace("_", "-"): d.version for d in metadata.distributions()}
+    machine.update({
+        "cpu_model": machine["cpu"].get("brand_raw") or platform.processor() or platform.machine(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "isa": {flag: flag in flags for flag in ISA_FLAGS} if flags else {},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_limit": os.environ.get(ISA_MARKER, "best"),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None,
+        "versions": {name: installed.get(name) for name in VERSIONS} | {"torch": torch.__version__},
+        "fastvq_backends": fastvq.available_backends(),
+        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    return {"machine": machine, "commit": get_commit_info()}
+
+
+def summary(machine: dict) -> str:
+    """One line for the tables: CPU model, cores, AVX2/AVX-512, ISA cap, GPU, threads, versions, load."""
+    isa = "/".join(flag.upper() for flag in ("avx2", "avx512f") if machine["isa"].get(flag))
+    versions, limit, load = machine["versions"], machine["isa_limit"], machine["load_average"]
+    return ", ".join(filter(None, [
+        machine["cpu_model"], f"{machine['usable_cpus']} cpus", isa or machine["torch_cpu_capability"],
+        limit != "best" and f"every provider limited to {limit.upper()}", machine["gpu"],
+        f"{machine['torch_threads']} threads", f"torch {versions['torch']}",
+        f"faiss {versions['faiss-cpu'] or 'absent'}", f"fastvq {versions['fastvq']}", load and f"load {load[0]:.2f}"]))

@@ -1,21 +1,29 @@
-"""One case end to end: check every provider against the oracle, time the right ones alternately, measure memory."""
-from __future__ import annotations
-
+"""One case end to end: check every provider against the oracle; time the right ones in rounds that alternate
+providers run by run, each round's order rotated, so drift on a shared machine hits every provider alike (slow ones
+do fewer rounds, never under ``min_repeats``); then peak memory, in a child process per provider (Linux /proc): all
+providers' libraries loaded (one baseline), a warm-up (not for slow ones), the high-water mark reset (clear_refs = 5),
+one run: VmHWM (``peak_rss_mb``), what it added to VmRSS (``delta_mb``; on CUDA also ``gpu_delta_mb``)."""
+import contextlib
 import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 import fastvq
 
-from . import memory
 from .cases import Case, Data, make_data
-from .judge import Wrong, check_gather, check_nearest, check_rows, inertia, oracle, recall
-from .providers import COMMITMENT_WEIGHT, Absent, Provider
-from .timing import summary, time_alternating
+from .judge import Wrong, check_output, check_rows
+from .providers import REGISTRY, Absent, Provider
 
-WARM_IF_UNDER_S = 1.0  # a provider whose checked run took longer gets no extra warm-up run
+WARM_IF_UNDER_S = 1.0  # a provider whose checked run took longer gets no warm-up: one-time costs are lost in it
 
 
 @dataclass
@@ -26,7 +34,9 @@ class Options:
     budget_s: float = 10.0  # per provider and case; slower providers do fewer rounds (>= min_repeats)
     memory: bool = True
     seed: int = 0
-    threads: int = 1
+
+
+QUICK = Options(repeats=3, min_repeats=2, budget_s=1.0, memory=False)  # --quick's defaults
 
 
 @dataclass
@@ -44,47 +54,60 @@ class Result:
 
     @property
     def timing(self) -> dict:
-        return summary(self.times_ms) if self.times_ms else {}
+        """Median and quartiles (linear interpolation, numpy's default) of the runs."""
+        if not (times := self.times_ms):
+            return {}
+        q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+        return {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "min_ms": min(times), "repeats": len(times)}
 
     def to_json(self) -> dict:
-        return asdict(self) | {"workload": self.case.workload, "case": self.case.to_json(), "timing": self.timing}
+        case = asdict(self.case) | {"shape": self.case.shape, "flops": self.case.flops}
+        return asdict(self) | {"workload": self.case.workload, "case": case, "timing": self.timing}
 
 
-def check_output(case: Case, data: Data, role: str, output, rows, best) -> dict:
-    """What the check found (rows, recall, loss, inertia); raises Wrong when the output is wrong."""
-    if role == "sgemm":
-        return {}
-    if case.workload == "kmeans":
-        centroids = torch.as_tensor(output[0]).reshape(case.k, case.d).float()
-        check_nearest(data.x, centroids, output[1], rows)
-        return {"rows": len(rows), "inertia": inertia(data.x, centroids)}
-    quantized, indices = output[:2]
-    if role == "approximate":
-        found, scored = recall(data.x, data.codebook, indices)
-        return {"recall_at_1": found, "rows": scored}
-    check_nearest(data.x, data.codebook, indices, rows, best)
-    check_gather(quantized, data.codebook, indices, rows)
-    if case.workload == "nearest_code":
-        return {"rows": len(rows)}
-    loss, x = float(output[2].detach()), output[3]
-    expected = COMMITMENT_WEIGHT * float(((x.detach() - data.codebook[indices.reshape(-1)]).double() ** 2).mean())
-    if abs(loss - expected) > 1e-4 * max(abs(expected), 1e-12):
-        raise Wrong(f"loss {loss:.6g} != commitment_weight·mean((x − e_idx)²) = {expected:.6g}")
-    if x.grad is None or not bool(torch.isfinite(x.grad).all()):
-        raise Wrong("x.grad is missing or non-finite after backward")
-    return {"rows": len(rows), "loss": loss}
+def time_once(fn: Callable[[], object], device: str = "cpu") -> float:
+    """Seconds for one call: perf_counter on the CPU, CUDA events after a synchronize on a GPU."""
+    if not device.startswith("cuda"):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    begin.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3
+
+
+def time_alternating(runs: dict[str, Callable[[], object]], options: Options, estimates_s: dict | None = None,
+                     device: str = "cpu") -> dict[str, list[float]]:
+    """Milliseconds per run and provider: ``options.warmup`` runs of each provider estimated under WARM_IF_UNDER_S,
+    then rounds; a provider's ``repeats`` are cut by its estimate to fit ``budget_s``, never under ``min_repeats``."""
+    estimates, names, times = dict(estimates_s or {}), list(runs), {name: [] for name in runs}
+    gc.collect()
+    gc.disable()  # no collection pause inside a timed run; the runs' garbage waits until the last round
+    try:
+        for name, fn in runs.items():
+            for _ in range(options.warmup if estimates.get(name, 0.0) < WARM_IF_UNDER_S else 0):
+                estimates[name] = min(estimates.get(name, math.inf), time_once(fn, device))
+        fit = {name: int(min(options.repeats, options.budget_s / max(estimates.get(name, 0.0), 1e-9))) for name in runs}
+        planned = {name: max(min(options.min_repeats, options.repeats), rounds) for name, rounds in fit.items()}
+        for shift in (r % len(names) for r in range(max(planned.values(), default=0))):
+            for name in names[shift:] + names[:shift]:
+                if len(times[name]) < planned[name]:
+                    times[name].append(1e3 * time_once(runs[name], device))
+    finally:
+        gc.enable()
+    return times
 
 
 def prepare(provider: Provider, case: Case, data: Data, rows, best, result: Result):
     """Set up and run the provider once, checked: (run, seconds), or None with the reason in ``result``."""
     try:
-        run = provider.setup(case, data)
-        start = time.perf_counter()
-        output = run()
-        if data.x.is_cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        result.check = check_output(case, data, provider.role, output, rows, best) | getattr(run, "info", {})
+        run, output = provider.setup(case, data), []
+        seconds = time_once(lambda: output.append(run()), case.device)
+        result.check = check_output(case, data, provider.role, output[0], rows, best)
         return run, seconds
     except (Absent, fastvq.BackendNotSupportedError) as why:
         result.status, result.reason = "absent", str(why)
@@ -95,31 +118,75 @@ def prepare(provider: Provider, case: Case, data: Data, rows, best, result: Resu
     return None
 
 
-def run_case(case: Case, providers: list[Provider], options: Options, status=lambda message: None) -> list[Result]:
-    data, rows = make_data(case, options.seed), check_rows(case.n, case.k, case.d)
-    best = oracle(data.x, data.codebook, rows) if case.workload != "kmeans" else None
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) / 1024 for line in handle if line.startswith(field + ":"))
+
+
+def measure_memory_here(name: str, case: dict, seed: int, warmup: bool) -> dict:
+    """In the child: the peak RSS of one run."""
+    for module in ("faiss", "vector_quantize_pytorch"):
+        with contextlib.suppress(Exception):  # a missing package is the provider's absence, which the parent reports
+            __import__(module)
+    case = Case(**case)
+    run = REGISTRY[case.workload, name].setup(case, make_data(case, seed))
+    if warmup:  # one-time costs (thread pools, lazy imports, caches) are not a run's memory
+        run()
+    gc.collect()
+    cuda = case.device.startswith("cuda")
+    if cuda:  # the caching allocator counts on the host, as the kernels are queued: no synchronize needed
+        torch.cuda.reset_peak_memory_stats()
+    before, gpu_before = _status_mb("VmRSS"), torch.cuda.memory_allocated() if cuda else 0
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    run()
+    peak = _status_mb("VmHWM")
+    report = {"peak_rss_mb": round(peak, 1), "before_mb": round(before, 1), "delta_mb": round(max(0, peak - before), 1)}
+    if cuda:
+        report["gpu_delta_mb"] = round((torch.cuda.max_memory_allocated() - gpu_before) / 2**20, 1)
+    return report
+
+
+def measure_memory(name: str, case, seed: int, warmup: bool = True, timeout_s: float = 900) -> dict:
+    """In the parent: the report of a child run with this process's torch threads, or {"error": ...}."""
+    request = json.dumps({"name": name, "case": asdict(case), "seed": seed, "warmup": warmup})
+    # glibc: mmap every allocation >= 64 KiB and return freed memory at once, so a run's RSS counts
+    # what it allocates, not what an earlier run left in malloc's free lists.
+    env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads()), "MALLOC_MMAP_THRESHOLD_": str(64 * 1024),
+                        "MALLOC_TRIM_THRESHOLD_": "0"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "fastvq.bench.run", request], capture_output=True,
+                              text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s} s"}
+    if done.returncode != 0 or not done.stdout.strip():
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"child exited with {done.returncode}: {last}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_case(case: Case, providers: list[Provider], options: Options) -> list[Result]:
+    data = make_data(case, options.seed)
+    rows, best = check_rows(case, data)
     results = {p.name: Result(case, p.name, p.role, p.description) for p in providers}
     runs, estimates = {}, {}
     for provider in providers:
-        status(f"check {provider.name}")
-        prepared = prepare(provider, case, data, rows, best, results[provider.name])
-        if prepared:
+        if prepared := prepare(provider, case, data, rows, best, results[provider.name]):
             runs[provider.name], estimates[provider.name] = prepared
     try:
-        times = time_alternating(runs, repeats=options.repeats, warmup=options.warmup, min_repeats=options.min_repeats,
-                                 budget_s=options.budget_s, estimates_s=estimates, warm_if_under_s=WARM_IF_UNDER_S,
-                                 device=case.device, on_run=lambda name: status(f"time {name}"))
+        for name, values in time_alternating(runs, options, estimates, case.device).items():
+            results[name].times_ms = values
     except Exception as error:  # one provider failing mid-run fails the case's timing, reported
-        times = {}
         for name in runs:
             results[name].status, results[name].reason = "error", f"while timing: {type(error).__name__}: {error}"[:300]
-    for name, values in times.items():
-        results[name].times_ms = values
     del runs, data
     gc.collect()
     for result in results.values():
         if options.memory and result.status == "ok" and result.role != "sgemm":
-            status(f"memory {result.provider}")
-            result.memory = memory.measure(case.workload, result.provider, case, options.seed, options.threads,
-                                           warmup=estimates[result.provider] < WARM_IF_UNDER_S)
+            warm = estimates[result.provider] < WARM_IF_UNDER_S
+            result.memory = measure_memory(result.provider, case, options.seed, warm)
     return list(results.values())
+
+
+if __name__ == "__main__":  # the memory child
+    print(json.dumps(measure_memory_here(**json.loads(sys.argv[1]))))

@@ -1,0 +1,48 @@
+"""
+fastvq CPU kernels (OpenMP + run-time AVX2 dispatch). Arrays: float32/int64, C-contiguous, CPU.
+Bindings: csrc/cpu/bindings.cpp; each kernel names its source file.
+"""
+
+from typing import Annotated
+
+from numpy.typing import NDArray
+
+
+def nearest_code(x: Annotated[NDArray, dict(writable=False)], codebook: Annotated[NDArray, dict(writable=False)], indices_out: NDArray, sqdist_out: NDArray, quantized_out: NDArray | None = None, num_threads: int = 0) -> None:
+    """
+    indices_out[i] = argmin_k ||x[i] - codebook[k]||^2 (ties -> lowest k), sqdist_out[i] = that
+    squared distance (computed directly), quantized_out[i] = codebook[indices_out[i]] if given.
+    num_threads <= 0 uses the OpenMP default.
+    Source: csrc/cpu/nearest_code.cpp (micro-kernels: csrc/cpu/search_tile_*.cpp).
+    """
+
+def ema_stats(x: Annotated[NDArray, dict(writable=False)], indices: Annotated[NDArray, dict(writable=False)], counts_out: NDArray, sums_out: NDArray, num_threads: int = 0) -> None:
+    """
+    counts_out[k] = #{i: indices[i] == k}, sums_out[k] = sum of x[i] over those i (overwritten).
+    Bitwise identical for any num_threads. Source: csrc/cpu/ema_stats.cpp.
+    """
+
+def quantize_backward(grad_quantized: Annotated[NDArray, dict(writable=False)] | None, x: Annotated[NDArray, dict(writable=False)], codebook: Annotated[NDArray, dict(writable=False)], indices: Annotated[NDArray, dict(writable=False)], commit_scale: float, codebook_scale: float, grad_x_out: NDArray | None = None, grad_codebook_out: NDArray | None = None, num_threads: int = 0, *, rotation_trick: bool = False) -> None:
+    """
+    grad_x_out = G + commit_scale * (x - codebook[indices]), G = grad_quantized (None = 0) or, with
+    rotation_trick, the rotation trick's (|q|/|x|) R^T grad_quantized (fastvq.reference.quantize_backward);
+    grad_codebook_out[k] = codebook_scale * sum over indices[i] == k of (codebook[k] - x[i]).
+    Bitwise identical for any num_threads. Source: csrc/cpu/quantize_backward.cpp.
+    """
+
+def simd_level() -> str:
+    """
+    The nearest_code kernel the dispatcher picks now: 'avx512', 'avx2' or 'portable'.
+    """
+
+def best_simd_level() -> str:
+    """The highest level this CPU and build support."""
+
+def set_simd_level(level: str) -> None:
+    """
+    Force 'portable', or 'avx2'/'avx512' if supported; 'auto' restores the best. ValueError otherwise.
+    """
+
+def openmp_enabled() -> bool: ...
+
+def max_threads() -> int: ...
