@@ -149,9 +149,6 @@ def test_heads_that_do_not_split_dim_project_as_vector_quantize_does(kwargs):
         torch.testing.assert_close(ours.state_dict()[name], value, **FP32)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: fastvq/nn/ema.py laplace_smoothed_counts sums cluster_size over "
-                                      "all codebooks (and counts C·K codes) where vqp smooths each codebook by its "
-                                      "own total; reported to the lead")
 def test_per_head_codebooks_smooth_their_own_counts():
     # vqp's update_ema: ñ_ck = (n_ck + eps) / (Σ_k n_ck + K·eps) · Σ_k n_ck, per codebook c. The totals
     # differ between heads after dead-code resets, masks per head or ema_update_weight.

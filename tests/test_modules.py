@@ -189,15 +189,14 @@ def test_get_codes_from_indices(pair):
 
 
 # On the CPU only: an out-of-range index on a GPU is a device-side assert that ends the process's CUDA context.
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="library regression (issue 10 rewrite): get_codes_from_indices lost its range check; "
-                          "an index >= codebook_size reaches torch indexing (IndexError on the CPU, a "
-                          "device-side assert on CUDA). Reported to the lead; -1 (masked padding) is vqp's "
-                          "open question.")
 def test_get_codes_from_indices_rejects_out_of_range_indices():
     module = FastVectorQuantizer(4, 8)
-    with pytest.raises(ValueError, match="indices must lie in"):
-        module.get_codes_from_indices(torch.tensor([8]))
+    for bad in (8, -9, 2**40):
+        with pytest.raises(ValueError, match="indices must lie in"):
+            module.get_codes_from_indices(torch.tensor([bad]))
+    # vqp's torch indexing: -1 (a masked position's index) is the last code.
+    torch.testing.assert_close(module.get_codes_from_indices(torch.tensor([-1])), module.codebook[[-1]],
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

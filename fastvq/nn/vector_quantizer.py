@@ -164,6 +164,10 @@ class FastVectorQuantizer(nn.Module):
         if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"indices must be an int64 or int32 tensor, got {short_repr(indices)}")
         codebook = self.codebook
+        if indices.numel() and (int(indices.min()) < -self.codebook_size or int(indices.max()) >= self.codebook_size):
+            raise ValueError(f"indices must lie in [-codebook_size, codebook_size) = [{-self.codebook_size}, "
+                             f"{self.codebook_size}) (negative ones count from the end, as vqp's indexing does), "
+                             f"got values in [{int(indices.min())}, {int(indices.max())}]")
         if codebook.dim() == 2:
             codes = codebook[indices]
         else:
@@ -348,8 +352,10 @@ class FastVectorQuantizer(nn.Module):
                 codebook = codebook[:, torch.randperm(num_codes, device=codebook.device)[:self.orthogonal_reg_max_codes]]
             orthogonal = _orthogonal_loss(codebook)
             loss = loss + orthogonal * self.orthogonal_reg_weight
-        if not loss.requires_grad:  # no loss term: vqp still returns a zero that backward() accepts
-            loss = zero.detach().requires_grad_()
+        if not loss.requires_grad and not torch.compiler.is_compiling():
+            # No term needs a gradient (x without one, a buffer codebook): keep the value, and let backward()
+            # accept it as vqp's does. Dynamo cannot return a requires_grad_() tensor, so compiled it stays as is.
+            loss = loss.detach().requires_grad_()
         return loss, LossBreakdown(commitment, zero, orthogonal, zero)
 
 
