@@ -113,6 +113,13 @@ def check_vector_quantize_arguments(owner: str, arguments: dict) -> None:
         _check_real(name, arguments[name], 0.0)
     if arguments["rotation_trick"] not in (None, True, False):
         raise TypeError(f"rotation_trick must be None, True or False, got {short_repr(arguments['rotation_trick'])}")
+    learnable = bool(arguments["learnable_codebook"])
+    if learnable and (arguments["ema_update"] is None or arguments["ema_update"]):
+        raise ValueError("learnable_codebook=True needs ema_update=False: the codebook learns either by EMA "
+                         "or by gradient (vector-quantize-pytorch asserts the same)")
+    if learnable and arguments["use_cosine_sim"]:
+        raise ValueError("use_cosine_sim=True is not compatible with learnable_codebook=True "
+                         "(vector-quantize-pytorch asserts the same)")
     if (arguments["orthogonal_reg_active_codes_only"] and arguments["heads"] > 1
             and arguments["separate_codebook_per_head"]):
         raise ValueError("orthogonal_reg_active_codes_only is not compatible with separate_codebook_per_head "

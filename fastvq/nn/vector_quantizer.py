@@ -56,15 +56,10 @@ class FastVectorQuantizer(nn.Module):
         arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         check_vector_quantize_arguments(type(self).__name__, arguments)
         check_backend_argument(backend)
+        # vqp's defaults of its None arguments
         ema_update = True if ema_update is None else bool(ema_update)
         learnable_codebook = False if learnable_codebook is None else bool(learnable_codebook)
         rotation_trick = dim > 1 if rotation_trick is None else bool(rotation_trick)
-        if ema_update and learnable_codebook:
-            raise ValueError("learnable_codebook=True needs ema_update=False: the codebook learns either by EMA "
-                             "or by gradient (vector-quantize-pytorch asserts the same)")
-        if use_cosine_sim and learnable_codebook:
-            raise ValueError("use_cosine_sim=True is not compatible with learnable_codebook=True "
-                             "(vector-quantize-pytorch asserts the same)")
 
         self.dim = dim
         self.heads = heads
@@ -73,15 +68,7 @@ class FastVectorQuantizer(nn.Module):
         codebook_input_dim = self.codebook_dim * heads
         self.has_projections = codebook_input_dim != dim
         # Built in vqp's order (project_in, project_out, codebook), so one seed gives one state.
-        if self.has_projections:
-            project_in = nn.Linear(dim, codebook_input_dim)
-            if layernorm_after_project_in:
-                project_in = nn.Sequential(project_in, nn.LayerNorm(codebook_input_dim))
-            self.project_in = project_in
-            self.project_out = nn.Linear(codebook_input_dim, dim)
-        else:
-            self.project_in = nn.Identity()
-            self.project_out = nn.Identity()
+        self.project_in, self.project_out = _projections(dim, codebook_input_dim, layernorm_after_project_in)
         self.eps = eps
         self.commitment_weight = float(commitment_weight)
         self.has_commitment_loss = commitment_weight > 0.0
@@ -357,6 +344,17 @@ class FastVectorQuantizer(nn.Module):
             # accept it as vqp's does. Dynamo cannot return a requires_grad_() tensor, so compiled it stays as is.
             loss = loss.detach().requires_grad_()
         return loss, LossBreakdown(commitment, zero, orthogonal, zero)
+
+
+def _projections(dim: int, codebook_input_dim: int, layernorm: bool) -> tuple[nn.Module, nn.Module]:
+    """vqp's project_in (a Linear, then a LayerNorm when asked) and project_out; identities when the
+    codebook input width equals dim."""
+    if codebook_input_dim == dim:
+        return nn.Identity(), nn.Identity()
+    project_in = nn.Linear(dim, codebook_input_dim)
+    if layernorm:
+        project_in = nn.Sequential(project_in, nn.LayerNorm(codebook_input_dim))
+    return project_in, nn.Linear(codebook_input_dim, dim)
 
 
 def _select(tensor: Tensor, row_mask: Tensor | None, dim: int | None) -> Tensor:
