@@ -256,8 +256,10 @@ def beta_vae(cfg: Config, train: Tensor, test: Tensor) -> Result:
 
 # ---- 4. deep VQ-VAE ---------------------------------------------------------------------------
 def fastvq_quantizer(cfg: Config) -> nn.Module:
+    # The VQ-VAE paper's EMA quantizer: straight-through gradient (vqp's default is the rotation trick).
     return fastvq.FastVectorQuantizer(cfg.code_dim, cfg.codebook_size, decay=cfg.decay,
-                                      commitment_weight=cfg.commitment_weight, backend=cfg.backend)
+                                      commitment_weight=cfg.commitment_weight, rotation_trick=False,
+                                      backend=cfg.backend)
 
 
 def vqpytorch_quantizer(cfg: Config) -> nn.Module:

@@ -12,6 +12,15 @@ def shape_str(shape) -> str:
     return "(" + ", ".join(str(s) for s in dims) + ("," if len(dims) == 1 else "") + ")"
 
 
+def short_repr(value, limit: int = 80) -> str:
+    """A value for an error message: a tensor by its shape, dtype and device, anything else by a
+    repr cut to ``limit`` characters (never a whole tensor or a long list)."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {shape_str(value.shape)}, dtype {value.dtype}, on {value.device}"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_float_tensor(name: str, value) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

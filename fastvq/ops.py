@@ -9,7 +9,8 @@ Op map: each op by name through every layer (the kernels keep the op's name in e
 | quantize_backward | csrc/cpu/quantize_backward.cpp | fastvq/triton/quantize_backward.py| csrc/cuda/quantize_backward.cu| reference.quantize_backward     | tests/test_quantize.py      | fastvq.bench train          |
 | ema_stats         | csrc/cpu/ema_stats.cpp         | fastvq/triton/ema_stats.py        | csrc/cuda/ema_stats.cu        | reference.ema_stats             | tests/test_ema_stats.py     | fastvq.bench train, kmeans  |
 | snapshot          | (torch clone)                  |                                   |                               |                                 | tests/test_compile.py       |                             |
-| kmeans_init_      | fastvq/nn/codebook_init.py on nearest_code + ema_stats                                                         | | tests/test_module_features.py | fastvq.bench kmeans |
+| kmeans_init_      | fastvq/nn/codebook_init.py on nearest_code + ema_stats                                                         | | tests/test_module_features.py | |
+| expire_codes_     | fastvq/nn/dead_codes.py (torch)                                                                                | | tests/test_module_features.py | |
 
 The path of one call, e.g. ``FastVectorQuantizer.forward`` → ``ops.quantize`` (here) →
 ``dispatch.resolve`` → ``backends/cpu.py: CpuBackend.nearest_code`` → ``fastvq._cpu.nearest_code``
@@ -22,7 +23,8 @@ The path of one call, e.g. ``FastVectorQuantizer.forward`` → ``ops.quantize`` 
                               backend, need_grad_codebook, rotation_trick=False) -> (grad_x, grad_codebook)
     fastvq::ema_stats(x, indices, num_codes, backend) -> (counts, sums)
     fastvq::snapshot(tensor) -> copy
-    fastvq::kmeans_init_(embed, cluster_size, embed_avg, initted, x, iters, spherical, sync, backend)
+    fastvq::kmeans_init_(embed, cluster_size, embed_avg, initted, x, iters, spherical, eps, sync, backend)
+    fastvq::expire_codes_(embed, cluster_size, embed_avg, rows, threshold, reset_cluster_size, spherical, sync)
 
 x is (N, d) here; fastvq.functional reshapes (..., d) and checks arguments. The
 backend string ("auto" or a name) is resolved when the op runs, so tracing with
@@ -31,8 +33,6 @@ Inside the package, call these op objects (``ops.quantize(...)``), never ``torch
 The Triton kernels register their own ops (``fastvq::triton_*``, fastvq/triton), called by the triton backend.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -88,7 +88,7 @@ def quantize(
     loss = (sqdist.sum(dtype=torch.float64) * weight).to(compute_dtype(x.dtype))
     if rotation_trick:
         quantized = _rotation_value_of_tiny_rows(x, quantized)
-    return quantized, indices, loss
+    return quantized.contiguous(), indices, loss
 
 
 def _rotation_value_of_tiny_rows(x: Tensor, quantized: Tensor) -> Tensor:
@@ -110,7 +110,8 @@ def _rotation_value_of_tiny_rows(x: Tensor, quantized: Tensor) -> Tensor:
 
 @quantize.register_fake
 def _(x, codebook, commitment_weight, codebook_weight, backend, rotation_trick=False):
-    return torch.empty_like(x), _empty_indices(x), x.new_empty((), dtype=compute_dtype(x.dtype))
+    # Outputs are contiguous whatever x's strides, as every backend returns them.
+    return x.new_empty(x.shape), _empty_indices(x), x.new_empty((), dtype=compute_dtype(x.dtype))
 
 
 def _setup_quantize(ctx, inputs, output):
@@ -164,18 +165,19 @@ def quantize_backward(
     if x.shape[0] == 0:
         check_backend_name(backend)
         grad_codebook = torch.zeros_like(codebook) if need_grad_codebook else codebook.new_empty((0,))
-        return torch.empty_like(x), grad_codebook
+        return x.new_empty(x.shape), grad_codebook
     grad_x, grad_codebook = resolve(backend, x, codebook).quantize_backward(
         grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
         need_grad_x=True, need_grad_codebook=need_grad_codebook, rotation_trick=rotation_trick,
     )
-    return grad_x, (grad_codebook if need_grad_codebook else codebook.new_empty((0,)))
+    grad_codebook = grad_codebook.contiguous() if need_grad_codebook else codebook.new_empty((0,))
+    return grad_x.contiguous(), grad_codebook
 
 
 @quantize_backward.register_fake
 def _(grad_quantized, x, codebook, indices, commit_scale, codebook_scale, backend, need_grad_codebook,
       rotation_trick=False):
-    return torch.empty_like(x), (torch.empty_like(codebook) if need_grad_codebook else codebook.new_empty((0,)))
+    return x.new_empty(x.shape), (codebook.new_empty(codebook.shape) if need_grad_codebook else codebook.new_empty((0,)))
 
 
 # ---- ema_stats ------------------------------------------------------------------------------
@@ -208,38 +210,61 @@ def snapshot(tensor: Tensor) -> Tensor:
     inputs or mutable buffers"). A custom op is opaque to the partitioner, so its output
     is saved instead of recomputed. No autograd: use it on buffers.
     """
-    return tensor.clone()
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 @snapshot.register_fake
 def _(tensor):
-    return torch.empty_like(tensor)
+    return tensor.new_empty(tensor.shape)
 
 
-# ---- kmeans_init_ ---------------------------------------------------------------------------
+# ---- kmeans_init_ and expire_codes_ (the module layer's data-dependent codebook steps) -------
+# Each is one opaque op, so torch.compile(fullgraph=True) never traces their data-dependent
+# loops and shapes. The work is the module layer's (fastvq/nn), imported at the call: the op
+# layer does not import the module layer when it loads.
 @torch.library.custom_op("fastvq::kmeans_init_", mutates_args=("embed", "cluster_size", "embed_avg", "initted"))
 def kmeans_init_(
     embed: Tensor,
-    cluster_size: Optional[Tensor],
-    embed_avg: Optional[Tensor],
+    cluster_size: Tensor,
+    embed_avg: Tensor,
     initted: Tensor,
     x: Tensor,
     iters: int,
     spherical: bool,
+    eps: float,
     sync: bool,
     backend: str,
 ) -> None:
-    """Set each codebook from k-means on x, unless ``initted`` is already True.
-
-    One opaque op, so ``torch.compile(fullgraph=True)`` never traces k-means' data-dependent
-    loops. The work is the module layer's (fastvq/nn/codebook_init.py), imported here at the
-    call: the op layer does not import the module layer when it loads.
-    """
+    """Set each codebook (C, K, d) from k-means on x (C, M, d), unless ``initted`` is True
+    (fastvq/nn/codebook_init.py)."""
     from .nn.codebook_init import kmeans_init_codebook_
 
-    kmeans_init_codebook_(embed, cluster_size, embed_avg, initted, x, iters, spherical, sync, backend)
+    kmeans_init_codebook_(embed, cluster_size, embed_avg, initted, x, iters, spherical, eps, sync, backend)
 
 
 @kmeans_init_.register_fake
-def _(embed, cluster_size, embed_avg, initted, x, iters, spherical, sync, backend):
+def _(embed, cluster_size, embed_avg, initted, x, iters, spherical, eps, sync, backend):
+    return None
+
+
+@torch.library.custom_op("fastvq::expire_codes_", mutates_args=("embed", "cluster_size", "embed_avg"))
+def expire_codes_(
+    embed: Tensor,
+    cluster_size: Tensor,
+    embed_avg: Tensor,
+    rows: Tensor,
+    threshold: float,
+    reset_cluster_size: float,
+    spherical: bool,
+    sync: bool,
+) -> None:
+    """Replace the codes whose cluster_size < threshold by rows of x (C, M, d)
+    (fastvq/nn/dead_codes.py)."""
+    from .nn.dead_codes import expire_codes
+
+    expire_codes(embed, cluster_size, embed_avg, rows, threshold, reset_cluster_size, spherical, sync)
+
+
+@expire_codes_.register_fake
+def _(embed, cluster_size, embed_avg, rows, threshold, reset_cluster_size, spherical, sync):
     return None

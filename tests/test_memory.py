@@ -35,7 +35,7 @@ x = torch.randn({NUM_ROWS}, {DIM}, requires_grad=True)
 quantized, indices, loss = module(x)
 (quantized.square().sum() + loss).backward()
 assert indices.shape == ({NUM_ROWS},) and x.grad.shape == x.shape
-assert not torch.equal(module.cluster_size, torch.ones({NUM_CODES}))  # the EMA update ran
+assert not torch.equal(module._codebook.cluster_size, torch.ones(1, {NUM_CODES}))  # the EMA update ran
 """ + PRINT_PEAK_RSS
 
 

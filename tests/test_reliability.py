@@ -37,7 +37,9 @@ def assert_bitwise_equal(first: list[torch.Tensor], second: list[torch.Tensor], 
 def training_trace(backend: str, ema_update: bool) -> list[torch.Tensor]:
     """Everything a short training run produces: indices, losses, gradients, final state."""
     torch.manual_seed(0)
-    module = FastVectorQuantizer(33, 257, decay=0.9, ema_update=ema_update, backend=backend).train()
+    module = FastVectorQuantizer(33, 257, decay=0.9, ema_update=ema_update, learnable_codebook=not ema_update,
+                                 backend=backend).train()
+    embed = module._codebook.embed
     generator = torch.Generator().manual_seed(1)
     trace = []
     for _ in range(3):
@@ -46,10 +48,10 @@ def training_trace(backend: str, ema_update: bool) -> list[torch.Tensor]:
         (quantized.square().sum() + 10.0 * loss).backward()
         trace += [indices, loss.detach(), quantized.detach(), x.grad]
         if not ema_update:
-            trace.append(module.embed.grad.clone())
+            trace.append(embed.grad.clone())
             with torch.no_grad():
-                module.embed -= 0.5 * module.embed.grad
-            module.embed.grad = None
+                embed -= 0.5 * embed.grad
+            embed.grad = None
     return trace + [value.clone() for value in module.state_dict().values()]
 
 
@@ -86,7 +88,8 @@ class TinyVQAutoencoder(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.encoder = nn.Linear(12, 2 * 6)
-        self.quantizer = FastVectorQuantizer(6, 17, decay=0.8, ema_update=ema_update, backend=pair.backend)
+        self.quantizer = FastVectorQuantizer(6, 17, decay=0.8, ema_update=ema_update, learnable_codebook=not ema_update,
+                                             backend=pair.backend)
         self.decoder = nn.Linear(2 * 6, 12)
         self.to(pair.device)
 
@@ -139,7 +142,8 @@ def test_resume_from_state_dict_equals_uninterrupted_training(pair, monkeypatch,
     final, expected = resumed.state_dict(), reference_model.state_dict()
     assert final.keys() == expected.keys()
     if ema_update:
-        assert {"quantizer.embed", "quantizer.cluster_size", "quantizer.embed_avg"} <= final.keys()
+        assert {"quantizer._codebook.embed", "quantizer._codebook.cluster_size",
+                "quantizer._codebook.embed_avg"} <= final.keys()
     assert_bitwise_equal(list(final.values()), list(expected.values()), "final state")
 
 
@@ -253,7 +257,7 @@ def test_ema_training_on_a_non_finite_row_runs_and_keeps_the_other_codes_finite(
     dtype_or_skip(pair, torch.float32)
     x, codebook = exact_problem(torch.float32)
     codebook[0] = 0  # not an extreme code, so "index 0" can't happen by chance
-    module = FastVectorQuantizer(x.shape[1], len(codebook)).train()
+    module = FastVectorQuantizer(x.shape[1], len(codebook), backend=pair.backend).train().to(pair.device)
     module.set_codebook(codebook)
     clean_indices, _ = nearest(pair, x[1:], codebook)
     x[0, 3] = NON_FINITE[bad]
@@ -261,7 +265,7 @@ def test_ema_training_on_a_non_finite_row_runs_and_keeps_the_other_codes_finite(
     assert int(indices[0]) == 0, f"the non-finite row got code {int(indices[0])}"
     torch.testing.assert_close(indices[1:], clean_indices, rtol=0, atol=0)
     # the bad row is averaged into code 0 only; every other code stays finite
-    assert torch.isfinite(module.embed[1:]).all() and torch.isfinite(module.cluster_size).all()
+    assert torch.isfinite(module.codebook[1:]).all() and torch.isfinite(module._codebook.cluster_size).all()
 
 
 # ---- the bad-input table ----------------------------------------------------------------------
@@ -296,14 +300,15 @@ BAD_INPUTS = [
     ("x and indices on different devices (ema_stats)",
      lambda: fastvq.ema_stats(_x(5, 4, device="meta"), _IDX, 3), ValueError, r"same device"),
     ("module: codebook_size <= 0", lambda: FastVectorQuantizer(4, 0), ValueError,
-     r"codebook_size must be a positive int, got 0"),
-    ("module: dim <= 0", lambda: FastVectorQuantizer(-2, 3), ValueError, r"dim must be a positive int, got -2"),
-    ("module: dim not an int", lambda: FastVectorQuantizer(2.5, 3), TypeError, r"dim must be an int, got float"),
-    ("module: decay outside [0, 1]", lambda: _vq(decay=1.5), ValueError, r"decay must be in \[0, 1\], got 1.5"),
+     r"codebook_size must be an int >= 1, got 0"),
+    ("module: dim <= 0", lambda: FastVectorQuantizer(-2, 3), ValueError, r"dim must be an int >= 1, got -2"),
+    ("module: dim not an int", lambda: FastVectorQuantizer(2.5, 3), TypeError, r"dim must be an int, got 2\.5"),
+    ("module: decay outside [0, 1]", lambda: _vq(decay=1.5), ValueError,
+     r"decay must be a finite number in \[0\.0, 1\.0\], got 1\.5"),
     ("module: input last dim != dim", lambda: _vq()(_x(2, 5)), ValueError,
-     r"x must have shape \(\.\.\., dim\) with dim == 4, got \(2, 5\)"),
+     r"x must have shape \(B, N, dim\), \(B, \.\.\., dim\) or \(B, dim\) with dim == 4, got \(2, 5\)"),
     ("module: input on another device than the codebook", lambda: _vq()(_x(2, 4, device="meta")), ValueError,
-     r"same device"),
+     r"x must be on the codebook's device cpu, got meta"),
     ("ema_stats: index >= num_codes", lambda: fastvq.ema_stats(_x(5, 4), torch.tensor([0, 1, 2, 3, 0]), 3),
      ValueError, r"indices must lie in \[0, num_codes\) = \[0, 3\), got values in \[0, 3\]"),
     ("ema_stats: negative index", lambda: fastvq.ema_stats(_x(5, 4), torch.tensor([0, -1, 2, 1, 0]), 3),
@@ -315,9 +320,9 @@ BAD_INPUTS = [
     ("ema_stats: num_codes <= 0", lambda: fastvq.ema_stats(_x(5, 4), _IDX, 0), ValueError,
      r"num_codes must be a positive int, got 0"),
     ("get_codes_from_indices: index out of range", lambda: _vq().get_codes_from_indices(torch.tensor([3])),
-     ValueError, r"indices must lie in \[0, codebook_size\) = \[0, 3\), got values in \[3, 3\]"),
+     ValueError, r"indices must lie in \[-codebook_size, codebook_size\) = \[-3, 3\) .*got values in \[3, 3\]"),
     ("get_codes_from_indices: float indices", lambda: _vq().get_codes_from_indices(torch.tensor([1.0])),
-     TypeError, r"indices must be an int64 or int32 tensor, got torch.float32"),
+     TypeError, r"indices must be an int64 or int32 tensor, got a tensor of shape \(1,\), dtype torch\.float32"),
     ("unknown backend name", lambda: fastvq.nearest_code(_x(5, 4), _x(3, 4), backend="nope"), ValueError,
      r"backend must be 'auto' or one of 'cpu', 'triton', 'cuda', 'torch', got 'nope'"),
     ("unknown backend name, empty x", lambda: fastvq.nearest_code(_x(0, 4), _x(3, 4), backend="nope"),

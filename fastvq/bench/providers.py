@@ -11,7 +11,7 @@ import torch
 
 import fastvq
 
-from .cases import COMMITMENT_WEIGHT, DECAY, EPS, WORKLOADS, Case, Data
+from .cases import WORKLOADS, Case, Data
 from .judge import exact_nearest, recall
 
 # IVF is shown for large codebooks only; its tuning sample fits judge.RECALL_ROWS, so recall scores every row
@@ -138,12 +138,10 @@ def _train_step(module: torch.nn.Module, data: Data):
     return run
 
 
-@provider(("train",), "vector-quantize-pytorch", f"vector_quantize_pytorch.VectorQuantize(dim, K, decay={DECAY}, "
-                                                 f"commitment_weight={COMMITMENT_WEIGHT}, rotation_trick=False), EMA")
+@provider(("train",), "vector-quantize-pytorch",
+          "vector_quantize_pytorch.VectorQuantize(dim, K): its defaults (EMA, rotation trick)")
 def vector_quantize_pytorch(case: Case, data: Data):
-    module = _import("vector_quantize_pytorch").VectorQuantize(
-        case.d, case.k, decay=DECAY, eps=EPS, commitment_weight=COMMITMENT_WEIGHT, rotation_trick=False,
-    ).to(data.x.device).train()
+    module = _import("vector_quantize_pytorch").VectorQuantize(case.d, case.k).to(data.x.device).train()
     state = module._codebook  # the same start as FastVectorQuantizer.set_codebook
     with torch.no_grad():
         state.embed.copy_(data.codebook.reshape(state.embed.shape))
@@ -161,15 +159,13 @@ def fastvq_setup(case: Case, data: Data, backend: str):
         return lambda: fastvq.quantize(data.x, data.codebook, backend=backend)
     if case.workload == "kmeans":
         return lambda: fastvq.kmeans(data.x, case.k, iters=case.iters, seed=0, init="kmeans++", backend=backend)
-    module = fastvq.FastVectorQuantizer(case.d, case.k, decay=DECAY, eps=EPS, commitment_weight=COMMITMENT_WEIGHT,
-                                        ema_update=True, backend=backend).to(data.x.device).train()
+    module = fastvq.FastVectorQuantizer(case.d, case.k, backend=backend).to(data.x.device).train()
     module.set_codebook(data.codebook)
     return _train_step(module, data)
 
 
 FASTVQ = {"nearest_code": "fastvq.quantize(x, codebook, backend={!r}): fused search + gather",
-          "train": f"fastvq.FastVectorQuantizer(dim, K, decay={DECAY}, commitment_weight={COMMITMENT_WEIGHT}, "
-                   "backend={!r}), EMA",
+          "train": "fastvq.FastVectorQuantizer(dim, K, backend={!r}): vqp's defaults (EMA, rotation trick)",
           "kmeans": "fastvq.kmeans(x, K, iters=iters, init='kmeans++', backend={!r})"}
 for backend in [*fastvq.available_backends(), *fastvq.unavailable_reasons()]:
     for workload, text in FASTVQ.items():

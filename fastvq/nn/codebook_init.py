@@ -1,17 +1,20 @@
-"""k-means initialisation of a FastVectorQuantizer codebook from its first training batch.
+"""k-means initialisation of a codebook from its first training batch, as vector-quantize-pytorch
+1.32 does it (``Codebook.init_embed_`` and its ``kmeans``), on fastvq's fused ops.
 
 The work behind the custom op ``fastvq::kmeans_init_`` (fastvq/ops.py), so that
-``torch.compile(fullgraph=True)`` sees one opaque call instead of tracing k-means'
-data-dependent loops; the module calls it once (a Python flag, guarded by the
-compiler, then stops the calls).
+``torch.compile(fullgraph=True)`` sees one opaque call instead of k-means' data-dependent
+loops; the module calls it once (a Python flag, guarded by the compiler, then stops).
 
-With ``sync=True`` (torch.distributed, world size > 1), rank 0 runs k-means on its
-own rows and broadcasts the centroids; then every rank assigns its rows to them and
-the counts and sums are all-reduced. Every rank runs the same collectives whatever
-the data, so none can hang.
+vqp's algorithm: the initial means are rows drawn at random (``randperm``, or ``randint`` when
+there are fewer rows than codes), then ``iters`` Lloyd steps in which a code with no rows keeps
+its mean; cosine similarity re-normalises the means. Then embed_avg = means · counts,
+cluster_size = counts (of the last assignment), and embed = embed_avg / the Laplace-smoothed
+counts. With ``sync`` under torch.distributed, rows are drawn from every rank and the counts
+and means are summed over ranks, as vqp does.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -19,72 +22,62 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..kmeans import fit as kmeans_fit
-from ..numerics import compute_dtype
-from . import distributed
+from .distributed import all_reduce_, is_distributed, sample_vectors, sample_vectors_distributed
+from .ema import laplace_smoothed_counts
 
 
 def kmeans_init_codebook_(
     embed: Tensor,
-    cluster_size: Optional[Tensor],
-    embed_avg: Optional[Tensor],
+    cluster_size: Tensor,
+    embed_avg: Tensor,
     initted: Tensor,
-    x: Tensor,
+    rows: Tensor,
     iters: int,
     spherical: bool,
+    eps: float,
     sync: bool,
     backend: str,
 ) -> None:
-    """Set each codebook from k-means on x, unless ``initted`` is already True.
-
-    embed (C, K, d) or (K, d) with C = 1; cluster_size (C, K)/(K,) and embed_avg like
-    embed, or None (learnable codebooks); initted a bool scalar; x (M, C, d), the rows
-    of codebook c being x[:, c] (l2-normalised when ``spherical``).
-
-    Afterwards: embed_avg = the per-code sums of x's rows assigned to the k-means
-    centroids, cluster_size = their counts, embed = embed_avg / cluster_size
-    (l2-normalised when ``spherical``). A code no row chooses (possible only when
-    M < K) keeps its centroid with cluster_size 1, like a fresh codebook.
-    """
+    """Set embed (C, K, d), cluster_size (C, K) and embed_avg from k-means on rows (C, M, d),
+    unless ``initted`` is already True; then set ``initted``."""
     if bool(initted):
         return
-    num_codebooks, num_rows, dim = x.shape[1], x.shape[0], x.shape[2]
+    num_codebooks, num_rows, _ = rows.shape
     num_codes = embed.shape[-2]
-    if sync:
-        rank0_rows = distributed.broadcast_(torch.tensor([num_rows], device=x.device))
-        if int(rank0_rows[0]) == 0:
-            raise ValueError("kmeans_init: rank 0's first training batch is empty; k-means init needs "
-                             "rows on rank 0, which decides the centroids for every rank")
-    elif num_rows == 0:
-        return
-    x = x.to(compute_dtype(x.dtype))
-    centroids = x.new_zeros((num_codebooks, num_codes, dim))
-    if not sync or distributed.rank() == 0:
-        seed = int(torch.randint(2**62, (1,)))  # from torch's global RNG, so torch.manual_seed applies
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-        for c in range(num_codebooks):
-            rows = x[:, c].contiguous()
-            centroids[c] = kmeans_fit(rows, num_codes, iters=iters, generator=generator, spherical=spherical,
-                                      backend=backend).centroids
-    if sync:
-        distributed.broadcast_(centroids)
-    counts = x.new_zeros((num_codebooks, num_codes), dtype=torch.float32)
-    sums = x.new_zeros((num_codebooks, num_codes, dim), dtype=torch.float32)
-    for c in range(num_codebooks):
-        rows = x[:, c].contiguous()
-        assignments, _ = ops.nearest_code(rows, centroids[c], backend)
-        counts[c], sums[c] = ops.ema_stats(rows, assignments, num_codes, backend)
-    if sync:
-        counts, sums = distributed.all_reduce_stats(counts, sums)
-    used = counts > 0
-    new_cluster_size = torch.where(used, counts, 1.0)
-    new_embed_avg = torch.where(used.unsqueeze(-1), sums, centroids.to(sums.dtype))
-    new_embed = new_embed_avg / new_cluster_size.unsqueeze(-1)
+    distributed = sync and is_distributed()
+    if num_rows < num_codes:
+        warnings.warn(f"k-means init received {num_rows} vectors for a codebook of {num_codes} - "
+                      "duplicates will be sampled", stacklevel=2)
+    rows = rows.to(torch.float32)
+    means, counts = _kmeans(rows, num_codes, iters, spherical, distributed, backend)
+    embed_avg.copy_(means * counts.unsqueeze(-1))
+    cluster_size.copy_(counts)
+    smoothed = laplace_smoothed_counts(cluster_size, eps).unsqueeze(-1)
+    new_embed = embed_avg / smoothed
     if spherical:
-        new_embed = F.normalize(new_embed, dim=-1)
-    embed.copy_(new_embed.view(embed.shape))
-    if cluster_size is not None:
-        cluster_size.copy_(new_cluster_size.view(cluster_size.shape))
-    if embed_avg is not None:
-        embed_avg.copy_(new_embed_avg.view(embed_avg.shape))
+        new_embed = F.normalize(new_embed, dim=-1, eps=1e-6)
+    embed.copy_(new_embed)
     initted.fill_(True)
+
+
+def _kmeans(rows: Tensor, num_codes: int, iters: int, spherical: bool, distributed: bool,
+            backend: str) -> tuple[Tensor, Optional[Tensor]]:
+    """vqp's kmeans on rows (C, M, d): (means (C, K, d), counts (C, K) of the last assignment)."""
+    sample = sample_vectors_distributed if distributed else sample_vectors
+    means = torch.stack([sample(codebook_rows, num_codes) for codebook_rows in rows.unbind(0)])
+    counts = torch.zeros(means.shape[:2], dtype=torch.float32, device=rows.device)
+    for _ in range(iters):
+        sums = torch.zeros_like(means)
+        for c in range(rows.shape[0]):
+            assignments, _ = ops.nearest_code(rows[c], means[c], backend)
+            counts[c], sums[c] = ops.ema_stats(rows[c], assignments, num_codes, backend)
+        if distributed:
+            all_reduce_(counts)
+        empty = counts == 0
+        new_means = sums / counts.masked_fill(empty, 1.0).unsqueeze(-1)
+        if distributed:
+            all_reduce_(new_means)  # vqp sums the ranks' means, not their sums
+        if spherical:
+            new_means = F.normalize(new_means, dim=-1, eps=1e-6)
+        means = torch.where(empty.unsqueeze(-1), means, new_means)
+    return means, counts

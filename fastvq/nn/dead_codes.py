@@ -1,56 +1,51 @@
-"""Dead-code revival: codes whose EMA cluster size fell below a threshold get batch vectors.
+"""Dead-code replacement, as vector-quantize-pytorch 1.32's ``Codebook.replace`` does it.
 
-Written without data-dependent Python branches or shapes (a where over all K codes,
-K candidate rows drawn every call), so it traces under torch.compile(fullgraph=True)
-and every rank runs the same collective (one broadcast of the candidates from rank 0)
-whatever the data.
+The work behind the custom op ``fastvq::expire_codes_`` (fastvq/ops.py): the replacement has
+data-dependent branches and shapes, so it is one opaque call for torch.compile. It draws its
+rows with vqp's random calls in vqp's order (``randperm``/``randint`` on the rows' device), so
+a seed replaces the same codes with the same rows in both libraries.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from . import distributed
+from .distributed import is_distributed, sample_vectors, sample_vectors_distributed
 
 
 @torch.no_grad()
-def revive_dead_codes_(
-    embed: Tensor,
-    cluster_size: Tensor,
-    embed_avg: Optional[Tensor],
-    rows: Tensor,
-    threshold: float,
-    sync: bool,
-) -> Tensor:
-    """Replace dead codes in place; returns the (C, K) bool mask of the codes replaced.
+def expire_codes(embed: Tensor, cluster_size: Tensor, embed_avg: Tensor, rows: Tensor, threshold: float,
+                 reset_cluster_size: float, spherical: bool, sync: bool) -> None:
+    """Codes with cluster_size < threshold get rows of this batch, in place.
 
-    embed (C, K, d) or (K, d); cluster_size (C, K)/(K,); embed_avg like embed or None;
-    rows (M, C, d), the current batch's vectors for each codebook. A code is dead when
-    cluster_size < threshold. It becomes a batch row (distinct rows while M >= K), its
-    cluster_size is reset to ``threshold`` and its embed_avg to row · threshold, so the
-    next EMA step (embed = embed_avg / smoothed cluster_size) keeps the new code.
-    With ``sync``, rank 0's candidate rows are broadcast, so every rank revives alike.
+    embed and embed_avg (C, K, d), cluster_size (C, K), rows (C, M, d) (masked rows removed).
+    A replaced code gets a row r: embed = r, cluster_size = reset_cluster_size, embed_avg =
+    r·reset_cluster_size. Without sync, when a codebook has more dead codes than rows, a random
+    subset of its dead codes (as many as rows) is replaced now and the rest in later steps.
     """
-    num_rows, num_codebooks, dim = rows.shape
-    num_codes = cluster_size.shape[-1]
-    if num_rows == 0 and not sync:
-        return torch.zeros((num_codebooks, num_codes), dtype=torch.bool, device=embed.device)
-    codes = embed.view(num_codebooks, num_codes, dim)
-    if num_rows > 0:
-        order = torch.randperm(num_rows, device=rows.device)
-        picked = order[torch.arange(num_codes, device=rows.device) % num_rows]
-        candidates = rows[picked].transpose(0, 1).to(embed.dtype)  # (C, K, d)
-    else:  # an empty batch on this rank: rank 0's rows (if any) arrive by broadcast
-        candidates = codes.clone()
-    if sync:
-        candidates = distributed.broadcast_(candidates.contiguous())
-    dead = cluster_size.view(num_codebooks, num_codes) < threshold
-    dead_rows = dead.unsqueeze(-1)
-    embed.copy_(torch.where(dead_rows, candidates, codes).view(embed.shape))
-    cluster_size.copy_(torch.where(dead, threshold, cluster_size.view(dead.shape)).view(cluster_size.shape))
-    if embed_avg is not None:
-        averages = embed_avg.view(codes.shape)
-        embed_avg.copy_(torch.where(dead_rows, candidates * threshold, averages).view(embed_avg.shape))
-    return dead
+    expired = cluster_size < threshold
+    if not bool(expired.any()):
+        return
+    if spherical:
+        rows = F.normalize(rows, dim=-1, eps=1e-6)
+    distributed = sync and is_distributed()
+    for c in range(rows.shape[0]):
+        samples, dead = rows[c], expired[c]
+        if samples.numel() == 0 and not distributed:  # every rank must join the collectives
+            continue
+        num_dead = int(dead.sum())
+        if not distributed and num_dead > samples.shape[0]:
+            dead_codes = dead.nonzero(as_tuple=True)[0]
+            dead_codes = dead_codes[torch.randperm(num_dead, device=samples.device)[:samples.shape[0]]]
+            dead = torch.zeros_like(dead)
+            dead[dead_codes] = True
+            num_dead = samples.shape[0]
+        if distributed:
+            sampled = sample_vectors_distributed(samples, num_dead)
+        else:
+            sampled = sample_vectors(samples, num_dead)
+        sampled = sampled.to(embed)
+        embed[c][dead] = sampled
+        cluster_size[c][dead] = reset_cluster_size
+        embed_avg[c][dead] = sampled * reset_cluster_size

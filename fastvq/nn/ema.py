@@ -10,9 +10,13 @@ from torch import Tensor
 
 
 def laplace_smoothed_counts(cluster_size: Tensor, eps: float) -> Tensor:
-    """ñ_k = (n_k + eps) / (Σn + K·eps) · Σn, which keeps every ñ_k > 0."""
-    total = cluster_size.sum()
-    return (cluster_size + eps) / (total + cluster_size.numel() * eps) * total
+    """ñ_k = (n_k + eps) / (Σn + K·eps) · Σn over each codebook's K codes (the last axis), which
+    keeps every ñ_k > 0.
+
+    Σn is a cumulative sum in float64: a sequential, order-fixed reduction, so the EMA step is
+    bitwise identical for any thread count (torch's sum splits large K across threads)."""
+    total = cluster_size.double().cumsum(-1)[..., -1:].to(cluster_size.dtype)
+    return (cluster_size + eps) / (total + cluster_size.shape[-1] * eps) * total
 
 
 def ema_update(embed: Tensor, cluster_size: Tensor, embed_avg: Tensor, counts: Tensor, sums: Tensor,

@@ -85,7 +85,7 @@ class ResidualVQ(nn.Module):
         """(quantized, indices, losses), plus a CodebookStats with one entry per level when ``return_stats``."""
         reject_unsupported(f"{type(self).__name__}.forward", unsupported, RESIDUAL_FORWARD_UNSUPPORTED)
         check_float_tensor("x", x)
-        x_last = self.layout.to_channel_last(x, self.dim)
+        x_last = self.layout.to_sequence(x, self.dim)
         residual = x_last.to(compute_dtype(x.dtype))
         total = torch.zeros_like(residual)
         all_indices, losses, stats = [], [], []
@@ -100,8 +100,10 @@ class ResidualVQ(nn.Module):
                 stats.append(out[3])
         # Value Σ q_i exactly; gradient identity to x (x − sg(x) is 0 but carries the gradient).
         quantized = total.to(x.dtype) + (x_last - x_last.detach())
-        quantized = self.layout.from_channel_last(quantized)
-        result = (quantized, torch.stack(all_indices, dim=-1), torch.stack(losses))
+        quantized = self.layout.from_sequence(quantized, tuple(x.shape))
+        indices = torch.stack(all_indices, dim=-1)
+        indices = indices.reshape(*self.layout.indices_shape(tuple(x.shape)), self.num_quantizers)
+        result = (quantized, indices, torch.stack(losses))
         if not return_stats:
             return result
         counts = [s.counts for s in stats]

@@ -1,347 +1,380 @@
-"""FastVectorQuantizer: a drop-in for vector-quantize-pytorch's VectorQuantize on fastvq's kernels."""
+"""FastVectorQuantizer: vector-quantize-pytorch 1.32's VectorQuantize on fastvq's fused ops.
+
+The same constructor call, the same inputs and the same state give the same outputs, losses,
+gradients and buffers (to float32 rounding), and the state_dict has vqp's keys, shapes and
+dtypes, so checkpoints load both ways with ``strict=True``. What fastvq does not implement
+raises a ValueError naming the argument (fastvq/nn/compat.py); nothing trains silently
+differently. The search, the straight-through or rotation-trick backward and the EMA
+statistics run in fused kernels that never build the N×K distance matrix.
+"""
 from __future__ import annotations
 
 import contextlib
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..checks import (check_float_tensor, check_fraction, check_non_negative, check_positive_int, check_same_device,
-                      shape_str)
+from ..checks import check_float_tensor, short_repr
 from ..dispatch import check_backend_argument
-from .compat import (FORWARD_UNSUPPORTED, STRAIGHT_THROUGH_ROTATION_TRICK, VECTOR_QUANTIZE_UNSUPPORTED,
-                     reject_unsupported)
-from .dead_codes import revive_dead_codes_
-from .distributed import all_reduce_stats, is_distributed
-from .ema import ema_update
-from .layout import ChannelLayout
+from .codebook import Codebook
+from .compat import check_vector_quantize_arguments, reject_unsupported_forward
+from .distributed import is_distributed
+from .layout import ChannelLayout, merge_heads, split_heads
 from .stats import code_counts, codebook_stats
+
+LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
 
 class FastVectorQuantizer(nn.Module):
-    """Vector quantizer with an EMA (default) or gradient-learned codebook.
+    """Drop-in for ``vector_quantize_pytorch.VectorQuantize`` (same kwargs, defaults and returns).
 
-    forward(x) takes x of shape (..., dim), channel-last, and returns
-    ``(quantized, indices, loss)``: quantized has x's shape and dtype and the
-    straight-through gradient; indices has shape x.shape[:-1]; loss is a scalar,
-    commitment_weight·mean((x − sg(q))²), plus mean((sg(x) − q)²) when the codebook
-    is learned by gradient (``ema_update=False``).
-
-    Training with ``ema_update=True`` runs, in this order: search against the
-    current codebook, quantize with those rows, the loss, then the EMA update of
-    ``cluster_size``, ``embed_avg`` and ``embed`` (Laplace-smoothed), then dead-code
-    revival. Eval mode changes no state. Half-precision inputs are computed in
-    float32 and returned in their own dtype; the codebook state is float32.
-
-    Training features (vector-quantize-pytorch's names):
-    - ``kmeans_init``/``kmeans_iters``: the first training batch sets the codebook by k-means.
-    - ``threshold_ema_dead_code``: codes with cluster_size below it get batch vectors.
-    - ``use_cosine_sim``: l2-normalised inputs and codes (codes unit-norm after every step).
-    - ``heads``/``separate_codebook_per_head``: x's dim is split into ``heads`` vectors
-      of dim/heads, quantized with one shared codebook (K, dim/heads) or one per head
-      (heads, K, dim/heads); indices gain a trailing heads axis.
-    - ``channel_last=False`` ((B, C, N) in and out), ``accept_image_fmap`` ((B, C, H, W),
-      indices (B, H, W)) and ``accept_3d_fmap`` ((B, C, D, H, W)).
-    - ``sync_codebook``: all-reduce codebook statistics over torch.distributed ranks;
-      None means on when torch.distributed is initialised with world size > 1.
-    - ``forward(x, return_stats=True)`` also returns a CodebookStats (perplexity,
-      utilization, counts) of this process's batch, computed from per-code counts.
-    Other VectorQuantize kwargs are accepted only at their defaults (fastvq/nn/compat.py).
+    forward(x, mask=None, lens=None, freeze_codebook=None, return_loss_breakdown=False,
+    ema_update_weight=None, accum_ema_update=False, ema_update=None, *, return_stats=False)
+    returns ``(quantized, indices, loss)`` (+ a LossBreakdown, + a CodebookStats). In eval mode the
+    loss is 0 and quantized carries no gradient to x, as in vqp. ``backend`` (keyword only) picks
+    fastvq's kernels ("auto", "cpu", "triton", "cuda", "torch").
     """
 
-    def __init__(
-        self,
-        dim: int,
-        codebook_size: int,
-        *,
-        decay: float = 0.99,
-        eps: float = 1e-5,
-        commitment_weight: float = 0.25,
-        ema_update: bool = True,
-        backend: str = "auto",
-        learnable_codebook: bool | None = None,
-        kmeans_init: bool = False,
-        kmeans_iters: int = 10,
-        sync_kmeans: bool = True,
-        threshold_ema_dead_code: float = 0,
-        use_cosine_sim: bool = False,
-        heads: int = 1,
-        separate_codebook_per_head: bool = False,
-        codebook_dim: int | None = None,
-        channel_last: bool = True,
-        accept_image_fmap: bool = False,
-        accept_3d_fmap: bool = False,
-        sync_codebook: bool | None = None,
-        freeze_codebook: bool = False,
-        rotation_trick: bool | None = None,
-        **unsupported,
-    ):
+    def __init__(self, dim, codebook_size, codebook_dim=None, heads=1, separate_codebook_per_head=False, decay=0.8,
+                 eps=1e-5, freeze_codebook=False, kmeans_init=False, kmeans_iters=10, sync_kmeans=True,
+                 use_cosine_sim=False, layernorm_after_project_in=False, threshold_ema_dead_code=0,
+                 channel_last=True, accept_image_fmap=False, accept_3d_fmap=False, commitment_weight=1.0,
+                 commitment_use_cross_entropy_loss=False, orthogonal_reg_weight=0.0,
+                 orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None,
+                 codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
+                 stochastic_sample_codes=False, sample_codebook_temp=1.0, straight_through=False,
+                 rotation_trick=None, directional_reparam=False, directional_reparam_variance=5e-3,
+                 sync_codebook=None, sync_affine_param=False, ema_update=None, vq_bridge=None,
+                 manual_ema_update=False, learnable_codebook=None, in_place_codebook_optimizer=None,
+                 manual_in_place_optimizer_update=False, affine_param=False, affine_param_batch_decay=0.99,
+                 affine_param_codebook_decay=0.9, sync_update_v=0.0, return_zeros_for_masked_padding=True,
+                 route_gradients_to_input=True, *, backend: str = "auto"):
         super().__init__()
-        _check_arguments(type(self).__name__, unsupported, dim=dim, codebook_size=codebook_size, heads=heads,
-                         decay=decay, eps=eps, commitment_weight=commitment_weight,
-                         threshold_ema_dead_code=threshold_ema_dead_code, kmeans_iters=kmeans_iters, backend=backend,
-                         codebook_dim=codebook_dim, learnable_codebook=learnable_codebook, ema_update=ema_update,
-                         rotation_trick=rotation_trick)
+        arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        check_vector_quantize_arguments(type(self).__name__, arguments)
+        check_backend_argument(backend)
+        # vqp's defaults of its None arguments
+        ema_update = True if ema_update is None else bool(ema_update)
+        learnable_codebook = False if learnable_codebook is None else bool(learnable_codebook)
+        rotation_trick = dim > 1 if rotation_trick is None else bool(rotation_trick)
+
         self.dim = dim
-        self.codebook_size = codebook_size
-        self.decay = float(decay)
-        self.eps = float(eps)
-        self.commitment_weight = float(commitment_weight)
-        self.ema_update = bool(ema_update)
-        self.learnable_codebook = not self.ema_update
-        self.backend = backend
         self.heads = heads
-        self.separate_codebook_per_head = bool(separate_codebook_per_head) and heads > 1
-        self.num_codebooks = heads if self.separate_codebook_per_head else 1
-        self.codebook_dim = dim // heads
-        self.kmeans_init = bool(kmeans_init)
-        self.kmeans_iters = kmeans_iters
-        self.sync_kmeans = bool(sync_kmeans)
-        self.threshold_ema_dead_code = float(threshold_ema_dead_code)
+        self.separate_codebook_per_head = bool(separate_codebook_per_head)
+        self.codebook_dim = dim if codebook_dim is None else codebook_dim
+        codebook_input_dim = self.codebook_dim * heads
+        self.has_projections = codebook_input_dim != dim
+        # Built in vqp's order (project_in, project_out, codebook), so one seed gives one state.
+        self.project_in, self.project_out = _projections(dim, codebook_input_dim, layernorm_after_project_in)
+        self.eps = eps
+        self.commitment_weight = float(commitment_weight)
+        self.has_commitment_loss = commitment_weight > 0.0
+        self.learnable_codebook = learnable_codebook
+        self.orthogonal_reg_weight = float(orthogonal_reg_weight)
+        self.has_codebook_orthogonal_loss = orthogonal_reg_weight > 0.0
+        self.orthogonal_reg_active_codes_only = bool(orthogonal_reg_active_codes_only)
+        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
+        self.rotation_trick = rotation_trick
+        self.route_gradients_to_input = bool(route_gradients_to_input)
         self.use_cosine_sim = bool(use_cosine_sim)
+        self.sync_codebook = sync_codebook
+        self.backend = backend
+        self.num_codebooks = heads if self.separate_codebook_per_head else 1
+        self._codebook = Codebook(
+            self.codebook_dim, codebook_size, self.num_codebooks, kmeans_init=bool(kmeans_init),
+            kmeans_iters=kmeans_iters, decay=float(decay), eps=float(eps),
+            threshold_ema_dead_code=threshold_ema_dead_code,
+            learnable_codebook=self.has_codebook_orthogonal_loss or learnable_codebook, ema_update=ema_update,
+            manual_ema_update=bool(manual_ema_update), use_cosine_sim=self.use_cosine_sim,
+            sync=self.sync_enabled(), sync_kmeans=self.sync_enabled() and bool(sync_kmeans), backend=backend)
+        self.codebook_size = codebook_size
         self.layout = ChannelLayout(channel_last, accept_image_fmap, accept_3d_fmap)
         self.channel_last = self.layout.channel_last
         self.accept_image_fmap = self.layout.accept_image_fmap
         self.accept_3d_fmap = self.layout.accept_3d_fmap
-        self.sync_codebook = sync_codebook
+        self.register_buffer("zero", torch.tensor(0.0), persistent=False)
+        self.return_zeros_for_masked_padding = bool(return_zeros_for_masked_padding)
         self.freeze_codebook = bool(freeze_codebook)
 
-        shape = (codebook_size, self.codebook_dim)
-        if self.num_codebooks > 1:
-            shape = (self.num_codebooks, *shape)
-        embed = torch.empty(self.num_codebooks * codebook_size, self.codebook_dim)
-        nn.init.kaiming_uniform_(embed)  # the initialisation VectorQuantize uses
-        embed = embed.view(shape)
-        if self.use_cosine_sim:
-            embed = F.normalize(embed, dim=-1)
-        if self.ema_update:
-            self.register_buffer("embed", embed)
-            self.register_buffer("embed_avg", embed.clone())
-        else:
-            self.embed = nn.Parameter(embed)
-        if self.ema_update or self.threshold_ema_dead_code > 0:
-            self.register_buffer("cluster_size", torch.ones(shape[:-1]))
-        if self.kmeans_init:
-            self.register_buffer("initted", torch.tensor(False))
-        self._kmeans_pending = self.kmeans_init  # a Python flag: torch.compile guards on it
-        self.register_load_state_dict_post_hook(_after_load_state_dict)
+    # ---- vqp's properties and methods ------------------------------------------------------
+    @property
+    def ema_update(self) -> bool:
+        return self._codebook.ema_update
 
     @property
     def codebook(self) -> Tensor:
-        return self.embed
+        """(K, d), or (heads, K, d) with one codebook per head."""
+        embed = self._codebook.embed
+        return embed if self.separate_codebook_per_head else embed[0]
 
-    def extra_repr(self) -> str:
-        mode = "ema" if self.ema_update else "learnable"
-        text = (f"dim={self.dim}, codebook_size={self.codebook_size}, codebook={mode}, decay={self.decay}, "
-                f"commitment_weight={self.commitment_weight}, backend={self.backend!r}")
-        if self.heads > 1:
-            text += f", heads={self.heads}, separate_codebook_per_head={self.separate_codebook_per_head}"
-        for name in ("kmeans_init", "use_cosine_sim", "accept_image_fmap", "accept_3d_fmap"):
-            if getattr(self, name):
-                text += f", {name}=True"
-        if self.threshold_ema_dead_code > 0:
-            text += f", threshold_ema_dead_code={self.threshold_ema_dead_code}"
-        return text
-
-    def sync_enabled(self) -> bool:
-        """Whether codebook statistics are all-reduced over torch.distributed ranks."""
-        return is_distributed() if self.sync_codebook is None else bool(self.sync_codebook)
+    @codebook.setter
+    def codebook(self, codes: Tensor) -> None:
+        with torch.no_grad():
+            self._codebook.embed.copy_(codes if self.separate_codebook_per_head else codes.unsqueeze(0))
 
     @torch.no_grad()
     def set_codebook(self, codebook: Tensor) -> None:
-        """Replace the codebook; in EMA mode also reset cluster_size to 1 and embed_avg to it.
-
-        The shape is embed's: (codebook_size, dim // heads), or (heads, codebook_size,
-        dim // heads) with separate codebooks. With use_cosine_sim the rows are
-        l2-normalised. A set codebook counts as initialised: k-means init will not replace it.
-        """
+        """fastvq's addition: replace the codebook ((K, d), or (heads, K, d) with one codebook per
+        head) and restart its EMA state there (embed_avg = codebook, cluster_size = 1), as a fresh
+        module has it; l2-normalised for cosine similarity. It counts as initialised (no k-means)."""
         check_float_tensor("codebook", codebook)
-        if tuple(codebook.shape) != tuple(self.embed.shape):
-            raise ValueError(f"codebook must have shape {shape_str(self.embed.shape)}, got {shape_str(codebook.shape)}")
+        state = self._codebook
+        codes = codebook if self.separate_codebook_per_head else codebook.unsqueeze(0)
+        if tuple(codes.shape) != tuple(state.embed.shape):
+            expected = tuple(state.embed.shape) if self.separate_codebook_per_head else tuple(state.embed.shape[1:])
+            raise ValueError(f"codebook must have shape {expected}, got {short_repr(codebook)}")
         if self.use_cosine_sim:
-            codebook = F.normalize(codebook.to(self.embed.dtype), dim=-1)
-        self.embed.copy_(codebook)
-        if self.ema_update:
-            self.embed_avg.copy_(codebook)
-        if hasattr(self, "cluster_size"):
-            self.cluster_size.fill_(1.0)
-        if self.kmeans_init:
-            self.initted.fill_(True)
-            self._kmeans_pending = False
+            codes = F.normalize(codes.to(torch.float32), dim=-1, eps=1e-6)
+        state.embed.copy_(codes)
+        state.embed_avg.copy_(codes)
+        state.cluster_size.fill_(1.0)
+        state.initted.fill_(True)
+        state._kmeans_pending = False
+
+    def sync_enabled(self) -> bool:
+        """Whether codebook statistics are summed over torch.distributed ranks: ``sync_codebook``, or
+        when None whether torch.distributed runs with several processes when the module is built (vqp's rule)."""
+        if self.sync_codebook is None:
+            self.sync_codebook = is_distributed()
+        return bool(self.sync_codebook)
+
+    def update_ema(self) -> None:
+        """The EMA codebook step from the accumulated statistics (for ``manual_ema_update=True``)."""
+        self._codebook.update_ema()
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """Codebook vectors for integer indices: (...) -> (..., dim); with heads > 1,
-        (..., heads) -> (..., dim). Channel-first layouts put dim at axis 1, as forward does."""
+        """vqp's: codebook rows for indices (B, ...) or (B, ..., heads) with one codebook per head
+        (merged to heads·d); channel-first layouts put the code dimension at axis 1."""
         if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
-            got = indices.dtype if isinstance(indices, Tensor) else type(indices).__name__
-            raise TypeError(f"indices must be an int64 or int32 tensor, got {got}")
-        if self.heads > 1 and (indices.dim() == 0 or indices.shape[-1] != self.heads):
-            raise ValueError(f"indices must have shape (..., heads) with heads == {self.heads}, "
-                             f"got {shape_str(indices.shape)}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
-            raise ValueError(f"indices must lie in [0, codebook_size) = [0, {self.codebook_size}), "
+            raise TypeError(f"indices must be an int64 or int32 tensor, got {short_repr(indices)}")
+        codebook = self.codebook
+        if indices.numel() and (int(indices.min()) < -self.codebook_size or int(indices.max()) >= self.codebook_size):
+            raise ValueError(f"indices must lie in [-codebook_size, codebook_size) = [{-self.codebook_size}, "
+                             f"{self.codebook_size}) (negative ones count from the end, as vqp's indexing does), "
                              f"got values in [{int(indices.min())}, {int(indices.max())}]")
-        codebook = self._search_codebook()
-        indices = indices.long()
-        if self.num_codebooks > 1:
-            codes = codebook[torch.arange(self.heads, device=indices.device), indices]
-        else:
+        if codebook.dim() == 2:
             codes = codebook[indices]
-        if self.heads > 1:
-            codes = codes.flatten(-2)
-        return self.layout.from_channel_last(codes)
-
-    def forward(self, x: Tensor, *, return_stats: bool = False, freeze_codebook: bool | None = None,
-                **unsupported):
-        """(quantized, indices, loss), plus a CodebookStats when ``return_stats``."""
-        reject_unsupported(f"{type(self).__name__}.forward", unsupported, FORWARD_UNSUPPORTED)
-        check_float_tensor("x", x)
-        x_last = self.layout.to_channel_last(x, self.dim)
-        check_same_device(x, self.embed)
-        frozen = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
-        with _no_autocast(x.device.type):  # the codebook math stays float32
-            quantized, indices, loss, counts = self._quantize(x_last, frozen, return_stats)
-        quantized = self.layout.from_channel_last(quantized)
-        if self.heads == 1:
-            indices = indices.squeeze(-1)
-        if not return_stats:
-            return quantized, indices, loss
-        stats = codebook_stats(counts)
-        if self.num_codebooks == 1:
-            stats = stats._replace(counts=counts.squeeze(0))
-        return quantized, indices, loss, stats
-
-    # ---- the step --------------------------------------------------------------------------
-    def _quantize(self, x: Tensor, frozen: bool, want_counts: bool):
-        """x (..., dim) -> quantized (..., dim), indices (..., heads), loss, counts (C, K) or None."""
-        update = self.training and not frozen
-        lead_shape = x.shape[:-1]
-        # (M, C, d): row m of codebook c. A shared codebook sees every head's vector as a row.
-        rows = x.reshape(-1, self.num_codebooks, self.codebook_dim)
-        if self.use_cosine_sim:
-            rows = F.normalize(rows.to(torch.float32), dim=-1)
-        sync = self.sync_enabled()
-        if update and self._kmeans_pending:
-            self._run_kmeans_init(rows.detach(), sync)
-        if update and self.learnable_codebook and self.threshold_ema_dead_code > 0:
-            revive_dead_codes_(self.embed, self.cluster_size, None, rows.detach(), self.threshold_ema_dead_code, sync)
-        codebook = self._search_codebook()
-        if update and self.ema_update:
-            # The EMA step rewrites embed in place; backward needs the rows this forward used.
-            # A custom-op copy, as torch.compile may recompute a plain clone after the update.
-            codebook = ops.snapshot(codebook)
-        codebook_weight = 1.0 if self.learnable_codebook and not frozen else 0.0
-        if self.num_codebooks == 1:
-            quantized, indices, loss = ops.quantize(
-                rows.view(-1, self.codebook_dim), codebook, self.commitment_weight, codebook_weight, self.backend)
-            quantized, indices = quantized.view(rows.shape), indices.view(rows.shape[:-1])
         else:
-            per_head = rows.transpose(0, 1).contiguous()  # (C, M, d): one contiguous block per codebook
-            outputs = [ops.quantize(per_head[c], codebook[c], self.commitment_weight,
-                                                 codebook_weight, self.backend) for c in range(self.num_codebooks)]
-            quantized = torch.stack([q for q, _, _ in outputs], dim=1)
-            indices = torch.stack([i for _, i, _ in outputs], dim=1)
-            loss = torch.stack([l for _, _, l in outputs]).mean()
-        counts = None
-        if update and (self.ema_update or self.threshold_ema_dead_code > 0):
-            counts = self._update_codebook(rows.detach(), indices, sync)
-        elif want_counts:
-            counts = self._counts(indices)
-        quantized = quantized.to(x.dtype).reshape(x.shape)
-        return quantized, indices.reshape(*lead_shape, self.heads), loss, counts
+            if indices.dim() < 2 or indices.shape[-1] != self.heads:
+                raise ValueError(f"indices must have shape (B, ..., heads) with heads == {self.heads}, "
+                                 f"got {short_repr(indices)}")
+            heads = torch.arange(self.heads, device=indices.device)
+            codes = codebook[heads, indices].flatten(-2)
+        if self.layout.channel_first(codes.dim()) or (not self.channel_last and codes.dim() >= 2):
+            codes = codes.movedim(-1, 1)
+        return codes
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        return self.project_out(self.get_codes_from_indices(indices))
 
     @torch.no_grad()
-    def _update_codebook(self, rows: Tensor, indices: Tensor, sync: bool) -> Tensor:
-        """EMA step (or cluster-size tracking for a learnable codebook), then dead-code revival.
-        rows (M, C, d), indices (M, C). Returns this process's counts (C, K)."""
-        num_codes = self.codebook_size
-        offsets = torch.arange(self.num_codebooks, device=indices.device) * num_codes
-        flat_indices = (indices + offsets).reshape(-1)  # one ema_stats call for all codebooks
-        counts, sums = ops.ema_stats(
-            rows.reshape(-1, self.codebook_dim), flat_indices, self.num_codebooks * num_codes, self.backend)
-        counts = counts.view(self.num_codebooks, num_codes)
-        sums = sums.view(self.num_codebooks, num_codes, self.codebook_dim)
-        global_counts, global_sums = all_reduce_stats(counts, sums) if sync else (counts, sums)
-        if self.ema_update:
-            if self.num_codebooks == 1:
-                ema_update(self.embed, self.cluster_size, self.embed_avg, global_counts[0], global_sums[0],
-                           self.decay, self.eps)
+    def update_indices(self, x: Tensor, indices: Tensor, mask: Tensor | None = None) -> None:
+        """vqp's update_indices: the codebook step (EMA statistics, EMA update, dead codes) from x
+        and given indices (−1 counts as code 0, as in vqp), without a search."""
+        check_float_tensor("x", x)
+        mask = self._sequence_mask(x, mask, None)
+        sequence = self.layout.to_sequence(x, self.dim)
+        rows = split_heads(self.project_in(sequence), self.heads, self.separate_codebook_per_head)
+        if self.use_cosine_sim:
+            rows = F.normalize(rows, dim=-1, eps=1e-6)
+        per_row = indices.reshape(sequence.shape[0], sequence.shape[1], self.heads)
+        row_indices = split_heads(per_row, self.heads, self.separate_codebook_per_head).squeeze(-1)
+        row_indices = row_indices.masked_fill(row_indices == -1, 0).long()
+        row_mask = None if mask is None else self._row_mask(mask)
+        self._codebook.update_codebook_(_select(rows.to(torch.float32), row_mask, self.codebook_dim),
+                                        _select(row_indices, row_mask, None), ema_update=self._codebook.ema_update)
+
+    update_ema_indices = update_indices
+
+    @torch.no_grad()
+    def expire_codes_(self, x: Tensor) -> None:
+        """vqp's expire_codes_: replace dead codes by rows of x, given in the codebook's input space
+        (B, N, heads·codebook_dim), l2-normalised for cosine similarity before the head split."""
+        if self.use_cosine_sim:
+            x = F.normalize(x, dim=-1, eps=1e-6)
+        rows = split_heads(x.reshape(x.shape[0], -1, x.shape[-1]), self.heads, self.separate_codebook_per_head)
+        self._codebook.expire_codes_(rows.to(torch.float32))
+
+    def update_in_place_optimizer(self) -> None:
+        """vqp's in-place codebook optimizer is not implemented (the constructor refuses it)."""
+
+    def forward(self, x: Tensor, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
+                freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
+                ema_update_weight=None, accum_ema_update=False, ema_update=None, *, return_stats=False):
+        reject_unsupported_forward(type(self).__name__, indices=indices, topk=topk,
+                                   codebook_transform_fn=codebook_transform_fn)
+        check_float_tensor("x", x)
+        if x.device != self._codebook.embed.device:
+            raise ValueError(f"x must be on the codebook's device {self._codebook.embed.device}, got {x.device}")
+        frozen = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
+        mask = self._sequence_mask(x, mask, lens)
+        sequence = self.layout.to_sequence(x, self.dim)  # (B, N, dim)
+        projected = self.project_in(sequence)
+        rows = split_heads(projected, self.heads, self.separate_codebook_per_head)
+        if self.use_cosine_sim:
+            rows = F.normalize(rows, dim=-1, eps=1e-6)
+        row_mask = None if mask is None else self._row_mask(mask)
+        with _no_autocast(x.device.type):
+            quantized, codes, row_indices, commit_loss, counts = self._quantize_rows(
+                rows, row_mask, sequence, frozen, x.requires_grad, ema_update, ema_update_weight,
+                accum_ema_update, return_stats)
+        batch = sequence.shape[0]
+        indices = merge_heads(row_indices, batch, self.heads, self.separate_codebook_per_head)
+        indices = indices.squeeze(-1) if self.heads == 1 else indices
+        loss, breakdown = self._loss(commit_loss, indices)
+        quantized = merge_heads(quantized, batch, self.heads, self.separate_codebook_per_head).flatten(-2)
+        quantized = self.project_out(quantized)
+        if mask is not None:
+            fill = torch.zeros_like(sequence) if self.return_zeros_for_masked_padding else sequence
+            quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
+            indices = torch.where(mask.view(*mask.shape, *([1] * (indices.dim() - 2))), indices, -1)
+        quantized = self.layout.from_sequence(quantized, tuple(x.shape))
+        indices = indices.reshape(*self.layout.indices_shape(tuple(x.shape)), *indices.shape[2:])
+        result = (quantized, indices, loss)
+        if return_loss_breakdown:
+            result = (*result, breakdown)
+        if return_stats:
+            stats = codebook_stats(counts)
+            result = (*result, stats._replace(counts=counts.squeeze(0)) if self.num_codebooks == 1 else stats)
+        return result
+
+    # ---- the step --------------------------------------------------------------------------
+    def _sequence_mask(self, x: Tensor, mask, lens) -> Tensor | None:
+        """The (B, N) bool mask from ``mask`` or ``lens``, checked; None when neither is given."""
+        if mask is None and lens is None:
+            return None
+        if mask is not None and lens is not None:
+            raise ValueError("pass mask or lens, not both")
+        if x.dim() == 2 or self.layout.fmap_ndim is not None or x.dim() != 3:
+            raise ValueError(f"mask and lens need x of shape (B, N, dim) (or (B, dim, N) with channel_last=False), "
+                             f"got {short_repr(x)}")
+        if self.has_projections or (self.heads > 1 and not self.separate_codebook_per_head):
+            raise ValueError("mask and lens with projections (codebook_dim · heads != dim) or shared-codebook heads "
+                             "are not supported: vector-quantize-pytorch 1.32 fails on them too (its masked "
+                             "commitment loss compares the codes with the unprojected input)")
+        length = x.shape[1] if self.channel_last else x.shape[2]
+        if lens is not None:
+            if not isinstance(lens, Tensor) or lens.dim() != 1 or lens.shape[0] != x.shape[0]:
+                raise ValueError(f"lens must be a tensor of shape ({x.shape[0]},), got {short_repr(lens)}")
+            return torch.arange(length, device=lens.device) < lens[:, None]
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (x.shape[0], length):
+            raise ValueError(f"mask must be a bool tensor of shape ({x.shape[0]}, {length}), got {short_repr(mask)}")
+        return mask
+
+    def _row_mask(self, mask: Tensor) -> Tensor:
+        """(B, N) -> (C, M), in split_heads' row order."""
+        if self.separate_codebook_per_head:
+            return mask.reshape(1, -1).expand(self.num_codebooks, -1)
+        batch, length = mask.shape
+        return mask[:, None, :].expand(batch, self.heads, length).reshape(1, -1)
+
+    def _quantize_rows(self, rows, row_mask, sequence, frozen, input_requires_grad, ema_update, ema_update_weight,
+                       accum_ema_update, want_counts):
+        """rows (C, M, d) -> quantized (C, M, d), codes used, indices (C, M), the weighted commitment
+        loss (or None), per-code counts (C, K) or None."""
+        codebook_state = self._codebook
+        num_codebooks, _, dim = rows.shape
+        if codebook_state._kmeans_pending:  # on the first forward, in any mode, as in vqp
+            codebook_state.init_embed_(_select(rows.detach().to(torch.float32), row_mask, dim))
+        update = self.training and not frozen
+        ema_now = codebook_state.ema_update if ema_update is None else bool(ema_update)
+        learns = self.learnable_codebook and not frozen
+        live = codebook_state.embed if codebook_state.learnable_codebook else codebook_state.embed.detach()
+        codebook = live
+        if update and (ema_now or codebook_state.has_dead_code_replacement):
+            # The update rewrites embed in place after the search, and the backward needs the rows
+            # the search used. ops.snapshot is a copy torch.compile must save, never recompute.
+            codebook = codebook.clone() if codebook_state.learnable_codebook else ops.snapshot(codebook)
+        route = self.training and input_requires_grad and self.route_gradients_to_input
+        weight = self.commitment_weight if self.training and self.has_commitment_loss and row_mask is None else 0.0
+        quantized, indices, losses = [], [], []
+        for c in range(num_codebooks):
+            if self.training:
+                q, i, loss = ops.quantize(rows[c], codebook[c], weight, weight if learns else 0.0, self.backend,
+                                          self.rotation_trick and route)
+                losses.append(loss)
             else:
-                for c in range(self.num_codebooks):
-                    ema_update(self.embed[c], self.cluster_size[c], self.embed_avg[c], global_counts[c],
-                               global_sums[c], self.decay, self.eps)
-            if self.use_cosine_sim:
-                self.embed.copy_(F.normalize(self.embed, dim=-1))
-            if self.threshold_ema_dead_code > 0:
-                revive_dead_codes_(self.embed, self.cluster_size, self.embed_avg, rows,
-                                   self.threshold_ema_dead_code, sync)
-        else:  # learnable codebook with dead-code revival: track usage only; revival runs before the next search
-            self.cluster_size.lerp_(global_counts.view(self.cluster_size.shape), 1.0 - self.decay)
-        return counts
+                i, _ = ops.nearest_code(rows[c].detach(), codebook[c].detach(), self.backend)
+            # Without the straight-through path vqp returns the gathered codes (live for a learnable codebook).
+            quantized.append(q if route else live[c][i].to(rows.dtype))
+            indices.append(i)
+        quantized, indices = torch.stack(quantized), torch.stack(indices)
+        commit = None
+        if self.training and self.has_commitment_loss:
+            if row_mask is None:
+                commit = torch.stack(losses).mean()
+                if learns:  # the op's two terms each have vqp's value; keep both gradients, halve the value
+                    commit = commit - 0.5 * commit.detach()
+            else:
+                codes = codebook[0][indices[0]] if learns else codebook[0][indices[0]].detach()
+                sequence_rows = sequence.reshape(-1, sequence.shape[-1])
+                keep = row_mask[0]
+                commit = self.commitment_weight * F.mse_loss(codes[keep], sequence_rows[keep].to(codes.dtype))
+        counts = None
+        if update and (ema_now or codebook_state.has_dead_code_replacement):
+            counts = codebook_state.update_codebook_(
+                _select(rows.detach().to(torch.float32), row_mask, dim), _select(indices, row_mask, None),
+                ema_update=ema_now, ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update)
+        elif want_counts:
+            counts = torch.stack([code_counts(i, self.codebook_size) for i in _select(indices, row_mask, None)])
+        return quantized, codebook, indices, commit, counts
 
-    def _counts(self, indices: Tensor) -> Tensor:
-        if self.num_codebooks == 1:
-            return code_counts(indices, self.codebook_size).unsqueeze(0)
-        return torch.stack([code_counts(indices[:, c], self.codebook_size) for c in range(self.num_codebooks)])
+    def _loss(self, commit: Tensor | None, indices: Tensor) -> tuple[Tensor, LossBreakdown]:
+        zero = self.zero
+        if not self.training:
+            return zero, LossBreakdown(zero, zero, zero, zero)
+        loss, commitment, orthogonal = zero, zero, zero
+        if commit is not None:
+            loss = loss + commit
+            commitment = commit / self.commitment_weight
+        if self.has_codebook_orthogonal_loss:
+            codebook = self._codebook.embed
+            if self.orthogonal_reg_active_codes_only:
+                codebook = codebook[:, torch.unique(indices)]
+            num_codes = codebook.shape[-2]
+            if self.orthogonal_reg_max_codes is not None and num_codes > self.orthogonal_reg_max_codes:
+                codebook = codebook[:, torch.randperm(num_codes, device=codebook.device)[:self.orthogonal_reg_max_codes]]
+            orthogonal = _orthogonal_loss(codebook)
+            loss = loss + orthogonal * self.orthogonal_reg_weight
+        if not loss.requires_grad and not torch.compiler.is_compiling():
+            # No term needs a gradient (x without one, a buffer codebook): keep the value, and let backward()
+            # accept it as vqp's does. Dynamo cannot return a requires_grad_() tensor, so compiled it stays as is.
+            loss = loss.detach().requires_grad_()
+        return loss, LossBreakdown(commitment, zero, orthogonal, zero)
 
-    def _run_kmeans_init(self, rows: Tensor, sync: bool) -> None:
-        sync_init = sync and self.sync_kmeans
-        if rows.shape[0] == 0 and not sync_init:
-            return  # wait for a non-empty batch
-        ops.kmeans_init_(
-            self.embed if self.ema_update else self.embed.detach(),
-            getattr(self, "cluster_size", None),
-            self.embed_avg if self.ema_update else None,
-            self.initted, rows, self.kmeans_iters, self.use_cosine_sim, sync_init, self.backend)
-        self._kmeans_pending = False
 
-    # ---- layout ----------------------------------------------------------------------------
-    def _search_codebook(self) -> Tensor:
-        """The codebook searched: embed, l2-normalised for a learnable cosine-similarity codebook."""
-        if self.use_cosine_sim and self.learnable_codebook:
-            return F.normalize(self.embed, dim=-1)
-        return self.embed
+def _projections(dim: int, codebook_input_dim: int, layernorm: bool) -> tuple[nn.Module, nn.Module]:
+    """vqp's project_in (a Linear, then a LayerNorm when asked) and project_out; identities when the
+    codebook input width equals dim."""
+    if codebook_input_dim == dim:
+        return nn.Identity(), nn.Identity()
+    project_in = nn.Linear(dim, codebook_input_dim)
+    if layernorm:
+        project_in = nn.Sequential(project_in, nn.LayerNorm(codebook_input_dim))
+    return project_in, nn.Linear(codebook_input_dim, dim)
 
 
+def _select(tensor: Tensor, row_mask: Tensor | None, dim: int | None) -> Tensor:
+    """The rows (C, M[, d]) where row_mask (C, M) is True, as (C, M', [d]) (same M' per codebook)."""
+    if row_mask is None:
+        return tensor
+    picked = tensor[row_mask]
+    return picked.view(tensor.shape[0], -1, dim) if dim is not None else picked.view(tensor.shape[0], -1)
 
-def _check_arguments(owner: str, unsupported: dict, *, dim, codebook_size, heads, decay, eps, commitment_weight,
-                     threshold_ema_dead_code, kmeans_iters, backend, codebook_dim, learnable_codebook, ema_update,
-                     rotation_trick) -> None:
-    """FastVectorQuantizer's constructor arguments, each checked with a message naming it."""
-    reject_unsupported(owner, unsupported, VECTOR_QUANTIZE_UNSUPPORTED)
-    if rotation_trick not in STRAIGHT_THROUGH_ROTATION_TRICK:
-        raise ValueError(f"{owner} does not implement rotation_trick={rotation_trick!r}; "
-                         "it uses the straight-through estimator (rotation_trick None or False)")
-    check_positive_int("dim", dim)
-    check_positive_int("codebook_size", codebook_size)
-    check_positive_int("heads", heads)
-    check_fraction("decay", decay)
-    check_non_negative("eps", eps)
-    check_non_negative("commitment_weight", commitment_weight)
-    check_non_negative("threshold_ema_dead_code", threshold_ema_dead_code)
-    if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 0:
-        raise ValueError(f"kmeans_iters must be an int >= 0, got {kmeans_iters!r}")
-    check_backend_argument(backend)
-    if dim % heads:
-        raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
-    if codebook_dim is not None and codebook_dim != dim // heads:
-        raise ValueError(f"codebook_dim must be None or dim // heads == {dim // heads} (fastvq splits x into "
-                         f"heads without projections), got codebook_dim={codebook_dim!r}")
-    if learnable_codebook is not None and bool(learnable_codebook) == bool(ema_update):
-        raise ValueError(
-            f"learnable_codebook={learnable_codebook} conflicts with ema_update={ema_update}: the codebook is "
-            "learned either by EMA (ema_update=True) or by gradient (ema_update=False, learnable_codebook=True)"
-        )
+
+def _orthogonal_loss(codebook: Tensor) -> Tensor:
+    """Eq. (2) of Shin et al. 2021 as vqp computes it: mean squared cosine similarity − 1/K.
+    Builds the K×K similarity of the codebook (not of the data); bound it with orthogonal_reg_max_codes."""
+    heads, num_codes = codebook.shape[:2]
+    normed = F.normalize(codebook, dim=-1, eps=1e-6)
+    cosine = normed @ normed.transpose(-1, -2)
+    return (cosine**2).sum() / (heads * num_codes**2) - 1 / num_codes
 
 
 def _no_autocast(device_type: str):
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
-
-
-def _after_load_state_dict(module: FastVectorQuantizer, incompatible_keys) -> None:
-    # A loaded `initted` may be True or False: let the init op look at it again.
-    module._kmeans_pending = module.kmeans_init
