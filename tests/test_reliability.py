@@ -309,6 +309,11 @@ BAD_INPUTS = [
      r"x must have shape \(B, N, dim\), \(B, \.\.\., dim\) or \(B, dim\) with dim == 4, got \(2, 5\)"),
     ("module: input on another device than the codebook", lambda: _vq()(_x(2, 4, device="meta")), ValueError,
      r"x must be on the codebook's device cpu, got meta"),
+    ("module: mask of the wrong shape and dtype", lambda: _vq()(_x(2, 5, 4), mask=torch.ones(2, 5, 4)), ValueError,
+     r"mask must be a bool tensor of shape \(2, 5\), got a tensor of shape \(2, 5, 4\), dtype torch\.float32, on cpu"),
+    ("module: a vqp feature fastvq does not implement", lambda: _vq(stochastic_sample_codes=True), ValueError,
+     r"FastVectorQuantizer does not implement vector-quantize-pytorch's stochastic_sample_codes=True; only the "
+     r"default stochastic_sample_codes=False is accepted"),
     ("ema_stats: index >= num_codes", lambda: fastvq.ema_stats(_x(5, 4), torch.tensor([0, 1, 2, 3, 0]), 3),
      ValueError, r"indices must lie in \[0, num_codes\) = \[0, 3\), got values in \[0, 3\]"),
     ("ema_stats: negative index", lambda: fastvq.ema_stats(_x(5, 4), torch.tensor([0, -1, 2, 1, 0]), 3),
