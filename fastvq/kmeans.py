@@ -52,6 +52,10 @@ def kmeans(
     index), consistent with the returned centroids. ``init`` is "kmeans++"
     (D² sampling) or "random" (k distinct rows). With fewer rows than clusters
     (N < k) some centroids are duplicate rows. Deterministic for a given seed.
+
+    Rows with a NaN or Inf are left out of the clustering (never a seed, never in a mean), so
+    the finite rows get exactly the result they get without them; those rows are assigned
+    index 0, the rule of ``nearest_code`` for a non-finite row.
     """
     check_float_tensor("x", x)
     if x.dim() != 2 or x.shape[0] == 0:
@@ -63,9 +67,17 @@ def kmeans(
         raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    finite = torch.isfinite(x).all(dim=1)
+    all_finite = bool(finite.all())
+    if not all_finite and not bool(finite.any()):
+        raise ValueError(f"x must have at least one finite row, got {shape_str(x.shape)} with a NaN or Inf in every row")
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    result = fit(x, k, iters=iters, generator=generator, init=init, backend=backend)
-    return result.centroids.to(x.dtype), result.assignments
+    result = fit(x if all_finite else x[finite], k, iters=iters, generator=generator, init=init, backend=backend)
+    if all_finite:
+        return result.centroids.to(x.dtype), result.assignments
+    assignments = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    assignments[finite] = result.assignments
+    return result.centroids.to(x.dtype), assignments
 
 
 def fit(

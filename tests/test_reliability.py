@@ -363,3 +363,44 @@ def test_forced_cpu_backend_that_cannot_run_says_why():
         pytest.skip(f"backend 'cpu' unavailable: {fastvq.unavailable_reasons().get('cpu')}")
     with pytest.raises(BackendNotSupportedError, match=r"backend 'cpu' cannot run on these inputs: .*float64"):
         fastvq.nearest_code(_x(5, 4, dtype=torch.float64), _x(3, 4, dtype=torch.float64), backend="cpu")
+
+
+# ---- k-means with non-finite rows (issue 12, finding 2) ---------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_kmeans_leaves_non_finite_rows_out_and_the_finite_rows_get_their_clean_result(bad):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 8, generator=generator)
+    dirty = x.clone()
+    bad_rows = torch.tensor([0, 5, 100, 599])
+    dirty[bad_rows, 3] = bad
+    finite = torch.ones(600, dtype=torch.bool)
+    finite[bad_rows] = False
+    clean_centroids, clean_assignments = fastvq.kmeans(x[finite], 32, seed=0)
+    centroids, assignments = fastvq.kmeans(dirty, 32, seed=0)
+    assert bool(torch.isfinite(centroids).all())
+    assert torch.equal(centroids, clean_centroids)
+    assert torch.equal(assignments[finite], clean_assignments)
+    assert assignments[bad_rows].tolist() == [0, 0, 0, 0]  # nearest_code's rule for a non-finite row
+
+
+def test_kmeans_with_no_finite_row_says_so():
+    with pytest.raises(ValueError, match="at least one finite row"):
+        fastvq.kmeans(torch.full((4, 3), float("nan")), 2)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_kmeans_init_leaves_non_finite_rows_out(heads):
+    kwargs = dict(kmeans_init=True, heads=heads, codebook_dim=4, separate_codebook_per_head=heads > 1)
+    x = torch.randn(3, 40, 4, generator=torch.Generator().manual_seed(4))
+    dirty = torch.cat([x[:, :10], torch.full((3, 2, 4), float("nan")), x[:, 10:]], dim=1)
+    dirty[1, 11, 0] = float("inf")
+    results = []
+    for batch in (x, dirty):
+        torch.manual_seed(0)
+        module = FastVectorQuantizer(4, 16, **kwargs).eval()  # eval: k-means init runs, the EMA does not
+        torch.manual_seed(1)
+        module(batch)
+        results.append(module._codebook.state_dict())
+    for name, value in results[0].items():
+        assert torch.equal(results[1][name], value), name
+    assert bool(torch.isfinite(results[1]["embed"]).all())

@@ -15,7 +15,6 @@ and means are summed over ranks, as vqp does.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,14 +41,19 @@ def kmeans_init_codebook_(
     unless ``initted`` is already True; then set ``initted``."""
     if bool(initted):
         return
-    num_codebooks, num_rows, _ = rows.shape
     num_codes = embed.shape[-2]
     distributed = sync and is_distributed()
+    # A row with a NaN or Inf is never a seed and never enters a mean (vqp would draw it as one).
+    per_codebook = [codebook_rows[torch.isfinite(codebook_rows).all(dim=1)]
+                    for codebook_rows in rows.to(torch.float32).unbind(0)]
+    num_rows = min(codebook_rows.shape[0] for codebook_rows in per_codebook)
+    if num_rows == 0 and not distributed:
+        raise ValueError(f"k-means init needs at least one finite row per codebook in the first batch, got "
+                         f"{[codebook_rows.shape[0] for codebook_rows in per_codebook]} finite rows of {rows.shape[1]}")
     if num_rows < num_codes:
         warnings.warn(f"k-means init received {num_rows} vectors for a codebook of {num_codes} - "
                       "duplicates will be sampled", stacklevel=2)
-    rows = rows.to(torch.float32)
-    means, counts = _kmeans(rows, num_codes, iters, spherical, distributed, backend)
+    means, counts = _kmeans(per_codebook, num_codes, iters, spherical, distributed, backend)
     embed_avg.copy_(means * counts.unsqueeze(-1))
     cluster_size.copy_(counts)
     smoothed = laplace_smoothed_counts(cluster_size, eps).unsqueeze(-1)
@@ -60,15 +64,15 @@ def kmeans_init_codebook_(
     initted.fill_(True)
 
 
-def _kmeans(rows: Tensor, num_codes: int, iters: int, spherical: bool, distributed: bool,
-            backend: str) -> tuple[Tensor, Optional[Tensor]]:
-    """vqp's kmeans on rows (C, M, d): (means (C, K, d), counts (C, K) of the last assignment)."""
+def _kmeans(rows: list[Tensor], num_codes: int, iters: int, spherical: bool, distributed: bool,
+            backend: str) -> tuple[Tensor, Tensor]:
+    """vqp's kmeans on each codebook's rows (M_c, d): (means (C, K, d), counts (C, K) of the last assignment)."""
     sample = sample_vectors_distributed if distributed else sample_vectors
-    means = torch.stack([sample(codebook_rows, num_codes) for codebook_rows in rows.unbind(0)])
-    counts = torch.zeros(means.shape[:2], dtype=torch.float32, device=rows.device)
+    means = torch.stack([sample(codebook_rows, num_codes) for codebook_rows in rows])
+    counts = torch.zeros(means.shape[:2], dtype=torch.float32, device=means.device)
     for _ in range(iters):
         sums = torch.zeros_like(means)
-        for c in range(rows.shape[0]):
+        for c in range(len(rows)):
             assignments, _ = ops.nearest_code(rows[c], means[c], backend)
             counts[c], sums[c] = ops.ema_stats(rows[c], assignments, num_codes, backend)
         if distributed:
