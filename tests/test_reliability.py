@@ -404,3 +404,37 @@ def test_kmeans_init_leaves_non_finite_rows_out(heads):
     for name, value in results[0].items():
         assert torch.equal(results[1][name], value), name
     assert bool(torch.isfinite(results[1]["embed"]).all())
+
+
+# ---- EMA state across thread counts at large K (issue 12, finding 3) -----------------------------
+_EMA_STATE_DIGEST = """
+import hashlib, sys, torch
+from fastvq import FastVectorQuantizer
+torch.set_num_threads(int(sys.argv[1]))
+torch.manual_seed(0)
+module = FastVectorQuantizer(8, int(sys.argv[2]), eps=1.0, rotation_trick=False, backend="cpu").train()
+# Counts that are not round numbers, as after long training, whose total's rounding depends on the
+# summation order; with eps = 1 that rounding reaches the smoothed counts instead of cancelling.
+module._codebook.cluster_size.copy_(torch.rand(module._codebook.cluster_size.shape))
+for step in range(3):
+    module(torch.randn(4, 512, 8, generator=torch.Generator().manual_seed(step)))
+digest = hashlib.sha256()
+for value in module.state_dict().values():
+    digest.update(value.contiguous().numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+@pytest.mark.parametrize("num_codes", [40000, 65536])
+def test_ema_state_is_bitwise_identical_for_1_2_and_3_threads_at_large_k(num_codes):
+    """Every reduction on the EMA path is order-fixed: torch's sum splits more than 32768 elements
+    across threads, so the Laplace smoothing's total is a cumulative sum. Separate processes, as
+    thread pools keep their size for the life of a process."""
+    import subprocess
+    import sys
+
+    backend_or_skip("cpu", torch.empty(1, 1))
+    digests = {threads: subprocess.run([sys.executable, "-c", _EMA_STATE_DIGEST, str(threads), str(num_codes)],
+                                       capture_output=True, text=True, check=True).stdout.strip()
+               for threads in (1, 2, 3)}
+    assert len(set(digests.values())) == 1, digests
