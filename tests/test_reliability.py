@@ -438,3 +438,19 @@ def test_ema_state_is_bitwise_identical_for_1_2_and_3_threads_at_large_k(num_cod
                                        capture_output=True, text=True, check=True).stdout.strip()
                for threads in (1, 2, 3)}
     assert len(set(digests.values())) == 1, digests
+
+
+# ---- the codebook state's dtype (issue 12, finding 4) ----------------------------------------------
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
+def test_module_casts_leave_the_codebook_state_float32_and_training_finite(cast):
+    """fp16 counts and sums overflow (65504) and bf16 ones drift, so the state stays float32 whatever
+    the module is cast to; inputs of the cast dtype still train."""
+    module = getattr(FastVectorQuantizer(8, 16, decay=0.5, rotation_trick=False, backend="torch"), cast)().train()
+    state = module._codebook
+    assert [state.embed.dtype, state.embed_avg.dtype, state.cluster_size.dtype] == [torch.float32] * 3
+    dtype = {"half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}[cast]
+    x = torch.randn(1, 131072, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    quantized, _, loss = module(x)
+    assert quantized.dtype == dtype and bool(torch.isfinite(loss))
+    assert float(state.cluster_size.sum()) == pytest.approx(0.5 * 16 + 0.5 * 131072, rel=1e-6)
+    assert bool(torch.isfinite(state.embed).all() and torch.isfinite(state.embed_avg).all())
