@@ -24,6 +24,8 @@ def short_repr(value, limit: int = 80) -> str:
 def check_float_tensor(name: str, value) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), "
@@ -37,6 +39,8 @@ def check_codebook(codebook) -> None:
         raise ValueError(f"codebook must have shape (K, d), got {shape_str(codebook.shape)}")
     if codebook.shape[0] == 0:
         raise ValueError(f"codebook must have at least one row (K >= 1), got shape {shape_str(codebook.shape)}")
+    if codebook.shape[1] == 0:
+        raise ValueError(f"codebook must have at least one column (d >= 1), got shape {shape_str(codebook.shape)}")
 
 
 def check_same_device(x: Tensor, codebook: Tensor) -> None:
@@ -75,8 +79,7 @@ def check_indices(indices, num_rows: int, num_codes: int) -> None:
         raise TypeError(f"indices must have dtype torch.int64, got {indices.dtype}")
     if indices.shape != (num_rows,):
         raise ValueError(f"indices must have shape ({num_rows},) to match x, got {shape_str(indices.shape)}")
-    if num_codes <= 0:
-        raise ValueError(f"num_codes must be a positive int, got {num_codes}")
+    check_positive_int("num_codes", num_codes)
 
 
 def check_positive_int(name: str, value) -> None:

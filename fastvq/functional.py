@@ -42,7 +42,9 @@ def ema_stats(x: Tensor, indices: Tensor, num_codes: int, *, backend: str = "aut
     if indices.device != x.device:
         raise ValueError(f"x and indices must be on the same device, got x on {x.device} and indices on {indices.device}")
     check_backend_name(backend)
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_codes):
+    # Values can be read except on the meta device (shape-only tracing), where there are none.
+    if indices.numel() and indices.device.type != "meta" and (int(indices.min()) < 0
+                                                              or int(indices.max()) >= num_codes):
         raise ValueError(
             f"indices must lie in [0, num_codes) = [0, {num_codes}), "
             f"got values in [{int(indices.min())}, {int(indices.max())}]"

@@ -94,7 +94,8 @@ def _check_real(name: str, value, low: float, high: float = math.inf) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {short_repr(value)}")
     if not (low <= value <= high and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value}")
+        expected = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be a finite number {expected}, got {value}")
 
 
 def check_vector_quantize_arguments(owner: str, arguments: dict) -> None:
