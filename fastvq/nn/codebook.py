@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .distributed import all_reduce_stats
-from .ema import laplace_smoothed_counts
+from .ema import embed_from_statistics
 
 
 class Codebook(nn.Module):
@@ -109,11 +109,8 @@ class Codebook(nn.Module):
 
         A code whose smoothed count is 0 (possible only when every count is 0) keeps its value
         instead of vqp's 0/0."""
-        smoothed = laplace_smoothed_counts(self.cluster_size, self.eps).unsqueeze(-1)
-        embed = torch.where(smoothed > 0, self.embed_avg / smoothed, self.embed.data)
-        if self.use_cosine_sim:
-            embed = F.normalize(embed, dim=-1, eps=1e-6)
-        self.embed.data.copy_(embed)
+        self.embed.data.copy_(embed_from_statistics(self.embed_avg, self.cluster_size, self.eps, self.use_cosine_sim,
+                                                    fallback=self.embed.data))
 
     @torch.no_grad()
     def update_codebook_(self, rows: Tensor, indices: Tensor, *, ema_update: bool,

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import ops
 from .distributed import all_reduce_, is_distributed, sample_vectors, sample_vectors_distributed
-from .ema import laplace_smoothed_counts
+from .ema import embed_from_statistics
 
 
 def kmeans_init_codebook_(
@@ -56,11 +56,7 @@ def kmeans_init_codebook_(
     means, counts = _kmeans(per_codebook, num_codes, iters, spherical, distributed, backend)
     embed_avg.copy_(means * counts.unsqueeze(-1))
     cluster_size.copy_(counts)
-    smoothed = laplace_smoothed_counts(cluster_size, eps).unsqueeze(-1)
-    new_embed = embed_avg / smoothed
-    if spherical:
-        new_embed = F.normalize(new_embed, dim=-1, eps=1e-6)
-    embed.copy_(new_embed)
+    embed.copy_(embed_from_statistics(embed_avg, cluster_size, eps, spherical, fallback=means))
     initted.fill_(True)
 
 

@@ -1,4 +1,5 @@
-"""The EMA codebook update of FastVectorQuantizer (k-means in an exponential moving average).
+"""The EMA codebook's closing step, shared by the EMA update and k-means init: the codebook from its
+running statistics, embed = embed_avg / ñ with Laplace-smoothed counts ñ (vqp's ``update_ema``).
 
 Production code of the module layer; fastvq.reference keeps its own plain formula as the oracle
 the tests compare against.
@@ -6,6 +7,7 @@ the tests compare against.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -19,14 +21,10 @@ def laplace_smoothed_counts(cluster_size: Tensor, eps: float) -> Tensor:
     return (cluster_size + eps) / (total + cluster_size.shape[-1] * eps) * total
 
 
-def ema_update(embed: Tensor, cluster_size: Tensor, embed_avg: Tensor, counts: Tensor, sums: Tensor,
-               decay: float, eps: float) -> None:
-    """One EMA codebook step, in place: lerp the statistics, then embed = embed_avg / ñ.
-
-    A code whose smoothed count is 0 has no statistics left (only possible with decay = 0
-    and eps = 0, or an empty batch with decay = 0) and keeps its value instead of 0/0.
-    """
-    cluster_size.lerp_(counts.to(cluster_size.dtype), 1.0 - decay)
-    embed_avg.lerp_(sums.to(embed_avg.dtype), 1.0 - decay)
-    smoothed = laplace_smoothed_counts(cluster_size, eps).unsqueeze(1)
-    embed.copy_(torch.where(smoothed > 0, embed_avg / smoothed, embed))
+def embed_from_statistics(embed_avg: Tensor, cluster_size: Tensor, eps: float, spherical: bool,
+                          fallback: Tensor) -> Tensor:
+    """embed_avg / ñ (C, K, d), l2-normalised for cosine similarity. A code whose smoothed count is
+    0 (only when all of its codebook's counts are 0) takes ``fallback`` instead of vqp's 0/0."""
+    smoothed = laplace_smoothed_counts(cluster_size, eps).unsqueeze(-1)
+    embed = torch.where(smoothed > 0, embed_avg / smoothed, fallback)
+    return F.normalize(embed, dim=-1, eps=1e-6) if spherical else embed
