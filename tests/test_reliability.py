@@ -465,3 +465,41 @@ def test_module_casts_leave_the_codebook_state_float32_and_training_finite(cast)
     assert quantized.dtype == dtype and bool(torch.isfinite(loss))
     assert float(state.cluster_size.sum()) == pytest.approx(0.5 * 16 + 0.5 * 131072, rel=1e-6)
     assert bool(torch.isfinite(state.embed).all() and torch.isfinite(state.embed_avg).all())
+
+
+# ---- fork: DataLoader workers (issue 12, finding 10) ---------------------------------------------
+_DATALOADER_WORKERS = """
+import torch
+from torch.utils.data import DataLoader, Dataset
+import fastvq
+
+codebook = torch.randn(257, 16, generator=torch.Generator().manual_seed(0))
+rows = torch.randn(64, 33, 16, generator=torch.Generator().manual_seed(1))
+torch.set_num_threads(2)
+expected = [fastvq.nearest_code(batch, codebook, backend="cpu")[0] for batch in rows]  # OpenMP up before fork
+
+
+class Rows(Dataset):
+    def __len__(self):
+        return len(rows)
+
+    def __getitem__(self, i):  # runs in a forked worker, where torch sets one thread
+        return fastvq.nearest_code(rows[i], codebook, backend="cpu")[0]
+
+
+got = list(DataLoader(Rows(), batch_size=None, num_workers=2, multiprocessing_context="fork"))
+assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == len(expected)
+print("ok")
+"""
+
+
+def test_forked_dataloader_workers_search_after_the_parent_started_openmp():
+    """GNU OpenMP hangs a multi-threaded call in a forked child; DataLoader workers run with one torch
+    thread, which fastvq's kernels follow, so they are safe. A subprocess with a time limit turns a
+    hang into a failure."""
+    import subprocess
+    import sys
+
+    backend_or_skip("cpu", torch.empty(1, 1))
+    result = subprocess.run([sys.executable, "-c", _DATALOADER_WORKERS], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
