@@ -163,7 +163,7 @@ class FastVectorQuantizer(nn.Module):
                                  f"got {short_repr(indices)}")
             heads = torch.arange(self.heads, device=indices.device)
             codes = codebook[heads, indices].flatten(-2)
-        if self.layout.channel_first(codes.dim()) or (not self.channel_last and codes.dim() >= 2):
+        if (self.layout.fmap_ndim is not None or not self.channel_last) and codes.dim() >= 2:  # vqp's rule
             codes = codes.movedim(-1, 1)
         return codes
 
@@ -218,7 +218,7 @@ class FastVectorQuantizer(nn.Module):
             rows = F.normalize(rows, dim=-1, eps=1e-6)
         row_mask = None if mask is None else self._row_mask(mask)
         with _no_autocast(x.device.type):
-            quantized, codes, row_indices, commit_loss, counts = self._quantize_rows(
+            quantized, row_indices, commit_loss, counts = self._quantize_rows(
                 rows, row_mask, sequence, frozen, x.requires_grad, ema_update, ema_update_weight,
                 accum_ema_update, return_stats)
         batch = sequence.shape[0]
@@ -248,7 +248,7 @@ class FastVectorQuantizer(nn.Module):
             return None
         if mask is not None and lens is not None:
             raise ValueError("pass mask or lens, not both")
-        if x.dim() == 2 or self.layout.fmap_ndim is not None or x.dim() != 3:
+        if self.layout.fmap_ndim is not None or x.dim() != 3:
             raise ValueError(f"mask and lens need x of shape (B, N, dim) (or (B, dim, N) with channel_last=False), "
                              f"got {short_repr(x)}")
         if self.has_projections or (self.heads > 1 and not self.separate_codebook_per_head):
@@ -273,8 +273,8 @@ class FastVectorQuantizer(nn.Module):
 
     def _quantize_rows(self, rows, row_mask, sequence, frozen, input_requires_grad, ema_update, ema_update_weight,
                        accum_ema_update, want_counts):
-        """rows (C, M, d) -> quantized (C, M, d), codes used, indices (C, M), the weighted commitment
-        loss (or None), per-code counts (C, K) or None."""
+        """rows (C, M, d) -> quantized (C, M, d), indices (C, M), the weighted commitment loss (or
+        None), per-code counts (C, K) or None."""
         codebook_state = self._codebook
         num_codebooks, _, dim = rows.shape
         if codebook_state._kmeans_pending:  # on the first forward, in any mode, as in vqp
@@ -320,7 +320,7 @@ class FastVectorQuantizer(nn.Module):
                 ema_update=ema_now, ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update)
         elif want_counts:
             counts = torch.stack([code_counts(i, self.codebook_size) for i in _select(indices, row_mask, None)])
-        return quantized, codebook, indices, commit, counts
+        return quantized, indices, commit, counts
 
     def _loss(self, commit: Tensor | None, indices: Tensor) -> tuple[Tensor, LossBreakdown]:
         zero = self.zero
