@@ -11,7 +11,7 @@ from .dispatch import check_backend_name
 def nearest_code(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Nearest codebook row of each row of x.
 
-    x (N, d), codebook (K, d) -> indices int64 (N,), sqdist float32 (N,) where
+    x (N, d), codebook (K, d) -> indices int64 (N,), sqdist (N,) (float64 for float64 x, else float32) where
     sqdist_i = ‖x_i − codebook[indices_i]‖². Ties go to the lowest index.
     """
     check_rows_and_codebook(x, codebook)
@@ -34,7 +34,8 @@ def quantize(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple[Ten
 
 
 def ema_stats(x: Tensor, indices: Tensor, num_codes: int, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """Per-code counts (K,) and sums (K, d), float32, of the rows of x (N, d) assigned by indices (N,)."""
+    """Per-code counts (K,) and sums (K, d), of the rows of x (N, d) assigned by indices (N,): float64 for
+    float64 x, else float32."""
     check_float_tensor("x", x)
     if x.dim() != 2:
         raise ValueError(f"x must have shape (N, d), got {shape_str(x.shape)}")

@@ -32,7 +32,7 @@ SEEDING_POINTS_PER_CENTROID = 16
 class KMeansResult(NamedTuple):
     centroids: Tensor  # (k, d) float32 (float64 for float64 input)
     assignments: Tensor  # (N,) int64, nearest centroid of each point
-    sqdist: Tensor  # (N,) float32, squared distance to it
+    sqdist: Tensor  # (N,) squared distance to it, float32 (float64 for float64 input)
     counts: Tensor  # (k,) float32 points per centroid
 
 
@@ -108,7 +108,7 @@ def fit(
         centroids = _reseed_empty(x, centroids, empty, counts, assignments, sqdist)
     assignments, sqdist = ops.nearest_code(x, centroids, backend)
     counts = torch.zeros(k, dtype=torch.float32, device=x.device).index_add_(
-        0, assignments, torch.ones_like(sqdist)
+        0, assignments, torch.ones_like(sqdist, dtype=torch.float32)
     )
     return KMeansResult(centroids, assignments, sqdist, counts)
 

@@ -46,14 +46,14 @@ from .numerics import compute_dtype
 def nearest_code(x: Tensor, codebook: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     if x.shape[0] == 0:
         check_backend_name(backend)
-        return _empty_indices(x), x.new_empty((0,), dtype=torch.float32)
+        return _empty_indices(x), x.new_empty((0,), dtype=compute_dtype(x.dtype))
     indices, sqdist, _ = resolve(backend, x, codebook).nearest_code(x, codebook, want_quantized=False)
     return indices, sqdist
 
 
 @nearest_code.register_fake
 def _(x, codebook, backend):
-    return _empty_indices(x), x.new_empty((x.shape[0],), dtype=torch.float32)
+    return _empty_indices(x), x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype))
 
 
 def _empty_indices(x: Tensor) -> Tensor:
@@ -129,7 +129,7 @@ def _quantize_backward_rule(ctx, grad_quantized, grad_indices, grad_loss):
     num_rows, dim = x.shape
     # d/dx of w·mean((x − q)²) is w·2(x − q)/(N·d); the codebook term mirrors it.
     scale = 2.0 / max(num_rows * dim, 1)
-    grad_loss = grad_loss.to(torch.float32)
+    grad_loss = grad_loss.to(compute_dtype(x.dtype))
     need_grad_codebook = ctx.needs_input_grad[1] and ctx.codebook_weight != 0.0
     grad_x, grad_codebook = quantize_backward(
         grad_quantized,
@@ -183,18 +183,19 @@ def _(grad_quantized, x, codebook, indices, commit_scale, codebook_scale, backen
 # ---- ema_stats ------------------------------------------------------------------------------
 @torch.library.custom_op("fastvq::ema_stats", mutates_args=())
 def ema_stats(x: Tensor, indices: Tensor, num_codes: int, backend: str) -> tuple[Tensor, Tensor]:
-    """Per-code counts (K,) and sums (K, d), float32. Indices must lie in [0, num_codes)."""
+    """Per-code counts (K,) and sums (K, d) in the compute dtype (float64 for float64 x, else
+    float32). Indices must lie in [0, num_codes)."""
     if x.shape[0] == 0:
         check_backend_name(backend)
-        return (x.new_zeros((num_codes,), dtype=torch.float32),
-                x.new_zeros((num_codes, x.shape[1]), dtype=torch.float32))
+        return (x.new_zeros((num_codes,), dtype=compute_dtype(x.dtype)),
+                x.new_zeros((num_codes, x.shape[1]), dtype=compute_dtype(x.dtype)))
     return resolve(backend, x).ema_stats(x, indices, num_codes)
 
 
 @ema_stats.register_fake
 def _(x, indices, num_codes, backend):
-    return (x.new_empty((num_codes,), dtype=torch.float32),
-            x.new_empty((num_codes, x.shape[1]), dtype=torch.float32))
+    return (x.new_empty((num_codes,), dtype=compute_dtype(x.dtype)),
+            x.new_empty((num_codes, x.shape[1]), dtype=compute_dtype(x.dtype)))
 
 
 # ---- snapshot -------------------------------------------------------------------------------

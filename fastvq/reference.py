@@ -25,7 +25,8 @@ def pairwise_sqdist(x: Tensor, codebook: Tensor) -> Tensor:
 
 
 def nearest_code(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
-    """indices (N,) int64 = argmin_k ‖x_i − e_k‖², ties to the lowest k; sqdist (N,) float32.
+    """indices (N,) int64 = argmin_k ‖x_i − e_k‖², ties to the lowest k; sqdist (N,) in the
+    compute dtype (float64 for float64 x, else float32).
 
     Non-finite values: a distance that is NaN or ±inf counts as +inf. So a codebook
     row with a NaN/Inf entry is never chosen while a finite row exists, and a row of
@@ -40,7 +41,7 @@ def nearest_code(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
         chunk = torch.where(torch.isfinite(chunk), chunk, torch.inf)
         indices[start : start + rows_per_chunk] = chunk.min(dim=1).indices  # first minimal index
     dtype = compute_dtype(x.dtype)
-    sqdist = ((x.to(dtype) - codebook.to(dtype)[indices]) ** 2).sum(-1).to(torch.float32)
+    sqdist = ((x.to(dtype) - codebook.to(dtype)[indices]) ** 2).sum(-1)
     return indices, sqdist
 
 

@@ -112,7 +112,7 @@ def check_nearest(case: Case, x, codebook, indices, sqdist) -> None:
     if case.exact:
         want_indices, want_sqdist = reference.nearest_code(x.double(), codebook.double())
         torch.testing.assert_close(indices, want_indices, rtol=0, atol=0)
-        torch.testing.assert_close(sqdist, want_sqdist, rtol=0, atol=0)
+        torch.testing.assert_close(sqdist, want_sqdist.to(sqdist.dtype), rtol=0, atol=0)  # exact integers
         return
     reference.assert_nearest(x, codebook, indices)
     assert_sqdist(x, codebook, indices, sqdist)  # the chosen code's distance

@@ -14,7 +14,7 @@ from torch import nn
 import fastvq
 from fastvq import BackendNotSupportedError, FastVectorQuantizer, dispatch, reference
 
-from conftest import backend_or_skip, skip_on_interpreter, to_cpu, use_reduction
+from conftest import TOLERANCES, backend_or_skip, skip_on_interpreter, to_cpu, use_reduction
 
 
 def with_threads(threads: int, fn):
@@ -503,3 +503,20 @@ def test_forked_dataloader_workers_search_after_the_parent_started_openmp():
     backend_or_skip("cpu", torch.empty(1, 1))
     result = subprocess.run([sys.executable, "-c", _DATALOADER_WORKERS], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+# ---- float64 end to end (issue 12, finding 8) ----------------------------------------------------
+def test_float64_is_float64_end_to_end_and_its_loss_passes_gradcheck():
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(7, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    codebook = torch.randn(4, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    indices, sqdist = fastvq.nearest_code(x.detach(), codebook.detach())
+    counts, sums = fastvq.ema_stats(x.detach(), indices, 4)
+    assert sqdist.dtype == counts.dtype == sums.dtype == torch.float64
+    exact = ((x.detach() - codebook.detach()[indices]) ** 2).sum(1)
+    torch.testing.assert_close(sqdist, exact, **TOLERANCES["float64_roundings"])
+    # The loss of the fused op at gradcheck's default eps (1e-6), where a float32 sqdist inside it fails.
+    # Each term's gradient reaches one side (stop-gradient on the other), so check one side at a time.
+    fixed_codebook, fixed_x = codebook.detach(), x.detach()
+    assert torch.autograd.gradcheck(lambda a: fastvq.ops.quantize(a, fixed_codebook, 0.25, 0.0, "auto")[2], (x,))
+    assert torch.autograd.gradcheck(lambda b: fastvq.ops.quantize(fixed_x, b, 0.0, 1.0, "auto")[2], (codebook,))

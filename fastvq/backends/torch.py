@@ -1,7 +1,6 @@
 """The ``torch`` backend: fastvq.reference, which runs on any device and dtype."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .. import reference
@@ -23,8 +22,7 @@ class TorchBackend(Backend):
         return indices, sqdist, quantized
 
     def ema_stats(self, x, indices, num_codes):
-        counts, sums = reference.ema_stats(x, indices, num_codes)
-        return counts.to(torch.float32), sums.to(torch.float32)
+        return reference.ema_stats(x, indices, num_codes)
 
     def quantize_backward(self, grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
                           need_grad_x, need_grad_codebook, rotation_trick=False):
