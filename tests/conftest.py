@@ -193,6 +193,20 @@ def randn(*shape, seed, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
+NON_CONTIGUOUS_LAYOUTS = ("transposed", "row_step", "column_slice")
+
+
+def non_contiguous_rows(pair: Pair, layout: str, num_rows: int, dim: int, generator) -> torch.Tensor:
+    """Random (num_rows, dim) rows as a non-contiguous view made on the pair's device: the transpose of
+    a (dim, N) tensor, every other row of a (2N, d) one, or a column slice of an (N, 2d) one."""
+    base, view = {
+        "transposed": (torch.randn(dim, num_rows, generator=generator), lambda t: t.t()),
+        "row_step": (torch.randn(2 * num_rows, dim, generator=generator), lambda t: t[::2]),
+        "column_slice": (torch.randn(num_rows, 2 * dim, generator=generator), lambda t: t[:, 5:5 + dim]),
+    }[layout]
+    return view(pair.to(base))
+
+
 def small_integers(*shape, low=-4, high=5, generator=None) -> torch.Tensor:
     """Exactly representable inputs: every distance a kernel computes is an exact integer."""
     return torch.randint(low, high, shape, generator=generator).to(torch.float32)

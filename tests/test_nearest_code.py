@@ -12,7 +12,8 @@ import torch
 import fastvq
 from fastvq import dispatch, reference
 
-from conftest import TOLERANCES, assert_sqdist, exact_inputs_with_duplicate_codes, randn, skip_if_slow, to_cpu
+from conftest import (NON_CONTIGUOUS_LAYOUTS, TOLERANCES, assert_sqdist, exact_inputs_with_duplicate_codes,
+                      non_contiguous_rows, randn, skip_if_slow, to_cpu)
 
 SHAPES = [  # (N, K, d): N = 0; 1, 3, 33, 257, 1030 and other odd sizes; K split across threads (20000, 40000)
     (0, 3, 33), (1, 1, 1), (1, 257, 64), (1, 1030, 64), (3, 20000, 5), (7, 1, 64), (7, 3, 3), (7, 257, 33),
@@ -114,17 +115,12 @@ def test_nearest_code_ties_go_to_lowest_index_across_tiles(pair):
 
 
 # ---- memory layouts --------------------------------------------------------------------------
-@pytest.mark.parametrize("layout", ["transposed", "row_step", "column_slice"])
+@pytest.mark.parametrize("layout", NON_CONTIGUOUS_LAYOUTS)
 def test_nearest_code_non_contiguous(pair, layout):
     skip_if_slow(pair, 1030, 257, 33)
     generator = torch.Generator().manual_seed(5)
     codebook = torch.randn(257, 33, generator=generator)
-    base, view = {
-        "transposed": (torch.randn(33, 1030, generator=generator), lambda t: t.t()),
-        "row_step": (torch.randn(2060, 33, generator=generator), lambda t: t[::2]),
-        "column_slice": (torch.randn(1030, 66, generator=generator), lambda t: t[:, 5:38]),
-    }[layout]
-    x = view(pair.to(base))  # made non-contiguous on the device itself
+    x = non_contiguous_rows(pair, layout, 1030, 33, generator)
     device_codebook = pair.to(codebook)
     assert not x.is_contiguous() and x.shape == (1030, 33)
     indices, sqdist = to_cpu(*fastvq.nearest_code(x, device_codebook, backend=pair.backend))

@@ -10,8 +10,8 @@ import torch
 import fastvq
 from fastvq import reference
 
-from conftest import (REDUCTION_DTYPES, REDUCTION_IDS, TOLERANCES, randn, skip_if_slow,
-                      skip_reduction_if_redundant, to_cpu, use_reduction)
+from conftest import (NON_CONTIGUOUS_LAYOUTS, REDUCTION_DTYPES, REDUCTION_IDS, TOLERANCES, non_contiguous_rows,
+                      randn, skip_if_slow, skip_reduction_if_redundant, to_cpu, use_reduction)
 
 FP32 = TOLERANCES[torch.float32]
 
@@ -71,16 +71,11 @@ def test_quantize_mixed_dtypes_returns_x_dtype(pair):
     torch.testing.assert_close(quantized, codebook[indices].to(torch.bfloat16), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("layout", ["transposed", "row_step", "column_slice"])
+@pytest.mark.parametrize("layout", NON_CONTIGUOUS_LAYOUTS)
 def test_quantize_non_contiguous_on_the_device(pair, layout):
     generator = torch.Generator().manual_seed(5)
     codebook = torch.randn(257, 33, generator=generator)
-    base, view = {
-        "transposed": (torch.randn(33, 300, generator=generator), lambda t: t.t()),
-        "row_step": (torch.randn(600, 33, generator=generator), lambda t: t[::2]),
-        "column_slice": (torch.randn(300, 66, generator=generator), lambda t: t[:, 5:38]),
-    }[layout]
-    x = view(pair.to(base))  # made non-contiguous on the device itself
+    x = non_contiguous_rows(pair, layout, 300, 33, generator)
     column_major = pair.to(codebook.t().contiguous()).t()
     assert not x.is_contiguous() and not column_major.is_contiguous() and x.shape == (300, 33)
     quantized, indices, _ = to_cpu(*torch.ops.fastvq.quantize(x, column_major, 0.0, 0.0, pair.backend))
