@@ -29,6 +29,9 @@ BACKENDS: dict[str, Backend] = {
 }
 BACKEND_NAMES = tuple(BACKENDS)
 
+# Ops that not every backend implements (resolve(..., op=name) checks Backend.op_not_supported_reasons).
+PARTIAL_OPS = ("nearest_codes",)
+
 # Preference per device type under "auto". Triton serves CPU tensors only through
 # its interpreter, which is far too slow to pick silently, so it is never auto on CPU.
 AUTO_ORDER = {
@@ -74,17 +77,23 @@ def auto_order(*tensors: Tensor) -> tuple[str, ...]:
     return AUTO_ORDER.get(device_type, ("torch",))
 
 
-def resolve(backend: str, *tensors: Tensor) -> Backend:
-    """The backend that will run on ``tensors``, or an error naming why it cannot."""
+def _reasons(chosen: Backend, tensors, op: str | None) -> list[str]:
+    reasons = chosen.not_supported_reasons(*tensors)
+    return (reasons + chosen.op_not_supported_reasons(op)) if op is not None else reasons
+
+
+def resolve(backend: str, *tensors: Tensor, op: str | None = None) -> Backend:
+    """The backend that will run on ``tensors``, or an error naming why it cannot. ``op``: the op's
+    name, for ops some backends do not implement (``Backend.op_not_supported_reasons``)."""
     name = check_backend_name(backend)
     if name == "auto":
         for candidate in auto_order(*tensors):
             chosen = get_backend(candidate)
-            if not chosen.not_supported_reasons(*tensors):
+            if not _reasons(chosen, tensors, op):
                 return chosen
         return get_backend("torch")
     chosen = get_backend(name)
-    reasons = chosen.not_supported_reasons(*tensors)
+    reasons = _reasons(chosen, tensors, op)
     if reasons:
         source = f" (from ${ENV_VAR})" if os.environ.get(ENV_VAR, "").strip() else ""
         raise BackendNotSupportedError(
@@ -108,6 +117,6 @@ def unavailable_reasons() -> dict[str, str]:
     return reasons
 
 
-def explain(*tensors: Tensor) -> dict[str, list[str]]:
-    """For each backend, why it cannot run on ``tensors`` (empty list: it can)."""
-    return {name: get_backend(name).not_supported_reasons(*tensors) for name in BACKEND_NAMES}
+def explain(*tensors: Tensor, op: str | None = None) -> dict[str, list[str]]:
+    """For each backend, why it cannot run on ``tensors`` (or run ``op`` on them); empty list: it can."""
+    return {name: _reasons(get_backend(name), tensors, op) for name in BACKEND_NAMES}

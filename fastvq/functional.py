@@ -4,8 +4,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import ops
-from .checks import check_float_tensor, check_indices, check_rows_and_codebook, check_vectors_and_codebook, shape_str
+from .checks import (check_float_tensor, check_indices, check_positive_int, check_rows_and_codebook,
+                     check_vectors_and_codebook, shape_str)
 from .dispatch import check_backend_name
+from .numerics import NEAREST_CODES_MAX_K
 
 
 def nearest_code(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -17,6 +19,23 @@ def nearest_code(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple
     check_rows_and_codebook(x, codebook)
     check_backend_name(backend)
     return ops.nearest_code(x, codebook, backend)
+
+
+def nearest_codes(x: Tensor, codebook: Tensor, k: int, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """The k nearest codebook rows of each row of x, nearest first.
+
+    x (N, d), codebook (K, d), 1 <= k <= min(K, 64) -> indices int64 (N, k), sqdist (N, k) (float64 for
+    float64 x, else float32) with sqdist_ij = ‖x_i − codebook[indices_ij]‖². Ties go to the lower index.
+    k = 1 gives nearest_code's answer. Never builds the N×K distance matrix.
+    """
+    check_rows_and_codebook(x, codebook)
+    check_positive_int("k", k)
+    limit = min(codebook.shape[0], NEAREST_CODES_MAX_K)
+    if k > limit:
+        raise ValueError(f"k must be at most min(K, {NEAREST_CODES_MAX_K}) = {limit} "
+                         f"for a codebook of shape {shape_str(codebook.shape)}, got {k}")
+    check_backend_name(backend)
+    return ops.nearest_codes(x, codebook, k, backend)
 
 
 def quantize(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:

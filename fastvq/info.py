@@ -7,7 +7,7 @@ import platform
 import torch
 
 from . import __version__
-from .dispatch import BACKEND_NAMES, ENV_VAR, explain, get_backend, resolve
+from .dispatch import BACKEND_NAMES, ENV_VAR, PARTIAL_OPS, explain, get_backend, resolve
 
 
 def report() -> str:
@@ -30,6 +30,12 @@ def report() -> str:
         detail = get_backend(name).describe()
         status = "available" + (f" ({detail})" if detail else "") if reason is None else f"unavailable: {reason}"
         lines.append(f"{name:<{width}}  {status}")
+        if reason is None:
+            for op in PARTIAL_OPS:
+                for why in get_backend(name).op_not_supported_reasons(op):
+                    lines.append(f"{'':<{width}}  lacks {why}")
+            for op, why in get_backend(name).op_fallbacks().items():
+                lines.append(f"{'':<{width}}  falls back: {why}")
     for label, probe in probes.items():
         lines.append("")
         try:

@@ -12,6 +12,9 @@ KERNEL_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torc
 
 DETERMINISTIC_ENV_VAR = "FASTVQ_DETERMINISTIC"
 
+# The largest k of nearest_codes: each kernel keeps a sorted list of k (value, index) pairs per row.
+NEAREST_CODES_MAX_K = 64
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype fastvq computes distances, losses and statistics in: float64 for float64, else float32."""

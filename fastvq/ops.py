@@ -5,6 +5,7 @@ Op map: each op by name through every layer (the kernels keep the op's name in e
 | op                | cpu (C++)                      | triton                            | cuda (C++)                    | oracle (torch backend)          | test                        | benchmark                   |
 |-------------------|--------------------------------|-----------------------------------|-------------------------------|---------------------------------|-----------------------------|-----------------------------|
 | nearest_code      | csrc/cpu/nearest_code.cpp      | fastvq/triton/nearest_code.py     | csrc/cuda/nearest_code.cu     | reference.nearest_code          | tests/test_nearest_code.py  | fastvq.bench nearest_code   |
+| nearest_codes     | csrc/cpu/nearest_codes.cpp     | fastvq/triton/nearest_codes.py    | (reference, stated fallback)  | reference.nearest_codes         | tests/test_nearest_codes.py | fastvq.bench nearest_codes  |
 | quantize          | nearest_code, + loss here      | nearest_code, + loss here         | nearest_code, + loss here     | reference.quantize              | tests/test_quantize.py      | fastvq.bench train          |
 | quantize_backward | csrc/cpu/quantize_backward.cpp | fastvq/triton/quantize_backward.py| csrc/cuda/quantize_backward.cu| reference.quantize_backward     | tests/test_quantize.py      | fastvq.bench train          |
 | ema_stats         | csrc/cpu/ema_stats.cpp         | fastvq/triton/ema_stats.py        | csrc/cuda/ema_stats.cu        | reference.ema_stats             | tests/test_ema_stats.py     | fastvq.bench train, kmeans  |
@@ -17,6 +18,7 @@ The path of one call, e.g. ``FastVectorQuantizer.forward`` → ``ops.quantize`` 
 (csrc/cpu/bindings.cpp) → ``csrc/cpu/nearest_code.cpp`` → the micro-kernel in ``search_tile_*.cpp``.
 
     fastvq::nearest_code(x, codebook, backend) -> (indices, sqdist)
+    fastvq::nearest_codes(x, codebook, k, backend) -> (indices (N, k), sqdist (N, k))
     fastvq::quantize(x, codebook, commitment_weight, codebook_weight, backend, rotation_trick=False)
         -> (quantized, indices, loss)
     fastvq::quantize_backward(grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
@@ -58,6 +60,23 @@ def _(x, codebook, backend):
 
 def _empty_indices(x: Tensor) -> Tensor:
     return x.new_empty((x.shape[0],), dtype=torch.int64)
+
+
+# ---- nearest_codes (top-k) ------------------------------------------------------------------
+@torch.library.custom_op("fastvq::nearest_codes", mutates_args=())
+def nearest_codes(x: Tensor, codebook: Tensor, k: int, backend: str) -> tuple[Tensor, Tensor]:
+    """Each row's k nearest codes, nearest first, ties to the lower index; 1 <= k <= min(K, 64)."""
+    if x.shape[0] == 0:
+        check_backend_name(backend)
+        return x.new_empty((0, k), dtype=torch.int64), x.new_empty((0, k), dtype=compute_dtype(x.dtype))
+    indices, sqdist = resolve(backend, x, codebook, op="nearest_codes").nearest_codes(x, codebook, k)
+    return indices, sqdist
+
+
+@nearest_codes.register_fake
+def _(x, codebook, k, backend):
+    return (x.new_empty((x.shape[0], k), dtype=torch.int64),
+            x.new_empty((x.shape[0], k), dtype=compute_dtype(x.dtype)))
 
 
 # ---- quantize (search + gather + loss, with the straight-through or rotation-trick backward) -

@@ -45,6 +45,24 @@ def nearest_code(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     return indices, sqdist
 
 
+def nearest_codes(x: Tensor, codebook: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """indices (N, k) int64: each row's k nearest codes, ordered by (float64 distance, index), so ties
+    go to the lower index; sqdist (N, k) = ‖x_i − codebook[indices_ij]‖² in the compute dtype.
+
+    Non-finite distances count as +inf, as in nearest_code (a row of x with a NaN gets 0, 1, ..., k−1).
+    """
+    num_rows, num_codes, dim = x.shape[0], codebook.shape[0], codebook.shape[1]
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, num_codes * dim))
+    indices = torch.empty(num_rows, k, dtype=torch.int64, device=x.device)
+    for start in range(0, num_rows, rows_per_chunk):
+        chunk = pairwise_sqdist(x[start : start + rows_per_chunk].double(), codebook.double())
+        chunk = torch.where(torch.isfinite(chunk), chunk, torch.inf)
+        order = torch.sort(chunk, dim=1, stable=True).indices  # equal distances keep index order
+        indices[start : start + rows_per_chunk] = order[:, :k]
+    dtype = compute_dtype(x.dtype)
+    sqdist = ((x.to(dtype)[:, None, :] - codebook.to(dtype)[indices]) ** 2).sum(-1)
+    return indices, sqdist
+
 
 # ---- the judge: is a chosen code a nearest code? -----------------------------------------------
 # Every test, the benchmark and the device check judge indices with these two functions.
@@ -98,6 +116,40 @@ def assert_nearest(x: Tensor, codebook: Tensor, indices: Tensor) -> None:
         f"but code {nearest} is at {float(((x64[worst] - e64[nearest]) ** 2).sum())} "
         f"(excess {float(excess[worst]):.3g} × the float32 slack)"
     )
+
+
+def assert_nearest_k(x: Tensor, codebook: Tensor, indices: Tensor) -> None:
+    """Raise AssertionError unless each row of indices (N, k) lists k distinct codes whose exact distances
+    are, position by position, within nearest_code_slack of the exact k smallest distances (sorted)."""
+    num_rows, k = x.shape[0], (indices.shape[1] if indices.dim() == 2 else -1)
+    if indices.dtype != torch.int64 or tuple(indices.shape) != (num_rows, k) or not 1 <= k <= codebook.shape[0]:
+        raise AssertionError(f"indices must be int64 of shape ({num_rows}, k) with 1 <= k <= K = "
+                             f"{codebook.shape[0]}, got {indices.dtype} {tuple(indices.shape)}")
+    if num_rows == 0:
+        return
+    chosen = indices.detach().cpu()
+    if bool(((chosen < 0) | (chosen >= codebook.shape[0])).any()):
+        raise AssertionError(f"indices out of [0, {codebook.shape[0]})")
+    if k > 1 and bool((chosen.sort(dim=1).values.diff(dim=1) == 0).any()):
+        raise AssertionError(f"row {int((chosen.sort(dim=1).values.diff(dim=1) == 0).any(1).nonzero()[0])} "
+                             f"lists a code twice")
+    x64, e64 = x.detach().cpu().double(), codebook.detach().cpu().double()
+    best, _ = nearest_codes(x64, e64, k)
+    d_chosen = ((x64[:, None, :] - e64[chosen]) ** 2).sum(-1)
+    d_best = ((x64[:, None, :] - e64[best]) ** 2).sum(-1)
+    excess = (d_chosen - d_best).abs() / nearest_code_slack(x, codebook).clamp_min(1e-300)[:, None]
+    # Where the true distance is not finite (a non-finite row, or fewer than k finite codes), any code does.
+    bad = ~((excess <= 1.0) | ~torch.isfinite(d_best))
+    if not bool(bad.any()):
+        return
+    row, position = (int(i) for i in bad.nonzero()[0])
+    raise AssertionError(
+        f"row {row}, position {position}: chose code {int(chosen[row, position])} at distance "
+        f"{float(d_chosen[row, position])}, but the {position + 1}-th nearest distance is "
+        f"{float(d_best[row, position])} (code {int(best[row, position])}; "
+        f"excess {float(excess[row, position]):.3g} × the float32 slack)"
+    )
+
 
 def vq_loss(x: Tensor, quantized: Tensor, commitment_weight: float, codebook_weight: float) -> Tensor:
     """commitment_weight·mean((x − sg(q))²) + codebook_weight·mean((sg(x) − q)²); 0 for empty x."""

@@ -77,9 +77,11 @@ class Pair:
         moved = tuple(None if t is None else t.to(self.device) for t in tensors)
         return moved[0] if len(moved) == 1 else moved
 
-    def require(self, *tensors) -> None:
-        """Skip unless this pair's backend can run on these (device) tensors, with the dispatcher's reasons."""
-        reasons = dispatch.get_backend(self.backend).not_supported_reasons(*tensors)
+    def require(self, *tensors, op: str | None = None) -> None:
+        """Skip unless this pair's backend can run on these (device) tensors (and implements ``op``, when
+        given), with the dispatcher's reasons."""
+        backend = dispatch.get_backend(self.backend)
+        reasons = backend.not_supported_reasons(*tensors) + (backend.op_not_supported_reasons(op) if op else [])
         if reasons:
             pytest.skip(f"backend {self.backend!r} cannot run here: {'; '.join(reasons)}")
 

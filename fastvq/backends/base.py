@@ -23,8 +23,21 @@ class Backend:
         """Why this backend cannot run on these tensors (device, dtype, build); empty if it can."""
         raise NotImplementedError
 
+    def op_not_supported_reasons(self, op: str) -> list[str]:
+        """Why this backend does not implement the op named ``op`` at all (whatever the tensors); empty if it does."""
+        return []
+
+    def op_fallbacks(self) -> dict[str, str]:
+        """Ops this backend runs with fastvq.reference instead of its own kernel, each with the reason."""
+        return {}
+
     def nearest_code(self, x: Tensor, codebook: Tensor, want_quantized: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         """indices int64 (N,), sqdist float32 (N,), and quantized (N, d) in x.dtype if asked."""
+        raise NotImplementedError
+
+    def nearest_codes(self, x: Tensor, codebook: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """indices int64 (N, k): each row's k nearest codes, nearest first, ties to the lower index;
+        sqdist (N, k) of those codes in the compute dtype. 1 <= k <= min(K, NEAREST_CODES_MAX_K)."""
         raise NotImplementedError
 
     def ema_stats(self, x: Tensor, indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:

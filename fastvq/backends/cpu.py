@@ -86,6 +86,18 @@ class CpuBackend(Backend):
             quantized = quantized.to(x.dtype)
         return indices, sqdist, quantized
 
+    def op_not_supported_reasons(self, op: str) -> list[str]:
+        if _IMPORT_ERROR is None and not hasattr(_cpu, op):
+            return [f"{op}: fastvq._cpu has no kernel for it (rebuild with `pip install -e .`)"]
+        return []
+
+    def nearest_codes(self, x: Tensor, codebook: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        xf, cf = _as_f32(x), _as_f32(codebook)
+        indices = torch.empty(xf.shape[0], k, dtype=INDEX_DTYPE)
+        sqdist = torch.empty(xf.shape[0], k, dtype=torch.float32)
+        _cpu.nearest_codes(xf, cf, indices, sqdist, torch.get_num_threads())
+        return indices, sqdist
+
     def ema_stats(self, x: Tensor, indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
         xf = _as_f32(x)
         counts = torch.empty(num_codes, dtype=torch.float32)

@@ -11,6 +11,7 @@ import re
 import torch
 from torch import Tensor
 
+from .. import reference
 from ..numerics import KERNEL_DTYPE_NAMES, deterministic, sort_by_code
 from .base import Backend
 
@@ -92,6 +93,16 @@ class CudaBackend(Backend):
         with torch.cuda.device(x.device):
             self._ext.nearest_code(x, codebook, norms, indices, sqdist, quantized, stream=self._stream(x.device))
         return indices, sqdist, quantized
+
+    # The CUDA C++ extension has no top-k kernel; the fused one is Triton's (backend "triton").
+    NEAREST_CODES_FALLBACK = ("nearest_codes runs fastvq.reference (chunked torch on the GPU): the CUDA C++ "
+                              "extension has no top-k kernel; backend='triton' has the fused one")
+
+    def op_fallbacks(self) -> dict[str, str]:
+        return {"nearest_codes": self.NEAREST_CODES_FALLBACK}
+
+    def nearest_codes(self, x, codebook, k):
+        return reference.nearest_codes(x.detach(), codebook.detach(), k)
 
     def ema_stats(self, x, indices, num_codes):
         x, indices = x.detach(), indices.detach().contiguous()

@@ -21,6 +21,9 @@ class TorchBackend(Backend):
         quantized = codebook[indices].to(x.dtype) if want_quantized else None
         return indices, sqdist, quantized
 
+    def nearest_codes(self, x, codebook, k):
+        return reference.nearest_codes(x, codebook, k)
+
     def ema_stats(self, x, indices, num_codes):
         return reference.ema_stats(x, indices, num_codes)
 

@@ -83,6 +83,16 @@ class TritonBackend(Backend):
         indices, sqdist, quantized = self._load().triton_nearest_code(x, codebook, want_quantized)
         return indices, sqdist, (quantized if want_quantized else None)
 
+    def op_not_supported_reasons(self, op: str) -> list[str]:
+        # Each op's launcher is exported by fastvq.triton as triton_<op> (fastvq/triton/<op>.py).
+        kernels = self._load()
+        if kernels is not None and not hasattr(kernels, f"triton_{op}"):
+            return [f"{op}: fastvq.triton has no kernel for it yet (fastvq/triton/{op}.py, exported as triton_{op})"]
+        return []
+
+    def nearest_codes(self, x, codebook, k):
+        return self._load().triton_nearest_codes(x, codebook, k)
+
     def ema_stats(self, x, indices, num_codes):
         return self._load().triton_ema_stats(x, indices, num_codes)
 
