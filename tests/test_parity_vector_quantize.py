@@ -57,6 +57,26 @@ CONFIGS = {
     "channel_first": (dict(channel_last=False), (2, DIM, 12)),
     "one_token": (dict(), (5, DIM)),
     "no_route_to_input": (dict(route_gradients_to_input=False), (2, 12, DIM)),
+    # softmax terms over all codes (streamed): cross-entropy commitment, codebook diversity, gumbel straight-through
+    "cross_entropy_commitment": (dict(commitment_use_cross_entropy_loss=True, commitment_weight=0.7), (2, 12, DIM)),
+    "cross_entropy_cosine_heads": (dict(commitment_use_cross_entropy_loss=True, use_cosine_sim=True, heads=2,
+                                        separate_codebook_per_head=True, codebook_dim=4), (2, 12, DIM)),
+    "diversity": (dict(codebook_diversity_loss_weight=0.5), (2, 12, DIM)),
+    "diversity_low_temperature": (dict(codebook_diversity_loss_weight=0.5, codebook_diversity_temperature=0.3),
+                                  (3, 5, DIM)),
+    "diversity_cosine_shared_heads": (dict(codebook_diversity_loss_weight=0.5, use_cosine_sim=True, heads=2),
+                                      (2, 12, DIM)),
+    "diversity_image_fmap": (dict(codebook_diversity_loss_weight=0.5, accept_image_fmap=True), (2, DIM, 3, 4)),
+    "diversity_one_token": (dict(codebook_diversity_loss_weight=0.5), (7, DIM)),
+    "learnable_cross_entropy_diversity": (dict(ema_update=False, learnable_codebook=True, codebook_diversity_loss_weight=0.3,
+                                               commitment_use_cross_entropy_loss=True), (2, 12, DIM)),
+    "gumbel_straight_through": (dict(straight_through=True, rotation_trick=False), (2, 12, DIM)),
+    "gumbel_straight_through_to_projection": (dict(straight_through=True, rotation_trick=False, codebook_dim=4,
+                                                   route_gradients_to_input=False, sample_codebook_temp=0.6),
+                                              (2, 12, DIM)),
+    "gumbel_straight_through_cosine": (dict(straight_through=True, rotation_trick=False, use_cosine_sim=True,
+                                            route_gradients_to_input=False, heads=2, separate_codebook_per_head=True),
+                                       (2, 12, DIM)),
 }
 
 MASKED_CONFIGS = {
@@ -65,6 +85,7 @@ MASKED_CONFIGS = {
     "mask_orig_padding": dict(return_zeros_for_masked_padding=False),
     "mask_cosine": dict(use_cosine_sim=True),
     "mask_kmeans_init": dict(kmeans_init=True, kmeans_iters=3),
+    "mask_cross_entropy_diversity": dict(commitment_use_cross_entropy_loss=True, codebook_diversity_loss_weight=0.4),
 }
 
 
@@ -130,7 +151,7 @@ class SideBySide:
         assert torch.equal(i_fast, i_ref), f"step {step}: indices differ at {(i_fast != i_ref).nonzero()[:5].tolist()}"
         self.assert_close(q_fast, q_ref, q_exact, f"step {step} quantized")
         self.assert_close(l_fast.detach(), l_ref.detach(), detached(l_exact), f"step {step} loss")
-        for name in ("commitment", "orthogonal_reg"):
+        for name in ("commitment", "codebook_diversity", "orthogonal_reg"):
             self.assert_close(getattr(b_fast, name).detach(), getattr(b_ref, name).detach(),
                               None if b_exact is None else getattr(b_exact, name).detach(), f"step {step} {name}")
         upstream = torch.randn(q_ref.shape, generator=torch.Generator().manual_seed(step))

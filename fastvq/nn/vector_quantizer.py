@@ -19,10 +19,12 @@ from torch import Tensor, nn
 from .. import ops
 from ..checks import check_float_tensor, short_repr
 from ..dispatch import check_backend_argument
+from .code_choice import indices_to_rows, quantize_gathered, transformed_codebook_choice
 from .codebook import Codebook
 from .compat import check_vector_quantize_arguments, reject_unsupported_forward
 from .distributed import is_distributed
 from .layout import ChannelLayout, merge_heads, split_heads
+from .softmax_losses import GumbelStraightThrough, dense_softmax_losses, softmax_losses
 from .stats import code_counts, codebook_stats
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
@@ -60,6 +62,12 @@ class FastVectorQuantizer(nn.Module):
         ema_update = True if ema_update is None else bool(ema_update)
         learnable_codebook = False if learnable_codebook is None else bool(learnable_codebook)
         rotation_trick = dim > 1 if rotation_trick is None else bool(rotation_trick)
+        if straight_through and rotation_trick:
+            raise ValueError("straight_through=True needs rotation_trick=False (rotation_trick=None means True when "
+                             "dim > 1): vector-quantize-pytorch asserts at most one of them")
+        if straight_through and learnable_codebook:
+            raise ValueError("straight_through=True is not compatible with learnable_codebook=True "
+                             "(vector-quantize-pytorch asserts the same)")
 
         self.dim = dim
         self.heads = heads
@@ -71,6 +79,13 @@ class FastVectorQuantizer(nn.Module):
         self.project_in, self.project_out = _projections(dim, codebook_input_dim, layernorm_after_project_in)
         self.eps = eps
         self.commitment_weight = float(commitment_weight)
+        self.commitment_use_cross_entropy_loss = bool(commitment_use_cross_entropy_loss)
+        self.codebook_diversity_loss_weight = float(codebook_diversity_loss_weight)
+        self.has_codebook_diversity_loss = codebook_diversity_loss_weight > 0.0
+        self.codebook_diversity_temperature = float(codebook_diversity_temperature)
+        self.stochastic_sample_codes = bool(stochastic_sample_codes)
+        self.sample_codebook_temp = float(sample_codebook_temp)
+        self.straight_through = bool(straight_through)
         self.has_commitment_loss = commitment_weight > 0.0
         self.learnable_codebook = learnable_codebook
         self.orthogonal_reg_weight = float(orthogonal_reg_weight)
@@ -204,27 +219,47 @@ class FastVectorQuantizer(nn.Module):
     def forward(self, x: Tensor, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
                 freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
                 ema_update_weight=None, accum_ema_update=False, ema_update=None, *, return_stats=False):
-        reject_unsupported_forward(type(self).__name__, indices=indices, topk=topk,
-                                   codebook_transform_fn=codebook_transform_fn)
+        reject_unsupported_forward(type(self).__name__, topk=topk)
         check_float_tensor("x", x)
         if x.device != self._codebook.embed.device:
             raise ValueError(f"x must be on the codebook's device {self._codebook.embed.device}, got {x.device}")
+        if codebook_transform_fn is not None and not callable(codebook_transform_fn):
+            raise TypeError(f"codebook_transform_fn must be callable, got {short_repr(codebook_transform_fn)}")
+        temperature = self.sample_codebook_temp if sample_codebook_temp is None else float(sample_codebook_temp)
         frozen = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
         mask = self._sequence_mask(x, mask, lens)
         sequence = self.layout.to_sequence(x, self.dim)  # (B, N, dim)
+        batch, length = sequence.shape[:2]
+        targets = None
+        if indices is not None:  # vqp then returns its codebook-space quantized and this cross-entropy
+            targets = indices_to_rows(indices, batch, length, self.heads, self.separate_codebook_per_head,
+                                      self.codebook_size)
         projected = self.project_in(sequence)
         rows = split_heads(projected, self.heads, self.separate_codebook_per_head)
         if self.use_cosine_sim:
             rows = F.normalize(rows, dim=-1, eps=1e-6)
         row_mask = None if mask is None else self._row_mask(mask)
         with _no_autocast(x.device.type):
-            quantized, row_indices, commit_loss, counts = self._quantize_rows(
+            quantized, row_indices, commit_loss, counts, codebook, logits = self._quantize_rows(
                 rows, row_mask, sequence, frozen, x.requires_grad, ema_update, ema_update_weight,
-                accum_ema_update, return_stats)
-        batch = sequence.shape[0]
+                accum_ema_update, return_stats, temperature, codebook_transform_fn)
+            if targets is not None:
+                cross_entropy, _ = self._softmax_terms(rows, codebook, logits, targets, False, length)
+                # vqp's codebook layout: (B, N, d) with one head, else (heads, B, N, d) or (1, B·heads, N, d)
+                quantized = quantized.reshape(quantized.shape[0], -1, length, quantized.shape[-1])
+                return (quantized.squeeze(0) if self.heads == 1 else quantized), cross_entropy
+            diversity = None
+            if self.training and (self.has_codebook_diversity_loss or
+                                  (self.has_commitment_loss and self.commitment_use_cross_entropy_loss)):
+                chosen = row_indices if row_mask is None else row_indices.masked_fill(~row_mask, -1)
+                cross_entropy, diversity = self._softmax_terms(
+                    rows, codebook, logits, chosen if self.commitment_use_cross_entropy_loss else None,
+                    self.has_codebook_diversity_loss, length)
+                if self.has_commitment_loss and self.commitment_use_cross_entropy_loss:
+                    commit_loss = cross_entropy * self.commitment_weight
         indices = merge_heads(row_indices, batch, self.heads, self.separate_codebook_per_head)
         indices = indices.squeeze(-1) if self.heads == 1 else indices
-        loss, breakdown = self._loss(commit_loss, indices)
+        loss, breakdown = self._loss(commit_loss, indices, diversity)
         quantized = merge_heads(quantized, batch, self.heads, self.separate_codebook_per_head).flatten(-2)
         quantized = self.project_out(quantized)
         if mask is not None:
@@ -272,9 +307,10 @@ class FastVectorQuantizer(nn.Module):
         return mask[:, None, :].expand(batch, self.heads, length).reshape(1, -1)
 
     def _quantize_rows(self, rows, row_mask, sequence, frozen, input_requires_grad, ema_update, ema_update_weight,
-                       accum_ema_update, want_counts):
-        """rows (C, M, d) -> quantized (C, M, d), indices (C, M), the weighted commitment loss (or
-        None), per-code counts (C, K) or None."""
+                       accum_ema_update, want_counts, temperature, transform_fn):
+        """rows (C, M, d) -> quantized (C, M, d), indices (C, M), the weighted mean-squared commitment
+        loss (or None), per-code counts (C, K) or None, the codebook the codes were chosen from
+        (C, K, d), and the logits (C, M, K) where a codebook_transform_fn made them (else None)."""
         codebook_state = self._codebook
         num_codebooks, _, dim = rows.shape
         if codebook_state._kmeans_pending:  # on the first forward, in any mode, as in vqp
@@ -289,27 +325,53 @@ class FastVectorQuantizer(nn.Module):
             # the search used. ops.snapshot is a copy torch.compile must save, never recompute.
             codebook = codebook.clone() if codebook_state.learnable_codebook else ops.snapshot(codebook)
         route = self.training and input_requires_grad and self.route_gradients_to_input
-        weight = self.commitment_weight if self.training and self.has_commitment_loss and row_mask is None else 0.0
+        weight = 0.0
+        if (self.training and self.has_commitment_loss and row_mask is None
+                and not self.commitment_use_cross_entropy_loss):
+            weight = self.commitment_weight
+        gumbel = self.training and self.straight_through and temperature > 0
+        chosen = gathered = logits = None
+        if transform_fn is not None:
+            chosen, gathered, logits = transformed_codebook_choice(
+                rows, codebook, transform_fn, sequence.shape[0] * (1 if self.separate_codebook_per_head else self.heads),
+                self.use_cosine_sim, self.training and self.stochastic_sample_codes and temperature > 0,
+                temperature, gumbel, None)
         quantized, indices, losses = [], [], []
         for c in range(num_codebooks):
-            if self.training:
+            if chosen is not None:
+                i = chosen[c]
+                if self.training:
+                    q, loss = quantize_gathered(rows[c], gathered[c], weight, weight if learns else 0.0, self.backend,
+                                                self.rotation_trick and route)
+                    losses.append(loss)
+                codes = gathered[c]
+            elif self.training:
                 q, i, loss = ops.quantize(rows[c], codebook[c], weight, weight if learns else 0.0, self.backend,
                                           self.rotation_trick and route)
+                if learns:  # the op's two terms each have vqp's value; keep both gradients, halve the value
+                    loss = loss - 0.5 * loss.detach()
                 losses.append(loss)
+                codes = live[c][i]
             else:
                 i, _ = ops.nearest_code(rows[c].detach(), codebook[c].detach(), self.backend)
-            # Without the straight-through path vqp returns the gathered codes (live for a learnable codebook).
-            quantized.append(q if route else live[c][i].to(rows.dtype))
+                codes = live[c][i]
+            # Without the straight-through path vqp returns the gathered codes (live for a learnable codebook),
+            # with the gumbel straight-through gradient where asked.
+            if not route:
+                q = codes.to(rows.dtype)
+                if gumbel and transform_fn is None:
+                    q = q + GumbelStraightThrough.apply(rows[c].float(), codebook[c].float(), temperature,
+                                                        self.use_cosine_sim).to(rows.dtype)
+            quantized.append(q)
             indices.append(i)
         quantized, indices = torch.stack(quantized), torch.stack(indices)
         commit = None
-        if self.training and self.has_commitment_loss:
+        if self.training and self.has_commitment_loss and not self.commitment_use_cross_entropy_loss:
             if row_mask is None:
                 commit = torch.stack(losses).mean()
-                if learns:  # the op's two terms each have vqp's value; keep both gradients, halve the value
-                    commit = commit - 0.5 * commit.detach()
             else:
-                codes = codebook[0][indices[0]] if learns else codebook[0][indices[0]].detach()
+                codes = gathered[0] if gathered is not None else codebook[0][indices[0]]
+                codes = codes if learns else codes.detach()
                 sequence_rows = sequence.reshape(-1, sequence.shape[-1])
                 keep = row_mask[0]
                 commit = self.commitment_weight * F.mse_loss(codes[keep], sequence_rows[keep].to(codes.dtype))
@@ -320,13 +382,24 @@ class FastVectorQuantizer(nn.Module):
                 ema_update=ema_now, ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update)
         elif want_counts:
             counts = torch.stack([code_counts(i, self.codebook_size) for i in _select(indices, row_mask, None)])
-        return quantized, indices, commit, counts
+        return quantized, indices, commit, counts, codebook, logits
 
-    def _loss(self, commit: Tensor | None, indices: Tensor) -> tuple[Tensor, LossBreakdown]:
+    def _softmax_terms(self, rows, codebook, logits, targets, diversity: bool, length: int):
+        """vqp's cross-entropy of targets (C, M) (None: skipped) and codebook-diversity loss over
+        the logits of rows against codebook, streamed unless a codebook_transform_fn made them."""
+        kwargs = dict(cross_entropy=targets is not None, diversity=diversity, positions=length,
+                      temperature=self.codebook_diversity_temperature)
+        if logits is not None:
+            return dense_softmax_losses(logits, targets, **kwargs)
+        return softmax_losses(rows, codebook, targets, self.use_cosine_sim, **kwargs)
+
+    def _loss(self, commit: Tensor | None, indices: Tensor, diversity: Tensor | None) -> tuple[Tensor, LossBreakdown]:
         zero = self.zero
         if not self.training:
             return zero, LossBreakdown(zero, zero, zero, zero)
         loss, commitment, orthogonal = zero, zero, zero
+        if diversity is not None:
+            loss = loss + diversity * self.codebook_diversity_loss_weight
         if commit is not None:
             loss = loss + commit
             commitment = commit / self.commitment_weight
@@ -343,7 +416,7 @@ class FastVectorQuantizer(nn.Module):
             # No term needs a gradient (x without one, a buffer codebook): keep the value, and let backward()
             # accept it as vqp's does. Dynamo cannot return a requires_grad_() tensor, so compiled it stays as is.
             loss = loss.detach().requires_grad_()
-        return loss, LossBreakdown(commitment, zero, orthogonal, zero)
+        return loss, LossBreakdown(commitment, zero if diversity is None else diversity, orthogonal, zero)
 
 
 def _projections(dim: int, codebook_input_dim: int, layernorm: bool) -> tuple[nn.Module, nn.Module]:

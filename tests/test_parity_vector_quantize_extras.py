@@ -1,0 +1,164 @@
+"""FastVectorQuantizer against vqp 1.32's VectorQuantize, side by side, for forward's extras:
+``indices=`` (vqp's codebook-space quantized and the cross-entropy of the given codes),
+``codebook_transform_fn``, and the streamed softmax terms against their dense definitions.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvq.nn import softmax_losses
+from fastvq.nn.softmax_losses import GumbelStraightThrough, code_logits, softmax_losses as streamed
+
+from conftest import TOLERANCES
+from test_parity_vector_quantize import CODES, DIM, STEPS, SideBySide, backend  # noqa: F401  (fixture)
+
+pytest.importorskip("vector_quantize_pytorch")
+
+# (constructor kwargs, input shape, shape of the given indices)
+INDEX_CONFIGS = {
+    "defaults": (dict(), (2, 12, DIM), (2, 12)),
+    "cosine": (dict(use_cosine_sim=True), (2, 12, DIM), (2, 12)),
+    "heads_separate": (dict(heads=2, separate_codebook_per_head=True, codebook_dim=4), (2, 12, DIM), (2, 12, 2)),
+    "heads_shared": (dict(heads=2), (2, 12, DIM), (2, 12, 2)),
+    "learnable": (dict(ema_update=False, learnable_codebook=True), (2, 12, DIM), (2, 12)),
+    "image_fmap": (dict(accept_image_fmap=True), (2, DIM, 3, 4), (2, 12)),
+    "one_token": (dict(), (5, DIM), (5, 1)),
+}
+
+
+def _run_side_by_side(pair: SideBySide, x: torch.Tensor, step: int, call):
+    """Calls call(module, input) -> (tensor, loss) on each module with one seed, compares both
+    outputs, then the gradients of a random functional of both and every buffer."""
+    inputs = [x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()]
+    outputs = []
+    for module, inp in zip(pair.modules(), inputs):
+        module.zero_grad(set_to_none=True)
+        torch.manual_seed(1000 + step)
+        outputs.append(call(module, inp))
+    (q_ref, l_ref), (q_fast, l_fast), (q_exact, l_exact) = outputs
+    pair.assert_close(q_fast.detach(), q_ref.detach(), q_exact.detach(), f"step {step} quantized")
+    pair.assert_close(l_fast.detach(), l_ref.detach(), l_exact.detach(), f"step {step} loss")
+    upstream = torch.randn(q_ref.shape, generator=torch.Generator().manual_seed(step))
+    for q, loss in outputs:
+        total = (q * upstream.to(q.dtype)).sum() + loss
+        if total.requires_grad:
+            total.backward()
+    pair.assert_close(inputs[1].grad, inputs[0].grad, inputs[2].grad, f"step {step} input grad")
+    for name, param in pair.reference.named_parameters():
+        fast = dict(pair.fast.named_parameters())[name]
+        assert (param.grad is None) == (fast.grad is None), name
+        if param.grad is not None:
+            exact = dict(pair.exact.named_parameters())[name]
+            pair.assert_close(fast.grad, param.grad, exact.grad, f"step {step} grad of {name}")
+    pair.compare_state(f"step {step}")
+
+
+@pytest.mark.parametrize("name", list(INDEX_CONFIGS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_forward_with_indices_matches_vector_quantize(name, mode, backend):
+    kwargs, shape, index_shape = INDEX_CONFIGS[name]
+    pair = SideBySide.build(kwargs, backend)
+    pair.train(mode == "train")
+    for step in range(STEPS):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(step))
+        given = torch.randint(-1, CODES, index_shape, generator=torch.Generator().manual_seed(40 + step))
+        _run_side_by_side(pair, x, step, lambda module, inp: module(inp, indices=given))
+
+
+def test_forward_with_indices_checks_them():
+    pair = SideBySide.build(dict(), "torch")
+    x = torch.randn(2, 12, DIM)
+    with pytest.raises(ValueError, match=r"indices must have shape \(2, 12\), got a tensor of shape \(2, 11\)"):
+        pair.fast(x, indices=torch.zeros(2, 11, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"indices must lie in \[-1, codebook_size\) = \[-1, 16\)"):
+        pair.fast(x, indices=torch.full((2, 12), 16))
+    with pytest.raises(TypeError, match=r"indices must be an int64 or int32 tensor, got a tensor of shape"):
+        pair.fast(x, indices=torch.zeros(2, 12))
+
+
+def _transform(shape_bn: tuple[int, int], seed: int):
+    """A codebook transform of vqp's contract: (h, K, d) -> (h, b, n, K, d), one affine map per row."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = 1 + 0.3 * torch.randn(1, *shape_bn, 1, DIM, generator=generator)
+    shift = 0.2 * torch.randn(1, *shape_bn, 1, DIM, generator=generator)
+    return lambda embed: embed[:, None, None] * scale.to(embed.dtype) + shift.to(embed.dtype)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(use_cosine_sim=True), dict(ema_update=False, learnable_codebook=True),
+                                    dict(rotation_trick=False, commitment_use_cross_entropy_loss=True,
+                                         codebook_diversity_loss_weight=0.3),
+                                    dict(straight_through=True, rotation_trick=False, route_gradients_to_input=False),
+                                    dict(threshold_ema_dead_code=2)],
+                         ids=["defaults", "cosine", "learnable", "softmax_losses", "gumbel_straight_through",
+                              "dead_codes"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_codebook_transform_fn_matches_vector_quantize(kwargs, mode, backend):
+    pair = SideBySide.build(kwargs, backend)
+    pair.train(mode == "train")
+    for step in range(STEPS):
+        x = torch.randn(2, 12, DIM, generator=torch.Generator().manual_seed(step))
+        pair.step(x, step, dict(codebook_transform_fn=_transform((2, 12), step)))
+
+
+def test_codebook_transform_fn_of_the_wrong_shape_is_refused():
+    module = SideBySide.build(dict(), "torch").fast
+    with pytest.raises(ValueError, match=r"codebook_transform_fn must return a tensor of shape \(C, b, n, K, d\) == "
+                                         r"\(1, 2, 12, 16, 8\), got a tensor of shape \(1, 16, 8\)"):
+        module(torch.randn(2, 12, DIM), codebook_transform_fn=lambda embed: embed)
+    with pytest.raises(TypeError, match="codebook_transform_fn must be callable"):
+        module(torch.randn(2, 12, DIM), codebook_transform_fn=3)
+
+
+# ---- the streamed softmax terms against their dense definitions, across chunk boundaries ----------
+def _dense(rows, codes, targets, cosine, positions, temperature):
+    logits = torch.stack([code_logits(rows[c], codes[c], cosine) for c in range(rows.shape[0])])
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+    probs = (logits * temperature).softmax(-1).reshape(rows.shape[0], -1, positions, logits.shape[-1]).mean((0, 1))
+    return ce, (probs * probs.clamp_min(1e-5).log()).sum(-1).mean()
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("num_codes", [1, 3, 33])
+def test_streamed_softmax_losses_equal_the_dense_ones_across_chunks(monkeypatch, cosine, num_codes):
+    monkeypatch.setattr(softmax_losses, "CHUNK_LOGITS", 40)  # chunks of 1 to 40 rows
+    generator = torch.Generator().manual_seed(num_codes)
+    rows = torch.randn(2, 3 * 11, 5, generator=generator, dtype=torch.float64)
+    codes = torch.randn(2, num_codes, 5, generator=generator, dtype=torch.float64)
+    if cosine:
+        rows, codes = F.normalize(rows, dim=-1), F.normalize(codes, dim=-1)
+    codes[1, 0] = rows[1, 4]  # a zero distance: vqp's clamp holds it and passes no gradient
+    targets = torch.randint(-1, num_codes, (2, 33), generator=generator)
+    upstream = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    results = []
+    for fn in (_dense, lambda *args: streamed(*args[:4], cross_entropy=True, diversity=True, positions=args[4],
+                                              temperature=args[5])):
+        r, e = rows.clone().requires_grad_(), codes.clone().requires_grad_()
+        ce, diversity = fn(r, e, targets, cosine, 11, 2.5)
+        (upstream[0] * ce + upstream[1] * diversity).backward()
+        results.append((ce, diversity, r.grad, e.grad))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+
+
+def test_streamed_gumbel_straight_through_gradient_equals_vqps(monkeypatch):
+    monkeypatch.setattr(softmax_losses, "CHUNK_LOGITS", 30)
+    generator = torch.Generator().manual_seed(2)
+    rows = torch.randn(37, 6, generator=generator, dtype=torch.float64)
+    codes = torch.randn(9, 6, generator=generator, dtype=torch.float64)
+    upstream = torch.randn(37, 6, generator=generator, dtype=torch.float64)
+    grads = []
+    for streamed_term in (False, True):
+        r, e = rows.clone().requires_grad_(), codes.clone().requires_grad_()
+        logits = code_logits(r, e, False)
+        one_hot = F.one_hot(logits.argmax(-1), 9).to(logits.dtype)
+        if streamed_term:
+            quantized = one_hot @ e + GumbelStraightThrough.apply(r, e, 0.7, False)
+        else:  # vqp's gumbel_sample(straight_through=True) then its einsum with the codebook
+            probs = (logits / 0.7).softmax(-1)
+            quantized = (one_hot + probs - probs.detach()) @ e
+        (quantized * upstream).sum().backward()
+        grads.append((r.grad, e.grad))
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
