@@ -21,6 +21,28 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def search_centre(codebook: Tensor) -> Tensor:
+    """(d,) float32: the point the fused kernels search around (issue 12, finding 5).
+
+    Distances are translation invariant, but the kernels' ‖e‖² − 2x·e expansion cancels far from
+    the origin, so they search x − c against e − c. Over the codebook rows whose entries are all
+    finite, per dimension p, with the mean m_p and population std s_p in float64:
+    c_p = g_p·round(m_p / g_p) with g_p = 2^ceil(log2 s_p) when s_p > 0, else c_p = m_p
+    (0 when no row is finite). Rounding to the power-of-two grid g_p keeps the centring exact
+    on data whose values sit on a coarser grid (integers stay integers). Every backend uses this
+    rule (csrc/cpu/pack_codebook.cpp computes it in C++; its float64 sums may differ in the last
+    bit, which can move c by one grid step: any centre gives the same distances).
+    """
+    e = codebook.detach().to(torch.float64)
+    finite = torch.isfinite(e).all(dim=1, keepdim=True)
+    count = finite.sum().clamp_min(1)
+    mean = torch.where(finite, e, 0.0).sum(0) / count
+    std = ((torch.where(finite, e - mean, 0.0) ** 2).sum(0) / count).sqrt()
+    mantissa, exponent = torch.frexp(std)  # std = mantissa·2^exponent, mantissa in [0.5, 1)
+    grid = torch.ldexp(torch.ones_like(std), exponent - (mantissa == 0.5).to(exponent.dtype))
+    return torch.where(std > 0, grid * torch.round(mean / grid), mean).to(torch.float32)
+
+
 def deterministic() -> bool:
     """Whether GPU reductions use sort-and-segment sums instead of float atomics (bitwise reproducible).
 
