@@ -1,0 +1,217 @@
+"""ResidualVQ's beam search, as vector-quantize-pytorch 1.32 scores and chooses, without its one-hots.
+
+Level by level each row keeps ``beam_size`` partial reconstructions. vqp expands every beam with
+its level's top-k codes (``VectorQuantize(topk=k)``: an N·beam·k×K one-hot), scores each candidate
+by ``score − weight·loss`` where loss is the commitment loss of that candidate, keeps the best
+``beam_size`` (1 at the last level) and finally updates each level's codebook from the chosen
+path (``update_indices``; vqp 1.32 updates level 0 only, reproduced below). Here the k codes come from ``fastvq.nearest_codes``; candidate losses
+are computed without a gradient for the choice, and only the chosen candidates are rebuilt with
+one, by the same elementwise formulas, so values, choices and gradients are vqp's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..checks import short_repr
+from ..numerics import compute_dtype
+
+_CHUNK_ELEMENTS = 1 << 22  # candidate losses are computed in chunks of about 16 MiB
+
+
+def beam_search_forward(rvq, x: Tensor, mask: Tensor | None, beam: int, freeze_codebook: bool,
+                        drop_level: int | None):
+    """x (..., codebook_dim), channel-last. Returns quantized (..., codebook_dim), indices (..., L),
+    losses (L,) and the chosen path's level-0 input (..., 1, codebook_dim)."""
+    _check_beam_search(rvq, x, mask)
+    prefix, width = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, 1, width)  # (M, beams, d)
+    row_mask = None if mask is None else mask.reshape(-1)
+    scores = torch.zeros(rows.shape[0], 1, dtype=x.dtype, device=x.device)
+    quantized_out = torch.zeros_like(rows)
+    history = _History()
+    for level, layer in enumerate(rvq.layers):
+        if drop_level is not None and level > drop_level:
+            history.drop_level()
+            continue
+        is_last = level == (drop_level if drop_level is not None else len(rvq.layers) - 1)
+        candidates, candidate_loss, orthogonal = _expand(layer, rows, row_mask, beam, rvq.training)
+        weight = rvq.beam_score_weights[level]
+        all_scores = (scores.unsqueeze(-1) + (-candidate_loss * weight)).flatten(-2)
+        keep = 1 if is_last else beam
+        if all_scores.shape[-1] > keep:
+            scores, chosen = all_scores.topk(keep, dim=-1)
+        else:
+            scores, chosen = all_scores, torch.arange(all_scores.shape[-1], device=x.device).expand_as(all_scores)
+        num_codes = candidates.shape[-1]
+        parent, codes = chosen // num_codes, candidates.flatten(-2).gather(-1, chosen)
+        parent_rows = _take(rows, parent)
+        quantized, loss = _rebuild(layer, parent_rows, codes, row_mask, orthogonal, rvq.training, freeze_codebook)
+        history.extend(parent, codes if row_mask is None else codes.masked_fill(~row_mask[:, None], -1), loss,
+                       parent_rows.detach())
+        quantized_out = _take(quantized_out, parent) + quantized
+        rows = parent_rows - _frac_gradient(quantized, rvq.quant_grad_frac)
+    indices, losses, residuals = history.best()
+    if row_mask is not None:
+        losses = torch.where(row_mask[:, None], losses, 0.0).sum(0) / row_mask.sum().clamp_min(1e-4)
+    else:
+        losses = losses.mean(0) if losses.shape[0] else losses.sum(0)  # no rows: 0, as the greedy levels say
+    # vqp 1.32 keeps the beam axis of its level inputs, (..., 1, l, d)[..., 0, :] -> (..., 1, d): only
+    # level 0 then gets its codebook step, and a shared codebook's dead codes are drawn from level 0's
+    # inputs. Reproduced, so that training with beam search learns the same codebooks.
+    residuals = residuals[:, :1].reshape(*prefix, 1, width)
+    indices = indices.reshape(*prefix, indices.shape[-1])
+    if rvq.training:
+        rvq.layers[0].update_indices(residuals[..., 0, :], indices[..., 0], mask=mask)
+    return quantized_out[:, 0].reshape(*prefix, width), indices, losses, residuals
+
+
+def _check_beam_search(rvq, x: Tensor, mask) -> None:
+    layer = rvq.layers[0]
+    if rvq.accept_image_fmap or layer.layout.fmap_ndim is not None or not layer.channel_last:
+        raise ValueError("beam search needs channel-last inputs (..., dim): vector-quantize-pytorch 1.32's beam "
+                         "search fails on image/3d feature maps and channel_last=False")
+    if x.dim() < 2:
+        raise ValueError(f"beam search needs x of shape (B, ..., dim), got {short_repr(x)}")
+    if rvq.training and not layer.has_commitment_loss:
+        raise ValueError("beam search in training needs commitment_weight > 0: the candidates are scored by their "
+                         "commitment loss (vector-quantize-pytorch 1.32 fails without one)")
+    for name, default in (("stochastic_sample_codes", False), ("codebook_diversity_loss_weight", 0.0),
+                          ("commitment_use_cross_entropy_loss", False)):
+        value = getattr(layer, name, default)
+        if value != default:
+            raise ValueError(f"beam search with {name}={short_repr(value)} is not implemented in fastvq")
+    if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"mask must have shape {tuple(x.shape[:-1])} (x's shape without dim), got {short_repr(mask)}")
+
+
+def _expand(layer, rows: Tensor, row_mask: Tensor | None, beam: int, training: bool):
+    """Each beam's k nearest codes (M, beams, k) and their losses (M, beams, k) without a
+    gradient, vqp's VectorQuantize(topk=k) values; plus the level's orthogonal loss or None."""
+    from .. import nearest_codes  # fastvq's fused top-k search
+
+    state = layer._codebook
+    num_rows, beams, width = rows.shape
+    inputs = _transform(layer, rows.detach())
+    if state._kmeans_pending:  # the first forward initialises the codebook, in any mode, as in vqp
+        kept = inputs if row_mask is None else inputs[row_mask]
+        state.init_embed_(kept.reshape(1, -1, width).to(torch.float32))
+    k = min(beam, layer.codebook_size)
+    codebook = state.embed.detach()[0]
+    search = inputs.reshape(-1, width).to(compute_dtype(inputs.dtype))
+    candidates, _ = nearest_codes(search, codebook.to(search.dtype), k, backend=layer.backend)
+    candidates = candidates.view(num_rows, beams, k)
+    orthogonal = _orthogonal(layer, candidates) if training else None
+    losses = torch.empty(num_rows, beams, k, dtype=torch.promote_types(rows.dtype, torch.float32), device=rows.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, beams * k * width))
+    with torch.no_grad():
+        for start in range(0, num_rows, step):
+            part = slice(start, start + step)
+            codes = codebook.to(torch.float32)[candidates[part]].to(rows.dtype)
+            chunk_mask = None if row_mask is None else row_mask[part]
+            losses[part] = _commitment(layer, codes, inputs[part].unsqueeze(-2), chunk_mask, orthogonal, training)
+    return candidates, losses, orthogonal
+
+
+def _rebuild(layer, parent_rows: Tensor, codes: Tensor, row_mask: Tensor | None, orthogonal, training: bool,
+             frozen: bool):
+    """The chosen candidates (M, beams, d) with vqp's gradients: the straight-through or rotated
+    code for each, its loss, and vqp's masked values."""
+    state = layer._codebook
+    live = state.embed if state.learnable_codebook else state.embed.detach()
+    inputs = _transform(layer, parent_rows)
+    quantized = live[0].to(torch.float32)[codes].to(parent_rows.dtype)
+    if training:
+        detach = not layer.learnable_codebook or frozen
+        commit = quantized.detach() if detach else quantized
+        if parent_rows.requires_grad and layer.route_gradients_to_input:
+            quantized = _rotate_to(inputs, quantized) if layer.rotation_trick else inputs + (quantized - inputs).detach()
+        loss = _commitment(layer, commit, inputs, row_mask, orthogonal, training)
+    else:
+        loss = _commitment(layer, quantized, inputs, row_mask, None, training)
+    if row_mask is not None:
+        fill = torch.zeros_like(parent_rows) if layer.return_zeros_for_masked_padding else parent_rows
+        quantized = torch.where(row_mask[:, None, None], quantized, fill)
+    return quantized, loss
+
+
+def _commitment(layer, codes: Tensor, inputs: Tensor, row_mask, orthogonal, training: bool) -> Tensor:
+    """vqp's per-candidate loss: mean squared error over d (0 on masked rows), times the
+    commitment weight (in eval only when the level has a commitment loss), plus the orthogonal term."""
+    loss = F.mse_loss(codes, inputs.expand_as(codes), reduction="none").mean(-1)
+    if row_mask is not None:
+        loss = torch.where(row_mask.view(-1, *([1] * (loss.dim() - 1))), loss, 0.0)
+    if training or layer.has_commitment_loss:
+        loss = loss * layer.commitment_weight
+    if orthogonal is not None:
+        loss = loss + orthogonal
+    return loss
+
+
+def _orthogonal(layer, candidates: Tensor) -> Tensor | None:
+    """The level's weighted orthogonal loss, drawn as vqp draws it (over all candidates' codes)."""
+    from .vector_quantizer import _orthogonal_loss
+
+    if not layer.has_codebook_orthogonal_loss:
+        return None
+    codebook = layer._codebook.embed
+    if layer.orthogonal_reg_active_codes_only:
+        codebook = codebook[:, torch.unique(candidates)]
+    num_codes = codebook.shape[-2]
+    if layer.orthogonal_reg_max_codes is not None and num_codes > layer.orthogonal_reg_max_codes:
+        codebook = codebook[:, torch.randperm(num_codes, device=codebook.device)[:layer.orthogonal_reg_max_codes]]
+    return _orthogonal_loss(codebook) * layer.orthogonal_reg_weight
+
+
+def _transform(layer, rows: Tensor) -> Tensor:
+    return F.normalize(rows, dim=-1, eps=1e-6) if layer.use_cosine_sim else rows
+
+
+def _rotate_to(src: Tensor, tgt: Tensor) -> Tensor:
+    """vqp's rotate_to (the rotation trick, arXiv 2410.06424 §4.2) with its exact sequence of ops,
+    on rows packed to (R, d) as vqp packs them."""
+    shape = src.shape
+    src, tgt = src.reshape(-1, shape[-1]), tgt.reshape(-1, shape[-1])
+    norm_src = src.norm(dim=-1, keepdim=True)
+    norm_tgt = tgt.norm(dim=-1, keepdim=True)
+    u, q, e = src / norm_src.clamp(min=1e-6), tgt / norm_tgt.clamp(min=1e-6), src.unsqueeze(1)
+    w = F.normalize(u + q, p=2, dim=1, eps=1e-6).detach()
+    rotated = e - 2 * (e @ w.unsqueeze(2) @ w.unsqueeze(1)) + 2 * (e @ u.detach().unsqueeze(2) @ q.detach().unsqueeze(1))
+    rotated = rotated.squeeze(1) * (norm_tgt / norm_src.clamp(min=1e-6)).detach()
+    return rotated.reshape(shape)
+
+
+def _frac_gradient(t: Tensor, frac: float) -> Tensor:
+    if frac <= 0:
+        return t.detach()
+    return frac * t + (1.0 - frac) * t.detach()
+
+
+def _take(t: Tensor, parent: Tensor) -> Tensor:
+    """t (M, beams, ...) at beams parent (M, b') -> (M, b', ...)."""
+    index = parent.view(*parent.shape, *([1] * (t.dim() - 2))).expand(*parent.shape, *t.shape[2:])
+    return t.gather(1, index)
+
+
+class _History:
+    """The chosen path of every beam: indices (M, beams, l), losses (M, beams, l) and the level
+    inputs (M, beams, l, d), reordered by each level's choice."""
+
+    def __init__(self):
+        self.indices = self.losses = self.residuals = None
+
+    def extend(self, parent: Tensor, codes: Tensor, loss: Tensor, residual: Tensor) -> None:
+        if self.indices is None:
+            self.indices, self.losses, self.residuals = codes[..., None], loss[..., None], residual[..., None, :]
+            return
+        self.indices = torch.cat([_take(self.indices, parent), codes[..., None]], dim=-1)
+        self.losses = torch.cat([_take(self.losses, parent), loss[..., None]], dim=-1)
+        self.residuals = torch.cat([_take(self.residuals, parent), residual[..., None, :]], dim=-2)
+
+    def drop_level(self) -> None:
+        self.indices = torch.cat([self.indices, torch.full_like(self.indices[..., :1], -1)], dim=-1)
+        self.losses = torch.cat([self.losses, torch.zeros_like(self.losses[..., :1])], dim=-1)
+
+    def best(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.indices[:, 0], self.losses[:, 0], self.residuals[:, 0]
