@@ -156,7 +156,7 @@ class SideBySide:
                               None if b_exact is None else getattr(b_exact, name).detach(), f"step {step} {name}")
         upstream = torch.randn(q_ref.shape, generator=torch.Generator().manual_seed(step))
         for q, loss in [(q_ref, l_ref), (q_fast, l_fast), (q_exact, l_exact)][:len(self.modules())]:
-            total = (q * upstream.to(q.dtype)).sum() + (loss if loss.requires_grad else 0)
+            total = (q * upstream.to(q.dtype)).sum() + (loss.sum() if loss.requires_grad else 0)  # top-k: per code
             if total.requires_grad:
                 total.backward()
         if requires_grad:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fastvq.nn import softmax_losses
-from fastvq.nn.softmax_losses import GumbelStraightThrough, code_logits, softmax_losses as streamed
-
 from conftest import TOLERANCES
 from test_parity_vector_quantize import CODES, DIM, STEPS, SideBySide, backend  # noqa: F401  (fixture)
+
+from fastvq.nn import softmax_losses
+from fastvq.nn.softmax_losses import GumbelStraightThrough, code_logits
+from fastvq.nn.softmax_losses import softmax_losses as streamed
 
 pytest.importorskip("vector_quantize_pytorch")
 
@@ -64,7 +64,7 @@ def test_forward_with_indices_matches_vector_quantize(name, mode, backend):
     for step in range(STEPS):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(step))
         given = torch.randint(-1, CODES, index_shape, generator=torch.Generator().manual_seed(40 + step))
-        _run_side_by_side(pair, x, step, lambda module, inp: module(inp, indices=given))
+        _run_side_by_side(pair, x, step, lambda module, inp, given=given: module(inp, indices=given))
 
 
 def test_forward_with_indices_checks_them():
@@ -162,3 +162,83 @@ def test_streamed_gumbel_straight_through_gradient_equals_vqps(monkeypatch):
         grads.append((r.grad, e.grad))
     for want, got in zip(*grads):
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+
+
+# ---- topk: the k nearest codes (fastvq.nearest_codes), vqp's per-code loss, no codebook update ---------
+TOPK_CONFIGS = {
+    "defaults": (dict(), (2, 12, DIM), 3),
+    "straight_through_estimator": (dict(rotation_trick=False), (2, 12, DIM), 2),
+    "cosine": (dict(use_cosine_sim=True), (2, 12, DIM), 3),
+    "learnable": (dict(ema_update=False, learnable_codebook=True), (2, 12, DIM), 3),
+    "projection": (dict(codebook_dim=4), (2, 12, DIM), 4),
+    "no_commitment_diversity_orthogonal": (dict(commitment_weight=0.0, codebook_diversity_loss_weight=0.3,
+                                                orthogonal_reg_weight=0.2), (2, 12, DIM), 3),
+    "dead_codes_untouched": (dict(threshold_ema_dead_code=2), (2, 12, DIM), 2),
+    "kmeans_init": (dict(kmeans_init=True, kmeans_iters=3), (3, 12, DIM), 2),
+    "image_fmap": (dict(accept_image_fmap=True), (2, DIM, 3, 4), 3),
+    "fmap_3d": (dict(accept_3d_fmap=True), (2, DIM, 2, 3, 2), 2),
+    "channel_first": (dict(channel_last=False), (2, DIM, 12), 3),
+    "one_token": (dict(), (5, DIM), 3),
+    "k_clipped_to_codebook_size": (dict(), (2, 5, DIM), CODES + 4),
+}
+
+
+def _skip_without_topk_kernel(backend):
+    from fastvq.backends.cpu import CpuBackend
+
+    reasons = CpuBackend().op_not_supported_reasons("nearest_codes") if backend == "cpu" else []
+    if reasons:
+        pytest.skip(f"the cpu top-k kernel has not landed: {reasons[0]}")
+
+
+@pytest.mark.parametrize("name", list(TOPK_CONFIGS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_topk_matches_vector_quantize(name, mode, backend):
+    _skip_without_topk_kernel(backend)
+    kwargs, shape, k = TOPK_CONFIGS[name]
+    pair = SideBySide.build(kwargs, backend)
+    pair.train(mode == "train")
+    for step in range(STEPS):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(step))
+        pair.step(x, step, dict(topk=k))
+
+
+@pytest.mark.parametrize("use_lens", [False, True])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_topk_with_a_mask_matches_vector_quantize(use_lens, mode, backend):
+    _skip_without_topk_kernel(backend)
+    pair = SideBySide.build(dict(return_zeros_for_masked_padding=mode == "train"), backend)
+    pair.train(mode == "train")
+    for step in range(STEPS):
+        x = torch.randn(3, 10, DIM, generator=torch.Generator().manual_seed(step))
+        lens = torch.tensor([10, 4, 7 - step])
+        masking = dict(lens=lens) if use_lens else dict(mask=torch.arange(10) < lens[:, None])
+        pair.step(x, step, dict(topk=3, **masking))
+
+
+def test_topk_above_the_kernels_limit_matches_vector_quantize():
+    import vector_quantize_pytorch as vqp
+
+    torch.manual_seed(0)
+    reference = vqp.VectorQuantize(DIM, 80).eval()
+    from fastvq import FastVectorQuantizer
+
+    fast = FastVectorQuantizer(DIM, 80, backend="torch").eval()
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 7, DIM, generator=torch.Generator().manual_seed(1))
+    (q_ref, i_ref, l_ref), (q_fast, i_fast, l_fast) = reference(x, topk=70), fast(x, topk=70)
+    assert torch.equal(i_fast, i_ref)
+    torch.testing.assert_close(q_fast, q_ref, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(l_fast, l_ref, **TOLERANCES[torch.float32])
+
+
+def test_topk_arguments_vqp_refuses_are_refused():
+    from fastvq import FastVectorQuantizer
+
+    x = torch.randn(2, 5, DIM)
+    with pytest.raises(ValueError, match=r"topk must be an int >= 1 .*got 0"):
+        FastVectorQuantizer(DIM, CODES)(x, topk=0)
+    with pytest.raises(ValueError, match=r"topk needs heads == 1 .*got heads=2"):
+        FastVectorQuantizer(DIM, CODES, heads=2)(x, topk=2)
+    with pytest.raises(ValueError, match=r"not compatible with commitment_use_cross_entropy_loss=True"):
+        FastVectorQuantizer(DIM, CODES, commitment_use_cross_entropy_loss=True)(x, topk=2)

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import ops
+from .. import ops, reference
 from ..checks import short_repr
-from ..numerics import compute_dtype
+from ..numerics import NEAREST_CODES_MAX_K, compute_dtype
 
 
 class QuantizeGathered(torch.autograd.Function):
@@ -110,3 +110,15 @@ def indices_to_rows(indices: Tensor, batch: int, length: int, heads: int, separa
     if separate:
         return per_head.permute(2, 0, 1).reshape(heads, batch * length)
     return per_head.permute(0, 2, 1).reshape(1, batch * heads * length)
+
+
+def nearest_codes_rows(rows: Tensor, codebook: Tensor, k: int, backend: str) -> Tensor:
+    """Top-k nearest codes (C, M, k) of rows (C, M, d) in codebooks (C, K, d), nearest first:
+    fastvq.nearest_codes, or for k above its limit the chunked reference (never N×K at once)."""
+    picks = []
+    for c in range(rows.shape[0]):
+        if k <= NEAREST_CODES_MAX_K:
+            picks.append(ops.nearest_codes(rows[c], codebook[c], k, backend)[0])
+        else:
+            picks.append(reference.nearest_codes(rows[c], codebook[c], k)[0])
+    return torch.stack(picks)

@@ -167,7 +167,7 @@ def dense_softmax_losses(logits: Tensor, targets: Tensor | None, *, cross_entrop
                          positions: int = 1, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """SoftmaxLosses' two terms from logits (C, M, K) a codebook_transform_fn already made, in vqp's
     own torch expressions."""
-    num_codebooks, num_rows, num_codes = logits.shape
+    num_codebooks, _, num_codes = logits.shape
     ce = diversity_loss = logits.new_zeros(())
     if cross_entropy:
         ce = F.cross_entropy(logits.reshape(-1, num_codes), targets.reshape(-1).long(), ignore_index=-1)

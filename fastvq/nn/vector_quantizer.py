@@ -19,18 +19,25 @@ from torch import Tensor, nn
 from .. import ops
 from ..checks import check_float_tensor, short_repr
 from ..dispatch import check_backend_argument
-from .code_choice import indices_to_rows, quantize_gathered, transformed_codebook_choice
+from .code_choice import (
+    indices_to_rows,
+    nearest_codes_rows,
+    quantize_gathered,
+    transformed_codebook_choice,
+)
 from .codebook import Codebook
 from .compat import check_vector_quantize_arguments, reject_unsupported_forward
 from .distributed import is_distributed
+from .index_methods import IndexMethods, select_rows
 from .layout import ChannelLayout, merge_heads, split_heads
 from .softmax_losses import GumbelStraightThrough, dense_softmax_losses, softmax_losses
 from .stats import code_counts, codebook_stats
+from .topk import TopkMethods, topk_layout
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
 
-class FastVectorQuantizer(nn.Module):
+class FastVectorQuantizer(IndexMethods, TopkMethods, nn.Module):
     """Drop-in for ``vector_quantize_pytorch.VectorQuantize`` (same kwargs, defaults and returns).
 
     forward(x, mask=None, lens=None, freeze_codebook=None, return_loss_breakdown=False,
@@ -160,72 +167,17 @@ class FastVectorQuantizer(nn.Module):
         """The EMA codebook step from the accumulated statistics (for ``manual_ema_update=True``)."""
         self._codebook.update_ema()
 
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """vqp's: codebook rows for indices (B, ...) or (B, ..., heads) with one codebook per head
-        (merged to heads·d); channel-first layouts put the code dimension at axis 1."""
-        if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"indices must be an int64 or int32 tensor, got {short_repr(indices)}")
-        codebook = self.codebook
-        if indices.numel() and (int(indices.min()) < -self.codebook_size or int(indices.max()) >= self.codebook_size):
-            raise ValueError(f"indices must lie in [-codebook_size, codebook_size) = [{-self.codebook_size}, "
-                             f"{self.codebook_size}) (negative ones count from the end, as vqp's indexing does), "
-                             f"got values in [{int(indices.min())}, {int(indices.max())}]")
-        if codebook.dim() == 2:
-            codes = codebook[indices]
-        else:
-            if indices.dim() < 2 or indices.shape[-1] != self.heads:
-                raise ValueError(f"indices must have shape (B, ..., heads) with heads == {self.heads}, "
-                                 f"got {short_repr(indices)}")
-            heads = torch.arange(self.heads, device=indices.device)
-            codes = codebook[heads, indices].flatten(-2)
-        if (self.layout.fmap_ndim is not None or not self.channel_last) and codes.dim() >= 2:  # vqp's rule
-            codes = codes.movedim(-1, 1)
-        return codes
-
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        return self.project_out(self.get_codes_from_indices(indices))
-
-    @torch.no_grad()
-    def update_indices(self, x: Tensor, indices: Tensor, mask: Tensor | None = None) -> None:
-        """vqp's update_indices: the codebook step (EMA statistics, EMA update, dead codes) from x
-        and given indices (−1 counts as code 0, as in vqp), without a search."""
-        check_float_tensor("x", x)
-        mask = self._sequence_mask(x, mask, None)
-        sequence = self.layout.to_sequence(x, self.dim)
-        rows = split_heads(self.project_in(sequence), self.heads, self.separate_codebook_per_head)
-        if self.use_cosine_sim:
-            rows = F.normalize(rows, dim=-1, eps=1e-6)
-        per_row = indices.reshape(sequence.shape[0], sequence.shape[1], self.heads)
-        row_indices = split_heads(per_row, self.heads, self.separate_codebook_per_head).squeeze(-1)
-        row_indices = row_indices.masked_fill(row_indices == -1, 0).long()
-        row_mask = None if mask is None else self._row_mask(mask)
-        self._codebook.update_codebook_(_select(rows.to(torch.float32), row_mask, self.codebook_dim),
-                                        _select(row_indices, row_mask, None), ema_update=self._codebook.ema_update)
-
-    update_ema_indices = update_indices
-
-    @torch.no_grad()
-    def expire_codes_(self, x: Tensor) -> None:
-        """vqp's expire_codes_: replace dead codes by rows of x, given in the codebook's input space
-        (B, N, heads·codebook_dim), l2-normalised for cosine similarity before the head split."""
-        if self.use_cosine_sim:
-            x = F.normalize(x, dim=-1, eps=1e-6)
-        rows = split_heads(x.reshape(x.shape[0], -1, x.shape[-1]), self.heads, self.separate_codebook_per_head)
-        self._codebook.expire_codes_(rows.to(torch.float32))
-
-    def update_in_place_optimizer(self) -> None:
-        """vqp's in-place codebook optimizer is not implemented (the constructor refuses it)."""
-
     def forward(self, x: Tensor, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
                 freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
                 ema_update_weight=None, accum_ema_update=False, ema_update=None, *, return_stats=False):
-        reject_unsupported_forward(type(self).__name__, topk=topk)
+        reject_unsupported_forward(type(self).__name__)
         check_float_tensor("x", x)
         if x.device != self._codebook.embed.device:
             raise ValueError(f"x must be on the codebook's device {self._codebook.embed.device}, got {x.device}")
         if codebook_transform_fn is not None and not callable(codebook_transform_fn):
             raise TypeError(f"codebook_transform_fn must be callable, got {short_repr(codebook_transform_fn)}")
         temperature = self.sample_codebook_temp if sample_codebook_temp is None else float(sample_codebook_temp)
+        topk = self._check_topk(topk)
         frozen = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
         mask = self._sequence_mask(x, mask, lens)
         sequence = self.layout.to_sequence(x, self.dim)  # (B, N, dim)
@@ -242,7 +194,7 @@ class FastVectorQuantizer(nn.Module):
         with _no_autocast(x.device.type):
             quantized, row_indices, commit_loss, counts, codebook, logits = self._quantize_rows(
                 rows, row_mask, sequence, frozen, x.requires_grad, ema_update, ema_update_weight,
-                accum_ema_update, return_stats, temperature, codebook_transform_fn)
+                accum_ema_update, return_stats, temperature, codebook_transform_fn, topk)
             if targets is not None:
                 cross_entropy, _ = self._softmax_terms(rows, codebook, logits, targets, False, length)
                 # vqp's codebook layout: (B, N, d) with one head, else (heads, B, N, d) or (1, B·heads, N, d)
@@ -257,16 +209,25 @@ class FastVectorQuantizer(nn.Module):
                     self.has_codebook_diversity_loss, length)
                 if self.has_commitment_loss and self.commitment_use_cross_entropy_loss:
                     commit_loss = cross_entropy * self.commitment_weight
-        indices = merge_heads(row_indices, batch, self.heads, self.separate_codebook_per_head)
-        indices = indices.squeeze(-1) if self.heads == 1 else indices
-        loss, breakdown = self._loss(commit_loss, indices, diversity)
-        quantized = merge_heads(quantized, batch, self.heads, self.separate_codebook_per_head).flatten(-2)
+        if topk is not None:  # (1, M, k, ...) -> (B, N, k, ...); one head
+            indices, quantized = row_indices.view(batch, length, topk), quantized.view(batch, length, topk, -1)
+            loss, breakdown = self._topk_loss(commit_loss, indices, diversity, tuple(x.shape))
+        else:
+            indices = merge_heads(row_indices, batch, self.heads, self.separate_codebook_per_head)
+            indices = indices.squeeze(-1) if self.heads == 1 else indices
+            loss, breakdown = self._loss(commit_loss, indices, diversity)
+            quantized = merge_heads(quantized, batch, self.heads, self.separate_codebook_per_head).flatten(-2)
         quantized = self.project_out(quantized)
         if mask is not None:
             fill = torch.zeros_like(sequence) if self.return_zeros_for_masked_padding else sequence
-            quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
+            if topk is not None:
+                fill = fill.unsqueeze(2)
+            quantized = torch.where(mask.view(*mask.shape, *([1] * (quantized.dim() - 2))), quantized, fill)
             indices = torch.where(mask.view(*mask.shape, *([1] * (indices.dim() - 2))), indices, -1)
-        quantized = self.layout.from_sequence(quantized, tuple(x.shape))
+        if topk is not None:
+            quantized = topk_layout(self.layout, quantized, tuple(x.shape))
+        else:
+            quantized = self.layout.from_sequence(quantized, tuple(x.shape))
         indices = indices.reshape(*self.layout.indices_shape(tuple(x.shape)), *indices.shape[2:])
         result = (quantized, indices, loss)
         if return_loss_breakdown:
@@ -307,15 +268,17 @@ class FastVectorQuantizer(nn.Module):
         return mask[:, None, :].expand(batch, self.heads, length).reshape(1, -1)
 
     def _quantize_rows(self, rows, row_mask, sequence, frozen, input_requires_grad, ema_update, ema_update_weight,
-                       accum_ema_update, want_counts, temperature, transform_fn):
+                       accum_ema_update, want_counts, temperature, transform_fn, topk=None):
         """rows (C, M, d) -> quantized (C, M, d), indices (C, M), the weighted mean-squared commitment
         loss (or None), per-code counts (C, K) or None, the codebook the codes were chosen from
-        (C, K, d), and the logits (C, M, K) where a codebook_transform_fn made them (else None)."""
+        (C, K, d), and the logits (C, M, K) where a codebook_transform_fn made them (else None).
+        With topk (C = 1): quantized (1, M, k, d), indices (1, M, k) and vqp's unweighted per-code
+        commitment loss (M, k) in any mode; the codebook does not change (vqp's rule)."""
         codebook_state = self._codebook
         num_codebooks, _, dim = rows.shape
         if codebook_state._kmeans_pending:  # on the first forward, in any mode, as in vqp
-            codebook_state.init_embed_(_select(rows.detach().to(torch.float32), row_mask, dim))
-        update = self.training and not frozen
+            codebook_state.init_embed_(select_rows(rows.detach().to(torch.float32), row_mask, dim))
+        update = self.training and not frozen and topk is None
         ema_now = codebook_state.ema_update if ema_update is None else bool(ema_update)
         learns = self.learnable_codebook and not frozen
         live = codebook_state.embed if codebook_state.learnable_codebook else codebook_state.embed.detach()
@@ -335,7 +298,12 @@ class FastVectorQuantizer(nn.Module):
             chosen, gathered, logits = transformed_codebook_choice(
                 rows, codebook, transform_fn, sequence.shape[0] * (1 if self.separate_codebook_per_head else self.heads),
                 self.use_cosine_sim, self.training and self.stochastic_sample_codes and temperature > 0,
-                temperature, gumbel, None)
+                temperature, gumbel, topk)
+        elif topk is not None:
+            chosen = nearest_codes_rows(rows.detach(), codebook.detach(), topk, self.backend)
+            gathered = torch.stack([codebook[c][chosen[c]] for c in range(num_codebooks)])
+        if topk is not None:
+            return self._topk_rows(rows, row_mask, chosen, gathered, route, learns, want_counts) + (codebook, logits)
         quantized, indices, losses = [], [], []
         for c in range(num_codebooks):
             if chosen is not None:
@@ -378,10 +346,10 @@ class FastVectorQuantizer(nn.Module):
         counts = None
         if update and (ema_now or codebook_state.has_dead_code_replacement):
             counts = codebook_state.update_codebook_(
-                _select(rows.detach().to(torch.float32), row_mask, dim), _select(indices, row_mask, None),
+                select_rows(rows.detach().to(torch.float32), row_mask, dim), select_rows(indices, row_mask, None),
                 ema_update=ema_now, ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update)
         elif want_counts:
-            counts = torch.stack([code_counts(i, self.codebook_size) for i in _select(indices, row_mask, None)])
+            counts = torch.stack([code_counts(i, self.codebook_size) for i in select_rows(indices, row_mask, None)])
         return quantized, indices, commit, counts, codebook, logits
 
     def _softmax_terms(self, rows, codebook, logits, targets, diversity: bool, length: int):
@@ -428,14 +396,6 @@ def _projections(dim: int, codebook_input_dim: int, layernorm: bool) -> tuple[nn
     if layernorm:
         project_in = nn.Sequential(project_in, nn.LayerNorm(codebook_input_dim))
     return project_in, nn.Linear(codebook_input_dim, dim)
-
-
-def _select(tensor: Tensor, row_mask: Tensor | None, dim: int | None) -> Tensor:
-    """The rows (C, M[, d]) where row_mask (C, M) is True, as (C, M', [d]) (same M' per codebook)."""
-    if row_mask is None:
-        return tensor
-    picked = tensor[row_mask]
-    return picked.view(tensor.shape[0], -1, dim) if dim is not None else picked.view(tensor.shape[0], -1)
 
 
 def _orthogonal_loss(codebook: Tensor) -> Tensor:
