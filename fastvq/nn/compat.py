@@ -15,10 +15,7 @@ from ..checks import short_repr
 # VectorQuantize.__init__ arguments (vqp 1.32) that fastvq does not implement, with the default
 # at which they change nothing.
 VECTOR_QUANTIZE_UNSUPPORTED = {
-    "commitment_use_cross_entropy_loss": False,
-    "codebook_diversity_loss_weight": 0.0,
     "stochastic_sample_codes": False,
-    "straight_through": False,
     "directional_reparam": False,
     "sync_affine_param": False,
     "vq_bridge": None,
@@ -27,33 +24,14 @@ VECTOR_QUANTIZE_UNSUPPORTED = {
     "sync_update_v": 0.0,
 }
 
-# VectorQuantize.forward arguments fastvq does not implement.
-FORWARD_UNSUPPORTED = {"indices": None, "topk": None, "codebook_transform_fn": None}
+# VectorQuantize.forward arguments fastvq does not implement: none (the table stays for the checks).
+FORWARD_UNSUPPORTED: dict = {}
 
 # ResidualVQ.__init__ kwargs fastvq does not implement (the rest go to each FastVectorQuantizer).
 RESIDUAL_VQ_UNSUPPORTED = {
-    "shared_codebook": False,
     "diveq": False,
-    "heads": 1,
-    "quantize_dropout": False,
-    "quantize_dropout_cutoff_index": 0,
-    "quantize_dropout_multiple_of": 1,
     "implicit_neural_codebook": False,
     "mlp_kwargs": {},
-    "beam_size": None,
-    "eval_beam_size": None,
-    "beam_score_quantizer_weights": None,
-    "quant_grad_frac": 0.0,
-    "return_zeros_for_masked_padding": True,
-}
-
-RESIDUAL_FORWARD_UNSUPPORTED = {
-    "mask": None,
-    "indices": None,
-    "return_all_codes": False,
-    "sample_codebook_temp": None,
-    "beam_size": None,
-    "rand_quantize_dropout_fixed_seed": None,
 }
 
 
@@ -110,7 +88,8 @@ def check_vector_quantize_arguments(owner: str, arguments: dict) -> None:
     if arguments["orthogonal_reg_max_codes"] is not None:
         _check_int("orthogonal_reg_max_codes", arguments["orthogonal_reg_max_codes"], 1)
     _check_real("decay", arguments["decay"], 0.0, 1.0)
-    for name in ("eps", "commitment_weight", "threshold_ema_dead_code", "orthogonal_reg_weight"):
+    for name in ("eps", "commitment_weight", "threshold_ema_dead_code", "orthogonal_reg_weight",
+                 "codebook_diversity_loss_weight", "codebook_diversity_temperature", "sample_codebook_temp"):
         _check_real(name, arguments[name], 0.0)
     if arguments["rotation_trick"] not in (None, True, False):
         raise TypeError(f"rotation_trick must be None, True or False, got {short_repr(arguments['rotation_trick'])}")
