@@ -3,17 +3,38 @@ fastvq CPU kernels (OpenMP + run-time AVX2 dispatch). Arrays: float32/int64, C-c
 Bindings: csrc/cpu/bindings.cpp; each kernel names its source file.
 """
 
+from collections.abc import Sequence
 from typing import Annotated
 
 from numpy.typing import NDArray
 
 
-def nearest_code(x: Annotated[NDArray, dict(writable=False)], codebook: Annotated[NDArray, dict(writable=False)], indices_out: NDArray, sqdist_out: NDArray, quantized_out: NDArray | None = None, num_threads: int = 0) -> None:
+def nearest_code(x: Annotated[NDArray, dict(writable=False)], codebook: Annotated[NDArray, dict(writable=False)], indices_out: NDArray, sqdist_out: NDArray, quantized_out: NDArray | None = None, num_threads: int = 0, *, cache_key: Sequence[int] = []) -> None:
     """
     indices_out[i] = argmin_k ||x[i] - codebook[k]||^2 (ties -> lowest k), sqdist_out[i] = that
     squared distance (computed directly), quantized_out[i] = codebook[indices_out[i]] if given.
-    num_threads <= 0 uses the OpenMP default.
+    num_threads <= 0 uses the OpenMP default. The search runs around search_centre(codebook); a
+    finite code or row too far from it raises ValueError. cache_key (ints that change whenever the
+    caller's codebook may have: identity, data pointer, shape, strides, version) reuses a cached pack;
+    empty: pack afresh.
     Source: csrc/cpu/nearest_code.cpp (micro-kernels: csrc/cpu/search_tile_*.cpp).
+    """
+
+def search_centre(codebook: Annotated[NDArray, dict(writable=False)], centre_out: NDArray, num_threads: int = 0) -> None:
+    """
+    centre_out = the per-dimension centre the searches run around (fastvq.numerics.search_centre's
+    rule). Source: csrc/cpu/pack_codebook.cpp.
+    """
+
+def empty_cache() -> int:
+    """
+    Drop every cached packed codebook; returns the bytes released (packs in use are freed when
+    their call ends). Source: csrc/cpu/pack_codebook.cpp.
+    """
+
+def pack_cache_bytes() -> int:
+    """
+    Bytes of packed codebooks the cache holds now (bounded by 256 MiB of idle packs).
     """
 
 def ema_stats(x: Annotated[NDArray, dict(writable=False)], indices: Annotated[NDArray, dict(writable=False)], counts_out: NDArray, sums_out: NDArray, num_threads: int = 0) -> None:

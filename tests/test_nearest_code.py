@@ -11,6 +11,7 @@ import torch
 
 import fastvq
 from fastvq import dispatch, reference
+from fastvq.numerics import search_centre
 
 from conftest import (NON_CONTIGUOUS_LAYOUTS, TOLERANCES, assert_sqdist, exact_inputs_with_duplicate_codes,
                       non_contiguous_rows, randn, skip_if_slow, to_cpu)
@@ -185,6 +186,85 @@ def test_nearest_code_non_finite_values_small(pair):
 def test_nearest_code_every_code_non_finite_gives_index_zero(pair):
     indices, _, _ = search(pair, randn(7, 4, seed=0), torch.full((3, 4), float("nan")))
     assert indices.tolist() == [0] * 7
+
+
+# ---- far from the origin: the centred search frame (issue 12, findings 5 and 6) ----------------
+def assert_nearest_centred(x, codebook, indices):
+    """assert_nearest in the frame centred on search_centre(codebook). Distances are translation
+    invariant, so this is the same question with the float32 slack of a search done in that frame
+    (the plain slack grows with ‖x‖², and at offset 1e4 would accept any code)."""
+    centre = search_centre(codebook).double()
+    reference.assert_nearest(x.double() - centre, codebook.double() - centre, indices)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4, 1e19])
+def test_nearest_code_far_from_the_origin_as_often_right_as_the_reference(pair, offset):
+    # x and codes = offset + N(0, 1)·spread, d = 16. Uncentred, the expansion ‖e‖² − 2x·e cancels:
+    # 29 % (1e3) and 99.6 % (1e4) wrong codes before the search was centred; the reference has none.
+    spread = 1.0 if offset < 1e6 else 1e15  # float32 spacing at 1e19 is about 1e12
+    x = offset + spread * randn(1030, 16, seed=1)
+    codebook = offset + spread * randn(257, 16, seed=2)
+    expected, _ = reference.nearest_code(x, codebook)
+    assert_nearest_centred(x, codebook, expected)  # the reference: no wrong code
+    indices, sqdist, quantized = search(pair, x, codebook)
+    assert_nearest_centred(x, codebook, indices)
+    assert_sqdist(x, codebook, indices, sqdist)
+    assert torch.equal(quantized, codebook[indices])
+
+
+def test_nearest_code_exact_inputs_far_from_the_origin(pair):
+    # Integers around 2^20: the centred values are small integers, so every distance stays exact.
+    x, codebook = exact_inputs_with_duplicate_codes(300, 257, 33, seed=7)
+    x, codebook = x + 2.0**20, codebook + 2.0**20
+    expected, expected_sqdist = reference.nearest_code(x.double(), codebook.double())
+    indices, sqdist, _ = search(pair, x, codebook)
+    torch.testing.assert_close(indices, expected, rtol=0, atol=0)
+    torch.testing.assert_close(sqdist, expected_sqdist.float(), rtol=0, atol=0)
+
+
+def test_nearest_code_out_of_float32_range_raises_naming_the_argument(pair):
+    # Beyond ‖v − c‖² <= FLT_MAX/8 (c: the centre of the finite codes) a float32 search could overflow.
+    codebook = randn(40, 16, seed=3)
+    far_code = codebook.clone()
+    far_code[7] = 3e37  # finite, but its centred squared norm overflows float32
+    with pytest.raises(ValueError, match=r"codebook row 7 is too far from the search centre.*FLT_MAX/8"):
+        search(pair, randn(5, 16, seed=4), far_code)
+    far_row = randn(5, 16, seed=4)
+    far_row[3] = -1e19
+    with pytest.raises(ValueError, match=r"x row 3 is too far from the search centre.*FLT_MAX/8"):
+        search(pair, far_row, codebook)
+    # A non-finite row is no range error: it follows the non-finite rule (index 0).
+    far_row[3] = float("inf")
+    indices, _, _ = search(pair, far_row, codebook)
+    assert int(indices[3]) == 0
+
+
+def test_search_centre_rule():
+    # Per dimension over the finite codes: mean and population std in float64, the mean rounded
+    # (half to even) to the power-of-two grid 2^ceil(log2 std); a constant dimension keeps its value.
+    codebook = torch.tensor([[1.0, 2.0, 3.0, 0.1], [3.0, 2.0, float("nan"), 0.3], [5.0, 2.0, 4.0, 0.2],
+                             [2.5, 2.0, 4.0, 0.2]])
+    rows = codebook[[0, 2, 3]].double()  # row 1 holds a NaN: left out of every dimension
+    mean, std = rows.mean(0), rows.std(0, correction=0)
+    grid = 2.0 ** torch.ceil(torch.log2(std))
+    expected = torch.where(std > 0, grid * torch.round(mean / grid), mean).float()
+    assert torch.equal(search_centre(codebook), expected)
+    assert search_centre(codebook).tolist()[:2] == [2.0, 2.0]  # mean 2.83, std 1.65: grid 2, 2·round(1.42)
+    assert torch.equal(search_centre(torch.full((3, 2), float("nan"))), torch.zeros(2))
+    assert torch.equal(search_centre(torch.tensor([[1.0], [3.0]])), torch.tensor([2.0]))  # std 1: grid 1
+
+
+@pytest.mark.parametrize("shape,offset", [((1000, 7), 100.0), ((257, 33), 0.0), ((5000, 16), 1e4), ((3, 1), -7.5)])
+def test_cpu_search_centre_matches_the_python_rule(shape, offset):
+    from fastvq.backends.cpu import _cpu
+
+    if _cpu is None:
+        pytest.skip("fastvq._cpu is not built")
+    codebook = offset + 3 * randn(*shape, seed=shape[0])
+    codebook[1, 0] = float("inf")
+    centre = torch.empty(shape[1])
+    _cpu.search_centre(codebook, centre)
+    torch.testing.assert_close(centre, search_centre(codebook), rtol=0, atol=0)
 
 
 # ---- the dispatcher --------------------------------------------------------------------------

@@ -8,15 +8,18 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstdint>
 #include <limits>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/nb_args.h"
 #include "cpu/kernels.h"
+#include "cpu/pack_codebook.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -57,7 +60,7 @@ void check_rows_by_d(const ArrayArg& a, int64_t n, int64_t d) {
 }
 
 void nearest_code(In x_, In codebook_, Out indices_out_, Out sqdist_out_,
-                  std::optional<Out> quantized_out_, int num_threads) {
+                  std::optional<Out> quantized_out_, int num_threads, const std::vector<int64_t>& cache_key) {
   const ArrayArg x = describe("x", x_);
   const auto [n, d] = check_x(x);
   const ArrayArg codebook = describe("codebook", codebook_);
@@ -70,8 +73,21 @@ void nearest_code(In x_, In codebook_, Out indices_out_, Out sqdist_out_,
   if (quantized_out) check_rows_by_d(*quantized_out, n, d);
 
   nb::gil_scoped_release release;
-  fastvq::cpu::nearest_code(x.as<const float>(), n, d, codebook.as<const float>(), k, indices_out.as<int64_t>(),
+  fastvq::cpu::nearest_code(x.as<const float>(), n, d, codebook.as<const float>(), k,
+                            {cache_key.data(), static_cast<int64_t>(cache_key.size())}, indices_out.as<int64_t>(),
                             sqdist_out.as<float>(), as_or_null<float>(quantized_out), num_threads);
+}
+
+void search_centre(In codebook_, Out centre_out_, int num_threads) {
+  const ArrayArg codebook = describe("codebook", codebook_);
+  check_array(codebook, "float32");
+  check_shape(codebook, {kAnySize, kAnySize}, "(K, d)");
+  const int64_t k = codebook.size(0), d = codebook.size(1);
+  const ArrayArg centre_out = describe("centre_out", centre_out_);
+  check_array(centre_out, "float32");
+  check_shape(centre_out, {d}, "(d,) with d == codebook.shape[1]");
+  nb::gil_scoped_release release;
+  fastvq::cpu::search_centre(codebook.as<const float>(), k, d, centre_out.as<float>(), num_threads);
 }
 
 void ema_stats(In x_, In indices_, Out counts_out_, Out sums_out_, int num_threads) {
@@ -127,11 +143,23 @@ NB_MODULE(_cpu, m) {
             "Bindings: csrc/cpu/bindings.cpp; each kernel names its source file.";
 
   m.def("nearest_code", &nearest_code, "x"_a, "codebook"_a, "indices_out"_a, "sqdist_out"_a,
-        "quantized_out"_a = nb::none(), "num_threads"_a = 0,
+        "quantized_out"_a = nb::none(), "num_threads"_a = 0, nb::kw_only(),
+        "cache_key"_a = std::vector<int64_t>(),
         "indices_out[i] = argmin_k ||x[i] - codebook[k]||^2 (ties -> lowest k), sqdist_out[i] = that\n"
         "squared distance (computed directly), quantized_out[i] = codebook[indices_out[i]] if given.\n"
-        "num_threads <= 0 uses the OpenMP default.\n"
+        "num_threads <= 0 uses the OpenMP default. The search runs around search_centre(codebook); a\n"
+        "finite code or row too far from it raises ValueError. cache_key (ints that change whenever the\n"
+        "caller's codebook may have: identity, data pointer, shape, strides, version) reuses a cached pack;\n"
+        "empty: pack afresh.\n"
         "Source: csrc/cpu/nearest_code.cpp (micro-kernels: csrc/cpu/search_tile_*.cpp).");
+  m.def("search_centre", &search_centre, "codebook"_a, "centre_out"_a, "num_threads"_a = 0,
+        "centre_out = the per-dimension centre the searches run around (fastvq.numerics.search_centre's\n"
+        "rule). Source: csrc/cpu/pack_codebook.cpp.");
+  m.def("empty_cache", [] { return fastvq::cpu::empty_pack_cache(); },
+        "Drop every cached packed codebook; returns the bytes released (packs in use are freed when\n"
+        "their call ends). Source: csrc/cpu/pack_codebook.cpp.");
+  m.def("pack_cache_bytes", [] { return fastvq::cpu::pack_cache_bytes(); },
+        "Bytes of packed codebooks the cache holds now (bounded by 256 MiB of idle packs).");
   m.def("ema_stats", &ema_stats, "x"_a, "indices"_a, "counts_out"_a, "sums_out"_a, "num_threads"_a = 0,
         "counts_out[k] = #{i: indices[i] == k}, sums_out[k] = sum of x[i] over those i (overwritten).\n"
         "Bitwise identical for any num_threads. Source: csrc/cpu/ema_stats.cpp.");

@@ -10,8 +10,9 @@
 
 namespace fastvq::cpu {
 
-// ---- codebook packing, shared by every SIMD level ----
-// The codebook is packed once per nearest_code call into panels of kPanel codes:
+// ---- codebook packing, shared by every SIMD level (pack_codebook.h) ----
+// The codebook is packed (or taken from the pack cache) per call into panels of kPanel codes,
+// in the centred frame of pack_codebook.h (c = the search centre; below, e means e - c):
 //   panels[q][p][j] = -2 * codebook[q*kPanel + j][p]      (q < K_pad/kPanel, p < d, j < kPanel)
 //   norms[q][j]     = ||codebook[q*kPanel + j]||^2
 // Codes past K (padding up to a multiple of kPanel) have panels 0 and norm +inf, so they
@@ -21,7 +22,7 @@ constexpr int kPanel = 16;
 // Rows per micro-kernel tile (6 rows x 16 codes = 12 ymm accumulators on AVX2).
 constexpr int kTileRows = 6;
 
-// Before the search, each tile of kTileRows rows of x is packed as xpack[p][r] = x[r][p]
+// Before the search, each tile of kTileRows rows of x is packed as xpack[p][r] = x[r][p] - c[p]
 // (p < d, r < kTileRows), rows past N zero-filled, so the kernel broadcasts from one stream.
 //
 // Search one packed tile against `npanels` consecutive packed panels whose first code has
@@ -67,7 +68,14 @@ int max_threads();
 int resolve_threads(int num_threads);  // <= 0 -> OpenMP default; always >= 1
 
 // ---- ops (arguments validated by the caller; indices already checked to be in [0, K)) ----
-void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, int64_t k,
+// What identifies the caller's codebook tensor for the pack cache (pack_codebook.h: packed_codebook);
+// size 0: never look up a cached pack.
+struct CacheKey {
+  const int64_t* data = nullptr;
+  int64_t size = 0;
+};
+
+void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, int64_t k, CacheKey cache_key,
                   int64_t* indices_out, float* sqdist_out, float* quantized_out, int num_threads);
 
 void ema_stats(const float* x, int64_t n, int64_t d, const int64_t* indices, int64_t k,
