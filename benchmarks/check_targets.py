@@ -13,6 +13,9 @@ TARGETS = (  # (workload, device, figure, baseline, sense, bound)
     ("train", "cpu", "memory_ratio", "vector-quantize-pytorch", "<=", 0.1),
     ("kmeans", "cpu", "speedup", "faiss-kmeans", ">=", 1.2),
     ("kmeans", "cpu", "inertia_ratio", "faiss-kmeans", "<=", 1.02),
+    ("rvq_train", "cpu", "speedup", "vector-quantize-pytorch", ">=", 10.0),
+    ("rvq_train", "cpu", "memory_ratio", "vector-quantize-pytorch", "<=", 0.1),
+    ("rvq_beam", "cpu", "speedup", "vector-quantize-pytorch", ">=", 10.0),
     ("nearest_code", "cuda", "pct_sgemm", None, ">=", 50.0), ("nearest_code", "cuda", "speedup", "naive", ">=", 3.0),
 )
 

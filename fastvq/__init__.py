@@ -1,8 +1,8 @@
 """fastvq: fused vector quantization for PyTorch, without the N×K distance matrix."""
 from .dispatch import BackendNotSupportedError, available_backends, unavailable_reasons
-from .functional import ema_stats, nearest_code, quantize
+from .functional import ema_stats, nearest_code, nearest_codes, quantize
 from .kmeans import kmeans
-from .nn import CodebookStats, FastVectorQuantizer, ResidualVQ
+from .nn import CodebookStats, FastVectorQuantizer, GroupedResidualVQ, ResidualVQ
 
 __version__ = "0.1.0"
 
@@ -10,11 +10,13 @@ __all__ = [
     "BackendNotSupportedError",
     "CodebookStats",
     "FastVectorQuantizer",
+    "GroupedResidualVQ",
     "ResidualVQ",
     "available_backends",
     "ema_stats",
     "kmeans",
     "nearest_code",
+    "nearest_codes",
     "quantize",
     "unavailable_reasons",
 ]

@@ -141,7 +141,7 @@ def test_derived_figures_tables_and_the_cli_end_to_end(tmp_path, capsys):
     assert document["schema"] == "fastvq.bench/2" and document["command"].startswith("python -m fastvq.bench --shapes")
     assert document["machine"]["torch_threads"] == torch.get_num_threads() and "isa" in document["machine"]
     by_key = {(r["workload"], r["provider"]): r for r in document["results"]}
-    assert {w for w, _ in by_key} == {"nearest_code", "train", "kmeans"}
+    assert {w for w, _ in by_key} == {"nearest_code", "train", "kmeans", "rvq_train", "rvq_beam"}
     assert all(r["status"] in ("ok", "absent") for r in by_key.values()), [r["reason"] for r in by_key.values()]
     naive, addmm = by_key[("nearest_code", "naive")], by_key[("nearest_code", "addmm")]
     assert len(naive["times_ms"]) == 2 and by_key[("kmeans", "fastvq-cpu")]["check"]["inertia"] > 0

@@ -296,3 +296,26 @@ def test_bad_forward_calls():
         GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=8)(x)
     with pytest.raises(TypeError, match="indices must be an int64 or int32 tensor"):
         rvq.get_codes_from_indices(torch.zeros(2, 2))
+
+
+def test_channel_first_sequences_match_the_channel_last_layout():
+    torch.manual_seed(11)
+    first = ResidualVQ(4, 8, 3, channel_last=False).eval()
+    last = ResidualVQ(4, 8, 3).eval()
+    last.load_state_dict(first.state_dict())
+    x = torch.randn(2, 4, 7)
+    quantized, indices, _ = first(x)
+    want_q, want_i, _ = last(x.transpose(1, 2))
+    torch.testing.assert_close(quantized, want_q.transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(indices, want_i, rtol=0, atol=0)
+
+
+def test_beam_search_kmeans_init_takes_every_unmasked_beam_row():
+    torch.manual_seed(12)
+    rvq = ResidualVQ(6, 8, 2, kmeans_init=True, beam_size=2).train()
+    x = data(60, 6, seed=12).view(3, 20, 6)
+    mask = torch.arange(20) < torch.tensor([20, 9, 14])[:, None]
+    quantized, indices, losses = rvq(x, mask=mask)
+    assert bool(rvq.layers[0]._codebook.initted) and bool(rvq.layers[1]._codebook.initted)
+    assert bool((indices[~mask] == -1).all()) and bool((indices[mask] >= 0).all())
+    assert bool((quantized[~mask] == 0).all()) and bool(torch.isfinite(losses).all())

@@ -4,12 +4,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-WORKLOADS = ("nearest_code", "train", "kmeans")
+WORKLOADS = ("nearest_code", "train", "kmeans", "rvq_train", "rvq_beam")
 # The training step runs vector-quantize-pytorch's defaults in both libraries (decay 0.8, commitment 1.0,
 # the rotation trick), the configuration a model swapped from vqp trains with.
 COMMITMENT_WEIGHT = 1.0  # vqp's default; the check's loss
 TITLES = {"nearest_code": "nearest_code forward: search + gather", "kmeans": "k-means (Lloyd)",
-          "train": "training step: forward + backward + EMA update"}
+          "train": "training step: forward + backward + EMA update",
+          "rvq_train": "ResidualVQ training step: forward + backward + EMA update, every level",
+          "rvq_beam": "ResidualVQ beam-search encode (eval)"}
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,13 @@ class Case:
     iters: int = 10  # k-means iterations; unused by the other workloads
     dtype: str = "float32"  # of x and the codebook; bfloat16 only for nearest_code (GPU tensor cores)
     device: str = "cpu"
+    levels: int = 1  # ResidualVQ levels (rvq_* workloads)
+    beam: int = 1  # ResidualVQ beam width (rvq_beam)
 
     @property
     def shape(self) -> str:
-        return f"{self.n}x{self.k}x{self.d}" + "-l2" * self.l2norm + "-bf16" * (self.dtype == "bfloat16")
+        return (f"{self.n}x{self.k}x{self.d}" + "-l2" * self.l2norm + "-bf16" * (self.dtype == "bfloat16")
+                + f"-L{self.levels}" * (self.levels > 1) + f"-beam{self.beam}" * (self.beam > 1))
 
     @property
     def pass_flops(self) -> float:
@@ -35,7 +40,7 @@ class Case:
 
     @property
     def flops(self) -> float:
-        return self.pass_flops * (self.iters if self.workload == "kmeans" else 1)
+        return self.pass_flops * (self.iters if self.workload == "kmeans" else self.levels * self.beam)
 
 
 def _nc(label: str, n: int, k: int, d: int, **options) -> Case:
@@ -51,6 +56,9 @@ DEFAULT_CASES = (
     _nc("core-1", 32768, 1024, 64), _nc("core-2", 16384, 16384, 64), _nc("core-3", 8192, 65536, 32),  # the issue's
     Case("train", "core-1", 32768, 1024, 64), Case("train", "core-2", 16384, 16384, 64),
     Case("kmeans", "core-1", 32768, 1024, 64),  # a 1024-code codebook for one core-1 batch
+    # ResidualVQ (issue 11): an EnCodec-sized batch of frames, 8 levels of 1024 codes, vqp's defaults
+    Case("rvq_train", "core-rvq", 16384, 1024, 128, levels=8),
+    Case("rvq_beam", "core-rvq", 16384, 1024, 128, levels=8, beam=4),
 )
 # On a GPU also bf16 (tensor cores), and a shape big enough to fill an H100.
 CUDA_CASES = (*(replace(c, dtype="bfloat16") for c in DEFAULT_CASES
@@ -59,7 +67,9 @@ CUDA_CASES = (*(replace(c, dtype="bfloat16") for c in DEFAULT_CASES
 # --quick: every workload and code path once, on small shapes (the CI smoke test, < 1 minute; k-means 5 iterations).
 QUICK_CASES = (_nc("small", 4096, 1024, 64), _nc("small-k16k", 512, 16384, 32),
                _nc("small-l2", 2048, 4096, 8, l2norm=True), Case("train", "small", 2048, 1024, 64),
-               Case("kmeans", "small", 2048, 128, 32))
+               Case("kmeans", "small", 2048, 128, 32), Case("rvq_train", "small", 2048, 256, 32, levels=4),
+               Case("rvq_beam", "small", 2048, 256, 32, levels=4, beam=4))
+RESIDUAL_SHAPE = {"rvq_train": {"levels": 4}, "rvq_beam": {"levels": 4, "beam": 4}}  # of an NxKxd --shapes entry
 _SHAPE = re.compile(r"^([1-9]\d*)x([1-9]\d*)x([1-9]\d*)(-l2)?(-bf16)?$")
 
 
@@ -73,7 +83,8 @@ def select_cases(quick: bool, shapes: str | None, workloads: tuple[str, ...], de
         if match := _SHAPE.match(token):
             n, k, d = map(int, match.group(1, 2, 3))
             dtype = "bfloat16" if match.group(5) else "float32"
-            cases += [Case(w, token, n, k, d, l2norm=bool(match.group(4)), dtype=dtype) for w in workloads]
+            cases += [Case(w, token, n, k, d, l2norm=bool(match.group(4)), dtype=dtype, **RESIDUAL_SHAPE.get(w, {}))
+                      for w in workloads]
         elif token in {c.label for c in sweep}:
             cases += [c for c in sweep if c.label == token and c.workload in workloads]
         else:
@@ -97,6 +108,7 @@ def make_data(case: Case, seed: int = 0) -> Data:
     x, codebook = torch.randn(case.n, case.d, generator=generator), torch.randn(case.k, case.d, generator=generator)
     if case.l2norm:
         x, codebook = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(codebook, dim=1)
-    grad = torch.randn(case.n, case.d, generator=generator).to(case.device) if case.workload == "train" else None
+    training = case.workload in ("train", "rvq_train")
+    grad = torch.randn(case.n, case.d, generator=generator).to(case.device) if training else None
     dtype = getattr(torch, case.dtype)
     return Data(x.to(case.device, dtype), codebook.to(case.device, dtype), grad)

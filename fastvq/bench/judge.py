@@ -71,6 +71,8 @@ def check_output(case: Case, data: Data, role: str, output, rows, best) -> dict:
     """What the check found (rows, recall, loss, inertia); raises Wrong when the output is wrong."""
     if role == "sgemm":
         return {}
+    if case.workload.startswith("rvq"):
+        return check_residual(case, data, output, rows, best)
     if case.workload == "kmeans":
         centroids = torch.as_tensor(output[0]).reshape(case.k, case.d).float()
         check_nearest(data.x, centroids, output[1], rows)
@@ -93,6 +95,27 @@ def check_output(case: Case, data: Data, role: str, output, rows, best) -> dict:
     if x.grad is None or not bool(torch.isfinite(x.grad).all()):
         raise Wrong("x.grad is missing or non-finite after backward")
     return {"rows": len(rows), "loss": loss}
+
+
+def check_residual(case: Case, data: Data, output, rows, best) -> dict:
+    """A ResidualVQ's first run, every level starting from data.codebook: quantized == Σ_l codebook[indices_l]
+    (straight-through outputs up to a rounding per level), one finite loss per level, level 0 a nearest code
+    (greedy training; a beam may keep another), and a finite x.grad after the training step's backward."""
+    quantized, indices, losses = output[:3]
+    indices = torch.as_tensor(indices).detach().cpu().reshape(-1, case.levels)
+    if indices.shape[0] != case.n or indices.dtype.is_floating_point or int(indices.min()) < 0:
+        raise Wrong(f"indices must be (N, levels) = ({case.n}, {case.levels}) codes >= 0, got {tuple(indices.shape)}")
+    if case.workload == "rvq_train":
+        check_nearest(data.x, data.codebook, indices[:, 0], rows, best)
+    got = quantized.detach().cpu().reshape(-1, case.d)[rows].float()
+    want = data.codebook.cpu().float()[indices[rows]].sum(1)
+    if not torch.allclose(got, want, rtol=1e-5, atol=1e-5 * case.levels * float(want.abs().max().clamp_min(1.0))):
+        raise Wrong(f"quantized != Σ codebook[indices] on {int((~torch.isclose(got, want)).any(1).sum())} checked rows")
+    if losses.shape != (case.levels,) or not bool(torch.isfinite(losses).all()):
+        raise Wrong(f"losses must be {case.levels} finite values, got {losses}")
+    if case.workload == "rvq_train" and (output[3].grad is None or not bool(torch.isfinite(output[3].grad).all())):
+        raise Wrong("x.grad is missing or non-finite after backward")
+    return {"rows": len(rows), "loss": float(losses.detach().sum())}
 
 
 def check_backend(backend: str, device: torch.device) -> list[str]:

@@ -173,6 +173,62 @@ for backend in [*fastvq.available_backends(), *fastvq.unavailable_reasons()]:
             partial(fastvq_setup, backend=backend))
 
 
+RESIDUAL = ("rvq_train", "rvq_beam")
+
+
+def _residual_run(module: torch.nn.Module, case: Case, data: Data):
+    """One ResidualVQ training step (greedy, vqp's defaults) or one beam-search encode (eval, no grad) of the
+    case's N frames as one sequence (1, N, d)."""
+    if case.workload == "rvq_beam":
+        module.eval()
+        x = data.x.view(1, case.n, case.d)
+
+        def encode():
+            with torch.no_grad():
+                return module(x, beam_size=case.beam)
+        return encode
+    module.train()
+    x = data.x.clone().view(1, case.n, case.d).requires_grad_(True)
+    grad_out = data.grad_out.view(1, case.n, case.d)
+
+    def step():
+        x.grad = None
+        quantized, indices, losses = module(x)
+        torch.autograd.backward([quantized, losses], [grad_out, torch.ones_like(losses)])
+        return quantized, indices, losses, x
+    return step
+
+
+@provider(RESIDUAL, "vector-quantize-pytorch",
+          "vector_quantize_pytorch.ResidualVQ(dim, num_quantizers, K): its defaults (EMA, rotation trick)")
+def vector_quantize_pytorch_residual(case: Case, data: Data):
+    module = _import("vector_quantize_pytorch").ResidualVQ(dim=case.d, num_quantizers=case.levels,
+                                                           codebook_size=case.k).to(data.x.device)
+    with torch.no_grad():  # every level starts from the case's codebook, as fastvq's set_codebook starts it
+        for layer in module.layers:
+            state = layer._codebook
+            state.embed.copy_(data.codebook.reshape(state.embed.shape))
+            state.embed_avg.copy_(data.codebook.reshape(state.embed_avg.shape))
+            state.cluster_size.fill_(1.0)
+    return _residual_run(module, case, data)
+
+
+def fastvq_residual_setup(case: Case, data: Data, backend: str):
+    if backend == "triton" and data.x.device.type == "cpu":
+        raise Absent("triton runs CPU tensors only in its interpreter, which is not a performance path")
+    module = fastvq.ResidualVQ(dim=case.d, num_quantizers=case.levels, codebook_size=case.k, backend=backend)
+    module = module.to(data.x.device)
+    for layer in module.layers:
+        layer.set_codebook(data.codebook)
+    return _residual_run(module, case, data)
+
+
+for backend in [*fastvq.available_backends(), *fastvq.unavailable_reasons()]:
+    provider(RESIDUAL, f"fastvq-{backend}", f"fastvq.ResidualVQ(dim, num_quantizers, K, backend={backend!r}): "
+             f"vqp's defaults; beam search on fastvq.nearest_codes", "fastvq", opt_in=backend == "torch")(
+        partial(fastvq_residual_setup, backend=backend))
+
+
 def select(spec: str | None) -> dict[str, list[Provider]]:
     """--providers a,b: these (and always the sgemm yardstick), per workload; None: all but the opt-in ones."""
     names = {name for _, name in REGISTRY}

@@ -23,10 +23,12 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "a
 VERSIONS = ("torch", "numpy", "faiss-cpu", "vector-quantize-pytorch", "triton", "fastvq")
 # The baselines of each workload's ratio columns ("×naive" = naive's time / this time).
 BASELINES = {"nearest_code": ("naive", "addmm", "faiss-flat"), "train": ("vector-quantize-pytorch",),
-             "kmeans": ("faiss-kmeans",)}
+             "kmeans": ("faiss-kmeans",), "rvq_train": ("vector-quantize-pytorch",),
+             "rvq_beam": ("vector-quantize-pytorch",)}
 SHORT = {"faiss-flat": "faiss", "faiss-kmeans": "faiss", "vector-quantize-pytorch": "VectorQuantize"}
 # The extra column of a workload: (derived figure, format, header).
-RATIO = {"train": ("memory_ratio", ".3f", "run mem/VQ"), "kmeans": ("inertia_ratio", ".4f", "inertia/faiss")}
+RATIO = {"train": ("memory_ratio", ".3f", "run mem/VQ"), "kmeans": ("inertia_ratio", ".4f", "inertia/faiss"),
+         "rvq_train": ("memory_ratio", ".3f", "run mem/RVQ"), "rvq_beam": ("memory_ratio", ".3f", "run mem/RVQ")}
 
 
 def _finite(value):

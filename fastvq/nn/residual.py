@@ -175,18 +175,20 @@ class ResidualVQ(nn.Module):
     def _greedy(self, x: Tensor, mask, sample_codebook_temp, freeze_codebook, drop_level):
         """One nearest code per level: vqp's loop. Returns quantized (codebook space), indices
         (..., L), losses (L,) and the levels' inputs (a list, for the shared codebook's dead codes)."""
-        quantized_out, residual = torch.zeros_like(x), x
+        quantized_out, residual = None, x  # vqp starts from zeros; 0 + q is q
+        last = self.num_quantizers - 1 if drop_level is None else drop_level
         all_indices, all_losses, all_residuals = [], [], []
         for level, layer in enumerate(self.layers):
-            if drop_level is not None and level > drop_level:
+            if level > last:
                 all_indices.append(None)
                 all_losses.append(None)
                 continue
             all_residuals.append(residual)
             quantized, embed_indices, loss = layer(residual, mask=mask, sample_codebook_temp=sample_codebook_temp,
                                                    freeze_codebook=freeze_codebook)
-            residual = residual - _frac_gradient(quantized, self.quant_grad_frac)
-            quantized_out = quantized_out + quantized
+            if level < last:  # the last level's residual is never used
+                residual = residual - _frac_gradient(quantized, self.quant_grad_frac)
+            quantized_out = quantized if quantized_out is None else quantized_out + quantized
             all_indices.append(embed_indices)
             all_losses.append(loss)
         kept = [i for i in all_indices if i is not None]
