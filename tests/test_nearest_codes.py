@@ -11,6 +11,7 @@ import torch
 
 import fastvq
 from fastvq import dispatch, ops, reference
+from fastvq.numerics import search_centre
 
 from conftest import (NON_CONTIGUOUS_LAYOUTS, TOLERANCES, exact_inputs_with_duplicate_codes, non_contiguous_rows,
                       randn, skip_if_slow, to_cpu)
@@ -53,11 +54,12 @@ def test_nearest_codes_random_inputs_by_distance(pair, num_rows, num_codes, dim)
         assert_sqdist_k(x, codebook, indices, sqdist)
 
 
-@pytest.mark.parametrize("num_rows,num_codes,dim", [(257, 257, 33), (1030, 70, 3), (3, 1030, 16)])
+@pytest.mark.parametrize("num_rows,num_codes,dim", [(257, 257, 33), (1030, 70, 3), (3, 1030, 16), (40, 40000, 4)])
 def test_nearest_codes_exact_inputs_match_the_reference_with_ties_to_the_lower_index(pair, num_rows, num_codes,
                                                                                       dim):
     skip_if_slow(pair, num_rows, num_codes, dim)
-    # Small integers in few dimensions: many codes share a distance, and duplicate codes tie exactly.
+    # Small integers in few dimensions: many codes share a distance, and duplicate codes tie exactly
+    # (at K = 40000 across the chunks the cpu kernel splits the codes into for two threads).
     x, codebook = exact_inputs_with_duplicate_codes(num_rows, num_codes, dim, seed=num_codes + dim)
     for k in ks_for(num_codes):
         expected, expected_sqdist = reference.nearest_codes(x.double(), codebook.double(), k)
@@ -111,6 +113,45 @@ def test_nearest_codes_n0(pair):
     indices, sqdist = search_k(pair, x, codebook, 7)
     assert indices.shape == sqdist.shape == (0, 7)
     assert indices.dtype == torch.int64 and sqdist.dtype == torch.float32
+
+
+@pytest.mark.parametrize("num_rows,num_codes,dim", [(1030, 257, 33), (40, 40000, 16)])
+def test_nearest_codes_identical_for_any_thread_count(pair, num_rows, num_codes, dim):
+    # (40, 40000, 16) splits the codes across threads (few row groups), (1030, 257, 33) the rows.
+    skip_if_slow(pair, num_rows, num_codes, dim)
+    x, codebook = randn(num_rows, dim, seed=8), randn(num_codes, dim, seed=9)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(search_k(pair, x, codebook, 8))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    reference.assert_nearest_k(x, codebook, results[0][0])
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_nearest_codes_far_from_the_origin(pair, offset):
+    # As nearest_code's test: judged in the frame centred on search_centre (translation invariant).
+    x, codebook = offset + randn(300, 16, seed=1), offset + randn(257, 16, seed=2)
+    indices, sqdist = search_k(pair, x, codebook, 8)
+    centre = search_centre(codebook).double()
+    reference.assert_nearest_k(x.double() - centre, codebook.double() - centre, indices)
+    assert_sqdist_k(x, codebook, indices, sqdist)
+
+
+def test_nearest_codes_out_of_float32_range_raises_naming_the_argument(pair):
+    codebook = randn(40, 16, seed=3)
+    far_code = codebook.clone()
+    far_code[7] = 3e37
+    with pytest.raises(ValueError, match=r"codebook row 7 is too far from the search centre.*FLT_MAX/8"):
+        search_k(pair, randn(5, 16, seed=4), far_code, 3)
+    far_row = randn(5, 16, seed=4)
+    far_row[3] = -1e19
+    with pytest.raises(ValueError, match=r"x row 3 is too far from the search centre.*FLT_MAX/8"):
+        search_k(pair, far_row, codebook, 3)
 
 
 # ---- memory layouts --------------------------------------------------------------------------

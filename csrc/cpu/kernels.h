@@ -52,6 +52,33 @@ void search_tile_avx512(const float* xpack, int64_t d, const float* panels, cons
                         int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx);
 #endif
 
+// ---- the top-k variant (nearest_codes) ----
+// Same packing, tiles and accumulation as above (so a (row, code) value is bitwise the one
+// nearest_code computes); the epilogue keeps, per row, a list of the k smallest (value, index)
+// pairs seen so far, sorted by value, ties by index: list_val[r * k + j], list_idx[r * k + j]
+// (j < k) for the kTileRows rows of the tile, unused slots +inf / -1. Codes reach each row in
+// increasing index order (within a call and across calls), so a code enters only when its value
+// is strictly below the row's k-th value; NaN and +inf never enter.
+using SearchTileTopkFn = void (*)(const float* xpack, int64_t d, const float* panels, const float* norms,
+                                  int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx);
+
+// Insert the lanes of `mask` (bit j: lane j, code first_code + j) of one row's 16 values into
+// that row's list, in lane order. Defined in the portable unit; every SIMD kernel calls it, so
+// the tie rule lives in one place.
+void topk_insert_lanes(const float* values, uint32_t mask, int64_t first_code, int k, float* list_val,
+                       int64_t* list_idx);
+
+void search_tile_topk_portable(const float* xpack, int64_t d, const float* panels, const float* norms,
+                               int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx);
+#ifdef FASTVQ_HAVE_AVX2_KERNEL
+void search_tile_topk_avx2(const float* xpack, int64_t d, const float* panels, const float* norms,
+                           int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx);
+#endif
+#ifdef FASTVQ_HAVE_AVX512_KERNEL
+void search_tile_topk_avx512(const float* xpack, int64_t d, const float* panels, const float* norms,
+                             int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx);
+#endif
+
 // ---- run-time SIMD dispatch (simd.cpp) ----
 enum class SimdLevel : int { portable = 0, avx2 = 1, avx512 = 2 };
 const char* simd_level_name(SimdLevel level);
@@ -61,6 +88,7 @@ SimdLevel current_simd_level();  // what the dispatcher picks now
 // name or a level this CPU/build cannot run.
 void set_simd_level(const char* name);
 SearchTileFn current_search_tile();
+SearchTileTopkFn current_search_tile_topk();
 
 // ---- threading ----
 bool openmp_enabled();
@@ -77,6 +105,16 @@ struct CacheKey {
 
 void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, int64_t k, CacheKey cache_key,
                   int64_t* indices_out, float* sqdist_out, float* quantized_out, int num_threads);
+
+// indices_out / sqdist_out (n, topk): each row's topk nearest codes, nearest first, ties to the
+// lower index; non-finite distances count as +inf (they fill the list last, in index order).
+void nearest_codes(const float* x, int64_t n, int64_t d, const float* codebook, int64_t k, int topk,
+                   CacheKey cache_key, int64_t* indices_out, float* sqdist_out, int num_threads);
+
+// vqp's stochastic_sample_codes: argmin_k of -logit - float32(T * Gumbel(hash(seed, i, k))), ties to the
+// lowest k; the hash is fastvq/reference.py's sample_noise. Source: csrc/cpu/sample_code.cpp.
+void sample_code(const float* x, int64_t n, int64_t d, const float* codebook, int64_t k, double temperature,
+                 int64_t seed, bool cosine, int64_t* indices_out, int num_threads);
 
 void ema_stats(const float* x, int64_t n, int64_t d, const int64_t* indices, int64_t k,
                float* counts_out, float* sums_out, int num_threads);

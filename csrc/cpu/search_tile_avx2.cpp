@@ -142,3 +142,44 @@ void search_tile_avx2(const float* xpack, int64_t d, const float* panels, const 
 }
 
 }  // namespace fastvq::cpu
+
+// ---- the top-k variant (kernels.h): the same accumulation as run_panels, a top-k epilogue ----
+namespace fastvq::cpu {
+
+void search_tile_topk_avx2(const float* xpack, int64_t d, const float* panels, const float* norms,
+                           int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx) {
+  alignas(32) float buf[kPanel];
+  // Lanes of (lo, hi) strictly below row r's k-th value go into its list, codes in order.
+  auto topk = [&](int r, __m256 lo, __m256 hi, int64_t first) {
+    const __m256 threshold = _mm256_set1_ps(list_val[r * k + k - 1]);
+    const uint32_t mask = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(lo, threshold, _CMP_LT_OQ))) |
+                          static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(hi, threshold, _CMP_LT_OQ))) << 8;
+    if (mask) {
+      _mm256_store_ps(buf, lo);
+      _mm256_store_ps(buf + 8, hi);
+      topk_insert_lanes(buf, mask, first, k, list_val + r * k, list_idx + r * k);
+    }
+  };
+  for (int64_t q = 0; q < npanels; ++q) {
+    const float* b = panels + q * d * kPanel;
+    const float* a = xpack;
+    __m256 c00 = _mm256_load_ps(norms + q * kPanel), c01 = _mm256_load_ps(norms + q * kPanel + 8);
+    __m256 c10 = c00, c11 = c01, c20 = c00, c21 = c01, c30 = c00, c31 = c01, c40 = c00,
+           c41 = c01, c50 = c00, c51 = c01;
+    for (int64_t p = 0; p < d; ++p, a += R, b += kPanel) {
+      const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+      __m256 x;
+      x = _mm256_broadcast_ss(a + 0); c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
+      x = _mm256_broadcast_ss(a + 1); c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
+      x = _mm256_broadcast_ss(a + 2); c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
+      x = _mm256_broadcast_ss(a + 3); c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
+      x = _mm256_broadcast_ss(a + 4); c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
+      x = _mm256_broadcast_ss(a + 5); c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
+    }
+    const int64_t first = code_base + q * kPanel;
+    topk(0, c00, c01, first); topk(1, c10, c11, first); topk(2, c20, c21, first);
+    topk(3, c30, c31, first); topk(4, c40, c41, first); topk(5, c50, c51, first);
+  }
+}
+
+}  // namespace fastvq::cpu

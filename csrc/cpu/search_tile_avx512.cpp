@@ -104,3 +104,72 @@ void search_tile_avx512(const float* xpack, int64_t d, const float* panels, cons
 #undef FASTVQ_UPDATE
 
 }  // namespace fastvq::cpu
+
+// ---- the top-k variant (kernels.h): the same accumulation, a top-k epilogue ----
+namespace fastvq::cpu {
+namespace {
+
+// Lanes of c strictly below row r's k-th value go into its list, codes first..first+15 in order.
+#define FASTVQ_TOPK(c, r, first)                                                                  \
+  do {                                                                                            \
+    const __mmask16 m_ = _mm512_cmp_ps_mask(c, _mm512_set1_ps(list_val[(r) * k + k - 1]), _CMP_LT_OQ); \
+    if (m_) {                                                                                     \
+      alignas(64) float buf_[kPanel];                                                             \
+      _mm512_store_ps(buf_, c);                                                                   \
+      topk_insert_lanes(buf_, m_, first, k, list_val + (r) * k, list_idx + (r) * k);              \
+    }                                                                                             \
+  } while (0)
+
+}  // namespace
+
+void search_tile_topk_avx512(const float* xpack, int64_t d, const float* panels, const float* norms,
+                             int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx) {
+  int64_t q = 0;
+  for (; q + 2 <= npanels; q += 2) {
+    const float* b = panels + q * d * kPanel;
+    const float* b2 = b + d * kPanel;
+    const float* a = xpack;
+    __m512 c00 = _mm512_load_ps(norms + q * kPanel), c01 = _mm512_load_ps(norms + (q + 1) * kPanel);
+    __m512 c10 = c00, c11 = c01, c20 = c00, c21 = c01, c30 = c00, c31 = c01, c40 = c00,
+           c41 = c01, c50 = c00, c51 = c01;
+    for (int64_t p = 0; p < d; ++p, a += R, b += kPanel, b2 += kPanel) {
+      const __m512 e0 = _mm512_load_ps(b), e1 = _mm512_load_ps(b2);
+      __m512 x;
+      x = _mm512_set1_ps(a[0]); c00 = _mm512_fmadd_ps(x, e0, c00); c01 = _mm512_fmadd_ps(x, e1, c01);
+      x = _mm512_set1_ps(a[1]); c10 = _mm512_fmadd_ps(x, e0, c10); c11 = _mm512_fmadd_ps(x, e1, c11);
+      x = _mm512_set1_ps(a[2]); c20 = _mm512_fmadd_ps(x, e0, c20); c21 = _mm512_fmadd_ps(x, e1, c21);
+      x = _mm512_set1_ps(a[3]); c30 = _mm512_fmadd_ps(x, e0, c30); c31 = _mm512_fmadd_ps(x, e1, c31);
+      x = _mm512_set1_ps(a[4]); c40 = _mm512_fmadd_ps(x, e0, c40); c41 = _mm512_fmadd_ps(x, e1, c41);
+      x = _mm512_set1_ps(a[5]); c50 = _mm512_fmadd_ps(x, e0, c50); c51 = _mm512_fmadd_ps(x, e1, c51);
+    }
+    const int64_t first0 = code_base + q * kPanel, first1 = first0 + kPanel;
+    FASTVQ_TOPK(c00, 0, first0); FASTVQ_TOPK(c01, 0, first1);
+    FASTVQ_TOPK(c10, 1, first0); FASTVQ_TOPK(c11, 1, first1);
+    FASTVQ_TOPK(c20, 2, first0); FASTVQ_TOPK(c21, 2, first1);
+    FASTVQ_TOPK(c30, 3, first0); FASTVQ_TOPK(c31, 3, first1);
+    FASTVQ_TOPK(c40, 4, first0); FASTVQ_TOPK(c41, 4, first1);
+    FASTVQ_TOPK(c50, 5, first0); FASTVQ_TOPK(c51, 5, first1);
+  }
+  if (q < npanels) {  // odd number of panels: the last one alone
+    const float* b = panels + q * d * kPanel;
+    const float* a = xpack;
+    __m512 c0 = _mm512_load_ps(norms + q * kPanel);
+    __m512 c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
+    for (int64_t p = 0; p < d; ++p, a += R, b += kPanel) {
+      const __m512 e0 = _mm512_load_ps(b);
+      c0 = _mm512_fmadd_ps(_mm512_set1_ps(a[0]), e0, c0);
+      c1 = _mm512_fmadd_ps(_mm512_set1_ps(a[1]), e0, c1);
+      c2 = _mm512_fmadd_ps(_mm512_set1_ps(a[2]), e0, c2);
+      c3 = _mm512_fmadd_ps(_mm512_set1_ps(a[3]), e0, c3);
+      c4 = _mm512_fmadd_ps(_mm512_set1_ps(a[4]), e0, c4);
+      c5 = _mm512_fmadd_ps(_mm512_set1_ps(a[5]), e0, c5);
+    }
+    const int64_t first = code_base + q * kPanel;
+    FASTVQ_TOPK(c0, 0, first); FASTVQ_TOPK(c1, 1, first); FASTVQ_TOPK(c2, 2, first);
+    FASTVQ_TOPK(c3, 3, first); FASTVQ_TOPK(c4, 4, first); FASTVQ_TOPK(c5, 5, first);
+  }
+}
+
+#undef FASTVQ_TOPK
+
+}  // namespace fastvq::cpu

@@ -77,3 +77,61 @@ void search_tile_portable(const float* xpack, int64_t d, const float* panels, co
 }
 
 }  // namespace fastvq::cpu
+
+// ---- the top-k variant (kernels.h) ----
+namespace fastvq::cpu {
+
+void topk_insert_lanes(const float* values, uint32_t mask, int64_t first_code, int k, float* list_val,
+                       int64_t* list_idx) {
+  for (int j = 0; j < kPanel; ++j) {
+    if (!(mask >> j & 1u)) continue;
+    const float v = values[j];
+    if (!(v < list_val[k - 1])) continue;  // the k-th may have dropped since the mask was made
+    // Entries with an equal value came earlier, with lower indices: the new code goes after them.
+    int pos = k - 1;
+    for (; pos > 0 && v < list_val[pos - 1]; --pos) {
+      list_val[pos] = list_val[pos - 1];
+      list_idx[pos] = list_idx[pos - 1];
+    }
+    list_val[pos] = v;
+    list_idx[pos] = first_code + j;
+  }
+}
+
+namespace {
+
+// Rows r0, r0+1 of the tile, with the arithmetic of search_rows above (same values).
+void search_rows_topk(const float* xpack, int r0, int64_t d, const float* panels, const float* norms,
+                      int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx) {
+  constexpr int R = kRowsPerPass;
+  for (int64_t q = 0; q < npanels; ++q) {
+    const float* b = panels + q * d * kPanel;
+    float acc[R][kPanel];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kPanel; ++j) acc[r][j] = norms[q * kPanel + j];
+    for (int64_t p = 0; p < d; ++p) {
+      const float* bp = b + p * kPanel;
+      for (int r = 0; r < R; ++r) {
+        const float a = xpack[p * kTileRows + r0 + r];
+        for (int j = 0; j < kPanel; ++j) acc[r][j] += a * bp[j];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float* lv = list_val + (r0 + r) * k;
+      const float threshold = lv[k - 1];
+      uint32_t mask = 0;
+      for (int j = 0; j < kPanel; ++j) mask |= static_cast<uint32_t>(acc[r][j] < threshold) << j;
+      if (mask) topk_insert_lanes(acc[r], mask, code_base + q * kPanel, k, lv, list_idx + (r0 + r) * k);
+    }
+  }
+}
+
+}  // namespace
+
+void search_tile_topk_portable(const float* xpack, int64_t d, const float* panels, const float* norms,
+                               int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx) {
+  for (int r = 0; r < kTileRows; r += kRowsPerPass)
+    search_rows_topk(xpack, r, d, panels, norms, npanels, code_base, k, list_val, list_idx);
+}
+
+}  // namespace fastvq::cpu

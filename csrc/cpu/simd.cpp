@@ -92,6 +92,18 @@ SearchTileFn current_search_tile() {
   }
 }
 
+SearchTileTopkFn current_search_tile_topk() {
+  switch (current_simd_level()) {
+#ifdef FASTVQ_HAVE_AVX512_KERNEL
+    case SimdLevel::avx512: return &search_tile_topk_avx512;
+#endif
+#ifdef FASTVQ_HAVE_AVX2_KERNEL
+    case SimdLevel::avx2: return &search_tile_topk_avx2;
+#endif
+    default: return &search_tile_topk_portable;
+  }
+}
+
 bool openmp_enabled() {
 #ifdef _OPENMP
   return true;
