@@ -9,11 +9,13 @@ from typing import Annotated
 from numpy.typing import NDArray
 
 
-def nearest_code(x: Annotated[NDArray, dict(writable=False)], codebook: Annotated[NDArray, dict(writable=False)], code_norms_scratch: NDArray, indices_out: NDArray, sqdist_out: NDArray, quantized_out: NDArray | None = None, *, stream: int) -> None:
+def nearest_code(x: Annotated[NDArray, dict(writable=False)], codebook: Annotated[NDArray, dict(writable=False)], centre: Annotated[NDArray, dict(writable=False)], code_norms_scratch: NDArray, indices_out: NDArray, sqdist_out: NDArray, first_bad_row: NDArray, quantized_out: NDArray | None = None, *, stream: int) -> None:
     """
     indices_out[i] = argmin_k ||x[i] - codebook[k]||^2 (ties -> lowest k; non-finite distance = +inf),
-    sqdist_out[i] = that squared distance computed directly (float32), quantized_out[i] = codebook[idx].
-    code_norms_scratch: float32 (K,), overwritten. Source: csrc/cuda/nearest_code.cu.
+    searched around centre (float32 (d,), fastvq.numerics.search_centre); sqdist_out[i] = that squared
+    distance computed directly (float32), quantized_out[i] = codebook[idx]. code_norms_scratch: float32
+    (K,), overwritten with ||e - c||^2. first_bad_row: int64 (1,), set to N by the caller, lowered to the
+    first finite row with ||x - c||^2 > FLT_MAX/8. Source: csrc/cuda/nearest_code.cu.
     """
 
 def ema_stats(x: Annotated[NDArray, dict(writable=False)], indices: Annotated[NDArray, dict(writable=False)], counts_out: NDArray, sums_out: NDArray, *, stream: int) -> None:

@@ -43,6 +43,32 @@ def search_centre(codebook: Tensor) -> Tensor:
     return torch.where(std > 0, grid * torch.round(mean / grid), mean).to(torch.float32)
 
 
+# The float32 searches support ‖v − c‖² <= FLT_MAX/8 for every finite code and row v (c = search_centre):
+# then |2 x'·e'| <= FLT_MAX/4 and ‖x − e‖² <= FLT_MAX/2 cannot overflow (csrc/cpu/pack_codebook.h).
+MAX_CENTRED_SQUARED_NORM = torch.finfo(torch.float32).max / 8
+
+
+def search_range_error(what: str, row: int, squared_norm: float) -> ValueError:
+    """The error for a finite codebook row (what="codebook", ‖e − c‖²) or x row (what="x", ‖x − c‖²)
+    beyond MAX_CENTRED_SQUARED_NORM; the same words as the cpu kernels' (csrc/cpu/pack_codebook.cpp)."""
+    symbol = "e" if what == "codebook" else "x"
+    limit = MAX_CENTRED_SQUARED_NORM
+    return ValueError(
+        f"{what} row {row} is too far from the search centre: ||{symbol} - c||^2 = {squared_norm:.3g}; the float32 "
+        f"search supports ||v - c||^2 <= FLT_MAX/8 = {limit:.3g} (||v - c|| <= {limit ** 0.5:.3g}) for every "
+        f"finite code and row, where c is the per-dimension centre of the finite codes "
+        f"(fastvq.numerics.search_centre)")
+
+
+def first_out_of_range_code(codebook: Tensor, centred_norms: Tensor) -> Tensor:
+    """0-dim int64 on the codebook's device: the first finite codebook row whose ‖e − c‖²
+    (``centred_norms``, (K,) float32) is beyond MAX_CENTRED_SQUARED_NORM, or K if none. No host sync."""
+    num_codes = codebook.shape[0]
+    bad = torch.isfinite(codebook).all(dim=1) & ~(centred_norms <= MAX_CENTRED_SQUARED_NORM)
+    rows = torch.arange(num_codes, device=codebook.device)
+    return torch.where(bad, rows, num_codes).min()
+
+
 def deterministic() -> bool:
     """Whether GPU reductions use sort-and-segment sums instead of float atomics (bitwise reproducible).
 

@@ -70,7 +70,7 @@ def test_built_extension_checks_arguments_before_touching_a_gpu():
     assert cuda.built_archs() and cuda.runtime_version()
     x = torch.zeros(3, 4)
     with pytest.raises(ValueError, match=r"^x must be a CUDA tensor, got device cpu$"):
-        cuda.nearest_code(x, torch.zeros(2, 4), torch.zeros(2), torch.zeros(3, dtype=torch.int64), torch.zeros(3),
-                          stream=0)
+        cuda.nearest_code(x, torch.zeros(2, 4), torch.zeros(4), torch.zeros(2), torch.zeros(3, dtype=torch.int64),
+                          torch.zeros(3), torch.zeros(1, dtype=torch.int64), stream=0)
     with pytest.raises(TypeError):  # the stream is keyword-only
         cuda.ema_stats(x, torch.zeros(3, dtype=torch.int64), torch.zeros(2), torch.zeros(2, 4), 0)

@@ -34,9 +34,10 @@ def run(pair, op, *args):
 # ---- the raw triton ops ----------------------------------------------------------------------
 def test_triton_op_handles_zero_rows_directly(triton_pair):
     # ops.py never sends N = 0 to a backend; the triton op must still not launch an empty grid.
-    indices, sqdist, quantized = run(triton_pair, torch.ops.fastvq.triton_nearest_code,
-                                     torch.empty(0, 3), randn(5, 3, seed=0), True)
+    indices, sqdist, quantized, range_check = run(triton_pair, torch.ops.fastvq.triton_nearest_code,
+                                                  torch.empty(0, 3), randn(5, 3, seed=0), True)
     assert indices.shape == sqdist.shape == (0,) and quantized.shape == (0, 3)
+    assert range_check.tolist() == [5, 0]  # (K, N): nothing out of range
 
 
 @pytest.mark.parametrize("reduction", ["atomic", "deterministic"])

@@ -94,13 +94,16 @@ int64_t check_codebook(const ArrayArg& codebook, const ArrayArg& x, int64_t d, D
   return fastvq::checks::check_codebook_shape(codebook, d, std::numeric_limits<int32_t>::max(), "K < 2**31");
 }
 
-void nearest_code(In x_, In codebook_, Out code_norms_scratch_, Out indices_out_, Out sqdist_out_,
-                  std::optional<Out> quantized_out_, std::uintptr_t stream) {
+void nearest_code(In x_, In codebook_, In centre_, Out code_norms_scratch_, Out indices_out_, Out sqdist_out_,
+                  Out first_bad_row_, std::optional<Out> quantized_out_, std::uintptr_t stream) {
   Device device;
   const ArrayArg x = describe("x", x_);
   const auto [n, d] = check_x(x, device);
   const ArrayArg codebook = describe("codebook", codebook_);
   const int64_t k = check_codebook(codebook, x, d, device);
+  const ArrayArg centre = describe("centre", centre_);
+  check_array(centre, "float32", device);
+  check_shape(centre, {d}, "(d,)", eq("d == x.shape[1]", d));
   const ArrayArg norms = describe("code_norms_scratch", code_norms_scratch_);
   check_array(norms, "float32", device);
   check_shape(norms, {k}, "(K,)", eq("K == codebook.shape[0]", k));
@@ -110,6 +113,9 @@ void nearest_code(In x_, In codebook_, Out code_norms_scratch_, Out indices_out_
   const ArrayArg sqdist_out = describe("sqdist_out", sqdist_out_);
   check_array(sqdist_out, "float32", device);
   check_shape_n(sqdist_out, n);
+  const ArrayArg first_bad_row = describe("first_bad_row", first_bad_row_);
+  check_array(first_bad_row, "int64", device);
+  check_shape(first_bad_row, {1}, "(1,)");
   const std::optional<ArrayArg> quantized_out = describe("quantized_out", quantized_out_);
   if (quantized_out) {
     check_array(*quantized_out, x.dtype, device);
@@ -118,8 +124,8 @@ void nearest_code(In x_, In codebook_, Out code_norms_scratch_, Out indices_out_
 
   nb::gil_scoped_release release;
   fastvq::cuda::nearest_code(device.id(), stream, float_dtype(x), strided(x), n, d, codebook.data, k,
-                             norms.as<float>(), indices_out.as<int64_t>(), sqdist_out.as<float>(),
-                             as_or_null<void>(quantized_out));
+                             centre.as<const float>(), norms.as<float>(), indices_out.as<int64_t>(),
+                             sqdist_out.as<float>(), as_or_null<void>(quantized_out), first_bad_row.as<int64_t>());
 }
 
 void ema_stats(In x_, In indices_, Out counts_out_, Out sums_out_, std::uintptr_t stream) {
@@ -212,11 +218,13 @@ NB_MODULE(_cuda, m) {
             "Work is enqueued on `stream` (torch.cuda.current_stream(device).cuda_stream).\n"
             "Bindings: csrc/cuda/bindings.cpp; each kernel names its source file.";
 
-  m.def("nearest_code", &nearest_code, "x"_a, "codebook"_a, "code_norms_scratch"_a, "indices_out"_a, "sqdist_out"_a,
-        "quantized_out"_a = nb::none(), nb::kw_only(), "stream"_a,
+  m.def("nearest_code", &nearest_code, "x"_a, "codebook"_a, "centre"_a, "code_norms_scratch"_a, "indices_out"_a,
+        "sqdist_out"_a, "first_bad_row"_a, "quantized_out"_a = nb::none(), nb::kw_only(), "stream"_a,
         "indices_out[i] = argmin_k ||x[i] - codebook[k]||^2 (ties -> lowest k; non-finite distance = +inf),\n"
-        "sqdist_out[i] = that squared distance computed directly (float32), quantized_out[i] = codebook[idx].\n"
-        "code_norms_scratch: float32 (K,), overwritten. Source: csrc/cuda/nearest_code.cu.");
+        "searched around centre (float32 (d,), fastvq.numerics.search_centre); sqdist_out[i] = that squared\n"
+        "distance computed directly (float32), quantized_out[i] = codebook[idx]. code_norms_scratch: float32\n"
+        "(K,), overwritten with ||e - c||^2. first_bad_row: int64 (1,), set to N by the caller, lowered to the\n"
+        "first finite row with ||x - c||^2 > FLT_MAX/8. Source: csrc/cuda/nearest_code.cu.");
   m.def("ema_stats", &ema_stats, "x"_a, "indices"_a, "counts_out"_a, "sums_out"_a, nb::kw_only(), "stream"_a,
         "counts_out[k] = #{i: indices[i] == k}, sums_out[k] = sum of x[i] over those i (float32 atomics;\n"
         "overwritten). Indices outside [0, K) are ignored. Source: csrc/cuda/ema_stats.cu.");

@@ -27,12 +27,14 @@ struct Strided {  // a 2-d view with element strides
 };
 
 // indices_out[i] = argmin_k ‖x_i − e_k‖² (ties to the lowest k; a NaN/±inf distance counts as
-// +inf, so a row of x with a NaN/Inf gets index 0); sqdist_out[i] = ‖x_i − e_idx‖² computed
+// +inf, so a row of x with a NaN/Inf gets index 0), searched in the frame centred on `centre`
+// (float32 (d,), fastvq.numerics.search_centre); sqdist_out[i] = ‖x_i − e_idx‖² computed
 // directly in float32; quantized_out (may be null, (N, d) contiguous, dtype) = codebook[idx].
-// code_norms_scratch: float32 (K,), overwritten with ‖e_k‖².
+// code_norms_scratch: float32 (K,), overwritten with ‖e_k − c‖². first_bad_row: int64 (1,), which
+// the caller sets to N; lowered (atomic min) to the first finite row with ‖x_i − c‖² > FLT_MAX/8.
 void nearest_code(int device, std::uintptr_t stream, DType dtype, Strided x, int64_t n, int64_t d,
-                  const void* codebook, int64_t k, float* code_norms_scratch, int64_t* indices_out,
-                  float* sqdist_out, void* quantized_out);
+                  const void* codebook, int64_t k, const float* centre, float* code_norms_scratch,
+                  int64_t* indices_out, float* sqdist_out, void* quantized_out, int64_t* first_bad_row);
 
 // counts_out (K,) and sums_out (K, d), float32, overwritten: per-code counts and row sums, with
 // float32 atomics (counts are exact; the sums' last bits depend on the order of the atomics).

@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..numerics import KERNEL_DTYPE_NAMES, deterministic, sort_by_code
+from ..numerics import KERNEL_DTYPE_NAMES, deterministic, first_out_of_range_code, search_centre, sort_by_code
 from .base import Backend
+from .search_range import raise_if_out_of_range
 
 try:
     from .. import _cuda
@@ -84,6 +85,8 @@ class CudaBackend(Backend):
         return torch.cuda.current_stream(device).cuda_stream
 
     def nearest_code(self, x, codebook, want_quantized):
+        # The search runs around c = search_centre(codebook) (issue 12, finding 5); the range check
+        # reads back the first out-of-range code and row: one host synchronisation (search_range.py).
         x, codebook = x.detach(), codebook.detach().contiguous()
         num_rows, dim = x.shape
         indices = torch.empty((num_rows,), dtype=torch.int64, device=x.device)
@@ -91,15 +94,26 @@ class CudaBackend(Backend):
         norms = torch.empty((codebook.shape[0],), dtype=torch.float32, device=x.device)
         quantized = torch.empty((num_rows, dim), dtype=x.dtype, device=x.device) if want_quantized else None
         with torch.cuda.device(x.device):
-            self._ext.nearest_code(x, codebook, norms, indices, sqdist, quantized, stream=self._stream(x.device))
+            centre = search_centre(codebook)
+            range_check = torch.full((2,), num_rows, dtype=torch.int64, device=x.device)
+            self._ext.nearest_code(x, codebook, centre, norms, indices, sqdist, range_check[1:], quantized,
+                                   stream=self._stream(x.device))
+            range_check[0] = first_out_of_range_code(codebook, norms)
+        raise_if_out_of_range(range_check, x, codebook)
         return indices, sqdist, quantized
 
     # The CUDA C++ extension has no top-k kernel; the fused one is Triton's (backend "triton").
     NEAREST_CODES_FALLBACK = ("nearest_codes runs fastvq.reference (chunked torch on the GPU): the CUDA C++ "
                               "extension has no top-k kernel; backend='triton' has the fused one")
 
+    SAMPLE_CODE_FALLBACK = ("sample_code runs fastvq.reference (chunked torch on the GPU): the CUDA C++ extension "
+                            "has no sampling kernel; backend='triton' has the fused one")
+
     def op_fallbacks(self) -> dict[str, str]:
-        return {"nearest_codes": self.NEAREST_CODES_FALLBACK}
+        return {"nearest_codes": self.NEAREST_CODES_FALLBACK, "sample_code": self.SAMPLE_CODE_FALLBACK}
+
+    def sample_code(self, x, codebook, temperature, seed, cosine):
+        return reference.sample_code(x.detach(), codebook.detach(), temperature, seed, cosine)
 
     def nearest_codes(self, x, codebook, k):
         return reference.nearest_codes(x.detach(), codebook.detach(), k)

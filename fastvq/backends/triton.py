@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..numerics import KERNEL_DTYPE_NAMES
 from .base import Backend
+from .search_range import raise_if_out_of_range
 
 
 class TritonBackend(Backend):
@@ -80,7 +81,8 @@ class TritonBackend(Backend):
         return reasons
 
     def nearest_code(self, x, codebook, want_quantized):
-        indices, sqdist, quantized = self._load().triton_nearest_code(x, codebook, want_quantized)
+        indices, sqdist, quantized, range_check = self._load().triton_nearest_code(x, codebook, want_quantized)
+        raise_if_out_of_range(range_check, x, codebook)
         return indices, sqdist, (quantized if want_quantized else None)
 
     def op_not_supported_reasons(self, op: str) -> list[str]:
@@ -92,6 +94,9 @@ class TritonBackend(Backend):
 
     def nearest_codes(self, x, codebook, k):
         return self._load().triton_nearest_codes(x, codebook, k)
+
+    def sample_code(self, x, codebook, temperature, seed, cosine):
+        return self._load().triton_sample_code(x, codebook, temperature, seed, cosine)
 
     def ema_stats(self, x, indices, num_codes):
         return self._load().triton_ema_stats(x, indices, num_codes)

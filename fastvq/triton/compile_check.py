@@ -53,8 +53,8 @@ def compile_kernel(decorated, pointer_types: dict, constexprs: dict, arch: int, 
 def search_case(dtype: str, dim: int, tensor_cores: bool, config: triton.Config, want_quantized=True):
     t = _TYPE[dtype]
     block_d = block_d_for(dim, MAX_BLOCK_D if tensor_cores else MAX_BLOCK_D // 2)
-    pointers = dict(x_ptr=t, codebook_ptr=t, code_norms_ptr="fp32", indices_ptr="i64", sqdist_ptr="fp32",
-                    quantized_ptr=t)
+    pointers = dict(x_ptr=t, centre_ptr="fp32", codes_ptr=t if tensor_cores else "fp32", code_norms_ptr="fp32",
+                    codebook_ptr=t, indices_ptr="i64", sqdist_ptr="fp32", quantized_ptr=t, range_check_ptr="i64")
     constexprs = dict(WRITE_QUANTIZED=want_quantized, CAST_TO_FP32=not tensor_cores,
                       INPUT_PRECISION="tf32" if tensor_cores else "ieee", BLOCK_D=block_d,
                       X_RESIDENT=dim <= block_d, **config.kwargs)

@@ -1,10 +1,13 @@
 """nearest_code in Triton: the search fused with the gather, registered as ``fastvq::triton_nearest_code``.
 
-The search is a GEMM with a min-epilogue. Each program owns BLOCK_N rows of x and
-walks the codebook in BLOCK_K-row tiles; per tile ``tl.dot`` gives x·e, and with
-‖e_k‖² computed once per call (a (K,) vector, O(K·d))
+The search is a GEMM with a min-epilogue, in a centred frame: distances are translation
+invariant, and ‖e‖² − 2x·e cancels far from the origin (issue 12, finding 5), so with
+c = numerics.search_centre(codebook) the search runs on x' = x − c and e' = e − c. Once per
+call (O(K·d)) the launcher forms the centred codes e' (a contiguous (K, d) tensor) and ‖e'_k‖²;
+each program owns BLOCK_N rows of x, subtracts c as it loads them, and walks e' in BLOCK_K-row
+tiles; per tile ``tl.dot`` gives x'·e', and
 
-    score(i, k) = ‖e_k‖² − 2 x_i·e_k    (= ‖x_i − e_k‖² − ‖x_i‖², same argmin)
+    score(i, k) = ‖e'_k‖² − 2 x'_i·e'_k    (= ‖x_i − e_k‖² − ‖x'_i‖², same argmin)
 
 is folded into a running (min, argmin) per row held in registers. Ties go to the
 lowest index: ``tl.min`` breaks ties to the left inside a tile and a later tile
@@ -14,14 +17,18 @@ Non-finite rule (fastvq/reference.py): a NaN or ±inf score counts as +inf, so a
 non-finite code never wins while a finite one exists, and a row whose every score
 is non-finite (a row of x with NaN/Inf) keeps the initial index 0.
 
-The epilogue gathers e_idx for each row, writes it as the quantized row and computes
-sqdist = ‖x − e_idx‖² directly, in float32, as the contract says. (When x and the
+The epilogue gathers e_idx for each row from the original codebook, writes it as the quantized
+row and computes sqdist = ‖x − e_idx‖² directly in the original frame, in float32, as the
+contract says. It also records the first finite row with ‖x − c‖² beyond FLT_MAX/8, where a
+float32 search could overflow (the launcher's range check; fastvq/backends/search_range.py). (When x and the
 codebook differ in dtype the launcher does the gather with torch instead, so the
 rounding to x's dtype is torch's.)
 
-Precision: bf16/fp16 inputs of one dtype go to tensor cores with fp32 accumulation;
-float32 (and mixed-dtype) inputs use full-precision fp32 ("ieee") unless TF32 is
-allowed (fastvq.triton.set_allow_tf32 / FASTVQ_TRITON_TF32=1).
+Precision: bf16/fp16 inputs of one dtype go to tensor cores with fp32 accumulation, on x' and e'
+rounded to that dtype (exact when the data sit on a grid no finer than the dtype's at the
+centre, e.g. integers; otherwise one rounding of the small centred values); float32 (and
+mixed-dtype) inputs use full-precision fp32 ("ieee") unless TF32 is allowed
+(fastvq.triton.set_allow_tf32 / FASTVQ_TRITON_TF32=1).
 """
 from __future__ import annotations
 
@@ -31,7 +38,11 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from ..numerics import MAX_CENTRED_SQUARED_NORM as _MAX_CENTRED_SQUARED_NORM
+from ..numerics import first_out_of_range_code, search_centre
 from ._jit import MAX_BLOCK_D, allow_tf32, block_d_for, for_current_mode, interpreting, kernel
+
+MAX_CENTRED_SQUARED_NORM = tl.constexpr(_MAX_CENTRED_SQUARED_NORM)
 
 _TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -53,7 +64,8 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4,
 
 @kernel(configs=_CONFIGS, interpreter_config=_INTERPRETER_CONFIG, key=["K", "d"])
 def _nearest_code_kernel(
-    x_ptr, codebook_ptr, code_norms_ptr, indices_ptr, sqdist_ptr, quantized_ptr,
+    x_ptr, centre_ptr, codes_ptr, code_norms_ptr, codebook_ptr,
+    indices_ptr, sqdist_ptr, quantized_ptr, range_check_ptr,
     N, K, d,
     stride_xn, stride_xd, stride_cn, stride_cd,
     WRITE_QUANTIZED: tl.constexpr,
@@ -67,12 +79,14 @@ def _nearest_code_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: no overflow for any N
     row_mask = rows < N
     x_rows = x_ptr + rows[:, None] * stride_xn
-    lanes_d = tl.arange(0, BLOCK_D)
+    lanes_d = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: a column times a large stride does not overflow
     lanes_k = tl.arange(0, BLOCK_K)
 
-    if X_RESIDENT:  # d <= BLOCK_D: the x tile stays in registers for the whole codebook walk
-        x_res = tl.load(x_rows + lanes_d[None, :] * stride_xd,
-                        mask=row_mask[:, None] & (lanes_d[None, :] < d), other=0.0)
+    if X_RESIDENT:  # d <= BLOCK_D: the centred x tile stays in registers for the whole codebook walk
+        d_mask = lanes_d < d
+        x_res = tl.load(x_rows + lanes_d[None, :] * stride_xd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        centre = tl.load(centre_ptr + lanes_d, mask=d_mask, other=0.0)
+        x_res = (x_res.to(tl.float32) - centre[None, :]).to(codes_ptr.dtype.element_ty)
         if CAST_TO_FP32:
             x_res = x_res.to(tl.float32)
 
@@ -81,11 +95,10 @@ def _nearest_code_kernel(
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + lanes_k.to(tl.int64)
         code_mask = codes < K
-        # Codebook tiles are loaded transposed, (BLOCK_D, BLOCK_K), ready for x @ eᵀ.
-        codes_t = codebook_ptr + codes[None, :] * stride_cn
+        # Tiles of the centred codebook (contiguous (K, d)), loaded transposed, (BLOCK_D, BLOCK_K), for x @ eᵀ.
+        codes_t = codes_ptr + codes[None, :] * d
         if X_RESIDENT:  # no inner loop, so Triton software-pipelines this (innermost) loop's loads
-            e_t = tl.load(codes_t + lanes_d[:, None] * stride_cd,
-                          mask=(lanes_d[:, None] < d) & code_mask[None, :], other=0.0)
+            e_t = tl.load(codes_t + lanes_d[:, None], mask=(lanes_d[:, None] < d) & code_mask[None, :], other=0.0)
             if CAST_TO_FP32:
                 e_t = e_t.to(tl.float32)
             xe = tl.dot(x_res, e_t, input_precision=INPUT_PRECISION)
@@ -94,16 +107,17 @@ def _nearest_code_kernel(
             for d0 in range(0, d, BLOCK_D):
                 cols = d0 + lanes_d
                 col_mask = cols < d
-                e_t = tl.load(codes_t + cols[:, None] * stride_cd,
-                              mask=col_mask[:, None] & code_mask[None, :], other=0.0)
-                x_t = tl.load(x_rows + cols[None, :] * stride_xd,
-                              mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+                e_t = tl.load(codes_t + cols[:, None], mask=col_mask[:, None] & code_mask[None, :], other=0.0)
+                x_t = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_mask[:, None] & col_mask[None, :],
+                              other=0.0)
+                centre = tl.load(centre_ptr + cols, mask=col_mask, other=0.0)
+                x_t = (x_t.to(tl.float32) - centre[None, :]).to(codes_ptr.dtype.element_ty)
                 if CAST_TO_FP32:
                     e_t = e_t.to(tl.float32)
                     x_t = x_t.to(tl.float32)
                 xe = tl.dot(x_t, e_t, xe, input_precision=INPUT_PRECISION)
         norms = tl.load(code_norms_ptr + codes, mask=code_mask, other=0.0)
-        score = norms[None, :] - 2.0 * xe
+        score = tl.fma(xe, -2.0, norms[None, :])  # explicit: Triton's default FP fusion may change
         usable = (score == score) & (tl.abs(score) < float("inf")) & code_mask[None, :]
         score = tl.where(usable, score, float("inf"))
         tile_best, tile_idx = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
@@ -111,28 +125,52 @@ def _nearest_code_kernel(
         best = tl.where(better, tile_best, best)
         best_idx = tl.where(better, k0 + tile_idx.to(tl.int64), best_idx)
 
-    # Epilogue: gather e_idx, write it, and measure ‖x − e_idx‖² directly.
+    # Epilogue, in the original frame: gather e_idx, write it, and measure ‖x − e_idx‖² directly. Also
+    # ‖x − c‖² of each finite row, for the range check (numerics.MAX_CENTRED_SQUARED_NORM).
     chosen = codebook_ptr + best_idx[:, None] * stride_cn
     sqdist = tl.zeros([BLOCK_N], tl.float32)
+    x_norm = tl.zeros([BLOCK_N], tl.float32)
+    non_finite = tl.zeros([BLOCK_N], tl.int32)
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + lanes_d
-        mask = row_mask[:, None] & (cols[None, :] < d)
+        col_mask = cols < d
+        mask = row_mask[:, None] & col_mask[None, :]
         x_f32 = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
         e = tl.load(chosen + cols[None, :] * stride_cd, mask=mask, other=0.0)
         diff = x_f32 - e.to(tl.float32)
         sqdist += tl.sum(diff * diff, axis=1)
+        centred = x_f32 - tl.load(centre_ptr + cols, mask=col_mask, other=0.0)[None, :]
+        x_norm += tl.sum(centred * centred, axis=1)
+        non_finite += tl.sum((~(tl.abs(x_f32) < float("inf"))).to(tl.int32), axis=1)
         if WRITE_QUANTIZED:
             q_ptrs = quantized_ptr + rows[:, None] * d + cols[None, :]
             tl.store(q_ptrs, e.to(quantized_ptr.dtype.element_ty), mask=mask)
     tl.store(indices_ptr + rows, best_idx, mask=row_mask)
     tl.store(sqdist_ptr + rows, sqdist, mask=row_mask)
+    out_of_range = row_mask & (non_finite == 0) & (x_norm > MAX_CENTRED_SQUARED_NORM)
+    first_bad = tl.min(tl.where(out_of_range, rows, N), axis=0)
+    tl.atomic_min(range_check_ptr + 1, first_bad, mask=first_bad < N, sem="relaxed")
+
+
+def centred_codebook(codebook: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What every Triton search needs of the codebook, once per call (O(K·d)): the search centre c
+    (d,) float32 (numerics.search_centre), the centred codes e − c as a contiguous (K, d) tensor of
+    ``dtype`` (the tiles the search loads, so its inner loop stays a plain load and dot), their
+    squared norms (K,) float32 in that rounding, and the range check's first entry (numerics)."""
+    centre = search_centre(codebook)
+    codes = (codebook.to(torch.float32) - centre).to(dtype).contiguous()
+    norms = codes.to(torch.float32).square().sum(dim=1)
+    return centre, codes, norms, first_out_of_range_code(codebook, norms)
 
 
 @triton_op("fastvq::triton_nearest_code", mutates_args={})
-def triton_nearest_code(x: Tensor, codebook: Tensor, want_quantized: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """indices int64 (N,), sqdist float32 (N,), quantized (N, d) in x.dtype, or (0, d) if not wanted.
+def triton_nearest_code(x: Tensor, codebook: Tensor,
+                        want_quantized: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """indices int64 (N,), sqdist float32 (N,), quantized (N, d) in x.dtype, or (0, d) if not wanted, and
+    the range check int64 (2,): the first finite codebook row and the first finite x row too far from the
+    search centre (K and N when none; fastvq.backends.search_range raises on them).
 
-    x (N, d) and codebook (K, d) in float32/bfloat16/float16, any strides, N >= 1, K >= 1.
+    x (N, d) and codebook (K, d) in float32/bfloat16/float16, any strides, K >= 1.
     """
     num_rows, dim = x.shape
     num_codes = codebook.shape[0]
@@ -140,7 +178,7 @@ def triton_nearest_code(x: Tensor, codebook: Tensor, want_quantized: bool) -> tu
     sqdist = torch.empty((num_rows,), dtype=torch.float32, device=x.device)
     quantized = x.new_empty((num_rows if want_quantized else 0, dim))
     if num_rows == 0:
-        return indices, sqdist, quantized
+        return indices, sqdist, quantized, torch.tensor([num_codes, 0], device=x.device)
     same_dtype = x.dtype == codebook.dtype
     tensor_cores = same_dtype and x.dtype in _TENSOR_CORE_DTYPES
     # The interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584,
@@ -149,14 +187,17 @@ def triton_nearest_code(x: Tensor, codebook: Tensor, want_quantized: bool) -> tu
     # The x tile stays in registers for the whole codebook walk when d <= BLOCK_D; fp32 operands
     # take twice the registers and shared memory, so their cap is half.
     block_d = block_d_for(dim, MAX_BLOCK_D if not upcast else MAX_BLOCK_D // 2)
-    # ‖e_k‖² once per call (O(K·d)), not once per program.
-    code_norms = codebook.to(torch.float32).square().sum(dim=1)
+    # Both operands are rounded to the codebook's dtype on tensor cores, else searched in float32.
+    centre, codes, code_norms, first_bad_code = centred_codebook(
+        codebook, codebook.dtype if tensor_cores else torch.float32)
+    range_check = torch.stack([first_bad_code, torch.full_like(first_bad_code, num_rows)])
 
     def grid(meta):
         return (triton.cdiv(num_rows, meta["BLOCK_N"]),)
 
     wrap_triton(for_current_mode(_nearest_code_kernel))[grid](
-        x, codebook, code_norms, indices, sqdist, quantized,
+        x, centre, codes, code_norms, codebook,
+        indices, sqdist, quantized, range_check,
         num_rows, num_codes, dim,
         x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
         WRITE_QUANTIZED=want_quantized and same_dtype,
@@ -170,4 +211,4 @@ def triton_nearest_code(x: Tensor, codebook: Tensor, want_quantized: bool) -> tu
         # Rounding codebook rows to x's dtype is left to torch (round-to-nearest-even), so the
         # result matches codebook[idx].to(x.dtype) exactly; the kernel only ever copies bits.
         quantized = codebook[indices].to(x.dtype)
-    return indices, sqdist, quantized
+    return indices, sqdist, quantized, range_check
