@@ -30,7 +30,7 @@ BACKENDS: dict[str, Backend] = {
 BACKEND_NAMES = tuple(BACKENDS)
 
 # Ops that not every backend implements (resolve(..., op=name) checks Backend.op_not_supported_reasons).
-PARTIAL_OPS = ("nearest_codes",)
+PARTIAL_OPS = ("nearest_codes", "sample_code")
 
 # Preference per device type under "auto". Triton serves CPU tensors only through
 # its interpreter, which is far too slow to pick silently, so it is never auto on CPU.

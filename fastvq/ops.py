@@ -6,6 +6,7 @@ Op map: each op by name through every layer (the kernels keep the op's name in e
 |-------------------|--------------------------------|-----------------------------------|-------------------------------|---------------------------------|-----------------------------|-----------------------------|
 | nearest_code      | csrc/cpu/nearest_code.cpp      | fastvq/triton/nearest_code.py     | csrc/cuda/nearest_code.cu     | reference.nearest_code          | tests/test_nearest_code.py  | fastvq.bench nearest_code   |
 | nearest_codes     | csrc/cpu/nearest_codes.cpp     | fastvq/triton/nearest_codes.py    | (reference, stated fallback)  | reference.nearest_codes         | tests/test_nearest_codes.py | fastvq.bench nearest_codes  |
+| sample_code       | csrc/cpu/sample_code.cpp       | fastvq/triton/sample_code.py      | (reference, stated fallback)  | reference.sample_code           | tests/test_sample_code.py   |                             |
 | quantize          | nearest_code, + loss here      | nearest_code, + loss here         | nearest_code, + loss here     | reference.quantize              | tests/test_quantize.py      | fastvq.bench train          |
 | quantize_backward | csrc/cpu/quantize_backward.cpp | fastvq/triton/quantize_backward.py| csrc/cuda/quantize_backward.cu| reference.quantize_backward     | tests/test_quantize.py      | fastvq.bench train          |
 | ema_stats         | csrc/cpu/ema_stats.cpp         | fastvq/triton/ema_stats.py        | csrc/cuda/ema_stats.cu        | reference.ema_stats             | tests/test_ema_stats.py     | fastvq.bench train, kmeans  |
@@ -19,6 +20,7 @@ The path of one call, e.g. ``FastVectorQuantizer.forward`` → ``ops.quantize`` 
 
     fastvq::nearest_code(x, codebook, backend) -> (indices, sqdist)
     fastvq::nearest_codes(x, codebook, k, backend) -> (indices (N, k), sqdist (N, k))
+    fastvq::sample_code(x, codebook, temperature, seed, cosine, backend) -> indices (N,) (a Gumbel-max draw)
     fastvq::quantize(x, codebook, commitment_weight, codebook_weight, backend, rotation_trick=False)
         -> (quantized, indices, loss)
     fastvq::quantize_backward(grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
@@ -77,6 +79,23 @@ def nearest_codes(x: Tensor, codebook: Tensor, k: int, backend: str) -> tuple[Te
 def _(x, codebook, k, backend):
     return (x.new_empty((x.shape[0], k), dtype=torch.int64),
             x.new_empty((x.shape[0], k), dtype=compute_dtype(x.dtype)))
+
+
+# ---- sample_code (vqp's stochastic_sample_codes: a Gumbel-max draw, noise hashed in the kernel) ----
+@torch.library.custom_op("fastvq::sample_code", mutates_args=())
+def sample_code(x: Tensor, codebook: Tensor, temperature: float, seed: int, cosine: bool, backend: str) -> Tensor:
+    """indices (N,): argmin over codes of vqp's −logit (sqrt(max(‖x − e‖², 1e-8)), or −x·e when
+    ``cosine``) minus temperature·Gumbel noise, the noise hashed from (seed, row, code) as
+    fastvq/reference.py specifies, so a draw from softmax(logits / temperature). temperature > 0."""
+    if x.shape[0] == 0:
+        check_backend_name(backend)
+        return _empty_indices(x)
+    return resolve(backend, x, codebook, op="sample_code").sample_code(x, codebook, temperature, seed, cosine)
+
+
+@sample_code.register_fake
+def _(x, codebook, temperature, seed, cosine, backend):
+    return _empty_indices(x)
 
 
 # ---- quantize (search + gather + loss, with the straight-through or rotation-trick backward) -

@@ -151,6 +151,95 @@ def assert_nearest_k(x: Tensor, codebook: Tensor, indices: Tensor) -> None:
     )
 
 
+# ---- sample_code: a Gumbel-max draw from softmax(logits / T), noise from a counter-based hash ---
+# Every backend computes, for row i (0-based within the call) and code k, with uint32 arithmetic:
+#   fmix(h)  = murmur3's finaliser: h ^= h>>16; h *= 0x85EBCA6B; h ^= h>>13; h *= 0xC2B2AE35; h ^= h>>16
+#   row_key  = fmix(fmix(i_lo ^ seed_lo) ^ i_hi)       (i_lo, i_hi: the low and high 32 bits of i)
+#   code_key = fmix(k ^ seed_hi ^ 0x9E3779B9)          (seed_lo, seed_hi: those of the int64 seed)
+#   bits     = fmix(row_key ^ code_key)
+#   u        = (2·(bits >> 9) + 1) / 2^24              (exact in float32, strictly inside (0, 1))
+#   noise    = float32(T · −log(−log(u)))              (computed in float64, then rounded once)
+#   score    = vqp's −logit − noise: sqrt(max(‖x − e‖², 1e-8)) − noise, or −x·e − noise (cosine)
+# and returns argmin_k score, ties to the lowest k. The float64 noise rounded once to float32 is
+# bitwise the same in every backend, so on integer-valued data (exact distances) every backend
+# returns exactly the reference's indices.
+SAMPLE_GOLDEN = 0x9E3779B9
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(a: Tensor, m: int) -> Tensor:
+    """(a·m) mod 2³² for int64 a in [0, 2³²), without int64 overflow."""
+    low = (a & 0xFFFF) * m
+    high = ((a >> 16) * m) & 0xFFFF
+    return (low + (high << 16)) & _MASK32
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def sample_noise(seed: int, rows: Tensor, codes: Tensor, temperature: float) -> Tensor:
+    """float32 (len(rows), len(codes)): the scaled Gumbel noise T·g of the hash above."""
+    seed_lo, seed_hi = seed & _MASK32, (seed >> 32) & _MASK32
+    rows, codes = rows.long(), codes.long()
+    row_key = _fmix32(_fmix32((rows & _MASK32) ^ seed_lo) ^ ((rows >> 32) & _MASK32))
+    code_key = _fmix32(codes ^ seed_hi ^ SAMPLE_GOLDEN)
+    bits = _fmix32(row_key[:, None] ^ code_key[None, :])
+    u = ((bits >> 9) * 2 + 1).double() / 2.0**24
+    return (temperature * -torch.log(-torch.log(u))).to(torch.float32)
+
+
+def sample_scores(x: Tensor, codebook: Tensor, cosine: bool) -> Tensor:
+    """vqp's −logits (N, K), in the compute dtype: sqrt(max(‖x − e‖², 1e-8)), or −x·e. Oracle only."""
+    dtype = compute_dtype(x.dtype)
+    if cosine:
+        return -(x.to(dtype) @ codebook.to(dtype).T)
+    return pairwise_sqdist(x, codebook).clamp_min(1e-8).sqrt()
+
+
+def sample_code(x: Tensor, codebook: Tensor, temperature: float, seed: int, cosine: bool) -> Tensor:
+    """indices (N,) int64 = argmin_k (sample_scores − sample_noise), ties to the lowest k. Chunked."""
+    num_rows, num_codes, dim = x.shape[0], codebook.shape[0], codebook.shape[1]
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, num_codes * dim))
+    codes = torch.arange(num_codes, device=x.device)
+    indices = torch.empty(num_rows, dtype=torch.int64, device=x.device)
+    for start in range(0, num_rows, rows_per_chunk):
+        chunk = x[start : start + rows_per_chunk]
+        noise = sample_noise(seed, torch.arange(start, start + chunk.shape[0], device=x.device), codes, temperature)
+        score = sample_scores(chunk, codebook, cosine) - noise.to(compute_dtype(x.dtype))
+        indices[start : start + rows_per_chunk] = torch.where(torch.isnan(score), torch.inf, score).min(1).indices
+    return indices
+
+
+def assert_sampled(x: Tensor, codebook: Tensor, indices: Tensor, temperature: float, seed: int, cosine: bool) -> None:
+    """Raise unless every indices[i] minimises score − noise up to float32 rounding of the score:
+    score_c − err_c <= min_k (score_k + err_k) in float64, err bounding each float32 score's error."""
+    x64, e64 = x.detach().cpu().double(), codebook.detach().cpu().double()
+    noise = sample_noise(seed, torch.arange(x.shape[0]), torch.arange(codebook.shape[0]), temperature).double()
+    scores = sample_scores(x64, e64, cosine)
+    perturbed = scores - noise
+    dim, unit = x.shape[1], FLOAT32_UNIT_ROUNDOFF
+    if cosine:
+        err = (dim + 2) * unit * (x64.abs() @ e64.abs().T)
+    else:  # ‖x − e‖² errs by at most s_err; its square root by s_err / (2·sqrt) (and never more than sqrt(s_err))
+        s_err = nearest_code_slack(x, codebook)[:, None] / 2
+        err = torch.minimum(s_err / (2 * scores), s_err.sqrt()) + 2 * unit * scores
+    err = err + 2 * unit * perturbed.abs()
+    chosen = indices.detach().cpu().long()
+    low = perturbed.gather(1, chosen[:, None])[:, 0] - err.gather(1, chosen[:, None])[:, 0]
+    best = (perturbed + err).min(1).values
+    bad = torch.nonzero(low > best).flatten()
+    if bad.numel():
+        row = int(bad[0])
+        raise AssertionError(f"row {row}: sampled code {int(chosen[row])} with perturbed score "
+                             f"{float(perturbed[row, chosen[row]])}, but code {int(perturbed[row].argmin())} has "
+                             f"{float(perturbed[row].min())} ({bad.numel()} such rows)")
+
+
 def vq_loss(x: Tensor, quantized: Tensor, commitment_weight: float, codebook_weight: float) -> Tensor:
     """commitment_weight·mean((x − sg(q))²) + codebook_weight·mean((sg(x) − q)²); 0 for empty x."""
     if x.numel() == 0:

@@ -417,7 +417,6 @@ def test_learnable_codebook_and_ema_update_are_vector_quantizes_switches():
 
 # vqp 1.32 arguments fastvq does not implement, each with its default and a value that changes training.
 UNIMPLEMENTED = {
-    "stochastic_sample_codes": (False, True),
     "directional_reparam": (False, True),
     "vq_bridge": (None, nn.Identity()),
     "affine_param": (False, True),

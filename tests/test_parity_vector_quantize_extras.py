@@ -242,3 +242,68 @@ def test_topk_arguments_vqp_refuses_are_refused():
         FastVectorQuantizer(DIM, CODES, heads=2)(x, topk=2)
     with pytest.raises(ValueError, match=r"not compatible with commitment_use_cross_entropy_loss=True"):
         FastVectorQuantizer(DIM, CODES, commitment_use_cross_entropy_loss=True)(x, topk=2)
+
+
+# ---- stochastic_sample_codes: fastvq's draws with vqp's noise replaced by fastvq's hash ----------
+class FastvqNoiseInVqp:
+    """Replaces vqp's gumbel_noise by fastvq's: the same torch.randint call for one seed per
+    codebook (so both libraries leave torch's RNG in the same state) and reference.sample_noise at
+    temperature 1. vqp then samples argmax(logits/T + g), fastvq argmin(−logits − float32(T·g)): the
+    same codes up to float32 rounding, so everything downstream must match side by side."""
+
+    def __init__(self, monkeypatch):
+        import vector_quantize_pytorch.vector_quantize_pytorch as module
+
+        monkeypatch.setattr(module, "gumbel_noise", self)
+
+    def __call__(self, logits):
+        from fastvq import reference
+        from fastvq.nn.code_choice import SEED_HIGH
+
+        heads, rows, codes = logits.shape
+        seeds = torch.randint(0, SEED_HIGH, (heads,), dtype=torch.int64).tolist()
+        noise = [reference.sample_noise(seed, torch.arange(rows), torch.arange(codes), 1.0) for seed in seeds]
+        return torch.stack(noise).to(logits.dtype)
+
+
+SAMPLING_CONFIGS = {
+    "defaults": (dict(stochastic_sample_codes=True), {}),
+    "temperature": (dict(stochastic_sample_codes=True, sample_codebook_temp=0.3), {}),
+    "forward_temperature": (dict(stochastic_sample_codes=True), dict(sample_codebook_temp=2.5)),
+    "zero_temperature_is_argmin": (dict(stochastic_sample_codes=True), dict(sample_codebook_temp=0.0)),
+    "cosine_heads": (dict(stochastic_sample_codes=True, use_cosine_sim=True, heads=2, separate_codebook_per_head=True),
+                     {}),
+    "shared_heads_dead_codes": (dict(stochastic_sample_codes=True, heads=2, threshold_ema_dead_code=2), {}),
+    "learnable_cross_entropy": (dict(stochastic_sample_codes=True, ema_update=False, learnable_codebook=True,
+                                     commitment_use_cross_entropy_loss=True), {}),
+    "gumbel_straight_through": (dict(stochastic_sample_codes=True, straight_through=True, rotation_trick=False,
+                                     codebook_dim=4, route_gradients_to_input=False, sample_codebook_temp=0.5), {}),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLING_CONFIGS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_stochastic_sampling_matches_vector_quantize_given_the_same_noise(monkeypatch, name, mode, backend):
+    kwargs, forward_kwargs = SAMPLING_CONFIGS[name]
+    FastvqNoiseInVqp(monkeypatch)
+    pair = SideBySide.build(kwargs, backend)
+    pair.train(mode == "train")
+    for step in range(STEPS):
+        x = torch.randn(2, 12, DIM, generator=torch.Generator().manual_seed(step))
+        pair.step(x, step, forward_kwargs)
+
+
+def test_stochastic_sampling_is_reproducible_under_manual_seed_and_samples():
+    from fastvq import FastVectorQuantizer
+
+    module = FastVectorQuantizer(DIM, CODES, stochastic_sample_codes=True, sample_codebook_temp=5.0,
+                                 ema_update=False)
+    x = torch.randn(4, 50, DIM, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        runs.append(module(x)[1])
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+    _, nearest, _ = module.eval()(x)  # eval never samples
+    assert not torch.equal(runs[0], nearest)

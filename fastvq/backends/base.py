@@ -40,6 +40,10 @@ class Backend:
         sqdist (N, k) of those codes in the compute dtype. 1 <= k <= min(K, NEAREST_CODES_MAX_K)."""
         raise NotImplementedError
 
+    def sample_code(self, x: Tensor, codebook: Tensor, temperature: float, seed: int, cosine: bool) -> Tensor:
+        """indices int64 (N,): fastvq.reference.sample_code's Gumbel-max draw, its noise hash bit for bit."""
+        raise NotImplementedError
+
     def ema_stats(self, x: Tensor, indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
         """counts float32 (K,), sums float32 (K, d)."""
         raise NotImplementedError

@@ -98,6 +98,12 @@ class CpuBackend(Backend):
         _cpu.nearest_codes(xf, cf, indices, sqdist, torch.get_num_threads())
         return indices, sqdist
 
+    def sample_code(self, x: Tensor, codebook: Tensor, temperature: float, seed: int, cosine: bool) -> Tensor:
+        xf, cf = _as_f32(x), _as_f32(codebook)
+        indices = torch.empty(xf.shape[0], dtype=INDEX_DTYPE)
+        _cpu.sample_code(xf, cf, indices, temperature, seed, cosine, torch.get_num_threads())
+        return indices
+
     def ema_stats(self, x: Tensor, indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
         xf = _as_f32(x)
         counts = torch.empty(num_codes, dtype=torch.float32)

@@ -24,6 +24,9 @@ class TorchBackend(Backend):
     def nearest_codes(self, x, codebook, k):
         return reference.nearest_codes(x, codebook, k)
 
+    def sample_code(self, x, codebook, temperature, seed, cosine):
+        return reference.sample_code(x, codebook, temperature, seed, cosine)
+
     def ema_stats(self, x, indices, num_codes):
         return reference.ema_stats(x, indices, num_codes)
 

@@ -122,3 +122,38 @@ def nearest_codes_rows(rows: Tensor, codebook: Tensor, k: int, backend: str) -> 
         else:
             picks.append(reference.nearest_codes(rows[c], codebook[c], k)[0])
     return torch.stack(picks)
+
+
+# Seeds for fastvq.sample_code come from torch's default CPU generator, in [0, SEED_HIGH).
+SEED_HIGH = 2**63 - 1
+
+
+def sample_codes_rows(rows: Tensor, codebook: Tensor, temperature: float, cosine: bool, topk: int | None,
+                      backend: str) -> Tensor:
+    """vqp's stochastic_sample_codes for rows (C, M, d): a draw from softmax(logits / temperature)
+    per row (C, M), by fastvq's fused Gumbel-max op, or with topk the k best perturbed codes (C, M, k),
+    nearest first, on the chunked reference (no fused top-k sampler). The noise comes from one
+    seed per codebook drawn with torch.randint, so torch.manual_seed makes a run reproducible; it
+    is not vqp's noise (vqp draws N·K uniforms), so draws match vqp's in distribution only."""
+    seeds = torch.randint(0, SEED_HIGH, (rows.shape[0],), dtype=torch.int64).tolist()
+    picks = []
+    for c, seed in enumerate(seeds):
+        if topk is None:
+            picks.append(ops.sample_code(rows[c], codebook[c], temperature, seed, cosine, backend))
+        else:
+            picks.append(_sample_topk(rows[c], codebook[c], temperature, seed, cosine, topk))
+    return torch.stack(picks)
+
+
+def _sample_topk(rows: Tensor, codebook: Tensor, temperature: float, seed: int, cosine: bool, k: int) -> Tensor:
+    num_rows, num_codes = rows.shape[0], codebook.shape[0]
+    step = max(1, (1 << 20) // max(num_codes, 1))
+    codes = torch.arange(num_codes, device=rows.device)
+    picks = torch.empty(num_rows, k, dtype=torch.int64, device=rows.device)
+    for start in range(0, num_rows, step):
+        chunk = rows[start:start + step]
+        noise = reference.sample_noise(seed, torch.arange(start, start + chunk.shape[0], device=rows.device), codes,
+                                       temperature)
+        score = reference.sample_scores(chunk, codebook, cosine) - noise.to(compute_dtype(rows.dtype))
+        picks[start:start + step] = torch.topk(-score, k, dim=1).indices
+    return picks

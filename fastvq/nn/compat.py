@@ -15,7 +15,6 @@ from ..checks import short_repr
 # VectorQuantize.__init__ arguments (vqp 1.32) that fastvq does not implement, with the default
 # at which they change nothing.
 VECTOR_QUANTIZE_UNSUPPORTED = {
-    "stochastic_sample_codes": False,
     "directional_reparam": False,
     "sync_affine_param": False,
     "vq_bridge": None,

@@ -23,6 +23,7 @@ from .code_choice import (
     indices_to_rows,
     nearest_codes_rows,
     quantize_gathered,
+    sample_codes_rows,
     transformed_codebook_choice,
 )
 from .codebook import Codebook
@@ -293,14 +294,18 @@ class FastVectorQuantizer(IndexMethods, TopkMethods, nn.Module):
                 and not self.commitment_use_cross_entropy_loss):
             weight = self.commitment_weight
         gumbel = self.training and self.straight_through and temperature > 0
+        sample = self.training and self.stochastic_sample_codes and temperature > 0
         chosen = gathered = logits = None
         if transform_fn is not None:
             chosen, gathered, logits = transformed_codebook_choice(
                 rows, codebook, transform_fn, sequence.shape[0] * (1 if self.separate_codebook_per_head else self.heads),
-                self.use_cosine_sim, self.training and self.stochastic_sample_codes and temperature > 0,
-                temperature, gumbel, topk)
-        elif topk is not None:
-            chosen = nearest_codes_rows(rows.detach(), codebook.detach(), topk, self.backend)
+                self.use_cosine_sim, sample, temperature, gumbel, topk)
+        elif topk is not None or sample:
+            if sample:  # one seed per codebook from torch's default generator: torch.manual_seed reproduces it
+                chosen = sample_codes_rows(rows.detach(), codebook.detach(), temperature, self.use_cosine_sim,
+                                           topk, self.backend)
+            else:
+                chosen = nearest_codes_rows(rows.detach(), codebook.detach(), topk, self.backend)
             gathered = torch.stack([codebook[c][chosen[c]] for c in range(num_codebooks)])
         if topk is not None:
             return self._topk_rows(rows, row_mask, chosen, gathered, route, learns, want_counts) + (codebook, logits)
