@@ -109,16 +109,30 @@ void search_tile_avx512(const float* xpack, int64_t d, const float* panels, cons
 namespace fastvq::cpu {
 namespace {
 
-// Lanes of c strictly below row r's k-th value go into its list, codes first..first+15 in order.
-#define FASTVQ_TOPK(c, r, first)                                                                  \
-  do {                                                                                            \
-    const __mmask16 m_ = _mm512_cmp_ps_mask(c, _mm512_set1_ps(list_val[(r) * k + k - 1]), _CMP_LT_OQ); \
-    if (m_) {                                                                                     \
-      alignas(64) float buf_[kPanel];                                                             \
-      _mm512_store_ps(buf_, c);                                                                   \
-      topk_insert_lanes(buf_, m_, first, k, list_val + (r) * k, list_idx + (r) * k);              \
-    }                                                                                             \
-  } while (0)
+// The lanes of `count` accumulators (row r = acc / per_row, panel acc % per_row) strictly below
+// their row's k-th value go into the row's list. The masks come first, against the thresholds
+// before any insertion (a superset: topk_insert_lanes re-checks), and the accumulators are
+// stored only when some lane passes, so no call sits among live accumulators.
+template <int kPerRow>
+__attribute__((always_inline)) inline void topk_epilogue(const __m512 (&c)[R * kPerRow], int64_t first, int k,
+                                                         float* list_val, int64_t* list_idx) {
+  __mmask16 m[R * kPerRow];
+  uint32_t any = 0;
+  for (int r = 0; r < R; ++r) {
+    const __m512 threshold = _mm512_set1_ps(list_val[r * k + k - 1]);
+    for (int h = 0; h < kPerRow; ++h) {
+      m[r * kPerRow + h] = _mm512_cmp_ps_mask(c[r * kPerRow + h], threshold, _CMP_LT_OQ);
+      any |= m[r * kPerRow + h];
+    }
+  }
+  if (!any) return;
+  alignas(64) float buf[R * kPerRow][kPanel];
+  for (int i = 0; i < R * kPerRow; ++i) _mm512_store_ps(buf[i], c[i]);
+  for (int i = 0; i < R * kPerRow; ++i)
+    if (m[i])
+      topk_insert_lanes(buf[i], m[i], first + (i % kPerRow) * kPanel, k, list_val + (i / kPerRow) * k,
+                        list_idx + (i / kPerRow) * k);
+}
 
 }  // namespace
 
@@ -142,13 +156,8 @@ void search_tile_topk_avx512(const float* xpack, int64_t d, const float* panels,
       x = _mm512_set1_ps(a[4]); c40 = _mm512_fmadd_ps(x, e0, c40); c41 = _mm512_fmadd_ps(x, e1, c41);
       x = _mm512_set1_ps(a[5]); c50 = _mm512_fmadd_ps(x, e0, c50); c51 = _mm512_fmadd_ps(x, e1, c51);
     }
-    const int64_t first0 = code_base + q * kPanel, first1 = first0 + kPanel;
-    FASTVQ_TOPK(c00, 0, first0); FASTVQ_TOPK(c01, 0, first1);
-    FASTVQ_TOPK(c10, 1, first0); FASTVQ_TOPK(c11, 1, first1);
-    FASTVQ_TOPK(c20, 2, first0); FASTVQ_TOPK(c21, 2, first1);
-    FASTVQ_TOPK(c30, 3, first0); FASTVQ_TOPK(c31, 3, first1);
-    FASTVQ_TOPK(c40, 4, first0); FASTVQ_TOPK(c41, 4, first1);
-    FASTVQ_TOPK(c50, 5, first0); FASTVQ_TOPK(c51, 5, first1);
+    const __m512 c[R * 2] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+    topk_epilogue<2>(c, code_base + q * kPanel, k, list_val, list_idx);
   }
   if (q < npanels) {  // odd number of panels: the last one alone
     const float* b = panels + q * d * kPanel;
@@ -164,12 +173,9 @@ void search_tile_topk_avx512(const float* xpack, int64_t d, const float* panels,
       c4 = _mm512_fmadd_ps(_mm512_set1_ps(a[4]), e0, c4);
       c5 = _mm512_fmadd_ps(_mm512_set1_ps(a[5]), e0, c5);
     }
-    const int64_t first = code_base + q * kPanel;
-    FASTVQ_TOPK(c0, 0, first); FASTVQ_TOPK(c1, 1, first); FASTVQ_TOPK(c2, 2, first);
-    FASTVQ_TOPK(c3, 3, first); FASTVQ_TOPK(c4, 4, first); FASTVQ_TOPK(c5, 5, first);
+    const __m512 c[R] = {c0, c1, c2, c3, c4, c5};
+    topk_epilogue<1>(c, code_base + q * kPanel, k, list_val, list_idx);
   }
 }
-
-#undef FASTVQ_TOPK
 
 }  // namespace fastvq::cpu
