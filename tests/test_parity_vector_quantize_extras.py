@@ -307,3 +307,48 @@ def test_stochastic_sampling_is_reproducible_under_manual_seed_and_samples():
     assert not torch.equal(runs[0], runs[2])
     _, nearest, _ = module.eval()(x)  # eval never samples
     assert not torch.equal(runs[0], nearest)
+
+
+def test_forward_with_indices_in_the_inputs_layout_equals_vqps_flattened_form():
+    pair = SideBySide.build(dict(accept_image_fmap=True), "torch")
+    x = torch.randn(2, DIM, 3, 4, generator=torch.Generator().manual_seed(5))
+    given = torch.randint(-1, CODES, (2, 12), generator=torch.Generator().manual_seed(6))
+    pair.train(False)
+    _, flat = pair.fast(x, indices=given)
+    _, image = pair.fast(x, indices=given.view(2, 3, 4))
+    _, want = pair.reference(x, indices=given)
+    torch.testing.assert_close(image, flat, rtol=0, atol=0)
+    torch.testing.assert_close(flat, want, **TOLERANCES[torch.float32])
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most elements any op's output had (every intermediate of forward and backward)."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("kwargs", [dict(codebook_diversity_loss_weight=0.5, commitment_use_cross_entropy_loss=True,
+                                         stochastic_sample_codes=True),
+                                    dict(straight_through=True, rotation_trick=False, route_gradients_to_input=False,
+                                         stochastic_sample_codes=True)],
+                         ids=["cross_entropy_diversity", "gumbel_straight_through"])
+def test_softmax_terms_and_sampling_never_hold_rows_by_codes(monkeypatch, kwargs):
+    """1000 rows, K = 100, d = 4: N×K would be 100000 elements; every tensor of the training step,
+    forward and backward, stays at most max(N·d, positions·K, K·d, chunk) = 4000."""
+    from fastvq import FastVectorQuantizer
+
+    monkeypatch.setattr(softmax_losses, "CHUNK_LOGITS", 1000)
+    module = FastVectorQuantizer(4, 100, backend="cpu", **kwargs).train()
+    x = torch.randn(50, 20, 4, requires_grad=True)
+    with LargestTensor() as mode:
+        quantized, _, loss = module(x)
+        (quantized.sum() + loss).backward()
+    assert x.grad is not None
+    assert mode.largest <= 1000 * 4, mode.largest
