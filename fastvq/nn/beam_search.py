@@ -78,10 +78,10 @@ def _check_beam_search(rvq, x: Tensor, mask) -> None:
         raise ValueError("beam search in training needs commitment_weight > 0: the candidates are scored by their "
                          "commitment loss (vector-quantize-pytorch 1.32 fails without one)")
     for name, default in (("stochastic_sample_codes", False), ("codebook_diversity_loss_weight", 0.0),
-                          ("commitment_use_cross_entropy_loss", False)):
+                          ("commitment_use_cross_entropy_loss", False), ("straight_through", False)):
         value = getattr(layer, name, default)
-        if value != default:
-            raise ValueError(f"beam search with {name}={short_repr(value)} is not implemented in fastvq")
+        if rvq.training and value != default:  # each changes vqp's top-k step in training only
+            raise ValueError(f"beam search in training with {name}={short_repr(value)} is not implemented in fastvq")
     if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"mask must have shape {tuple(x.shape[:-1])} (x's shape without dim), got {short_repr(mask)}")
 
