@@ -42,6 +42,9 @@ void sample_code(const float* x, int64_t n, int64_t d, const float* codebook, in
   const uint32_t seed_lo = static_cast<uint32_t>(useed), seed_hi = static_cast<uint32_t>(useed >> 32);
   std::vector<uint32_t> code_key(static_cast<size_t>(k));
   for (int64_t c = 0; c < k; ++c) code_key[c] = fmix32(static_cast<uint32_t>(c) ^ seed_hi ^ kGolden);
+  // The noise never exceeds T * 16.64 (u >= 2^-24), so a code whose score minus that bound is not
+  // below the running best cannot win: its noise (two logs) is skipped. The result is unchanged.
+  const float max_noise = static_cast<float>(temperature * 16.64);
   const int nt = resolve_threads(num_threads);
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t i = 0; i < n; ++i) {
@@ -55,15 +58,18 @@ void sample_code(const float* x, int64_t n, int64_t d, const float* codebook, in
       float acc = 0.0f;
       float score;
       if (cosine) {
+#pragma omp simd reduction(+ : acc)
         for (int64_t p = 0; p < d; ++p) acc += xi[p] * ec[p];
         score = -acc;
       } else {
+#pragma omp simd reduction(+ : acc)
         for (int64_t p = 0; p < d; ++p) {
           const float diff = xi[p] - ec[p];
           acc += diff * diff;
         }
         score = std::sqrt(acc < 1e-8f ? 1e-8f : acc);  // vqp's clamp; a NaN stays NaN
       }
+      if (score - max_noise >= best) continue;
       const float noise = scaled_gumbel(fmix32(row_key ^ code_key[c]), temperature);
       const float perturbed = score - noise;
       if (perturbed < best) {  // NaN never wins; a row with no finite score keeps 0
