@@ -87,6 +87,8 @@ def sample_code(x: Tensor, codebook: Tensor, temperature: float, seed: int, cosi
     """indices (N,): argmin over codes of vqp's −logit (sqrt(max(‖x − e‖², 1e-8)), or −x·e when
     ``cosine``) minus temperature·Gumbel noise, the noise hashed from (seed, row, code) as
     fastvq/reference.py specifies, so a draw from softmax(logits / temperature). temperature > 0."""
+    if not (0.0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if x.shape[0] == 0:
         check_backend_name(backend)
         return _empty_indices(x)

@@ -108,3 +108,9 @@ def test_sample_code_draws_from_softmax_of_logits_over_temperature(pair, cosine)
     assert within_band(torch.softmax(logits / temperature, 0)), frequency
     assert not within_band(torch.softmax(-logits / temperature, 0))
     assert not within_band(torch.softmax(logits * temperature, 0))
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan")])
+def test_sample_code_refuses_a_temperature_that_is_not_positive_and_finite(temperature):
+    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got"):
+        ops.sample_code(torch.randn(3, 2), torch.randn(4, 2), temperature, 0, False, "torch")
