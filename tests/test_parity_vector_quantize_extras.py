@@ -352,3 +352,14 @@ def test_softmax_terms_and_sampling_never_hold_rows_by_codes(monkeypatch, kwargs
         (quantized.sum() + loss).backward()
     assert x.grad is not None
     assert mode.largest <= 1000 * 4, mode.largest
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(threshold_ema_dead_code=2)], ids=["defaults", "dead_codes"])
+def test_forward_with_indices_and_a_mask_matches_vector_quantize(kwargs, backend):
+    pair = SideBySide.build(kwargs, backend)
+    for step in range(STEPS):
+        x = torch.randn(3, 10, DIM, generator=torch.Generator().manual_seed(step))
+        mask = torch.arange(10) < torch.tensor([10, 4, 7 - step])[:, None]
+        given = torch.randint(-1, CODES, (3, 10), generator=torch.Generator().manual_seed(9 + step))
+        _run_side_by_side(pair, x, step, lambda module, inp, given=given, mask=mask: module(inp, indices=given,
+                                                                                             mask=mask))
