@@ -90,9 +90,10 @@ def _transform(shape_bn: tuple[int, int], seed: int):
                                     dict(rotation_trick=False, commitment_use_cross_entropy_loss=True,
                                          codebook_diversity_loss_weight=0.3),
                                     dict(straight_through=True, rotation_trick=False, route_gradients_to_input=False),
-                                    dict(threshold_ema_dead_code=2)],
+                                    dict(threshold_ema_dead_code=2),
+                                    dict(stochastic_sample_codes=True, sample_codebook_temp=0.7)],
                          ids=["defaults", "cosine", "learnable", "softmax_losses", "gumbel_straight_through",
-                              "dead_codes"])
+                              "dead_codes", "stochastic_with_vqps_own_noise"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_codebook_transform_fn_matches_vector_quantize(kwargs, mode, backend):
     pair = SideBySide.build(kwargs, backend)
@@ -278,6 +279,7 @@ SAMPLING_CONFIGS = {
                                      commitment_use_cross_entropy_loss=True), {}),
     "gumbel_straight_through": (dict(stochastic_sample_codes=True, straight_through=True, rotation_trick=False,
                                      codebook_dim=4, route_gradients_to_input=False, sample_codebook_temp=0.5), {}),
+    "topk": (dict(stochastic_sample_codes=True, sample_codebook_temp=0.7), dict(topk=3)),
 }
 
 
