@@ -4,8 +4,10 @@ The same constructor call, the same inputs and the same state give the same outp
 gradients and buffers (to float32 rounding), and the state_dict has vqp's keys, shapes and
 dtypes, so checkpoints load both ways with ``strict=True``. What fastvq does not implement
 raises a ValueError naming the argument (fastvq/nn/compat.py); nothing trains silently
-differently. The search, the straight-through or rotation-trick backward and the EMA
-statistics run in fused kernels that never build the N×K distance matrix.
+differently. The search, the sampling, the straight-through or rotation-trick backward and the
+EMA statistics run in fused kernels, and the softmax terms over all codes (cross-entropy,
+diversity, gumbel straight-through; nn/softmax_losses.py) stream over row chunks: nothing
+builds the N×K distance matrix (but codebook_transform_fn's own per-row codebooks).
 """
 from __future__ import annotations
 
@@ -41,11 +43,16 @@ LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity",
 class FastVectorQuantizer(IndexMethods, TopkMethods, nn.Module):
     """Drop-in for ``vector_quantize_pytorch.VectorQuantize`` (same kwargs, defaults and returns).
 
-    forward(x, mask=None, lens=None, freeze_codebook=None, return_loss_breakdown=False,
+    forward(x, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
+    freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
     ema_update_weight=None, accum_ema_update=False, ema_update=None, *, return_stats=False)
-    returns ``(quantized, indices, loss)`` (+ a LossBreakdown, + a CodebookStats). In eval mode the
-    loss is 0 and quantized carries no gradient to x, as in vqp. ``backend`` (keyword only) picks
-    fastvq's kernels ("auto", "cpu", "triton", "cuda", "torch").
+    returns ``(quantized, indices, loss)`` (+ a LossBreakdown, + a CodebookStats); with ``indices=``
+    vqp's ``(codebook-space quantized, cross-entropy of the given codes)``; with ``topk=k``
+    quantized (..., k, d) and a per-code loss (..., k). In eval mode the loss is 0 (but with topk)
+    and quantized carries no gradient to x, as in vqp. ``stochastic_sample_codes`` draws from
+    softmax(logits / T) with fastvq's own hashed noise (fastvq.reference.sample_noise), not vqp's
+    random numbers. ``backend`` (keyword only) picks fastvq's kernels ("auto", "cpu", "triton",
+    "cuda", "torch").
     """
 
     def __init__(self, dim, codebook_size, codebook_dim=None, heads=1, separate_codebook_per_head=False, decay=0.8,
