@@ -4,9 +4,10 @@ Level by level each row keeps ``beam_size`` partial reconstructions. vqp expands
 its level's top-k codes (``VectorQuantize(topk=k)``: an N·beam·k×K one-hot), scores each candidate
 by ``score − weight·loss`` where loss is the commitment loss of that candidate, keeps the best
 ``beam_size`` (1 at the last level) and finally updates each level's codebook from the chosen
-path (``update_indices``; vqp 1.32 updates level 0 only, reproduced below). Here the k codes come from ``fastvq.nearest_codes``; candidate losses
-are computed without a gradient for the choice, and only the chosen candidates are rebuilt with
-one, by the same elementwise formulas, so values, choices and gradients are vqp's.
+path (``update_indices``; vqp 1.32 updates level 0 only, reproduced below). Here the k codes and
+their squared distances come from ``fastvq.nearest_codes``; the choice uses those distances (vqp's
+candidate losses up to the order of a d-term sum), and only the chosen candidates are rebuilt with
+a gradient, by vqp's elementwise formulas, so returned values and gradients are vqp's.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from torch import Tensor
 from ..checks import short_repr
 from ..numerics import compute_dtype
 
-_CHUNK_ELEMENTS = 1 << 22  # candidate losses are computed in chunks of about 16 MiB
 
 
 def beam_search_forward(rvq, x: Tensor, mask: Tensor | None, beam: int, freeze_codebook: bool,
@@ -48,11 +48,10 @@ def beam_search_forward(rvq, x: Tensor, mask: Tensor | None, beam: int, freeze_c
         parent, codes = chosen // num_codes, candidates.flatten(-2).gather(-1, chosen)
         parent_rows = _take(rows, parent)
         quantized, loss = _rebuild(layer, parent_rows, codes, row_mask, orthogonal, rvq.training, freeze_codebook)
-        history.extend(parent, codes if row_mask is None else codes.masked_fill(~row_mask[:, None], -1), loss,
-                       parent_rows.detach())
+        history.extend(parent, codes if row_mask is None else codes.masked_fill(~row_mask[:, None], -1), loss)
         quantized_out = _take(quantized_out, parent) + quantized
         rows = parent_rows - _frac_gradient(quantized, rvq.quant_grad_frac)
-    indices, losses, residuals = history.best()
+    indices, losses = history.best()
     if row_mask is not None:
         losses = torch.where(row_mask[:, None], losses, 0.0).sum(0) / row_mask.sum().clamp_min(1e-4)
     else:
@@ -60,7 +59,7 @@ def beam_search_forward(rvq, x: Tensor, mask: Tensor | None, beam: int, freeze_c
     # vqp 1.32 keeps the beam axis of its level inputs, (..., 1, l, d)[..., 0, :] -> (..., 1, d): only
     # level 0 then gets its codebook step, and a shared codebook's dead codes are drawn from level 0's
     # inputs. Reproduced, so that training with beam search learns the same codebooks.
-    residuals = residuals[:, :1].reshape(*prefix, 1, width)
+    residuals = x.detach().unsqueeze(-2)  # level 0's input is x for every beam
     indices = indices.reshape(*prefix, indices.shape[-1])
     if rvq.training:
         rvq.layers[0].update_indices(residuals[..., 0, :], indices[..., 0], mask=mask)
@@ -100,17 +99,18 @@ def _expand(layer, rows: Tensor, row_mask: Tensor | None, beam: int, training: b
     k = min(beam, layer.codebook_size)
     codebook = state.embed.detach()[0]
     search = inputs.reshape(-1, width).to(compute_dtype(inputs.dtype))
-    candidates, _ = nearest_codes(search, codebook.to(search.dtype), k, backend=layer.backend)
+    candidates, sqdist = nearest_codes(search, codebook.to(search.dtype), k, backend=layer.backend)
     candidates = candidates.view(num_rows, beams, k)
     orthogonal = _orthogonal(layer, candidates) if training else None
-    losses = torch.empty(num_rows, beams, k, dtype=torch.promote_types(rows.dtype, torch.float32), device=rows.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, beams * k * width))
-    with torch.no_grad():
-        for start in range(0, num_rows, step):
-            part = slice(start, start + step)
-            codes = codebook.to(torch.float32)[candidates[part]].to(rows.dtype)
-            chunk_mask = None if row_mask is None else row_mask[part]
-            losses[part] = _commitment(layer, codes, inputs[part].unsqueeze(-2), chunk_mask, orthogonal, training)
+    # vqp's candidate loss, mean((e − x)²) over d, from the kernel's directly computed ‖x − e‖²: the same
+    # value up to the order of the d-term sum (the chosen candidates' losses are recomputed as vqp does).
+    losses = sqdist.view(num_rows, beams, k).to(torch.promote_types(rows.dtype, torch.float32)) / width
+    if row_mask is not None:
+        losses = torch.where(row_mask[:, None, None], losses, 0.0)
+    if training or layer.has_commitment_loss:
+        losses = losses * layer.commitment_weight
+    if orthogonal is not None:
+        losses = losses + orthogonal.detach()
     return candidates, losses, orthogonal
 
 
@@ -189,29 +189,29 @@ def _frac_gradient(t: Tensor, frac: float) -> Tensor:
 
 
 def _take(t: Tensor, parent: Tensor) -> Tensor:
-    """t (M, beams, ...) at beams parent (M, b') -> (M, b', ...)."""
-    index = parent.view(*parent.shape, *([1] * (t.dim() - 2))).expand(*parent.shape, *t.shape[2:])
-    return t.gather(1, index)
+    """t (M, beams, ...) at beams parent (M, b') -> (M, b', ...), as whole-row copies."""
+    num_rows, beams = t.shape[:2]
+    flat = parent + torch.arange(num_rows, device=parent.device).unsqueeze(1) * beams
+    return t.reshape(num_rows * beams, *t.shape[2:])[flat.reshape(-1)].view(*parent.shape, *t.shape[2:])
 
 
 class _History:
-    """The chosen path of every beam: indices (M, beams, l), losses (M, beams, l) and the level
-    inputs (M, beams, l, d), reordered by each level's choice."""
+    """The chosen path of every beam: indices (M, beams, l) and losses (M, beams, l), reordered by
+    each level's choice."""
 
     def __init__(self):
-        self.indices = self.losses = self.residuals = None
+        self.indices = self.losses = None
 
-    def extend(self, parent: Tensor, codes: Tensor, loss: Tensor, residual: Tensor) -> None:
+    def extend(self, parent: Tensor, codes: Tensor, loss: Tensor) -> None:
         if self.indices is None:
-            self.indices, self.losses, self.residuals = codes[..., None], loss[..., None], residual[..., None, :]
+            self.indices, self.losses = codes[..., None], loss[..., None]
             return
         self.indices = torch.cat([_take(self.indices, parent), codes[..., None]], dim=-1)
         self.losses = torch.cat([_take(self.losses, parent), loss[..., None]], dim=-1)
-        self.residuals = torch.cat([_take(self.residuals, parent), residual[..., None, :]], dim=-2)
 
     def drop_level(self) -> None:
         self.indices = torch.cat([self.indices, torch.full_like(self.indices[..., :1], -1)], dim=-1)
         self.losses = torch.cat([self.losses, torch.zeros_like(self.losses[..., :1])], dim=-1)
 
-    def best(self) -> tuple[Tensor, Tensor, Tensor]:
-        return self.indices[:, 0], self.losses[:, 0], self.residuals[:, 0]
+    def best(self) -> tuple[Tensor, Tensor]:
+        return self.indices[:, 0], self.losses[:, 0]
