@@ -1,5 +1,5 @@
 """fastvq: fused vector quantization for PyTorch, without the N×K distance matrix."""
-from .dispatch import BackendNotSupportedError, available_backends, unavailable_reasons
+from .dispatch import BackendNotSupportedError, available_backends, empty_cache, unavailable_reasons
 from .functional import ema_stats, nearest_code, nearest_codes, quantize
 from .kmeans import kmeans
 from .nn import CodebookStats, FastVectorQuantizer, GroupedResidualVQ, ResidualVQ
@@ -14,6 +14,7 @@ __all__ = [
     "ResidualVQ",
     "available_backends",
     "ema_stats",
+    "empty_cache",
     "kmeans",
     "nearest_code",
     "nearest_codes",

@@ -117,6 +117,14 @@ def unavailable_reasons() -> dict[str, str]:
     return reasons
 
 
+def empty_cache() -> None:
+    """Release what the backends keep between calls: the cpu kernels' packed codebooks (at most 4, 256 MiB
+    across all threads, reused while a codebook's data pointer, shape, strides and version counter stay the
+    same). Needed after writes that bypass the version counter (``tensor.data.copy_``, numpy views)."""
+    for backend in BACKENDS.values():
+        backend.empty_cache()
+
+
 def explain(*tensors: Tensor, op: str | None = None) -> dict[str, list[str]]:
     """For each backend, why it cannot run on ``tensors`` (or run ``op`` on them); empty list: it can."""
     return {name: _reasons(get_backend(name), tensors, op) for name in BACKEND_NAMES}

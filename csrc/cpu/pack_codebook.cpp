@@ -201,12 +201,16 @@ std::shared_ptr<const PackedCodebook> packed_codebook(const float* codebook, int
           c.entries.splice(c.entries.begin(), c.entries, it);
           return c.entries.front();
         }
-    // Reuse the smallest idle buffer that fits (no fresh mapping and page faults per call).
+    // Reuse an idle buffer that fits (no fresh mapping and page faults per call): the smallest one
+    // without a key, else, when the cache is full, the least recently used keyed one.
     auto best = c.entries.end();
     for (auto it = c.entries.begin(); it != c.entries.end(); ++it)
-      if (it->use_count() == 1 && (*it)->capacity_bytes >= bytes &&
+      if (it->use_count() == 1 && (*it)->key.empty() && (*it)->capacity_bytes >= bytes &&
           (best == c.entries.end() || (*it)->capacity_bytes < (*best)->capacity_bytes))
         best = it;
+    const bool full = c.entries.size() >= kPackCacheEntries || c.bytes_locked() + bytes > kPackCacheBytes;
+    for (auto it = c.entries.rbegin(); best == c.entries.end() && full && it != c.entries.rend(); ++it)
+      if (it->use_count() == 1 && (*it)->capacity_bytes >= bytes) best = std::prev(it.base());
     if (best != c.entries.end()) {
       pack = *best;
       c.entries.erase(best);

@@ -23,6 +23,9 @@ class Backend:
         """Why this backend cannot run on these tensors (device, dtype, build); empty if it can."""
         raise NotImplementedError
 
+    def empty_cache(self) -> None:
+        """Release what this backend keeps between calls (the cpu backend: packed codebooks)."""
+
     def op_not_supported_reasons(self, op: str) -> list[str]:
         """Why this backend does not implement the op named ``op`` at all (whatever the tensors); empty if it does."""
         return []

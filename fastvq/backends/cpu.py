@@ -6,7 +6,10 @@ The kernels compute in float32 on C-contiguous arrays. This wrapper converts inp
 """
 from __future__ import annotations
 
+import itertools
 import os
+import threading
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -44,11 +47,61 @@ def _as_index(t: Tensor) -> Tensor:
     return t.detach().to(INDEX_DTYPE).contiguous()
 
 
+# ---- keys of the packed-codebook cache (csrc/cpu/pack_codebook.h) ------------------------------
+# The extension keeps the packs of the last few codebooks it searched (at most 4, 256 MiB), keyed
+# on ints from here: a token for the storage, the version counter, data pointer, shape, strides.
+# The version counter changes with every in-place write through the tensor or its views (the
+# module's EMA and dead-code steps included). A storage is pinned (kept alive) while its token is
+# live, so no other tensor can take its address and version 0 and be mistaken for it.
+# Writes that bypass the version counter (``tensor.data.copy_``, a numpy view) are not seen:
+# call fastvq.empty_cache() after them.
+PIN_LIMIT, PIN_BYTES = 4, 256 << 20
+_pins: OrderedDict = OrderedDict()  # descriptor -> (pinned tensor, token)
+_pins_lock = threading.Lock()
+_tokens = itertools.count(1)
+_DTYPE_CODES = {dtype: code for code, dtype in enumerate((torch.float32, torch.bfloat16, torch.float16, torch.float64))}
+
+
+def cache_key(codebook: Tensor) -> list[int]:
+    """The pack cache's key for this codebook, or [] (no caching: inference tensors have no version)."""
+    if codebook.is_inference() or codebook.device.type != "cpu":
+        return []
+    storage = codebook.untyped_storage()
+    descriptor = (codebook.data_ptr(), storage.data_ptr(), storage.nbytes(), codebook.storage_offset(),
+                  *codebook.shape, *codebook.stride())
+    if storage.nbytes() > PIN_BYTES:
+        return []
+    with _pins_lock:
+        pinned = _pins.get(descriptor)
+        if pinned is not None and pinned[0].untyped_storage().data_ptr() == storage.data_ptr():
+            _pins.move_to_end(descriptor)
+            token = pinned[1]
+        else:
+            token = next(_tokens)
+            _pins[descriptor] = (codebook.detach(), token)
+            pinned_bytes = sum(t.untyped_storage().nbytes() for t, _ in _pins.values())
+            while len(_pins) > PIN_LIMIT or pinned_bytes > PIN_BYTES:
+                old, _ = _pins.popitem(last=False)[1]
+                pinned_bytes -= old.untyped_storage().nbytes()
+    return [token, codebook._version, *descriptor, _DTYPE_CODES.get(codebook.dtype, -1)]
+
+
+def empty_cache() -> None:
+    """Release the packed codebooks the cpu kernels keep, and the pins of their storages."""
+    with _pins_lock:
+        _pins.clear()
+    if _cpu is not None and _IMPORT_ERROR is None:
+        _cpu.empty_cache()
+
+
 class CpuBackend(Backend):
     name = "cpu"
 
     def unavailable_reason(self) -> str | None:
         return _IMPORT_ERROR
+
+    def empty_cache(self) -> None:
+        empty_cache()
 
     def describe(self) -> str:
         if _IMPORT_ERROR is not None:
@@ -81,7 +134,7 @@ class CpuBackend(Backend):
         indices = torch.empty(n, dtype=INDEX_DTYPE)
         sqdist = torch.empty(n, dtype=torch.float32)
         quantized = torch.empty(n, d, dtype=torch.float32) if want_quantized else None
-        _cpu.nearest_code(xf, cf, indices, sqdist, quantized, torch.get_num_threads())
+        _cpu.nearest_code(xf, cf, indices, sqdist, quantized, torch.get_num_threads(), cache_key=cache_key(codebook))
         if quantized is not None and quantized.dtype != x.dtype:
             quantized = quantized.to(x.dtype)
         return indices, sqdist, quantized
@@ -95,7 +148,7 @@ class CpuBackend(Backend):
         xf, cf = _as_f32(x), _as_f32(codebook)
         indices = torch.empty(xf.shape[0], k, dtype=INDEX_DTYPE)
         sqdist = torch.empty(xf.shape[0], k, dtype=torch.float32)
-        _cpu.nearest_codes(xf, cf, indices, sqdist, torch.get_num_threads())
+        _cpu.nearest_codes(xf, cf, indices, sqdist, torch.get_num_threads(), cache_key=cache_key(codebook))
         return indices, sqdist
 
     def sample_code(self, x: Tensor, codebook: Tensor, temperature: float, seed: int, cosine: bool) -> Tensor:

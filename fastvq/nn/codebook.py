@@ -85,6 +85,7 @@ class Codebook(nn.Module):
             return
         ops.kmeans_init_(self.embed.data, self.cluster_size, self.embed_avg, self.initted, rows,
                          self.kmeans_iters, self.use_cosine_sim, self.eps, self.sync_kmeans, self.backend)
+        count_write(self.embed)
         self._kmeans_pending = False
 
     # ---- the EMA step ----------------------------------------------------------------------
@@ -111,6 +112,7 @@ class Codebook(nn.Module):
         instead of vqp's 0/0."""
         self.embed.data.copy_(embed_from_statistics(self.embed_avg, self.cluster_size, self.eps, self.use_cosine_sim,
                                                     fallback=self.embed.data))
+        count_write(self.embed)
 
     @torch.no_grad()
     def update_codebook_(self, rows: Tensor, indices: Tensor, *, ema_update: bool,
@@ -145,6 +147,15 @@ class Codebook(nn.Module):
         ops.expire_codes_(self.embed.data, self.cluster_size, self.embed_avg, rows,
                           float(self.threshold_ema_dead_code), float(self.reset_cluster_size),
                           self.use_cosine_sim, self.sync_kmeans)
+        count_write(self.embed)
+
+
+def count_write(tensor: Tensor) -> None:
+    """Bump the version counter after a write through ``.data``, which leaves it alone in eager mode: the cpu
+    backend reuses a packed codebook while its version stays the same (fastvq.backends.cpu.cache_key).
+    Compiled graphs write mutated buffers back with copy_, which counts already."""
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(tensor)
 
 
 def _accumulate_grad_(buffer: Tensor, value: Tensor) -> None:
