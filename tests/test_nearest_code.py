@@ -188,6 +188,19 @@ def test_nearest_code_every_code_non_finite_gives_index_zero(pair):
     assert indices.tolist() == [0] * 7
 
 
+@pytest.mark.parametrize("num_codes,dim", [(257, 33), (40000, 16)])
+def test_nearest_code_a_row_gets_the_same_answer_alone_or_in_a_batch(pair, num_codes, dim):
+    # A batch's last tile may hold 1..5 rows (the cpu kernels then compute only those rows): each row's
+    # index and sqdist must not depend on the rows searched with it.
+    skip_if_slow(pair, 13, num_codes, dim)
+    x, codebook = randn(13, dim, seed=num_codes), randn(num_codes, dim, seed=dim)
+    all_indices, all_sqdist, _ = search(pair, x, codebook)
+    for rows in (slice(0, 1), slice(3, 5), slice(6, 9), slice(1, 6), slice(0, 7)):
+        indices, sqdist, _ = search(pair, x[rows], codebook)
+        assert torch.equal(indices, all_indices[rows]) and torch.equal(sqdist, all_sqdist[rows]), rows
+    reference.assert_nearest(x, codebook, all_indices)
+
+
 # ---- far from the origin: the centred search frame (issue 12, findings 5 and 6) ----------------
 def assert_nearest_centred(x, codebook, indices):
     """assert_nearest in the frame centred on search_centre(codebook). Distances are translation

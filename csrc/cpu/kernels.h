@@ -52,6 +52,16 @@ void search_tile_avx512(const float* xpack, int64_t d, const float* panels, cons
                         int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx);
 #endif
 
+// The last tile of a call may hold fewer than kTileRows rows (N = 1 for one streamed frame): this
+// variant computes only its first `rows` rows (1 <= rows < kTileRows), with the same value for
+// each (row, code) and the same selection as the full tile. Null where a level has none.
+using SearchFewRowsFn = void (*)(int rows, const float* xpack, int64_t d, const float* panels, const float* norms,
+                                 int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx);
+#ifdef FASTVQ_HAVE_AVX512_KERNEL
+void search_few_rows_avx512(int rows, const float* xpack, int64_t d, const float* panels, const float* norms,
+                            int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx);
+#endif
+
 // ---- the top-k variant (nearest_codes) ----
 // Same packing, tiles and accumulation as above (so a (row, code) value is bitwise the one
 // nearest_code computes); the epilogue keeps, per row, a list of the k smallest (value, index)
@@ -89,6 +99,7 @@ SimdLevel current_simd_level();  // what the dispatcher picks now
 void set_simd_level(const char* name);
 SearchTileFn current_search_tile();
 SearchTileTopkFn current_search_tile_topk();
+SearchFewRowsFn current_search_few_rows();
 
 // ---- threading ----
 bool openmp_enabled();

@@ -63,6 +63,7 @@ inline void finish_rows(const float* x, int64_t d, const float* codebook, int64_
 
 struct Search {
   SearchTileFn tile;
+  SearchFewRowsFn few_rows;  // may be null
   int64_t d;
   const float* panels;
   const float* norms;
@@ -70,15 +71,23 @@ struct Search {
   int64_t npanels;
   int64_t block_panels;
 
-  // `ntiles` packed tiles against panels [q_begin, q_end), K-blocked, merged into best_*
-  // (kTileRows entries per tile).
-  void tiles(const float* xpack, int64_t ntiles, int64_t q_begin, int64_t q_end, float* best_val,
+  // The tiles of `nrows` packed rows against panels [q_begin, q_end), K-blocked, merged into
+  // best_* (kTileRows entries per tile); a last tile of fewer rows computes only those.
+  void tiles(const float* xpack, int64_t nrows, int64_t q_begin, int64_t q_end, float* best_val,
              int64_t* best_idx) const {
+    const int64_t ntiles = (nrows + kTileRows - 1) / kTileRows;
+    const int last_rows = static_cast<int>(nrows - (ntiles - 1) * kTileRows);
     for (int64_t q0 = q_begin; q0 < q_end; q0 += block_panels) {
       const int64_t nq = std::min(block_panels, q_end - q0);
-      for (int64_t t = 0; t < ntiles; ++t)
-        tile(xpack + t * d * kTileRows, d, panels + q0 * d * kPanel, norms + q0 * kPanel, nq,
-             q0 * kPanel, best_val + t * kTileRows, best_idx + t * kTileRows);
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const float* xt = xpack + t * d * kTileRows;
+        if (t == ntiles - 1 && last_rows < kTileRows && few_rows)
+          few_rows(last_rows, xt, d, panels + q0 * d * kPanel, norms + q0 * kPanel, nq, q0 * kPanel,
+                   best_val + t * kTileRows, best_idx + t * kTileRows);
+        else
+          tile(xt, d, panels + q0 * d * kPanel, norms + q0 * kPanel, nq, q0 * kPanel, best_val + t * kTileRows,
+               best_idx + t * kTileRows);
+      }
     }
   }
 };
@@ -103,7 +112,7 @@ void search_by_row_groups(const Search& search, const float* x, int64_t n, const
     int64_t best_idx[kGroupRows];
     std::fill(best_val, best_val + kGroupRows, std::numeric_limits<float>::infinity());
     std::fill(best_idx, best_idx + kGroupRows, int64_t{-1});
-    search.tiles(xp, (r1 - r0 + kTileRows - 1) / kTileRows, 0, search.npanels, best_val, best_idx);
+    search.tiles(xp, r1 - r0, 0, search.npanels, best_val, best_idx);
     finish_rows(x, d, codebook, r0, r1, best_idx, out);
   }
   for (const int64_t row : bad_row)
@@ -128,7 +137,7 @@ void search_by_code_chunks(const Search& search, const float* x, int64_t n, cons
     const int64_t g = item / nchunks, c = item % nchunks;
     const int64_t r0 = g * kGroupRows, r1 = std::min(n, r0 + kGroupRows);
     const int64_t q_begin = npanels * c / nchunks, q_end = npanels * (c + 1) / nchunks;
-    search.tiles(xpack.ptr + r0 * d, (r1 - r0 + kTileRows - 1) / kTileRows, q_begin, q_end,
+    search.tiles(xpack.ptr + r0 * d, r1 - r0, q_begin, q_end,
                  chunk_val.data() + c * npad + r0, chunk_idx.data() + c * npad + r0);
   }
   std::vector<int64_t> best_idx(static_cast<size_t>(n));
@@ -157,7 +166,7 @@ void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, i
   const std::shared_ptr<const PackedCodebook> pack = packed_codebook(codebook, k, d, cache_key, num_threads);
 
   const int64_t panel_bytes = d * kPanel * static_cast<int64_t>(sizeof(float));
-  const Search search{current_search_tile(), d, pack->panels, pack->norms, pack->centre, npanels,
+  const Search search{current_search_tile(), current_search_few_rows(), d, pack->panels, pack->norms, pack->centre, npanels,
                       std::max<int64_t>(1, kBlockBytes / panel_bytes)};
   const Outputs out{indices_out, sqdist_out, quantized_out};
   const int64_t nchunks = code_chunks(nt, n, npanels);

@@ -13,6 +13,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/kernels.h"
 
@@ -102,6 +103,78 @@ void search_tile_avx512(const float* xpack, int64_t d, const float* panels, cons
 }
 
 #undef FASTVQ_UPDATE
+
+}  // namespace fastvq::cpu
+
+// ---- a tile with fewer rows (kernels.h: SearchFewRowsFn) ----
+namespace fastvq::cpu {
+namespace {
+
+// RR rows against PP panels at a time: RR * PP independent accumulator chains (enough to hide the
+// FMA latency when RR is small). Each (row, code) value is the full tile's: ||e||^2, then one FMA
+// per p in order; the lanes see their codes in increasing order, as there.
+template <int RR, int PP>
+void few_rows(const float* xpack, int64_t d, const float* panels, const float* norms, int64_t npanels,
+              int64_t code_base, float* best_val, int64_t* best_idx) {
+  __m512 v[RR];
+  __m512i ix[RR];
+  for (int r = 0; r < RR; ++r) {
+    v[r] = _mm512_set1_ps(best_val[r]);
+    ix[r] = _mm512_setzero_si512();
+  }
+  __m512i id = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(kPanel);
+  int64_t q = 0;
+  auto block = [&](auto panels_now) {
+    constexpr int P = decltype(panels_now)::value;
+    __m512 c[RR][P];
+    for (int j = 0; j < P; ++j) {
+      const __m512 n = _mm512_load_ps(norms + (q + j) * kPanel);
+      for (int r = 0; r < RR; ++r) c[r][j] = n;
+    }
+    const float* a = xpack;
+    const float* b = panels + q * d * kPanel;
+    for (int64_t p = 0; p < d; ++p, a += R, b += kPanel) {
+      __m512 e[P];
+      for (int j = 0; j < P; ++j) e[j] = _mm512_load_ps(b + j * d * kPanel);
+      for (int r = 0; r < RR; ++r) {
+        const __m512 x = _mm512_set1_ps(a[r]);
+        for (int j = 0; j < P; ++j) c[r][j] = _mm512_fmadd_ps(x, e[j], c[r][j]);
+      }
+    }
+    for (int j = 0; j < P; ++j) {
+      for (int r = 0; r < RR; ++r) {
+        const __mmask16 m = _mm512_cmp_ps_mask(c[r][j], v[r], _CMP_LT_OQ);
+        v[r] = _mm512_mask_mov_ps(v[r], m, c[r][j]);
+        ix[r] = _mm512_mask_mov_epi32(ix[r], m, id);
+      }
+      id = _mm512_add_epi32(id, step);
+    }
+    q += P;
+  };
+  while (q + PP <= npanels) block(std::integral_constant<int, PP>{});
+  while (q < npanels) block(std::integral_constant<int, 1>{});
+  alignas(64) float val[RR][kPanel];
+  alignas(64) int32_t idx[RR][kPanel];
+  for (int r = 0; r < RR; ++r) {
+    _mm512_store_ps(val[r], v[r]);
+    _mm512_store_si512(idx[r], ix[r]);
+  }
+  merge_lanes(val, idx, RR, code_base, best_val, best_idx);
+}
+
+}  // namespace
+
+void search_few_rows_avx512(int rows, const float* xpack, int64_t d, const float* panels, const float* norms,
+                            int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx) {
+  switch (rows) {
+    case 1: few_rows<1, 8>(xpack, d, panels, norms, npanels, code_base, best_val, best_idx); break;
+    case 2: few_rows<2, 4>(xpack, d, panels, norms, npanels, code_base, best_val, best_idx); break;
+    case 3: few_rows<3, 3>(xpack, d, panels, norms, npanels, code_base, best_val, best_idx); break;
+    case 4: few_rows<4, 2>(xpack, d, panels, norms, npanels, code_base, best_val, best_idx); break;
+    default: few_rows<5, 2>(xpack, d, panels, norms, npanels, code_base, best_val, best_idx); break;
+  }
+}
 
 }  // namespace fastvq::cpu
 

@@ -92,6 +92,13 @@ SearchTileFn current_search_tile() {
   }
 }
 
+SearchFewRowsFn current_search_few_rows() {
+#ifdef FASTVQ_HAVE_AVX512_KERNEL
+  if (current_simd_level() == SimdLevel::avx512) return &search_few_rows_avx512;
+#endif
+  return nullptr;
+}
+
 SearchTileTopkFn current_search_tile_topk() {
   switch (current_simd_level()) {
 #ifdef FASTVQ_HAVE_AVX512_KERNEL
