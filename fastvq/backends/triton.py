@@ -93,7 +93,9 @@ class TritonBackend(Backend):
         return []
 
     def nearest_codes(self, x, codebook, k):
-        return self._load().triton_nearest_codes(x, codebook, k)
+        indices, sqdist, range_check = self._load().triton_nearest_codes(x, codebook, k)
+        raise_if_out_of_range(range_check, x, codebook)
+        return indices, sqdist
 
     def sample_code(self, x, codebook, temperature, seed, cosine):
         return self._load().triton_sample_code(x, codebook, temperature, seed, cosine)

@@ -2,6 +2,7 @@
 ``torch.compile`` sees the kernels inside) and called by fastvq.backends.triton:
 
     triton_nearest_code(x, codebook, want_quantized)      nearest_code.py       fastvq::triton_nearest_code
+    triton_nearest_codes(x, codebook, k)                  nearest_codes.py      fastvq::triton_nearest_codes
     triton_quantize_backward(grad_q, x, codebook, ...)     quantize_backward.py  fastvq::triton_quantize_backward
     triton_ema_stats(x, indices, num_codes)               ema_stats.py          fastvq::triton_ema_stats
 
@@ -16,6 +17,7 @@ Importing this package needs triton; fastvq.backends.triton reports its absence.
 from ._jit import allow_tf32, deterministic, interpreting, set_allow_tf32
 from .ema_stats import triton_ema_stats
 from .nearest_code import triton_nearest_code
+from .nearest_codes import triton_nearest_codes
 from .quantize_backward import triton_quantize_backward
 
 __all__ = [
@@ -25,5 +27,6 @@ __all__ = [
     "set_allow_tf32",
     "triton_ema_stats",
     "triton_nearest_code",
+    "triton_nearest_codes",
     "triton_quantize_backward",
 ]

@@ -67,6 +67,33 @@ def block_d_for(dim: int, cap: int = MAX_BLOCK_D) -> int:
     return min(max(16, triton.next_power_of_2(dim)), cap)
 
 
+class _DeviceFunction:
+    """A @triton.jit function that kernels call (not launched itself), decorated per mode like the kernels."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.built: dict[bool, object] = {}
+
+    def bind(self, interpret: bool):
+        """Decorate for this mode and make the module global that kernels resolve point at it."""
+        if interpret not in self.built:
+            self.built[interpret] = InterpretedFunction(self.fn) if interpret else JITFunction(self.fn)
+        self.fn.__globals__[self.fn.__name__] = self.built[interpret]
+        return self.built[interpret]
+
+
+_device_functions: list[_DeviceFunction] = []
+
+
+def device_function(fn: Callable):
+    """Like ``@triton.jit`` for a function that fastvq's kernels call. Triton resolves such a call
+    through the module's globals when it compiles (or interprets) the kernel, so the global must
+    be decorated for the mode the kernel runs in: ``for_current_mode`` rebinds every one."""
+    spec = _DeviceFunction(fn)
+    _device_functions.append(spec)
+    return spec.bind(interpreting())
+
+
 class _KernelSpec:
     def __init__(self, fn: Callable, configs: list | None, interpreter_config, key: list[str]):
         self.fn = fn
@@ -100,5 +127,8 @@ def kernel(configs: list | None = None, interpreter_config=None, key: list[str] 
 
 
 def for_current_mode(decorated):
-    """The same kernel, decorated for the mode in force now."""
-    return decorated._fastvq_spec.build(interpreting())
+    """The same kernel, decorated for the mode in force now (with the device functions it calls)."""
+    interpret = interpreting()
+    for function in _device_functions:
+        function.bind(interpret)
+    return decorated._fastvq_spec.build(interpret)
