@@ -67,6 +67,8 @@ CONFIGS = {
     "beam_mask": (dict(beam_size=3), SEQUENCE, dict(mask=MASK)),
     "beam_cosine": (dict(beam_size=4, use_cosine_sim=True), SEQUENCE, {}),
     "beam_shared_codebook": (dict(beam_size=4, shared_codebook=True), SEQUENCE, {}),
+    "beam_shared_codebook_dead_codes": (dict(beam_size=2, shared_codebook=True, threshold_ema_dead_code=0.3),
+                                        (4, 32, DIM), {}),
     "beam_kmeans_init": (dict(beam_size=3, kmeans_init=True, kmeans_iters=3), (1, 64, DIM), {}),
     "beam_quantize_dropout": (dict(beam_size=2, num_quantizers=5, quantize_dropout=True), SEQUENCE, {}),
     "beam_quant_grad_frac": (dict(beam_size=3, quant_grad_frac=0.3), SEQUENCE, {}),
@@ -176,6 +178,18 @@ def test_grouped_residual_vq_matches_vqp_step_by_step(name, backend, mode):
     dropped = _run(ResidualSideBySide.build_residual(kwargs, backend, grouped=True), shape, forward_kwargs, mode)
     if kwargs.get("quantize_dropout") and mode == "train":
         assert dropped > 0
+
+
+def test_shared_codebook_revives_dead_codes_at_the_end_of_a_step_as_vqp():
+    """6 rows per level and 16 dead codes: the levels revive some, the end of the step (vqp: from batch 0's
+    level inputs) the rest. One step only: the next would search among near-duplicate codes (a row revived
+    twice, once moved by the EMA step), whose order is rounding's to decide."""
+    pair = ResidualSideBySide.build_residual(dict(shared_codebook=True, threshold_ema_dead_code=2), "cpu")
+    before = pair.reference.layers[0]._codebook.embed.clone()
+    pair.residual_step(torch.randn(2, 3, DIM, generator=torch.Generator().manual_seed(0)), 0, {})
+    # a code revived by the last level or at the end keeps cluster_size == 2; the last level has 6 rows
+    revived_late = int((pair.reference.layers[0]._codebook.cluster_size == 2).sum())
+    assert revived_late > 6 and not torch.equal(before, pair.reference.layers[0]._codebook.embed)
 
 
 @pytest.mark.parametrize("grouped", [False, True])

@@ -319,3 +319,19 @@ def test_beam_search_kmeans_init_takes_every_unmasked_beam_row():
     assert bool(rvq.layers[0]._codebook.initted) and bool(rvq.layers[1]._codebook.initted)
     assert bool((indices[~mask] == -1).all()) and bool((indices[mask] >= 0).all())
     assert bool((quantized[~mask] == 0).all()) and bool(torch.isfinite(losses).all())
+
+
+def test_shared_codebook_dead_codes_from_feature_maps_take_channel_vectors():
+    """vqp 1.32 folds feature maps as if the last axis were the features (and fails unless C == H == W);
+    fastvq revives dead codes with channel vectors of the first image's level inputs."""
+    torch.manual_seed(13)
+    # 64 dead codes, 30 rows per level: the last level revives 30, the end of the step some of the other 34
+    rvq = ResidualVQ(4, 64, 2, accept_image_fmap=True, shared_codebook=True, threshold_ema_dead_code=100).train()
+    x = torch.randn(2, 4, 3, 5)
+    rvq(x)
+    first_image = x[0].permute(1, 2, 0).reshape(-1, 4)  # level 0's input rows of image 0
+    second_image = x[1].permute(1, 2, 0).reshape(-1, 4)
+    codes = rvq.layers[0].codebook
+    revived = [bool(((rows - code).abs().amax(1) < 1e-6).any()) for code in codes for rows in (first_image,)]
+    assert any(revived), "no dead code was replaced by a channel vector of the first image's level-0 input"
+    assert not any(bool(((second_image - code).abs().amax(1) < 1e-6).any()) for code in codes)

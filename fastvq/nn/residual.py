@@ -207,7 +207,12 @@ class ResidualVQ(nn.Module):
         if self.vq_is_ema_updating:
             shared.update_ema()
             shared.update_in_place_optimizer()
-        stacked = torch.stack(list(all_residuals), dim=-2) if isinstance(all_residuals, list) else all_residuals
+        if isinstance(all_residuals, list):
+            if shared.layout.channel_first(all_residuals[0].dim()):  # feature maps: rows of codebook_dim
+                all_residuals = [shared.layout.to_sequence(r, self.codebook_dim) for r in all_residuals]
+            stacked = torch.stack(all_residuals, dim=-2)
+        else:
+            stacked = all_residuals
         folded = stacked.flatten(-3, -2) if stacked.dim() >= 3 else stacked
         rows = folded.reshape(folded.shape[0], -1, folded.shape[-1])[0]
         shared.expire_codes_(rows.unsqueeze(0))
