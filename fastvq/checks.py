@@ -43,6 +43,12 @@ def check_codebook(codebook) -> None:
         raise ValueError(f"codebook must have at least one column (d >= 1), got shape {shape_str(codebook.shape)}")
 
 
+def check_columns(name: str, value: Tensor) -> None:
+    """At least one column: d = 0 is the same error in every dtype, not only where a kernel refuses it."""
+    if value.shape[-1] == 0:
+        raise ValueError(f"{name} must have at least one column (d >= 1), got shape {shape_str(value.shape)}")
+
+
 def check_same_device(x: Tensor, codebook: Tensor) -> None:
     if x.device != codebook.device:
         raise ValueError(f"x and codebook must be on the same device, got x on {x.device} and codebook on {codebook.device}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import ops
-from .checks import (check_float_tensor, check_indices, check_positive_int, check_rows_and_codebook,
+from .checks import (check_columns, check_float_tensor, check_indices, check_positive_int, check_rows_and_codebook,
                      check_vectors_and_codebook, shape_str)
 from .dispatch import check_backend_name
 from .numerics import NEAREST_CODES_MAX_K
@@ -58,6 +58,7 @@ def ema_stats(x: Tensor, indices: Tensor, num_codes: int, *, backend: str = "aut
     check_float_tensor("x", x)
     if x.dim() != 2:
         raise ValueError(f"x must have shape (N, d), got {shape_str(x.shape)}")
+    check_columns("x", x)
     check_indices(indices, x.shape[0], num_codes)
     if indices.device != x.device:
         raise ValueError(f"x and indices must be on the same device, got x on {x.device} and indices on {indices.device}")

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import ops
 from .numerics import compute_dtype
-from .checks import check_float_tensor, shape_str
+from .checks import check_columns, check_float_tensor, shape_str
 
 INITS = ("kmeans++", "random")
 
@@ -60,6 +60,7 @@ def kmeans(
     check_float_tensor("x", x)
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"x must have shape (N, d) with N >= 1, got {shape_str(x.shape)}")
+    check_columns("x", x)
     _check_int("k", k, low=1)
     _check_int("iters", iters, low=0)
     _check_int("seed", seed, low=None)

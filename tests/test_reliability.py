@@ -1,7 +1,9 @@
-"""Reliability: determinism, resume from a state_dict, non-finite inputs, and the bad-input table.
+"""Reliability beyond the input matrix: determinism, resume from a state_dict, the bad-input table,
+k-means init on non-finite rows, the EMA state at large K, module casts, fork and float64.
 
-Resume and non-finite inputs run on every (backend, device) pair (conftest.py); the thread-count
-determinism tests are about the cpu kernels only.
+What each function and module does with NaN/Inf, huge, tiny and offset values, ties, N = 0, K = 1,
+d = 1, d = 0 and odd layouts is test_reliability_matrix.py. Resume runs on every (backend, device)
+pair (conftest.py); the thread-count determinism tests are about the cpu kernels only.
 """
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ import torch
 from torch import nn
 
 import fastvq
-from fastvq import BackendNotSupportedError, FastVectorQuantizer, dispatch, reference
+from fastvq import BackendNotSupportedError, FastVectorQuantizer, dispatch
 
-from conftest import TOLERANCES, backend_or_skip, skip_on_interpreter, to_cpu, use_reduction
+from conftest import TOLERANCES, backend_or_skip, skip_on_interpreter, use_reduction
 
 
 def with_threads(threads: int, fn):
@@ -147,127 +149,6 @@ def test_resume_from_state_dict_equals_uninterrupted_training(pair, monkeypatch,
     assert_bitwise_equal(list(final.values()), list(expected.values()), "final state")
 
 
-# ---- non-finite inputs ------------------------------------------------------------------------
-NON_FINITE = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
-
-
-def exact_problem(dtype, num_rows=37, num_codes=45, dim=19, seed=0):
-    """Small integers: every distance is exact, so the answer without bad values is unique."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randint(-4, 5, (num_rows, dim), generator=generator).to(dtype)
-    codebook = torch.randint(-4, 5, (num_codes, dim), generator=generator).to(dtype)
-    return x, codebook
-
-
-def dtype_or_skip(pair, dtype: torch.dtype) -> torch.dtype:
-    pair.require(torch.empty(1, 1, dtype=dtype, device=pair.device))
-    return dtype
-
-
-# The kernels' dtypes; float64 runs only on the torch backend (the oracle: test_reference.py).
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-dtype_ids = [str(dtype).removeprefix("torch.") for dtype in DTYPES]
-
-
-def nearest(pair, x, codebook):
-    """fastvq.nearest_code on the pair's device; (indices, sqdist) on the CPU."""
-    return to_cpu(*fastvq.nearest_code(*pair.to(x, codebook), backend=pair.backend))
-
-
-def quantize(pair, x, codebook):
-    """fastvq.quantize on the pair's device; (quantized, indices) on the CPU."""
-    return to_cpu(*fastvq.quantize(*pair.to(x, codebook), backend=pair.backend))
-
-
-SIZES = {"small": (7, 4, 2), "tiled": (37, 45, 19)}  # (N, K, d): one panel, and several with remainders
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
-@pytest.mark.parametrize("bad", list(NON_FINITE))
-def test_non_finite_rows_of_x_get_index_zero_and_leave_other_rows_alone(pair, dtype, bad, size):
-    dtype_or_skip(pair, dtype)
-    num_rows, num_codes, dim = SIZES[size]
-    x, codebook = exact_problem(dtype, num_rows, num_codes, dim)
-    codebook[0] = 0  # code 0 is not an extreme one, so "index 0" can't happen by chance
-    codebook[1:, 0] = torch.tensor([-3.0, 3.0]).repeat(num_codes)[: num_codes - 1].to(dtype)  # both signs
-    bad_rows = torch.tensor([0, 1, num_rows // 2, num_rows - 1])
-    x[0, 0] = NON_FINITE[bad]  # first column
-    x[1, -1] = NON_FINITE[bad]  # last column
-    x[num_rows // 2, dim // 2 :] = NON_FINITE[bad]  # a run
-    x[-1] = NON_FINITE[bad]  # every entry
-    good = torch.ones(len(x), dtype=torch.bool)
-    good[bad_rows] = False
-
-    indices, sqdist = nearest(pair, x, codebook)
-    clean_indices, clean_sqdist = nearest(pair, x[good], codebook)
-    want_indices, want_sqdist = reference.nearest_code(x[good].double(), codebook.double())
-    torch.testing.assert_close(clean_indices, want_indices, rtol=0, atol=0)
-    torch.testing.assert_close(indices[good], clean_indices, rtol=0, atol=0, msg="finite rows changed")
-    torch.testing.assert_close(sqdist[good], clean_sqdist, rtol=0, atol=0, msg="finite rows changed")
-    assert indices[bad_rows].tolist() == [0, 0, 0, 0], f"non-finite rows of x got {indices[bad_rows].tolist()}"
-    assert not torch.isfinite(sqdist[bad_rows]).any(), f"non-finite rows of x got sqdist {sqdist[bad_rows]}"
-
-    quantized, quantize_indices = quantize(pair, x, codebook)
-    torch.testing.assert_close(quantize_indices, indices, rtol=0, atol=0)
-    torch.testing.assert_close(quantized[bad_rows], codebook[[0, 0, 0, 0]], rtol=0, atol=0)
-    torch.testing.assert_close(quantized[good], codebook[clean_indices], rtol=0, atol=0)
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
-@pytest.mark.parametrize("bad", list(NON_FINITE))
-def test_non_finite_codebook_rows_are_never_chosen(pair, dtype, bad):
-    dtype_or_skip(pair, dtype)
-    x, codebook = exact_problem(dtype)
-    bad_codes = [0, 3, 20, 44]  # the first, the last, and two inside
-    codebook[0, 0] = NON_FINITE[bad]
-    codebook[3, -1] = NON_FINITE[bad]
-    codebook[20] = NON_FINITE[bad]
-    codebook[44, 2:9] = NON_FINITE[bad]
-    x[:4] = codebook[[1, 2, 3, 4]].nan_to_num(posinf=4, neginf=-4, nan=0)  # rows next to the bad codes
-    finite_codes = torch.tensor([k for k in range(len(codebook)) if k not in bad_codes])
-
-    indices, sqdist = nearest(pair, x, codebook)
-    clean_indices, clean_sqdist = nearest(pair, x, codebook[finite_codes])
-    want_indices, _ = reference.nearest_code(x.double(), codebook[finite_codes].double())
-    torch.testing.assert_close(clean_indices, want_indices, rtol=0, atol=0)
-    chosen_bad = sorted(set(indices.tolist()) & set(bad_codes))
-    assert not chosen_bad, f"non-finite codebook rows {chosen_bad} were chosen"
-    torch.testing.assert_close(indices, finite_codes[clean_indices], rtol=0, atol=0)
-    torch.testing.assert_close(sqdist, clean_sqdist, rtol=0, atol=0)
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
-@pytest.mark.parametrize("bad", list(NON_FINITE))
-def test_all_codes_non_finite_gives_index_zero_without_crashing(pair, bad):
-    dtype_or_skip(pair, torch.float32)
-    x, codebook = exact_problem(torch.float32, num_rows=9, num_codes=5, dim=3)
-    codebook[:, 1] = NON_FINITE[bad]
-    x[4] = float("nan")  # and a bad row of x as well
-    indices, sqdist = nearest(pair, x, codebook)
-    assert indices.tolist() == [0] * 9
-    assert not torch.isfinite(sqdist).any()
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
-@pytest.mark.parametrize("bad", list(NON_FINITE))
-def test_ema_training_on_a_non_finite_row_runs_and_keeps_the_other_codes_finite(pair, bad):
-    dtype_or_skip(pair, torch.float32)
-    x, codebook = exact_problem(torch.float32)
-    codebook[0] = 0  # not an extreme code, so "index 0" can't happen by chance
-    module = FastVectorQuantizer(x.shape[1], len(codebook), backend=pair.backend).train().to(pair.device)
-    module.set_codebook(codebook)
-    clean_indices, _ = nearest(pair, x[1:], codebook)
-    x[0, 3] = NON_FINITE[bad]
-    _, indices, _ = to_cpu(*module(pair.to(x)))  # no crash
-    assert int(indices[0]) == 0, f"the non-finite row got code {int(indices[0])}"
-    torch.testing.assert_close(indices[1:], clean_indices, rtol=0, atol=0)
-    # the bad row is averaged into code 0 only; every other code stays finite
-    assert torch.isfinite(module.codebook[1:]).all() and torch.isfinite(module._codebook.cluster_size).all()
-
-
 # ---- the bad-input table ----------------------------------------------------------------------
 # (case, call, exception, message pattern). The README's bad-input table is this list.
 def _x(*shape, dtype=torch.float32, device="cpu"):
@@ -311,9 +192,9 @@ BAD_INPUTS = [
      r"x must be on the codebook's device cpu, got meta"),
     ("module: mask of the wrong shape and dtype", lambda: _vq()(_x(2, 5, 4), mask=torch.ones(2, 5, 4)), ValueError,
      r"mask must be a bool tensor of shape \(2, 5\), got a tensor of shape \(2, 5, 4\), dtype torch\.float32, on cpu"),
-    ("module: a vqp feature fastvq does not implement", lambda: _vq(stochastic_sample_codes=True), ValueError,
-     r"FastVectorQuantizer does not implement vector-quantize-pytorch's stochastic_sample_codes=True; only the "
-     r"default stochastic_sample_codes=False is accepted"),
+    ("module: a vqp feature fastvq does not implement", lambda: _vq(affine_param=True), ValueError,
+     r"FastVectorQuantizer does not implement vector-quantize-pytorch's affine_param=True; only the "
+     r"default affine_param=False is accepted"),
     ("sparse x", lambda: fastvq.nearest_code(_x(5, 4).to_sparse(), _x(3, 4)), TypeError,
      r"x must be a dense \(strided\) tensor, got layout torch\.sparse_coo"),
     ("d = 0, float32", lambda: fastvq.nearest_code(_x(5, 0), _x(3, 0)), ValueError,
@@ -376,24 +257,7 @@ def test_forced_cpu_backend_that_cannot_run_says_why():
         fastvq.nearest_code(_x(5, 4, dtype=torch.float64), _x(3, 4, dtype=torch.float64), backend="cpu")
 
 
-# ---- k-means with non-finite rows (issue 12, finding 2) ---------------------------------------
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_kmeans_leaves_non_finite_rows_out_and_the_finite_rows_get_their_clean_result(bad):
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(600, 8, generator=generator)
-    dirty = x.clone()
-    bad_rows = torch.tensor([0, 5, 100, 599])
-    dirty[bad_rows, 3] = bad
-    finite = torch.ones(600, dtype=torch.bool)
-    finite[bad_rows] = False
-    clean_centroids, clean_assignments = fastvq.kmeans(x[finite], 32, seed=0)
-    centroids, assignments = fastvq.kmeans(dirty, 32, seed=0)
-    assert bool(torch.isfinite(centroids).all())
-    assert torch.equal(centroids, clean_centroids)
-    assert torch.equal(assignments[finite], clean_assignments)
-    assert assignments[bad_rows].tolist() == [0, 0, 0, 0]  # nearest_code's rule for a non-finite row
-
-
+# ---- k-means with non-finite rows (issue 12, finding 2; the matrix has fastvq.kmeans's cells) ---
 def test_kmeans_with_no_finite_row_says_so():
     with pytest.raises(ValueError, match="at least one finite row"):
         fastvq.kmeans(torch.full((4, 3), float("nan")), 2)
