@@ -36,7 +36,11 @@ def beam_search_forward(rvq, x: Tensor, mask: Tensor | None, beam: int, freeze_c
             history.drop_level()
             continue
         is_last = level == (drop_level if drop_level is not None else len(rvq.layers) - 1)
-        candidates, candidate_loss, orthogonal = _expand(layer, rows, row_mask, beam, rvq.training)
+        # Keeping one candidate, each beam's nearest code is its only contender (vqp's top-1 of all
+        # beam·k candidates is among them), unless the orthogonal loss counts every candidate's code.
+        every_candidate = layer.has_codebook_orthogonal_loss and layer.orthogonal_reg_active_codes_only
+        expand = 1 if is_last and not every_candidate else beam
+        candidates, candidate_loss, orthogonal = _expand(layer, rows, row_mask, expand, rvq.training)
         weight = rvq.beam_score_weights[level]
         all_scores = (scores.unsqueeze(-1) + (-candidate_loss * weight)).flatten(-2)
         keep = 1 if is_last else beam
