@@ -57,6 +57,10 @@ void search_tile_avx512(const float* xpack, int64_t d, const float* panels, cons
 // each (row, code) and the same selection as the full tile. Null where a level has none.
 using SearchFewRowsFn = void (*)(int rows, const float* xpack, int64_t d, const float* panels, const float* norms,
                                  int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx);
+#ifdef FASTVQ_HAVE_AVX2_KERNEL
+void search_few_rows_avx2(int rows, const float* xpack, int64_t d, const float* panels, const float* norms,
+                          int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx);
+#endif
 #ifdef FASTVQ_HAVE_AVX512_KERNEL
 void search_few_rows_avx512(int rows, const float* xpack, int64_t d, const float* panels, const float* norms,
                             int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx);

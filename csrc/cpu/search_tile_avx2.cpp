@@ -10,6 +10,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/kernels.h"
 
@@ -139,6 +140,91 @@ void search_tile_avx2(const float* xpack, int64_t d, const float* panels, const 
   }
   run_panels<true>(lanes, xpack, d, panels, norms, warm, npanels);
   lanes.merge_into(code_base, best_val, best_idx);
+}
+
+}  // namespace fastvq::cpu
+
+// ---- a tile with fewer rows (kernels.h: SearchFewRowsFn) ----
+namespace fastvq::cpu {
+namespace {
+
+// RR rows against PP panels at a time (two ymm halves per panel), as search_few_rows_avx512: each
+// (row, code) value is the full tile's (||e||^2, then one FMA per p in order), and each of the 16
+// lanes sees its codes in increasing order.
+template <int RR, int PP>
+void few_rows(const float* xpack, int64_t d, const float* panels, const float* norms, int64_t npanels,
+              int64_t code_base, float* best_val, int64_t* best_idx) {
+  __m256 v[RR][2];
+  __m256 ix[RR][2];  // int32 lanes, blended as floats
+  for (int r = 0; r < RR; ++r)
+    for (int h = 0; h < 2; ++h) {
+      v[r][h] = _mm256_set1_ps(best_val[r]);
+      ix[r][h] = _mm256_setzero_ps();
+    }
+  __m256i id0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i step = _mm256_set1_epi32(kPanel), half = _mm256_set1_epi32(8);
+  int64_t q = 0;
+  auto block = [&](auto panels_now) {
+    constexpr int P = decltype(panels_now)::value;
+    __m256 c[RR][P][2];
+    for (int j = 0; j < P; ++j) {
+      const __m256 n0 = _mm256_load_ps(norms + (q + j) * kPanel), n1 = _mm256_load_ps(norms + (q + j) * kPanel + 8);
+      for (int r = 0; r < RR; ++r) {
+        c[r][j][0] = n0;
+        c[r][j][1] = n1;
+      }
+    }
+    const float* a = xpack;
+    const float* b = panels + q * d * kPanel;
+    for (int64_t p = 0; p < d; ++p, a += R, b += kPanel) {
+      __m256 e[P][2];
+      for (int j = 0; j < P; ++j) {
+        e[j][0] = _mm256_load_ps(b + j * d * kPanel);
+        e[j][1] = _mm256_load_ps(b + j * d * kPanel + 8);
+      }
+      for (int r = 0; r < RR; ++r) {
+        const __m256 x = _mm256_broadcast_ss(a + r);
+        for (int j = 0; j < P; ++j) {
+          c[r][j][0] = _mm256_fmadd_ps(x, e[j][0], c[r][j][0]);
+          c[r][j][1] = _mm256_fmadd_ps(x, e[j][1], c[r][j][1]);
+        }
+      }
+    }
+    for (int j = 0; j < P; ++j) {
+      const __m256 id[2] = {_mm256_castsi256_ps(id0), _mm256_castsi256_ps(_mm256_add_epi32(id0, half))};
+      for (int r = 0; r < RR; ++r)
+        for (int h = 0; h < 2; ++h) {
+          const __m256 m = _mm256_cmp_ps(c[r][j][h], v[r][h], _CMP_LT_OQ);
+          v[r][h] = _mm256_min_ps(c[r][j][h], v[r][h]);  // v unless c < v: the same selection
+          ix[r][h] = _mm256_blendv_ps(ix[r][h], id[h], m);
+        }
+      id0 = _mm256_add_epi32(id0, step);
+    }
+    q += P;
+  };
+  while (q + PP <= npanels) block(std::integral_constant<int, PP>{});
+  while (q < npanels) block(std::integral_constant<int, 1>{});
+  alignas(32) float val[RR][kPanel];
+  alignas(32) int32_t idx[RR][kPanel];
+  for (int r = 0; r < RR; ++r)
+    for (int h = 0; h < 2; ++h) {
+      _mm256_store_ps(val[r] + 8 * h, v[r][h]);
+      _mm256_store_ps(reinterpret_cast<float*>(idx[r] + 8 * h), ix[r][h]);
+    }
+  merge_lanes(val, idx, RR, code_base, best_val, best_idx);
+}
+
+}  // namespace
+
+void search_few_rows_avx2(int rows, const float* xpack, int64_t d, const float* panels, const float* norms,
+                          int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx) {
+  switch (rows) {
+    case 1: few_rows<1, 4>(xpack, d, panels, norms, npanels, code_base, best_val, best_idx); break;
+    case 2: few_rows<2, 2>(xpack, d, panels, norms, npanels, code_base, best_val, best_idx); break;
+    case 3: few_rows<3, 1>(xpack, d, panels, norms, npanels, code_base, best_val, best_idx); break;
+    case 4: few_rows<4, 1>(xpack, d, panels, norms, npanels, code_base, best_val, best_idx); break;
+    default: few_rows<5, 1>(xpack, d, panels, norms, npanels, code_base, best_val, best_idx); break;
+  }
 }
 
 }  // namespace fastvq::cpu

@@ -96,6 +96,9 @@ SearchFewRowsFn current_search_few_rows() {
 #ifdef FASTVQ_HAVE_AVX512_KERNEL
   if (current_simd_level() == SimdLevel::avx512) return &search_few_rows_avx512;
 #endif
+#ifdef FASTVQ_HAVE_AVX2_KERNEL
+  if (current_simd_level() == SimdLevel::avx2) return &search_few_rows_avx2;
+#endif
   return nullptr;
 }
 
