@@ -20,6 +20,15 @@ def nearest_code(x: Annotated[NDArray, dict(writable=False)], codebook: Annotate
     Source: csrc/cpu/nearest_code.cpp (micro-kernels: csrc/cpu/search_tile_*.cpp).
     """
 
+def nearest_codes(x: Annotated[NDArray, dict(writable=False)], codebook: Annotated[NDArray, dict(writable=False)], indices_out: NDArray, sqdist_out: NDArray, num_threads: int = 0, *, cache_key: Sequence[int] = []) -> None:
+    """
+    Row i's topk = indices_out.shape[1] nearest codes (1 <= topk <= min(K, 64)), nearest first, ties to
+    the lower index, into indices_out[i] and their squared distances (computed directly) into
+    sqdist_out[i]. Non-finite distances count as +inf. Bitwise identical for any num_threads;
+    cache_key and the search centre as in nearest_code.
+    Source: csrc/cpu/nearest_codes.cpp (micro-kernels: csrc/cpu/search_tile_*.cpp, search_tile_topk_*).
+    """
+
 def search_centre(codebook: Annotated[NDArray, dict(writable=False)], centre_out: NDArray, num_threads: int = 0) -> None:
     """
     centre_out = the per-dimension centre the searches run around (fastvq.numerics.search_centre's
@@ -35,6 +44,14 @@ def empty_cache() -> int:
 def pack_cache_bytes() -> int:
     """
     Bytes of packed codebooks the cache holds now (bounded by 256 MiB of idle packs).
+    """
+
+def sample_code(x: Annotated[NDArray, dict(writable=False)], codebook: Annotated[NDArray, dict(writable=False)], indices_out: NDArray, temperature: float, seed: int, cosine: bool, num_threads: int = 0) -> None:
+    """
+    indices_out[i] = argmin_k of vqp's -logit (sqrt(max(|x_i - e_k|^2, 1e-8)), or -x_i.e_k with cosine) minus
+    float32(temperature * Gumbel noise hashed from (seed, i, k)), ties to the lowest k: a draw from
+    softmax(logits / temperature), bit for bit fastvq.reference.sample_code's noise.
+    Source: csrc/cpu/sample_code.cpp.
     """
 
 def ema_stats(x: Annotated[NDArray, dict(writable=False)], indices: Annotated[NDArray, dict(writable=False)], counts_out: NDArray, sums_out: NDArray, num_threads: int = 0) -> None:
@@ -62,6 +79,14 @@ def best_simd_level() -> str:
 def set_simd_level(level: str) -> None:
     """
     Force 'portable', or 'avx2'/'avx512' if supported; 'auto' restores the best. ValueError otherwise.
+    """
+
+def fma_peak(level: str = '', num_threads: int = 0, seconds: float = 0.2) -> float:
+    """
+    The machine's fp32 FMA peak in GFLOP/s: independent FMA chains on num_threads threads (<= 0: the
+    OpenMP default) at `level` ('' = simd_level(), else 'portable', 'avx2' or 'avx512' if supported;
+    ValueError otherwise), the best of 4 rounds of about seconds / 4. The benchmark's yardstick.
+    Source: csrc/cpu/fma_peak.cpp (chains: csrc/cpu/fma_peak_avx2.cpp, fma_peak_avx512.cpp).
     """
 
 def openmp_enabled() -> bool: ...

@@ -10,6 +10,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -18,6 +19,7 @@
 
 #include "common/checks.h"
 #include "common/nb_args.h"
+#include "cpu/fma_peak.h"
 #include "cpu/kernels.h"
 #include "cpu/pack_codebook.h"
 
@@ -76,6 +78,46 @@ void nearest_code(In x_, In codebook_, Out indices_out_, Out sqdist_out_,
   fastvq::cpu::nearest_code(x.as<const float>(), n, d, codebook.as<const float>(), k,
                             {cache_key.data(), static_cast<int64_t>(cache_key.size())}, indices_out.as<int64_t>(),
                             sqdist_out.as<float>(), as_or_null<float>(quantized_out), num_threads);
+}
+
+void sample_code(In x_, In codebook_, Out indices_out_, double temperature, int64_t seed, bool cosine,
+                 int num_threads) {
+  const ArrayArg x = describe("x", x_);
+  const auto [n, d] = check_x(x);
+  const ArrayArg codebook = describe("codebook", codebook_);
+  const int64_t k = check_codebook(codebook, d);
+  const ArrayArg indices_out = describe("indices_out", indices_out_);
+  check_rows(indices_out, "int64", n);
+  if (!(temperature > 0.0) || !std::isfinite(temperature)) {
+    throw nb::value_error(("temperature must be a finite number > 0, got " + std::to_string(temperature)).c_str());
+  }
+  nb::gil_scoped_release release;
+  fastvq::cpu::sample_code(x.as<const float>(), n, d, codebook.as<const float>(), k, temperature, seed, cosine,
+                           indices_out.as<int64_t>(), num_threads);
+}
+
+void nearest_codes(In x_, In codebook_, Out indices_out_, Out sqdist_out_, int num_threads,
+                   const std::vector<int64_t>& cache_key) {
+  const ArrayArg x = describe("x", x_);
+  const auto [n, d] = check_x(x);
+  const ArrayArg codebook = describe("codebook", codebook_);
+  const int64_t k = check_codebook(codebook, d);
+  const ArrayArg indices_out = describe("indices_out", indices_out_);
+  check_array(indices_out, "int64");
+  check_shape(indices_out, {n, kAnySize}, "(N, topk)", eq("N == x.shape[0]", n));
+  const int64_t topk = indices_out.size(1);
+  constexpr int64_t kMaxTopk = 64;
+  if (topk < 1 || topk > std::min(k, kMaxTopk))
+    fastvq::checks::fail("indices_out must have shape (N, topk) with 1 <= topk <= min(K, 64) = " +
+                         std::to_string(std::min(k, kMaxTopk)) + ", got topk = " + std::to_string(topk));
+  const ArrayArg sqdist_out = describe("sqdist_out", sqdist_out_);
+  check_array(sqdist_out, "float32");
+  check_shape(sqdist_out, {n, topk}, "(N, topk)", eq("N == x.shape[0]", n) + " and " + eq("topk == indices_out.shape[1]", topk));
+
+  nb::gil_scoped_release release;
+  fastvq::cpu::nearest_codes(x.as<const float>(), n, d, codebook.as<const float>(), k, static_cast<int>(topk),
+                             {cache_key.data(), static_cast<int64_t>(cache_key.size())}, indices_out.as<int64_t>(),
+                             sqdist_out.as<float>(), num_threads);
 }
 
 void search_centre(In codebook_, Out centre_out_, int num_threads) {
@@ -152,6 +194,13 @@ NB_MODULE(_cpu, m) {
         "caller's codebook may have: identity, data pointer, shape, strides, version) reuses a cached pack;\n"
         "empty: pack afresh.\n"
         "Source: csrc/cpu/nearest_code.cpp (micro-kernels: csrc/cpu/search_tile_*.cpp).");
+  m.def("nearest_codes", &nearest_codes, "x"_a, "codebook"_a, "indices_out"_a, "sqdist_out"_a, "num_threads"_a = 0,
+        nb::kw_only(), "cache_key"_a = std::vector<int64_t>(),
+        "Row i's topk = indices_out.shape[1] nearest codes (1 <= topk <= min(K, 64)), nearest first, ties to\n"
+        "the lower index, into indices_out[i] and their squared distances (computed directly) into\n"
+        "sqdist_out[i]. Non-finite distances count as +inf. Bitwise identical for any num_threads;\n"
+        "cache_key and the search centre as in nearest_code.\n"
+        "Source: csrc/cpu/nearest_codes.cpp (micro-kernels: csrc/cpu/search_tile_*.cpp, search_tile_topk_*).");
   m.def("search_centre", &search_centre, "codebook"_a, "centre_out"_a, "num_threads"_a = 0,
         "centre_out = the per-dimension centre the searches run around (fastvq.numerics.search_centre's\n"
         "rule). Source: csrc/cpu/pack_codebook.cpp.");
@@ -160,6 +209,12 @@ NB_MODULE(_cpu, m) {
         "their call ends). Source: csrc/cpu/pack_codebook.cpp.");
   m.def("pack_cache_bytes", [] { return fastvq::cpu::pack_cache_bytes(); },
         "Bytes of packed codebooks the cache holds now (bounded by 256 MiB of idle packs).");
+  m.def("sample_code", &sample_code, "x"_a, "codebook"_a, "indices_out"_a, "temperature"_a, "seed"_a, "cosine"_a,
+        "num_threads"_a = 0,
+        "indices_out[i] = argmin_k of vqp's -logit (sqrt(max(|x_i - e_k|^2, 1e-8)), or -x_i.e_k with cosine) minus\n"
+        "float32(temperature * Gumbel noise hashed from (seed, i, k)), ties to the lowest k: a draw from\n"
+        "softmax(logits / temperature), bit for bit fastvq.reference.sample_code's noise.\n"
+        "Source: csrc/cpu/sample_code.cpp.");
   m.def("ema_stats", &ema_stats, "x"_a, "indices"_a, "counts_out"_a, "sums_out"_a, "num_threads"_a = 0,
         "counts_out[k] = #{i: indices[i] == k}, sums_out[k] = sum of x[i] over those i (overwritten).\n"
         "Bitwise identical for any num_threads. Source: csrc/cpu/ema_stats.cpp.");
@@ -176,6 +231,16 @@ NB_MODULE(_cpu, m) {
         "The highest level this CPU and build support.");
   m.def("set_simd_level", [](const std::string& level) { fastvq::cpu::set_simd_level(level.c_str()); }, "level"_a,
         "Force 'portable', or 'avx2'/'avx512' if supported; 'auto' restores the best. ValueError otherwise.");
+  m.def("fma_peak",
+        [](const std::string& level, int num_threads, double seconds) {
+          nb::gil_scoped_release release;
+          return fastvq::cpu::fma_peak(level.c_str(), num_threads, seconds);
+        },
+        "level"_a = "", "num_threads"_a = 0, "seconds"_a = 0.2,
+        "The machine's fp32 FMA peak in GFLOP/s: independent FMA chains on num_threads threads (<= 0: the\n"
+        "OpenMP default) at `level` ('' = simd_level(), else 'portable', 'avx2' or 'avx512' if supported;\n"
+        "ValueError otherwise), the best of 4 rounds of about seconds / 4. The benchmark's yardstick.\n"
+        "Source: csrc/cpu/fma_peak.cpp (chains: csrc/cpu/fma_peak_avx2.cpp, fma_peak_avx512.cpp).");
   m.def("openmp_enabled", &fastvq::cpu::openmp_enabled);
   m.def("max_threads", &fastvq::cpu::max_threads);
 }

@@ -1,0 +1,33 @@
+"""fastvq._cpu.fma_peak, the benchmark's yardstick (csrc/cpu/fma_peak.cpp): a sane rate at every level this CPU
+runs, and its argument errors. Never a timed assertion: the bounds only say the number is a plausible rate
+(a loaded machine gives less, never 0 or beyond what any CPU does per thread)."""
+from __future__ import annotations
+
+import pytest
+
+from fastvq import _cpu
+
+ALL_SIMD_LEVELS = ("portable", "avx2", "avx512")
+SIMD_LEVELS = ALL_SIMD_LEVELS[: ALL_SIMD_LEVELS.index(_cpu.best_simd_level()) + 1]
+# 2 FMA ports x 16 fp32 lanes x 2 flops at 6 GHz: no core does more.
+MAX_GFLOPS_PER_THREAD = 2 * 16 * 2 * 6.0
+
+
+@pytest.mark.parametrize("level", ["", *SIMD_LEVELS])
+@pytest.mark.parametrize("num_threads", [1, 0])
+def test_fma_peak_is_a_plausible_rate(level, num_threads):
+    gflops = _cpu.fma_peak(level, num_threads, seconds=0.02)
+    threads = num_threads or _cpu.max_threads()
+    assert isinstance(gflops, float)
+    assert 0.05 < gflops < MAX_GFLOPS_PER_THREAD * threads, (level, threads, gflops)
+
+
+def test_fma_peak_argument_errors():
+    with pytest.raises(ValueError, match="level must be '' .* got 'sse'"):
+        _cpu.fma_peak("sse")
+    for seconds in (0.0, -1.0, 61.0, float("nan")):
+        with pytest.raises(ValueError, match="seconds must be in"):
+            _cpu.fma_peak("", 1, seconds)
+    for level in ALL_SIMD_LEVELS[len(SIMD_LEVELS):]:
+        with pytest.raises(ValueError, match=f"level '{level}' is not supported here"):
+            _cpu.fma_peak(level)
