@@ -20,8 +20,8 @@ def nearest_code(x: Annotated[NDArray, dict(writable=False)], codebook: Annotate
 
 def ema_stats(x: Annotated[NDArray, dict(writable=False)], indices: Annotated[NDArray, dict(writable=False)], counts_out: NDArray, sums_out: NDArray, *, stream: int) -> None:
     """
-    counts_out[k] = #{i: indices[i] == k}, sums_out[k] = sum of x[i] over those i (float32 atomics;
-    overwritten). Indices outside [0, K) are ignored. Source: csrc/cuda/ema_stats.cu.
+    counts_out[k] = #{i: indices[i] == k} (int64), sums_out[k] = sum of x[i] over those i (float64);
+    64-bit atomics, overwritten. Indices outside [0, K) are ignored. Source: csrc/cuda/ema_stats.cu.
     """
 
 def segment_sum(x: Annotated[NDArray, dict(writable=False)], perm: Annotated[NDArray, dict(writable=False)], offsets: Annotated[NDArray, dict(writable=False)], out: NDArray, codebook: Annotated[NDArray, dict(writable=False)] | None = None, *, stream: int) -> None:

@@ -20,9 +20,10 @@ import torch
 triton = pytest.importorskip("triton")
 
 import fastvq  # noqa: E402
-from fastvq import dispatch, reference  # noqa: E402
+import fastvq.triton.segment_sum  # noqa: E402
+from fastvq import dispatch, numerics, reference  # noqa: E402
 
-from conftest import TOLERANCES, randn, to_cpu, use_reduction  # noqa: E402
+from conftest import TOLERANCES, randn, skip_on_interpreter, to_cpu, use_reduction  # noqa: E402
 
 
 def run(pair, op, *args):
@@ -66,6 +67,81 @@ def test_deterministic_mode_is_bitwise_reproducible(triton_pair, monkeypatch):
         first, second = run(triton_pair, op, *args), run(triton_pair, op, *args)
         for a, b in zip(first, second):
             assert torch.equal(a, b)
+
+
+def test_column_strides_beyond_int32_are_addressed_in_int64(triton_pair):
+    # A batch-1 channel-first feature map seen as (H·W, C) rows has column stride H·W: at 64×384×384
+    # and d = 256 its last column starts past 2^31 elements. Here 5 columns 2^29 elements apart (4 GiB
+    # of float16, allocated but untouched except for the 15 values): int32 offsets wrap (a wrong
+    # address or a crash); every kernel must compute them in int64.
+    stride = 2**29
+    base = torch.empty(4 * stride + 8, dtype=torch.float16, device=triton_pair.device)
+    x = base.as_strided((3, 5), (1, stride))
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randint(-4, 5, (3, 5), generator=generator).half()
+    codebook = triton_pair.to(torch.randint(-4, 5, (6, 5), generator=generator).half())
+    x.copy_(triton_pair.to(values))
+    dense = triton_pair.to(values)
+    indices = triton_pair.to(torch.tensor([0, 5, 0]))
+    scales = (triton_pair.to(torch.tensor(0.5)), triton_pair.to(torch.tensor(2.0)))
+    calls = [
+        lambda v: torch.ops.fastvq.triton_nearest_code(v, codebook, True),
+        lambda v: torch.ops.fastvq.triton_nearest_codes(v, codebook, 4),
+        lambda v: torch.ops.fastvq.triton_ema_stats(v, indices, 6),
+        lambda v: torch.ops.fastvq.triton_quantize_backward(v, v, codebook, indices, *scales, True, True),
+        lambda v: torch.ops.fastvq.triton_quantize_backward(v, v, codebook, indices, *scales, True, True, True),
+    ]
+    for call in calls:
+        for got, want in zip(to_cpu(*call(x)), to_cpu(*call(dense))):
+            assert torch.equal(got, want)  # small integers: every result is exact
+    segment = run(triton_pair, lambda v: fastvq.triton.segment_sum.segment_sum(
+        v, *numerics.sort_by_code(indices, 6), 6), x)
+    assert torch.equal(segment, run(triton_pair, lambda v: fastvq.triton.segment_sum.segment_sum(
+        v, *numerics.sort_by_code(indices, 6), 6), dense))
+
+
+def test_launches_capture_what_runs_and_deterministic_mode_runs_the_fixed_config(monkeypatch):
+    # What each launch would run, stopped before it runs (fastvq.triton._jit.capture_launches).
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    from fastvq.triton import _jit, ema_stats, nearest_code
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def captured(call):
+        with _jit.capture_launches(), pytest.raises(_jit.Captured) as caught:
+            call()
+        return caught.value
+
+    x, codebook = randn(300, 33, seed=0), randn(70, 33, seed=1)
+    monkeypatch.setenv("FASTVQ_DETERMINISTIC", "0")
+    tuned = captured(lambda: nearest_code.triton_nearest_code(x, codebook, True))
+    assert isinstance(tuned.kernel, Autotuner) and "BLOCK_N" not in tuned.kwargs
+    # every constexpr that changes the code, and ceil(log2 N), are in the autotuner's key
+    assert set(tuned.kernel.keys) >= {"K", "d", "N_BUCKET", "WRITE_QUANTIZED", "CAST_TO_FP32", "INPUT_PRECISION",
+                                       "BLOCK_D", "X_RESIDENT"}
+    assert tuned.args[tuned.kernel.fn.arg_names.index("N_BUCKET")] == 9  # 2^8 < 300 <= 2^9
+    monkeypatch.setenv("FASTVQ_DETERMINISTIC", "1")
+    fixed = captured(lambda: nearest_code.triton_nearest_code(x, codebook, True))
+    assert isinstance(fixed.kernel, JITFunction)
+    assert fixed.kwargs == {**fixed.kwargs, **_jit.config_kwargs(nearest_code.DETERMINISTIC_CONFIG)}
+    # ema_stats counts with int64 atomics (float32 ones stop at 2^24 per code) and sums in float64
+    monkeypatch.setenv("FASTVQ_DETERMINISTIC", "0")
+    stats = captured(lambda: ema_stats.triton_ema_stats(x, torch.zeros(300, dtype=torch.int64), 70))
+    names = stats.kernel.arg_names
+    assert stats.args[names.index("counts_ptr")].dtype == torch.int64
+    assert stats.args[names.index("sums_ptr")].dtype == torch.float64
+
+
+def test_ema_stats_counts_past_two_to_the_24(triton_pair):
+    skip_on_interpreter(triton_pair, "2^24 + 3 rows")
+    num_rows = 2**24 + 3  # a float32 count stops at 2^24
+    x = torch.ones(num_rows, 1, device=triton_pair.device)
+    counts, sums = torch.ops.fastvq.triton_ema_stats(x, torch.zeros(num_rows, dtype=torch.int64,
+                                                                    device=triton_pair.device), 2)
+    exact = float(torch.tensor(num_rows, dtype=torch.float32))  # 2^24 + 4: the count, rounded once
+    assert counts.tolist() == [exact, 0.0] and sums[:, 0].tolist() == [exact, 0.0]
 
 
 # ---- the backend, its options and its reasons ------------------------------------------------

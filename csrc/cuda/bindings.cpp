@@ -136,16 +136,16 @@ void ema_stats(In x_, In indices_, Out counts_out_, Out sums_out_, std::uintptr_
   check_array(indices, "int64", device);
   check_shape_n(indices, n);
   const ArrayArg counts_out = describe("counts_out", counts_out_);
-  check_array(counts_out, "float32", device);
+  check_array(counts_out, "int64", device);
   check_shape(counts_out, {kAnySize}, "(K,)");
   const int64_t k = counts_out.size(0);
   const ArrayArg sums_out = describe("sums_out", sums_out_);
-  check_array(sums_out, "float32", device);
+  check_array(sums_out, "float64", device);
   check_shape_k_d(sums_out, k, d, "K == counts_out.shape[0]");
 
   nb::gil_scoped_release release;
   fastvq::cuda::ema_stats(device.id(), stream, float_dtype(x), strided(x), n, d, indices.as<const int64_t>(), k,
-                          counts_out.as<float>(), sums_out.as<float>());
+                          counts_out.as<int64_t>(), sums_out.as<double>());
 }
 
 void segment_sum(In x_, In perm_, In offsets_, Out out_, std::optional<In> codebook_, std::uintptr_t stream) {
@@ -226,8 +226,8 @@ NB_MODULE(_cuda, m) {
         "(K,), overwritten with ||e - c||^2. first_bad_row: int64 (1,), set to N by the caller, lowered to the\n"
         "first finite row with ||x - c||^2 > FLT_MAX/8. Source: csrc/cuda/nearest_code.cu.");
   m.def("ema_stats", &ema_stats, "x"_a, "indices"_a, "counts_out"_a, "sums_out"_a, nb::kw_only(), "stream"_a,
-        "counts_out[k] = #{i: indices[i] == k}, sums_out[k] = sum of x[i] over those i (float32 atomics;\n"
-        "overwritten). Indices outside [0, K) are ignored. Source: csrc/cuda/ema_stats.cu.");
+        "counts_out[k] = #{i: indices[i] == k} (int64), sums_out[k] = sum of x[i] over those i (float64);\n"
+        "64-bit atomics, overwritten. Indices outside [0, K) are ignored. Source: csrc/cuda/ema_stats.cu.");
   m.def("segment_sum", &segment_sum, "x"_a, "perm"_a, "offsets"_a, "out"_a, "codebook"_a = nb::none(), nb::kw_only(),
         "stream"_a,
         "Deterministic: out[k] = sum over s in [offsets[k], offsets[k+1]) of x[perm[s]], or of\n"

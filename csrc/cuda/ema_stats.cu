@@ -1,11 +1,12 @@
-// ema_stats on CUDA: per-code counts and row sums, by float32 atomics (ema_stats) or by a
+// ema_stats on CUDA: per-code counts and row sums, by atomics (ema_stats) or by a
 // deterministic sort-and-segment reduction (segment_sum; the caller sorts the indices).
 //
-// Why atomics by default: one pass over x, no sort and no extra memory, and the K·d targets
-// are spread widely, so contention is low for any codebook in use. Counts are exact either
-// way (integers below 2^24 add exactly in any order); the sums' last bits depend on the order
-// the atomics land in. segment_sum gives bitwise-reproducible sums at the cost of a sort and
-// of serialising rows that share a code.
+// Why atomics by default: one pass over x, no sort, and the K·d targets are spread widely, so
+// contention is low for any codebook in use. Counts are 64-bit integer atomics, exact for any N
+// (float32 ones stop at 2^24 per code, issue 14 finding 7); sums are float64 atomics (a float32
+// sum over millions of rows loses its low bits); the caller rounds both to float32 once. The
+// float64 sums' order-dependent rounding is far below float32's last bit. segment_sum gives
+// bitwise-reproducible sums at the cost of a sort and of serialising rows that share a code.
 #include "cuda/common.cuh"
 
 namespace fastvq::cuda {
@@ -15,15 +16,16 @@ namespace {
 template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     ema_stats_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t stride_xn, int64_t stride_xd,
-                     const int64_t* __restrict__ indices, int64_t k, float* __restrict__ counts,
-                     float* __restrict__ sums) {
+                     const int64_t* __restrict__ indices, int64_t k, unsigned long long* __restrict__ counts,
+                     double* __restrict__ sums) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; row < n; row += warps) {
     const int64_t code = indices[row];
     if (code < 0 || code >= k) continue;  // uniform across the warp
-    if (lane == 0) atomicAdd(counts + code, 1.f);
-    for (int64_t c = lane; c < d; c += 32) atomicAdd(sums + code * d + c, to_float(x[row * stride_xn + c * stride_xd]));
+    if (lane == 0) atomicAdd(counts + code, 1ull);
+    for (int64_t c = lane; c < d; c += 32)
+      atomicAdd(sums + code * d + c, static_cast<double>(to_float(x[row * stride_xn + c * stride_xd])));
   }
 }
 
@@ -65,17 +67,19 @@ __global__ void __launch_bounds__(kSegmentCols * kSegmentGroups)
 }  // namespace
 
 void ema_stats(int device, std::uintptr_t stream, DType dtype, Strided x, int64_t n, int64_t d,
-               const int64_t* indices, int64_t k, float* counts_out, float* sums_out) {
+               const int64_t* indices, int64_t k, int64_t* counts_out, double* sums_out) {
   DeviceGuard guard(device);
   const cudaStream_t s = as_stream(stream);
-  check_cuda(cudaMemsetAsync(counts_out, 0, sizeof(float) * k, s), "cudaMemsetAsync(counts_out)");
-  check_cuda(cudaMemsetAsync(sums_out, 0, sizeof(float) * k * d, s), "cudaMemsetAsync(sums_out)");
+  check_cuda(cudaMemsetAsync(counts_out, 0, sizeof(int64_t) * k, s), "cudaMemsetAsync(counts_out)");
+  check_cuda(cudaMemsetAsync(sums_out, 0, sizeof(double) * k * d, s), "cudaMemsetAsync(sums_out)");
   if (n == 0) return;
   const auto blocks = static_cast<unsigned>(std::min(ceil_div(n, kWarpsPerBlock), kMaxRowBlocks));
   dispatch_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
     ema_stats_kernel<T><<<blocks, kWarpsPerBlock * 32, 0, s>>>(static_cast<const T*>(x.data), n, d, x.stride_row,
-                                                              x.stride_col, indices, k, counts_out, sums_out);
+                                                              x.stride_col, indices, k,
+                                                              reinterpret_cast<unsigned long long*>(counts_out),
+                                                              sums_out);
     check_launch("ema_stats_kernel launch");
   });
 }

@@ -36,10 +36,11 @@ void nearest_code(int device, std::uintptr_t stream, DType dtype, Strided x, int
                   const void* codebook, int64_t k, const float* centre, float* code_norms_scratch,
                   int64_t* indices_out, float* sqdist_out, void* quantized_out, int64_t* first_bad_row);
 
-// counts_out (K,) and sums_out (K, d), float32, overwritten: per-code counts and row sums, with
-// float32 atomics (counts are exact; the sums' last bits depend on the order of the atomics).
+// counts_out int64 (K,) and sums_out float64 (K, d), overwritten: per-code counts and row sums,
+// with 64-bit atomics (counts exact for any N; the sums' order-dependent rounding is far below
+// float32's last bit, the caller rounds both to float32).
 void ema_stats(int device, std::uintptr_t stream, DType dtype, Strided x, int64_t n, int64_t d,
-               const int64_t* indices, int64_t k, float* counts_out, float* sums_out);
+               const int64_t* indices, int64_t k, int64_t* counts_out, double* sums_out);
 
 // Deterministic per-code sums: rows perm[offsets[c]:offsets[c+1]] belong to code c (offsets has
 // K + 1 entries). out (K, d) float32, overwritten with Σ x_i, or Σ (codebook_c − x_i) when

@@ -120,16 +120,17 @@ class CudaBackend(Backend):
 
     def ema_stats(self, x, indices, num_codes):
         x, indices = x.detach(), indices.detach().contiguous()
-        sums = torch.empty((num_codes, x.shape[1]), dtype=torch.float32, device=x.device)
         with torch.cuda.device(x.device):
             stream = self._stream(x.device)
             if deterministic():
+                sums = torch.empty((num_codes, x.shape[1]), dtype=torch.float32, device=x.device)
                 perm, offsets = sort_by_code(indices, num_codes)
                 self._ext.segment_sum(x, perm, offsets, sums, None, stream=stream)
                 return (offsets[1:] - offsets[:-1]).to(torch.float32), sums
-            counts = torch.empty((num_codes,), dtype=torch.float32, device=x.device)
-            self._ext.ema_stats(x, indices, counts, sums, stream=stream)
-        return counts, sums
+            counts = torch.empty((num_codes,), dtype=torch.int64, device=x.device)
+            wide_sums = torch.empty((num_codes, x.shape[1]), dtype=torch.float64, device=x.device)
+            self._ext.ema_stats(x, indices, counts, wide_sums, stream=stream)
+        return counts.to(torch.float32), wide_sums.to(torch.float32)
 
     def quantize_backward(self, grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
                           need_grad_x, need_grad_codebook, rotation_trick=False):

@@ -10,7 +10,8 @@ can never run on CPU tensors, and one decorated under the interpreter never comp
 Tests can thus set ``TRITON_INTERPRET=1`` in a fixture without it leaking elsewhere.
 
 Under the interpreter autotuning would run every config through Python, so the
-interpreter gets a single config.
+interpreter gets a single config. Every launch goes through ``launch``: the device guard,
+the fixed config of deterministic mode, and the capture hook of compile_check.
 """
 from __future__ import annotations
 
@@ -94,41 +95,125 @@ def device_function(fn: Callable):
     return spec.bind(interpreting())
 
 
+def _bench_without_flush(kernel_call, quantiles):
+    """The autotuner's timer: ``triton.testing.do_bench`` without its L2 flush, whose 256 MB buffer
+    would stay in torch's caching allocator after the first tuning (issue 14, finding 8). Back-to-back
+    launches timed with CUDA events; the quantiles of 20 timed runs after one warm-up, in ms."""
+    import torch
+
+    kernel_call()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(20)]
+    for start, stop in events:
+        start.record()
+        kernel_call()
+        stop.record()
+    torch.cuda.synchronize()
+    times = torch.tensor([start.elapsed_time(stop) for start, stop in events])
+    return [float(torch.quantile(times, q)) for q in quantiles]
+
+
 class _KernelSpec:
-    def __init__(self, fn: Callable, configs: list | None, interpreter_config, key: list[str]):
+    def __init__(self, fn: Callable, configs: list | None, interpreter_config, key: list[str], fixed_config,
+                 do_not_specialize: list[str]):
         self.fn = fn
         self.configs = configs
         self.interpreter_config = interpreter_config
         self.key = key
-        self.built: dict[bool, object] = {}
+        self.fixed_config = fixed_config
+        self.do_not_specialize = do_not_specialize
+        self.built: dict[tuple[bool, bool], object] = {}
 
-    def build(self, interpret: bool):
-        if interpret not in self.built:
-            base = InterpretedFunction(self.fn) if interpret else JITFunction(self.fn)
-            if self.configs is None:
-                kernel = base
+    def build(self, interpret: bool, tuned: bool = True):
+        """The kernel for a mode: autotuned over ``configs`` when it has them and ``tuned``, else plain."""
+        tuned = tuned and self.configs is not None
+        if (interpret, tuned) not in self.built:
+            if interpret:
+                base = InterpretedFunction(self.fn)
             else:
+                base = JITFunction(self.fn, do_not_specialize=self.do_not_specialize)
+            kernel = base
+            if tuned:
                 configs = [self.interpreter_config] if interpret else self.configs
-                kernel = triton.autotune(configs=configs, key=self.key)(base)
+                kernel = triton.autotune(configs=configs, key=self.key, do_bench=_bench_without_flush)(base)
             kernel._fastvq_spec = self
-            self.built[interpret] = kernel
-        return self.built[interpret]
+            self.built[(interpret, tuned)] = kernel
+        return self.built[(interpret, tuned)]
 
 
-def kernel(configs: list | None = None, interpreter_config=None, key: list[str] | None = None):
+def kernel(configs: list | None = None, interpreter_config=None, key: list[str] | None = None, fixed_config=None,
+           do_not_specialize: list[str] | None = None):
     """Like ``@triton.autotune(configs, key)`` over ``@triton.jit`` (or plain ``@triton.jit``
-    when ``configs`` is None), with one config under the interpreter."""
+    when ``configs`` is None). ``launch`` runs it with ``fixed_config`` instead of tuning in
+    deterministic mode, and with ``interpreter_config`` under the interpreter."""
 
     def decorate(fn: Callable):
-        spec = _KernelSpec(fn, configs, interpreter_config, key or [])
+        spec = _KernelSpec(fn, configs, interpreter_config, key or [], fixed_config, do_not_specialize or [])
         return spec.build(interpreting())
 
     return decorate
 
 
-def for_current_mode(decorated):
+def for_current_mode(decorated, tuned: bool = True):
     """The same kernel, decorated for the mode in force now (with the device functions it calls)."""
     interpret = interpreting()
     for function in _device_functions:
         function.bind(interpret)
-    return decorated._fastvq_spec.build(interpret)
+    return decorated._fastvq_spec.build(interpret, tuned)
+
+
+def config_kwargs(config) -> dict:
+    """A triton.Config as launch keyword arguments."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+class Captured(Exception):
+    """Raised by ``launch`` inside ``capture_launches``, after recording the launch it stopped."""
+
+    def __init__(self, kernel, grid, args, kwargs):
+        super().__init__("kernel launch captured")
+        self.kernel, self.grid, self.args, self.kwargs = kernel, grid, args, kwargs
+
+
+_capturing = {"on": False}
+
+
+class capture_launches:
+    """Within this context ``launch`` runs nothing: it raises Captured with the kernel it would run
+    (compiled mode, the autotuned kernel unless deterministic) and its exact arguments, so that
+    fastvq.triton.compile_check compiles what a real launch would, specialisation included."""
+
+    def __enter__(self):
+        _capturing["on"] = True
+        return self
+
+    def __exit__(self, *exc):
+        _capturing["on"] = False
+        return False
+
+
+def launch(decorated, grid, *args, **kwargs):
+    """Launch one of fastvq's kernels on the device of its first tensor argument, on that device's
+    current stream (Triton launches on the current device's current stream otherwise: a tensor on
+    cuda:1 would be read from cuda:0's context). An autotuned kernel runs its ``fixed_config`` in
+    deterministic mode (numerics.deterministic()), so results do not hang on the autotuner's pick."""
+    import contextlib
+
+    import torch
+    from torch.library import wrap_triton
+
+    from ..numerics import deterministic
+
+    spec = decorated._fastvq_spec
+    interpret = interpreting() and not _capturing["on"]
+    tuned = spec.configs is not None and not interpret and not deterministic()
+    if spec.configs is not None and not tuned:
+        kwargs = {**kwargs, **config_kwargs(spec.interpreter_config if interpret else spec.fixed_config)}
+    for function in _device_functions:
+        function.bind(interpret)
+    built = spec.build(interpret, tuned)
+    if _capturing["on"]:
+        raise Captured(built, grid, args, kwargs)
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        wrap_triton(built)[grid](*args, **kwargs)

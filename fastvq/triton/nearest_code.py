@@ -36,11 +36,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ..numerics import MAX_CENTRED_SQUARED_NORM as _MAX_CENTRED_SQUARED_NORM
 from ..numerics import first_out_of_range_code, search_centre
-from ._jit import MAX_BLOCK_D, allow_tf32, block_d_for, for_current_mode, interpreting, kernel
+from ._jit import MAX_BLOCK_D, allow_tf32, block_d_for, interpreting, kernel, launch
 
 MAX_CENTRED_SQUARED_NORM = tl.constexpr(_MAX_CENTRED_SQUARED_NORM)
 
@@ -60,13 +60,21 @@ _CONFIGS = [
     ]
 ]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
+# Deterministic mode (numerics.deterministic()) runs this one config instead of the autotuner's pick,
+# so the result cannot depend on timing noise: 64 rows × 64 codes, 4 warps, 3 stages, valid for
+# every dtype path and d (fastvq.triton.compile_check: no spills on sm_80 and sm_90).
+DETERMINISTIC_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3)
+# Tuned once per (K, d, N_BUCKET = ceil(log2 N), every constexpr that changes the code) and the
+# tensors' dtypes (Triton adds those): the best tile for N = 256 is not the best for N = 65536.
+_AUTOTUNE_KEY = ["K", "d", "N_BUCKET", "WRITE_QUANTIZED", "CAST_TO_FP32", "INPUT_PRECISION", "BLOCK_D", "X_RESIDENT"]
 
 
-@kernel(configs=_CONFIGS, interpreter_config=_INTERPRETER_CONFIG, key=["K", "d"])
+@kernel(configs=_CONFIGS, interpreter_config=_INTERPRETER_CONFIG, key=_AUTOTUNE_KEY,
+        fixed_config=DETERMINISTIC_CONFIG, do_not_specialize=["N_BUCKET"])
 def _nearest_code_kernel(
     x_ptr, centre_ptr, codes_ptr, code_norms_ptr, codebook_ptr,
     indices_ptr, sqdist_ptr, quantized_ptr, range_check_ptr,
-    N, K, d,
+    N, K, d, N_BUCKET,
     stride_xn, stride_xd, stride_cn, stride_cd,
     WRITE_QUANTIZED: tl.constexpr,
     CAST_TO_FP32: tl.constexpr,
@@ -195,10 +203,11 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
     def grid(meta):
         return (triton.cdiv(num_rows, meta["BLOCK_N"]),)
 
-    wrap_triton(for_current_mode(_nearest_code_kernel))[grid](
+    launch(
+        _nearest_code_kernel, grid,
         x, centre, codes, code_norms, codebook,
         indices, sqdist, quantized, range_check,
-        num_rows, num_codes, dim,
+        num_rows, num_codes, dim, (num_rows - 1).bit_length(),
         x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
         WRITE_QUANTIZED=want_quantized and same_dtype,
         CAST_TO_FP32=upcast,

@@ -28,10 +28,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ._bitonic import merge_ascending, smallest_descending
-from ._jit import MAX_BLOCK_D, allow_tf32, block_d_for, for_current_mode, interpreting, kernel
+from ._jit import MAX_BLOCK_D, allow_tf32, block_d_for, interpreting, kernel, launch
 from .nearest_code import _TENSOR_CORE_DTYPES, MAX_CENTRED_SQUARED_NORM, centred_codebook
 
 PADDING_KEY = tl.constexpr(0x7FFFFFFFFFFFFFFF)
@@ -166,7 +166,8 @@ def triton_nearest_codes(x: Tensor, codebook: Tensor, k: int) -> tuple[Tensor, T
     range_check = torch.stack([first_bad_code, torch.full_like(first_bad_code, num_rows)])
     kpad = triton.next_power_of_2(k)
     block_n, block_k, num_warps = launch_config(kpad)
-    wrap_triton(for_current_mode(_nearest_codes_kernel))[(triton.cdiv(num_rows, block_n),)](
+    launch(
+        _nearest_codes_kernel, (triton.cdiv(num_rows, block_n),),
         x, centre, codes, code_norms, codebook,
         indices, sqdist, range_check,
         num_rows, num_codes, dim, k,

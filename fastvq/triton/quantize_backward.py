@@ -11,8 +11,9 @@ row with q = e_idx, g = grad_quantized and vqp's safe division (ε = 1e-6):
     G = s·(g − 2w(w·g) + 2u(q̂·g))                                       (= s·Rᵀg; R is never built)
 
 The straight-through kernel reads each row's x, e_idx and grad_quantized once (programs tile
-rows × column blocks), writes grad_x, and (default) scatters −(x − e_idx) into a float32 (K, d)
-buffer with relaxed atomic adds, which is then scaled by codebook_scale and cast to the
+rows × column blocks), writes grad_x, and (default) scatters −(x − e_idx) into a float64 (K, d)
+buffer with relaxed atomic adds (float32 atomics would lose the low bits of a code's sum over
+millions of rows), which is then rounded to float32, scaled by codebook_scale and cast to the
 codebook's dtype. With ROTATION_TRICK each program owns whole rows and loops over d in BLOCK_D
 chunks three times: ‖x‖² and ‖q‖²; then ‖a‖², a·g and q̂·g from a formed elementwise (not from
 the expansion ‖u‖² + ‖q̂‖² + 2u·q̂, which cancels when x ≈ −q); then the write and the scatter.
@@ -28,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._jit import block_d_for, deterministic, for_current_mode, kernel
+from ._jit import block_d_for, deterministic, kernel, launch
 from ..numerics import sort_by_code
 from .segment_sum import segment_sum
 
@@ -54,6 +55,7 @@ def _quantize_backward_kernel(
     ROTATION_TRICK: tl.constexpr = False,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: no overflow for any N
+    lanes = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: a column times a large stride does not overflow
     row_mask = rows < N
     code = tl.load(indices_ptr + rows, mask=row_mask, other=0)
     valid = row_mask & (code >= 0) & (code < K)  # an invalid index never reads or writes out of bounds
@@ -70,7 +72,7 @@ def _quantize_backward_kernel(
         x_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
         q_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for start in range(0, d, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
+            cols = start + lanes
             mask = valid[:, None] & (cols[None, :] < d)
             x = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
             e = tl.load(e_rows + cols[None, :] * stride_cd, mask=mask, other=0.0).to(tl.float32)
@@ -84,7 +86,7 @@ def _quantize_backward_kernel(
         a_dot_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
         qhat_dot_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for start in range(0, d, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
+            cols = start + lanes
             col_mask = cols[None, :] < d
             mask = valid[:, None] & col_mask
             x = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
@@ -103,7 +105,7 @@ def _quantize_backward_kernel(
         commit_scale = tl.load(commit_scale_ptr)
         # pass 3: grad_x = s·(g − 2w(w·g) + 2u(q̂·g)) + commit_scale·(x − q), and the scatter
         for start in range(0, d, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
+            cols = start + lanes
             col_mask = cols[None, :] < d
             mask = valid[:, None] & col_mask
             out_mask = row_mask[:, None] & col_mask
@@ -118,10 +120,10 @@ def _quantize_backward_kernel(
             tl.store(grad_x_ptr + rows[:, None] * d + cols[None, :], grad_x.to(grad_x_ptr.dtype.element_ty),
                      mask=out_mask)
             if SCATTER_GRAD_CODEBOOK:
-                tl.atomic_add(grad_codebook_ptr + code[:, None] * d + cols[None, :], -residual, mask=mask,
-                              sem="relaxed")
+                tl.atomic_add(grad_codebook_ptr + code[:, None] * d + cols[None, :], -residual.to(tl.float64),
+                              mask=mask, sem="relaxed")
     else:
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        cols = tl.program_id(1) * BLOCK_D + lanes
         col_mask = cols[None, :] < d
         mask = valid[:, None] & col_mask
         x = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
@@ -136,7 +138,8 @@ def _quantize_backward_kernel(
             tl.store(grad_x_ptr + rows[:, None] * d + cols[None, :], grad_x.to(grad_x_ptr.dtype.element_ty),
                      mask=out_mask)
         if SCATTER_GRAD_CODEBOOK:
-            tl.atomic_add(grad_codebook_ptr + code[:, None] * d + cols[None, :], -residual, mask=mask, sem="relaxed")
+            tl.atomic_add(grad_codebook_ptr + code[:, None] * d + cols[None, :], -residual.to(tl.float64), mask=mask,
+                          sem="relaxed")
 
 
 @triton_op("fastvq::triton_quantize_backward", mutates_args={})
@@ -161,8 +164,8 @@ def triton_quantize_backward(
     codebook_scale = codebook_scale.to(device=x.device, dtype=torch.float32)
     scatter = need_grad_codebook and not deterministic()
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_grad_x else x.new_empty((0,))
-    accumulated = (torch.zeros((num_codes, dim), dtype=torch.float32, device=x.device) if scatter
-                   else x.new_empty((0,), dtype=torch.float32))
+    accumulated = (torch.zeros((num_codes, dim), dtype=torch.float64, device=x.device) if scatter
+                   else x.new_empty((0,), dtype=torch.float64))
 
     if num_rows > 0 and (need_grad_x or scatter):
         block_d = block_d_for(dim)
@@ -175,7 +178,8 @@ def triton_quantize_backward(
         else:
             block_n = 64 if block_d <= 64 else 32
             grid = (triton.cdiv(num_rows, block_n), triton.cdiv(dim, block_d))
-        wrap_triton(for_current_mode(_quantize_backward_kernel))[grid](
+        launch(
+            _quantize_backward_kernel, grid,
             grad_quantized, x, codebook, indices, commit_scale, grad_x, accumulated,
             num_rows, num_codes, dim,
             grad_quantized.stride(0), grad_quantized.stride(1), x.stride(0), x.stride(1),
@@ -188,4 +192,5 @@ def triton_quantize_backward(
     if not scatter:
         perm, offsets = sort_by_code(indices, num_codes)
         accumulated = segment_sum(x, perm, offsets, num_codes, codebook=codebook)
-    return grad_x, (accumulated * codebook_scale).to(codebook.dtype)
+    # float64 × the scale, rounded once (0-dim scale: the deterministic path's float32 sums stay float32)
+    return grad_x, (accumulated * codebook_scale.to(torch.float64)).to(codebook.dtype)

@@ -15,9 +15,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from ._jit import block_d_for, for_current_mode, kernel
+from ._jit import block_d_for, kernel, launch
 
 
 @kernel()
@@ -29,7 +28,7 @@ def _segment_sum_kernel(
     BLOCK_D: tl.constexpr,
 ):
     code = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)  # int64: cols * stride does not overflow
     col_mask = cols < d
     start = tl.load(offsets_ptr + code)
     end = tl.load(offsets_ptr + code + 1)
@@ -57,7 +56,8 @@ def segment_sum(x: Tensor, perm: Tensor, offsets: Tensor, num_codes: int, codebo
     block_r = 32 if block_d > 64 else 64
     residual = codebook is not None
     source = codebook if residual else x  # any valid pointer when unused
-    wrap_triton(for_current_mode(_segment_sum_kernel))[(num_codes, triton.cdiv(dim, block_d))](
+    launch(
+        _segment_sum_kernel, (num_codes, triton.cdiv(dim, block_d)),
         x, perm, offsets, source, out,
         dim, x.stride(0), x.stride(1), source.stride(0), source.stride(1),
         RESIDUAL=residual, BLOCK_R=block_r, BLOCK_D=block_d,
