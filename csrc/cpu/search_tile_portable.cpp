@@ -3,6 +3,7 @@
 // compiler may auto-vectorise it with SSE2). Rounding differs from the AVX2 path only in
 // that it uses separate multiply and add instead of FMA.
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "cpu/kernels.h"
@@ -83,16 +84,22 @@ namespace fastvq::cpu {
 
 void topk_insert_lanes(const float* values, uint32_t mask, int64_t first_code, int k, float* list_val,
                        int64_t* list_idx) {
-  for (int j = 0; j < kPanel; ++j) {
-    if (!(mask >> j & 1u)) continue;
+  while (mask) {
+#if defined(__GNUC__) || defined(__clang__)
+    const int j = __builtin_ctz(mask);
+#else
+    int j = 0;
+    while (!(mask >> j & 1u)) ++j;
+#endif
+    mask &= mask - 1;  // lanes in increasing order: codes in increasing index order
     const float v = values[j];
     if (!(v < list_val[k - 1])) continue;  // the k-th may have dropped since the mask was made
     // Entries with an equal value came earlier, with lower indices: the new code goes after them.
-    int pos = k - 1;
-    for (; pos > 0 && v < list_val[pos - 1]; --pos) {
-      list_val[pos] = list_val[pos - 1];
-      list_idx[pos] = list_idx[pos - 1];
-    }
+    // Counted without branches (a fixed trip count), then the tail moves one place.
+    int pos = 0;
+    for (int i = 0; i < k - 1; ++i) pos += list_val[i] <= v;
+    std::memmove(list_val + pos + 1, list_val + pos, sizeof(float) * static_cast<size_t>(k - 1 - pos));
+    std::memmove(list_idx + pos + 1, list_idx + pos, sizeof(int64_t) * static_cast<size_t>(k - 1 - pos));
     list_val[pos] = v;
     list_idx[pos] = first_code + j;
   }
