@@ -5,6 +5,7 @@
     triton_nearest_codes(x, codebook, k)                  nearest_codes.py      fastvq::triton_nearest_codes
     triton_quantize_backward(grad_q, x, codebook, ...)     quantize_backward.py  fastvq::triton_quantize_backward
     triton_ema_stats(x, indices, num_codes)               ema_stats.py          fastvq::triton_ema_stats
+    triton_sample_code(x, codebook, temperature, seed, cosine)  sample_code.py  fastvq::triton_sample_code
 
 Options:
     set_allow_tf32(True) / FASTVQ_TRITON_TF32=1      float32 search on TF32 tensor cores (default: full fp32)
@@ -19,6 +20,7 @@ from .ema_stats import triton_ema_stats
 from .nearest_code import triton_nearest_code
 from .nearest_codes import triton_nearest_codes
 from .quantize_backward import triton_quantize_backward
+from .sample_code import triton_sample_code
 
 __all__ = [
     "allow_tf32",
@@ -29,4 +31,5 @@ __all__ = [
     "triton_nearest_code",
     "triton_nearest_codes",
     "triton_quantize_backward",
+    "triton_sample_code",
 ]
