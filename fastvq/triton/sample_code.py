@@ -14,12 +14,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._jit import block_d_for, for_current_mode, kernel
+from ._jit import block_d_for, device_function, kernel, launch
 
 
-@triton.jit
+@device_function
 def _fmix32(h):
     h ^= h >> 16
     h *= 0x85EBCA6B
@@ -29,7 +29,7 @@ def _fmix32(h):
     return h
 
 
-@kernel()
+@kernel(do_not_specialize=["seed_lo", "seed_hi"])  # a new seed every call: no recompiles
 def _sample_code_kernel(
     x_ptr, codebook_ptr, code_norms_ptr, temperature_ptr, indices_ptr,
     N, K, d, seed_lo, seed_hi,
@@ -42,7 +42,7 @@ def _sample_code_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     x_rows = x_ptr + rows[:, None] * stride_xn
-    lanes_d = tl.arange(0, BLOCK_D)
+    lanes_d = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: cols * stride does not overflow
     lanes_k = tl.arange(0, BLOCK_K)
     seed_lo = seed_lo.to(tl.uint32)
     seed_hi = seed_hi.to(tl.uint32)
@@ -107,7 +107,8 @@ def triton_sample_code(x: Tensor, codebook: Tensor, temperature: float, seed: in
     temperature_t = torch.full((1,), temperature, dtype=torch.float64, device=x.device)
     block_n, block_k = 32, 32
 
-    wrap_triton(for_current_mode(_sample_code_kernel))[(triton.cdiv(num_rows, block_n),)](
+    launch(
+        _sample_code_kernel, (triton.cdiv(num_rows, block_n),),
         x, codebook, code_norms, temperature_t, indices,
         num_rows, codebook.shape[0], dim, _as_int32(seed & 0xFFFFFFFF), _as_int32((seed >> 32) & 0xFFFFFFFF),
         x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
