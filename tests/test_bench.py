@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastvq
-from fastvq import reference
+from fastvq import _cpu, reference
 from fastvq.bench import cli, judge, providers, report
 from fastvq.bench.cases import Case, make_data, select_cases
 from fastvq.bench.run import Options, Result, measure_memory, run_case, time_alternating
@@ -119,20 +119,22 @@ def test_derived_figures_tables_and_the_cli_end_to_end(tmp_path, capsys):
                Result(case, "fastvq-cpu", "fastvq", "", times_ms=[2.0, 3.0, 4.0], memory={"delta_mb": 50.0}),
                Result(case, "fastvq-cuda", "fastvq", "", status="absent", reason="no CUDA device"),
                Result(case, "fastvq-torch", "fastvq", "", status="wrong", reason="3 of 10 rows are not a nearest code")]
-    report.derive(results)
+    report.derive(results, peak_gflops=20.0)
     fast = results[2].derived
     torch.testing.assert_close(fast["gflops"], 1e7 / 3e-3 / 1e9)
     torch.testing.assert_close(fast["pct_sgemm"], 100.0 / 3.0)
+    torch.testing.assert_close(fast["pct_peak"], 100.0 * (1e7 / 3e-3 / 1e9) / 20.0)
     torch.testing.assert_close(fast["speedup"]["vector-quantize-pytorch"], 40.0 / 3.0)
     torch.testing.assert_close(fast["memory_ratio"]["vector-quantize-pytorch"], 0.05)
     headers, rows = report.table_rows(results, "train")
     assert [cells[2] for cells, _ in rows] == ["sgemm", "vector-quantize-pytorch", "fastvq-cpu", "fastvq-torch"]
-    assert rows[3][0][-1].startswith("WRONG: 3 of 10") and rows[3][1] == "red" and rows[2][0][7] == "13.33"
+    assert rows[3][0][-1].startswith("WRONG: 3 of 10") and rows[3][1] == "red"
+    assert (rows[2][0][7], rows[2][0][8]) == ("17", "13.33")  # %peak, ×VectorQuantize
     table = report.markdown(results, "test machine", "python -m fastvq.bench")
     assert re.search(r"\| \*\*fastvq-cpu\*\* +\|", table) and "absent: fastvq-cuda: no CUDA device" in table
     # the same figures and tables, end to end through the CLI, with JSON and a plot
     path, png, md = tmp_path / "b.json", tmp_path / "b.png", tmp_path / "b.md"
-    names = "naive,addmm,faiss-flat,vector-quantize-pytorch,faiss-kmeans,fastvq-cpu"
+    names = "naive,addmm,faiss-flat,vector-quantize-pytorch,faiss-kmeans,sklearn-kmeans,fastvq-cpu"
     code = cli.main(f"--shapes 65x17x3 --providers {names} --repeats 2 --min-repeats 1 --warmup 0 --kmeans-iters 2 "
                     f"--no-memory --no-progress --json {path} --plot {png} --markdown {md}".split())
     assert code == 0 and "nearest_code forward" in capsys.readouterr().out
@@ -140,11 +142,15 @@ def test_derived_figures_tables_and_the_cli_end_to_end(tmp_path, capsys):
     document = json.loads(path.read_text())
     assert document["schema"] == "fastvq.bench/2" and document["command"].startswith("python -m fastvq.bench --shapes")
     assert document["machine"]["torch_threads"] == torch.get_num_threads() and "isa" in document["machine"]
+    assert document["machine"]["fma_peak"]["gflops"] > 0 and document["machine"]["fma_peak"]["isa"] == _cpu.simd_level()
     by_key = {(r["workload"], r["provider"]): r for r in document["results"]}
-    assert {w for w, _ in by_key} == {"nearest_code", "train", "kmeans", "rvq_train", "rvq_beam"}
+    assert {w for w, _ in by_key} == {"nearest_code", "nearest_codes", "train", "kmeans", "rvq_train", "rvq_beam"}
+    assert all(by_key[("nearest_codes", name)]["check"]["rows"] > 0 for name in ("naive", "faiss-flat", "fastvq-cpu"))
     assert all(r["status"] in ("ok", "absent") for r in by_key.values()), [r["reason"] for r in by_key.values()]
     naive, addmm = by_key[("nearest_code", "naive")], by_key[("nearest_code", "addmm")]
     assert len(naive["times_ms"]) == 2 and by_key[("kmeans", "fastvq-cpu")]["check"]["inertia"] > 0
+    assert by_key[("kmeans", "sklearn-kmeans")]["check"]["inertia"] > 0
+    assert by_key[("kmeans", "fastvq-cpu")]["derived"]["pct_peak"] > 0
     ratio = naive["timing"]["median_ms"] / addmm["timing"]["median_ms"]
     torch.testing.assert_close(addmm["derived"]["speedup"]["naive"], ratio)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

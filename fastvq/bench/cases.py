@@ -4,11 +4,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-WORKLOADS = ("nearest_code", "train", "kmeans", "rvq_train", "rvq_beam")
+WORKLOADS = ("nearest_code", "nearest_codes", "train", "kmeans", "rvq_train", "rvq_beam")
+TOPK = 8  # the k of the nearest_codes workload (issue 11: top-k at k = 8)
 # The training step runs vector-quantize-pytorch's defaults in both libraries (decay 0.8, commitment 1.0,
 # the rotation trick), the configuration a model swapped from vqp trains with.
 COMMITMENT_WEIGHT = 1.0  # vqp's default; the check's loss
 TITLES = {"nearest_code": "nearest_code forward: search + gather", "kmeans": "k-means (Lloyd)",
+          "nearest_codes": f"nearest_codes: the {TOPK} nearest codes of each row, sorted",
           "train": "training step: forward + backward + EMA update",
           "rvq_train": "ResidualVQ training step: forward + backward + EMA update, every level",
           "rvq_beam": "ResidualVQ beam-search encode (eval)"}
@@ -54,6 +56,10 @@ DEFAULT_CASES = (
     _nc("encodec", 12000, 1024, 128),  # SoundStream/EnCodec: 10 s at 75 frames/s, batch 16
     *(_nc(f"k{k}", 2048, k, 64) for k in (256, 1024, 4096, 16384)), _nc("large-k", 2048, 65536, 64),  # a K scan
     _nc("core-1", 32768, 1024, 64), _nc("core-2", 16384, 16384, 64), _nc("core-3", 8192, 65536, 32),  # the issue's
+    # streaming: a frame or a few tokens at a time against a large codebook (issue 13: the pack cache)
+    _nc("stream-1", 1, 65536, 64), _nc("stream-16", 16, 65536, 64),
+    *(Case("nearest_codes", f"core-{i}", n, k, d) for i, (n, k, d) in
+      enumerate(((32768, 1024, 64), (16384, 16384, 64), (8192, 65536, 32)), start=1)),
     Case("train", "core-1", 32768, 1024, 64), Case("train", "core-2", 16384, 16384, 64),
     Case("kmeans", "core-1", 32768, 1024, 64),  # a 1024-code codebook for one core-1 batch
     # ResidualVQ (issue 11): an EnCodec-sized batch of frames, 8 levels of 1024 codes, vqp's defaults
@@ -65,7 +71,7 @@ CUDA_CASES = (*(replace(c, dtype="bfloat16") for c in DEFAULT_CASES
                 if c.workload == "nearest_code" and c.label.startswith("core")),
               _nc("big", 65536, 16384, 256), _nc("big", 65536, 16384, 256, dtype="bfloat16"))
 # --quick: every workload and code path once, on small shapes (the CI smoke test, < 1 minute; k-means 5 iterations).
-QUICK_CASES = (_nc("small", 4096, 1024, 64), _nc("small-k16k", 512, 16384, 32),
+QUICK_CASES = (_nc("small", 4096, 1024, 64), _nc("small-k16k", 512, 16384, 32), Case("nearest_codes", "small", 4096, 1024, 64),
                _nc("small-l2", 2048, 4096, 8, l2norm=True), Case("train", "small", 2048, 1024, 64),
                Case("kmeans", "small", 2048, 128, 32), Case("rvq_train", "small", 2048, 256, 32, levels=4),
                Case("rvq_beam", "small", 2048, 256, 32, levels=4, beam=4))

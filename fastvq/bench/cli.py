@@ -100,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     command, clock = shlex.join(["python", "-m", "fastvq.bench", *argv]), time.perf_counter()
     document = {"schema": "fastvq.bench/2", "command": command, "options": vars(options), **report.describe(device)}
+    document["machine"]["fma_peak"] = peak = report.fma_peak(args.threads)  # the CPU rows' %peak
     results, line = [], report.summary(document["machine"])
     with tqdm(cases, unit="case", file=sys.stderr, disable=args.no_progress or None, dynamic_ncols=True) as bar:
         for case in bar:  # the bar shows on a terminal only (disable=None)
             bar.set_postfix_str(f"{case.workload} {case.label} {case.shape}", refresh=True)
             results += run_case(case, chosen[case.workload], options)
-    report.derive(results)
+    report.derive(results, peak and peak["gflops"])
     report.render(results, line)
     if args.json:
         with open(args.json, "w") as handle:

@@ -77,6 +77,13 @@ def check_output(case: Case, data: Data, role: str, output, rows, best) -> dict:
         centroids = torch.as_tensor(output[0]).reshape(case.k, case.d).float()
         check_nearest(data.x, centroids, output[1], rows)
         return {"rows": len(rows), "inertia": float(exact_nearest(data.x, centroids)[0].sum())}
+    if case.workload == "nearest_codes":  # output: the (N, k) indices
+        try:
+            reference.assert_nearest_k(data.x.cpu().float()[rows], data.codebook.cpu().float(),
+                                       torch.as_tensor(output).detach().cpu().long()[rows])
+        except AssertionError as why:
+            raise Wrong(f"not the nearest codes, sorted: {why}") from None
+        return {"rows": len(rows)}
     quantized, indices = output[:2]
     if role == "approximate":
         found, scored = recall(data.x, data.codebook, indices)

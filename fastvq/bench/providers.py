@@ -11,7 +11,7 @@ import torch
 
 import fastvq
 
-from .cases import WORKLOADS, Case, Data
+from .cases import TOPK, WORKLOADS, Case, Data
 from .judge import exact_nearest, recall
 
 # IVF is shown for large codebooks only; its tuning sample fits judge.RECALL_ROWS, so recall scores every row
@@ -89,6 +89,18 @@ def faiss_flat(case: Case, data: Data):
     return lambda: _gathered(data.codebook, _nearest(index, data.x))
 
 
+@provider(("nearest_codes",), "naive", f"torch.cdist + topk(k={TOPK}, largest=False)")
+def naive_topk(case: Case, data: Data):
+    return lambda: torch.cdist(data.x, data.codebook).topk(TOPK, dim=1, largest=False).indices
+
+
+@provider(("nearest_codes",), "faiss-flat", f"faiss-cpu IndexFlatL2.search(x, k={TOPK}) (exact)")
+def faiss_flat_topk(case: Case, data: Data):
+    index = _faiss(data).IndexFlatL2(case.d)
+    index.add(data.codebook.numpy())
+    return lambda: torch.from_numpy(index.search(data.x.numpy(), TOPK)[1])
+
+
 def ivf_nlist(num_codes: int) -> int:
     """About 4·√K lists, a power of two, with >= 39 training codes per list (faiss's minimum)."""
     return max(1, min(2 ** round(math.log2(max(1.0, 4.0 * math.sqrt(num_codes)))), num_codes // 39))
@@ -127,6 +139,22 @@ def faiss_kmeans(case: Case, data: Data):
     return run
 
 
+@provider(("kmeans",), "sklearn-kmeans", "sklearn.cluster.KMeans(K, init='k-means++', max_iter=iters, n_init=1, "
+                                         "algorithm='lloyd', tol=0) + its final assignment (labels_)")
+def sklearn_kmeans(case: Case, data: Data):
+    if data.x.device.type != "cpu" or data.x.dtype != torch.float32:
+        raise Absent("scikit-learn takes float32 CPU arrays only")
+    cluster, threadpoolctl = _import("sklearn.cluster"), _import("threadpoolctl")
+    x = data.x.numpy()
+
+    def run():
+        with threadpoolctl.threadpool_limits(torch.get_num_threads()):
+            kmeans = cluster.KMeans(case.k, init="k-means++", max_iter=case.iters, n_init=1, algorithm="lloyd", tol=0.0,
+                                    random_state=0).fit(x)
+        return torch.from_numpy(kmeans.cluster_centers_), torch.from_numpy(kmeans.labels_).long()
+    return run
+
+
 def _train_step(module: torch.nn.Module, data: Data):
     x = data.x.clone().requires_grad_(True)  # a leaf, like an encoder's output
 
@@ -157,6 +185,8 @@ def fastvq_setup(case: Case, data: Data, backend: str):
         raise Absent("triton runs CPU tensors only in its interpreter, which is not a performance path")
     if case.workload == "nearest_code":
         return lambda: fastvq.quantize(data.x, data.codebook, backend=backend)
+    if case.workload == "nearest_codes":
+        return lambda: fastvq.nearest_codes(data.x, data.codebook, TOPK, backend=backend)[0]
     if case.workload == "kmeans":
         return lambda: fastvq.kmeans(data.x, case.k, iters=case.iters, seed=0, init="kmeans++", backend=backend)
     module = fastvq.FastVectorQuantizer(case.d, case.k, backend=backend).to(data.x.device).train()
@@ -165,6 +195,7 @@ def fastvq_setup(case: Case, data: Data, backend: str):
 
 
 FASTVQ = {"nearest_code": "fastvq.quantize(x, codebook, backend={!r}): fused search + gather",
+          "nearest_codes": f"fastvq.nearest_codes(x, codebook, {TOPK}, backend={{!r}}): fused top-k search",
           "train": "fastvq.FastVectorQuantizer(dim, K, backend={!r}): vqp's defaults (EMA, rotation trick)",
           "kmeans": "fastvq.kmeans(x, K, iters=iters, init='kmeans++', backend={!r})"}
 for backend in [*fastvq.available_backends(), *fastvq.unavailable_reasons()]:

@@ -20,12 +20,14 @@ from .cases import TITLES, WORKLOADS
 
 ISA_MARKER = "FASTVQ_BENCH_ISA"  # set by --isa avx2 (cli.py)
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_tile")
-VERSIONS = ("torch", "numpy", "faiss-cpu", "vector-quantize-pytorch", "triton", "fastvq")
+VERSIONS = ("torch", "numpy", "faiss-cpu", "scikit-learn", "vector-quantize-pytorch", "triton", "fastvq")
 # The baselines of each workload's ratio columns ("×naive" = naive's time / this time).
-BASELINES = {"nearest_code": ("naive", "addmm", "faiss-flat"), "train": ("vector-quantize-pytorch",),
-             "kmeans": ("faiss-kmeans",), "rvq_train": ("vector-quantize-pytorch",),
+BASELINES = {"nearest_code": ("naive", "addmm", "faiss-flat"), "nearest_codes": ("naive", "faiss-flat"),
+             "train": ("vector-quantize-pytorch",),
+             "kmeans": ("faiss-kmeans", "sklearn-kmeans"), "rvq_train": ("vector-quantize-pytorch",),
              "rvq_beam": ("vector-quantize-pytorch",)}
-SHORT = {"faiss-flat": "faiss", "faiss-kmeans": "faiss", "vector-quantize-pytorch": "VectorQuantize"}
+SHORT = {"faiss-flat": "faiss", "faiss-kmeans": "faiss", "sklearn-kmeans": "sklearn",
+         "vector-quantize-pytorch": "VectorQuantize"}
 # The extra column of a workload: (derived figure, format, header).
 RATIO = {"train": ("memory_ratio", ".3f", "run mem/VQ"), "kmeans": ("inertia_ratio", ".4f", "inertia/faiss"),
          "rvq_train": ("memory_ratio", ".3f", "run mem/RVQ"), "rvq_beam": ("memory_ratio", ".3f", "run mem/RVQ")}
@@ -35,8 +37,19 @@ def _finite(value):
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def derive(results: list) -> None:
-    """Fill each timed result's ``derived``: gflops, pct_sgemm, and speedup/memory/inertia ratios per baseline."""
+def fma_peak(threads: int) -> dict | None:
+    """The machine's fp32 FMA peak on ``threads`` threads at the SIMD level fastvq's search runs now (the
+    extension's yardstick, csrc/cpu/fma_peak.cpp): {"gflops", "isa", "threads"}, or None without the extension."""
+    try:
+        from fastvq import _cpu
+    except ImportError:
+        return None
+    return {"gflops": _cpu.fma_peak("", threads, 0.5), "isa": _cpu.simd_level(), "threads": threads}
+
+
+def derive(results: list, peak_gflops: float | None = None) -> None:
+    """Fill each timed result's ``derived``: gflops, pct_sgemm, pct_peak (CPU rows, given the machine's FMA peak),
+    and speedup/memory/inertia ratios per baseline."""
     groups = defaultdict(dict)
     for result in results:
         groups[result.case][result.provider] = result
@@ -50,6 +63,8 @@ def derive(results: list) -> None:
             derived = result.derived = {"gflops": _finite(gflops), "speedup": {}, "memory_ratio": {},
                                         "inertia_ratio": {}}
             derived["pct_sgemm"] = _finite(100 * gflops * seconds["sgemm"] * 1e9 / case.pass_flops)
+            on_cpu = peak_gflops and torch.device(case.device).type == "cpu"
+            derived["pct_peak"] = _finite(100 * gflops / peak_gflops) if on_cpu else None
             for name in BASELINES[case.workload] if result.role != "sgemm" else ():
                 derived["speedup"][name] = _finite(seconds[name] / seconds[result.provider])
                 derived["memory_ratio"][name] = _finite(run_mb[result.provider] / run_mb[name])
@@ -75,14 +90,16 @@ def _note(result) -> str:
 def table_rows(results: list, workload: str) -> tuple[list[str], list[tuple[list[str], str]]]:
     """The headers, and (cells, style) for every ok, wrong or error result (absent ones go to the caption)."""
     ratio, bases = RATIO.get(workload), BASELINES[workload]
-    headers = ["case", "N×K×d", "provider", "ms", "IQR", "GFLOP/s", "%sgemm", *(f"×{SHORT.get(b, b)}" for b in bases),
+    headers = ["case", "N×K×d", "provider", "ms", "IQR", "GFLOP/s", "%sgemm", "%peak",
+               *(f"×{SHORT.get(b, b)}" for b in bases),
                "peak MB", "+run MB", *([ratio[2]] if ratio else []), "note"]
     rows = []
     for result in (r for r in results if r.case.workload == workload and r.status != "absent"):
         timing, derived, case = result.timing, result.derived, result.case
         cells = ["" if case.label == case.shape else case.label, case.shape, result.provider]
         cells += [_fmt(timing["median_ms"], ".1f"), f"{timing['q1_ms']:.1f}–{timing['q3_ms']:.1f}",
-                  _fmt(derived["gflops"], ".1f"), _fmt(derived["pct_sgemm"], ".0f")] if timing else ["—"] * 4
+                  _fmt(derived["gflops"], ".1f"), _fmt(derived["pct_sgemm"], ".0f"),
+                  _fmt(derived.get("pct_peak"), ".0f")] if timing else ["—"] * 5
         cells += ["1" if name == result.provider else _fmt(derived.get("speedup", {}).get(name), ".2f")
                   for name in bases]
         cells += [_fmt(result.memory.get("peak_rss_mb"), ".0f"), _fmt(result.memory.get("delta_mb"), ".0f")]
@@ -183,11 +200,13 @@ def describe(device: str = "cpu") -> dict:
 
 
 def summary(machine: dict) -> str:
-    """One line for the tables: CPU model, cores, AVX2/AVX-512, ISA cap, GPU, threads, versions, load."""
+    """One line for the tables: CPU model, cores, AVX2/AVX-512, ISA cap, GPU, FMA peak, threads, versions, load."""
     isa = "/".join(flag.upper() for flag in ("avx2", "avx512f") if machine["isa"].get(flag))
     versions, limit, load = machine["versions"], machine["isa_limit"], machine["load_average"]
+    peak = machine.get("fma_peak")
     return ", ".join(filter(None, [
         machine["cpu_model"], f"{machine['usable_cpus']} cpus", isa or machine["torch_cpu_capability"],
         limit != "best" and f"every provider limited to {limit.upper()}", machine["gpu"],
+        peak and f"fp32 FMA peak {peak['gflops']:.0f} GFLOP/s ({peak['isa']}, {peak['threads']} threads)",
         f"{machine['torch_threads']} threads", f"torch {versions['torch']}",
         f"faiss {versions['faiss-cpu'] or 'absent'}", f"fastvq {versions['fastvq']}", load and f"load {load[0]:.2f}"]))
