@@ -125,7 +125,7 @@ def test_launches_capture_what_runs_and_deterministic_mode_runs_the_fixed_config
     monkeypatch.setenv("FASTVQ_DETERMINISTIC", "1")
     fixed = captured(lambda: nearest_code.triton_nearest_code(x, codebook, True))
     assert isinstance(fixed.kernel, JITFunction)
-    assert fixed.kwargs == {**fixed.kwargs, **_jit.config_kwargs(nearest_code.DETERMINISTIC_CONFIG)}
+    assert fixed.kwargs == {**fixed.kwargs, **_jit.config_kwargs(nearest_code.DETERMINISTIC_CONFIG_FP32)}  # float32
     # ema_stats counts with int64 atomics (float32 ones stop at 2^24 per code) and sums in float64
     monkeypatch.setenv("FASTVQ_DETERMINISTIC", "0")
     stats = captured(lambda: ema_stats.triton_ema_stats(x, torch.zeros(300, dtype=torch.int64), 70))
@@ -228,6 +228,30 @@ def test_options(monkeypatch):
         assert fvt.deterministic()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_compile_check_finds_the_main_loop_in_sass():
+    # The innermost backward branch around the most dot instructions (tensor-core ones first); a
+    # loop around it (the d-slices inside a code-tile loop) counts its body once per slice.
+    from fastvq.triton.compile_check import main_loop_instructions
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   FFMA R5, R2, R3, R4 ;
+        /*0020*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0030*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0040*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0050*/              @!P0 BRA 0x20 ;
+        /*0060*/                   FMNMX R6, R4, R5, PT ;
+        /*0070*/              @!P1 BRA 0x10 ;
+        /*0080*/                   FFMA R5, R2, R3, R4 ;
+        /*0090*/                   FFMA R5, R2, R3, R4 ;
+        /*00a0*/                   FFMA R5, R2, R3, R4 ;
+        /*00b0*/              @!P2 BRA 0x80 ;
+        /*00c0*/                   EXIT ;
+    """
+    assert main_loop_instructions(sass, d_slices=1) == 4  # 0x20..0x50, not the FFMA loop
+    assert main_loop_instructions(sass, d_slices=3) == 3 + 3 * 4  # 0x10..0x70 with the inner loop thrice
 
 
 def test_kernels_compile_for_gpus():

@@ -114,8 +114,9 @@ def _bench_without_flush(kernel_call, quantiles):
 
 class _KernelSpec:
     def __init__(self, fn: Callable, configs: list | None, interpreter_config, key: list[str], fixed_config,
-                 do_not_specialize: list[str]):
+                 do_not_specialize: list[str], prune=None):
         self.fn = fn
+        self.prune = prune
         self.configs = configs
         self.interpreter_config = interpreter_config
         self.key = key
@@ -134,20 +135,23 @@ class _KernelSpec:
             kernel = base
             if tuned:
                 configs = [self.interpreter_config] if interpret else self.configs
-                kernel = triton.autotune(configs=configs, key=self.key, do_bench=_bench_without_flush)(base)
+                pruning = {"early_config_prune": self.prune} if self.prune and not interpret else None
+                kernel = triton.autotune(configs=configs, key=self.key, do_bench=_bench_without_flush,
+                                         prune_configs_by=pruning)(base)
             kernel._fastvq_spec = self
             self.built[(interpret, tuned)] = kernel
         return self.built[(interpret, tuned)]
 
 
 def kernel(configs: list | None = None, interpreter_config=None, key: list[str] | None = None, fixed_config=None,
-           do_not_specialize: list[str] | None = None):
-    """Like ``@triton.autotune(configs, key)`` over ``@triton.jit`` (or plain ``@triton.jit``
-    when ``configs`` is None). ``launch`` runs it with ``fixed_config`` instead of tuning in
-    deterministic mode, and with ``interpreter_config`` under the interpreter."""
+           do_not_specialize: list[str] | None = None, prune=None):
+    """Like ``@triton.autotune(configs, key, prune_configs_by={"early_config_prune": prune})`` over
+    ``@triton.jit`` (or plain ``@triton.jit`` when ``configs`` is None). ``launch`` runs it with
+    ``fixed_config(launch kwargs)`` instead of tuning in deterministic mode, and with
+    ``interpreter_config`` under the interpreter."""
 
     def decorate(fn: Callable):
-        spec = _KernelSpec(fn, configs, interpreter_config, key or [], fixed_config, do_not_specialize or [])
+        spec = _KernelSpec(fn, configs, interpreter_config, key or [], fixed_config, do_not_specialize or [], prune)
         return spec.build(interpreting())
 
     return decorate
@@ -207,7 +211,7 @@ def launch(decorated, grid, *args, **kwargs):
     interpret = interpreting() and not _capturing["on"]
     tuned = spec.configs is not None and not interpret and not deterministic()
     if spec.configs is not None and not tuned:
-        kwargs = {**kwargs, **config_kwargs(spec.interpreter_config if interpret else spec.fixed_config)}
+        kwargs = {**kwargs, **config_kwargs(spec.interpreter_config if interpret else spec.fixed_config(kwargs))}
     for function in _device_functions:
         function.bind(interpret)
     built = spec.build(interpret, tuned)

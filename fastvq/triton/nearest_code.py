@@ -43,6 +43,7 @@ from ..numerics import first_out_of_range_code, search_centre
 from ._jit import MAX_BLOCK_D, allow_tf32, block_d_for, interpreting, kernel, launch
 
 MAX_CENTRED_SQUARED_NORM = tl.constexpr(_MAX_CENTRED_SQUARED_NORM)
+EPILOGUE_D = tl.constexpr(32)
 
 _TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -50,7 +51,9 @@ _TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bn, bk, w, s in [
+        (32, 32, 4, 2),
         (32, 64, 4, 2),
+        (32, 64, 4, 3),
         (64, 64, 4, 3),
         (64, 128, 4, 3),
         (128, 64, 4, 3),
@@ -60,17 +63,36 @@ _CONFIGS = [
     ]
 ]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
-# Deterministic mode (numerics.deterministic()) runs this one config instead of the autotuner's pick,
-# so the result cannot depend on timing noise: 64 rows × 64 codes, 4 warps, 3 stages, valid for
-# every dtype path and d (fastvq.triton.compile_check: no spills on sm_80 and sm_90).
+# Deterministic mode (numerics.deterministic()) runs one fixed config instead of the autotuner's pick,
+# so the result cannot depend on timing noise: 64 rows × 64 codes, 4 warps, 3 stages on tensor cores,
+# and 32 rows × 64 codes for float32 operands (fastvq.triton.compile_check: no spills on sm_80/sm_90).
 DETERMINISTIC_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3)
+DETERMINISTIC_CONFIG_FP32 = triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3)
+
+
+def fixed_config(kwargs: dict) -> triton.Config:
+    return DETERMINISTIC_CONFIG_FP32 if kwargs["CAST_TO_FP32"] else DETERMINISTIC_CONFIG
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """The configs that do not spill on this path (fastvq.triton.compile_check --all, sm_80/sm_90):
+    float32 operands (the FMA dot) only at 32 rows per program; d-slices on tensor cores only with at
+    most 32 accumulators per thread."""
+    def flag(name):
+        return kwargs.get(name, named_args.get(name))
+
+    if flag("CAST_TO_FP32"):
+        return [c for c in configs if c.kwargs["BLOCK_N"] <= 32]
+    if not flag("X_RESIDENT"):
+        return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps]
+    return configs
 # Tuned once per (K, d, N_BUCKET = ceil(log2 N), every constexpr that changes the code) and the
 # tensors' dtypes (Triton adds those): the best tile for N = 256 is not the best for N = 65536.
 _AUTOTUNE_KEY = ["K", "d", "N_BUCKET", "WRITE_QUANTIZED", "CAST_TO_FP32", "INPUT_PRECISION", "BLOCK_D", "X_RESIDENT"]
 
 
 @kernel(configs=_CONFIGS, interpreter_config=_INTERPRETER_CONFIG, key=_AUTOTUNE_KEY,
-        fixed_config=DETERMINISTIC_CONFIG, do_not_specialize=["N_BUCKET"])
+        fixed_config=fixed_config, prune=prune_configs, do_not_specialize=["N_BUCKET"])
 def _nearest_code_kernel(
     x_ptr, centre_ptr, codes_ptr, code_norms_ptr, codebook_ptr,
     indices_ptr, sqdist_ptr, quantized_ptr, range_check_ptr,
@@ -135,12 +157,15 @@ def _nearest_code_kernel(
 
     # Epilogue, in the original frame: gather e_idx, write it, and measure ‖x − e_idx‖² directly. Also
     # ‖x − c‖² of each finite row, for the range check (numerics.MAX_CENTRED_SQUARED_NORM).
+    # In slices of at most 32 columns: (BLOCK_N, BLOCK_D) tiles of 64-bit pointers and float32 values
+    # spilled at BLOCK_D = 128 (compile_check).
     chosen = codebook_ptr + best_idx[:, None] * stride_cn
     sqdist = tl.zeros([BLOCK_N], tl.float32)
     x_norm = tl.zeros([BLOCK_N], tl.float32)
     non_finite = tl.zeros([BLOCK_N], tl.int32)
-    for d0 in range(0, d, BLOCK_D):
-        cols = d0 + lanes_d
+    lanes_e = tl.arange(0, EPILOGUE_D).to(tl.int64)
+    for d0 in range(0, d, EPILOGUE_D):
+        cols = d0 + lanes_e
         col_mask = cols < d
         mask = row_mask[:, None] & col_mask[None, :]
         x_f32 = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
@@ -194,11 +219,15 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
     upcast = not tensor_cores or (interpreting() and x.dtype == torch.bfloat16)
     # The x tile stays in registers for the whole codebook walk when d <= BLOCK_D; fp32 operands
     # take twice the registers and shared memory, so their cap is half.
-    block_d = block_d_for(dim, MAX_BLOCK_D if not upcast else MAX_BLOCK_D // 2)
+    cap = MAX_BLOCK_D if not upcast else MAX_BLOCK_D // 2
+    block_d = block_d_for(dim, cap)
+    if dim > block_d:  # d-slices of half the width: the re-read (BLOCK_N, BLOCK_D) tiles spill otherwise
+        block_d = block_d_for(dim, cap // 2)
     # Both operands are rounded to the codebook's dtype on tensor cores, else searched in float32.
     centre, codes, code_norms, first_bad_code = centred_codebook(
         codebook, codebook.dtype if tensor_cores else torch.float32)
     range_check = torch.stack([first_bad_code, torch.full_like(first_bad_code, num_rows)])
+    resident = dim <= block_d
 
     def grid(meta):
         return (triton.cdiv(num_rows, meta["BLOCK_N"]),)
@@ -214,7 +243,7 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
         # "ieee" only matters for float32 operands; bf16/fp16 take the backend default.
         INPUT_PRECISION="tf32" if not upcast or allow_tf32() else "ieee",
         BLOCK_D=block_d,
-        X_RESIDENT=dim <= block_d,
+        X_RESIDENT=resident,
     )
     if want_quantized and not same_dtype:
         # Rounding codebook rows to x's dtype is left to torch (round-to-nearest-even), so the

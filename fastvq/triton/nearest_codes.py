@@ -160,7 +160,10 @@ def triton_nearest_codes(x: Tensor, codebook: Tensor, k: int) -> tuple[Tensor, T
         return indices, sqdist, torch.tensor([num_codes, 0], device=x.device)
     tensor_cores = x.dtype == codebook.dtype and x.dtype in _TENSOR_CORE_DTYPES
     upcast = not tensor_cores or (interpreting() and x.dtype == torch.bfloat16)  # see nearest_code.py
-    block_d = block_d_for(dim, MAX_BLOCK_D if not upcast else MAX_BLOCK_D // 2)
+    cap = MAX_BLOCK_D if not upcast else MAX_BLOCK_D // 2
+    block_d = block_d_for(dim, cap)
+    if dim > block_d:  # as nearest_code: half-width d-slices
+        block_d = block_d_for(dim, cap // 2)
     centre, codes, code_norms, first_bad_code = centred_codebook(
         codebook, codebook.dtype if tensor_cores else torch.float32)
     range_check = torch.stack([first_bad_code, torch.full_like(first_bad_code, num_rows)])
