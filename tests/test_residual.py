@@ -152,10 +152,11 @@ def test_image_fmap_in_and_out():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_inputs(dtype):
+@pytest.mark.parametrize("beam", [None, 2])
+def test_half_inputs(dtype, beam):
     rvq = ResidualVQ(8, 16, 3).train()
     x = data(40, 8, seed=5).to(dtype).requires_grad_()
-    quantized, indices, losses, stats = rvq(x, return_stats=True)
+    quantized, indices, losses, stats = rvq(x, beam_size=beam, return_stats=True)
     (quantized.float().sum() + losses.sum()).backward()
     assert quantized.dtype == dtype and x.grad.dtype == dtype and losses.dtype == torch.float32
     assert stats.perplexity.shape == (3,) and stats.counts.shape == (3, 16)

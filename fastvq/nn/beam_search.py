@@ -56,6 +56,7 @@ def beam_search_forward(rvq, x: Tensor, mask: Tensor | None, beam: int, freeze_c
         quantized_out = _take(quantized_out, parent) + quantized
         rows = parent_rows - _frac_gradient(quantized, rvq.quant_grad_frac)
     indices, losses = history.best()
+    losses = losses.to(torch.promote_types(losses.dtype, torch.float32))  # vqp gathers them in float32
     if row_mask is not None:
         losses = torch.where(row_mask[:, None], losses, 0.0).sum(0) / row_mask.sum().clamp_min(1e-4)
     else:
