@@ -34,7 +34,7 @@ def quantize_backward(grad_quantized: Annotated[NDArray, dict(writable=False)], 
     """
     grad_x_out = G + commit_scale * (x - codebook[indices]) in x's dtype, G = grad_quantized or, with
     rotation_trick, the rotation trick's (|q|/|x|) R^T grad_quantized (fastvq.reference.quantize_backward);
-    grad_codebook_out[k] = sum over indices[i] == k of (codebook[k] - x[i]), float32 atomics (overwritten).
+    grad_codebook_out[k] = sum over indices[i] == k of (codebook[k] - x[i]), float64 atomics (overwritten).
     Source: csrc/cuda/quantize_backward.cu.
     """
 

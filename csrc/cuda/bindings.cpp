@@ -201,14 +201,14 @@ void quantize_backward(In grad_quantized_, In x_, In codebook_, In indices_, In 
   }
   const std::optional<ArrayArg> grad_codebook_out = describe("grad_codebook_out", grad_codebook_out_);
   if (grad_codebook_out) {
-    check_array(*grad_codebook_out, "float32", device);
+    check_array(*grad_codebook_out, "float64", device);
     check_shape_k_d(*grad_codebook_out, k, d, "K == codebook.shape[0]");
   }
 
   nb::gil_scoped_release release;
   fastvq::cuda::quantize_backward(device.id(), stream, float_dtype(x), strided(grad_quantized), strided(x), n, d,
                                   codebook.data, indices.as<const int64_t>(), k, commit_scale.as<const float>(),
-                                  rotation_trick, as_or_null<void>(grad_x_out), as_or_null<float>(grad_codebook_out));
+                                  rotation_trick, as_or_null<void>(grad_x_out), as_or_null<double>(grad_codebook_out));
 }
 
 }  // namespace
@@ -237,7 +237,7 @@ NB_MODULE(_cuda, m) {
         "rotation_trick"_a = false,
         "grad_x_out = G + commit_scale * (x - codebook[indices]) in x's dtype, G = grad_quantized or, with\n"
         "rotation_trick, the rotation trick's (|q|/|x|) R^T grad_quantized (fastvq.reference.quantize_backward);\n"
-        "grad_codebook_out[k] = sum over indices[i] == k of (codebook[k] - x[i]), float32 atomics (overwritten).\n"
+        "grad_codebook_out[k] = sum over indices[i] == k of (codebook[k] - x[i]), float64 atomics (overwritten).\n"
         "Source: csrc/cuda/quantize_backward.cu.");
   m.def("built_archs", [] { return std::string(FASTVQ_CUDA_ARCHS); },
         "The CMAKE_CUDA_ARCHITECTURES this extension was compiled for, e.g. '80;90'.");

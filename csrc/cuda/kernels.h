@@ -51,12 +51,12 @@ void segment_sum(int device, std::uintptr_t stream, DType dtype, Strided x, int6
 // grad_x_out (may be null; (N, d) contiguous, dtype) = G + commit_scale·(x − e_idx), where G =
 // grad_quantized, or with rotation_trick the rotation trick's (‖q‖/‖x‖)·Rᵀ·grad_quantized
 // (quantize_backward.cu; fastvq.reference.quantize_backward);
-// grad_codebook_acc (may be null; (K, d) float32, overwritten) = Σ_{idx_i = k} (e_k − x_i) by
-// float32 atomics (the caller multiplies by codebook_scale). commit_scale: float32 on the device.
+// grad_codebook_acc (may be null; (K, d) float64, overwritten) = Σ_{idx_i = k} (e_k − x_i) by
+// float64 atomics (the caller multiplies by codebook_scale). commit_scale: float32 on the device.
 void quantize_backward(int device, std::uintptr_t stream, DType dtype, Strided grad_quantized, Strided x,
                        int64_t n, int64_t d, const void* codebook, const int64_t* indices, int64_t k,
                        const float* commit_scale, bool rotation_trick, void* grad_x_out,
-                       float* grad_codebook_acc);
+                       double* grad_codebook_acc);
 
 std::string runtime_version();  // e.g. "13.0"
 std::string driver_version();   // e.g. "13.0", or the error if no driver

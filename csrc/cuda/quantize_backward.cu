@@ -10,7 +10,8 @@
 // row's x, e_idx and grad_quantized once; the rotation kernel reads them in three passes (‖x‖ and
 // ‖q‖; then ‖a‖, a·g and q̂·g from a formed elementwise; then the write), the row sums reduced by
 // warp shuffles, all in float32. grad_x is written in x's dtype (rounded once, to nearest even) and
-// −(x − e_idx) is scattered into a float32 (K, d) buffer with atomics. The deterministic
+// −(x − e_idx) is scattered into a float64 (K, d) buffer with atomics (float32 ones would lose the
+// low bits of a code's sum over millions of rows); the caller scales it and rounds once. The deterministic
 // alternative for the codebook gradient is segment_sum (ema_stats.cu) with the codebook given.
 // commit_scale is read from device memory, so nothing waits for the host.
 #include "cuda/common.cuh"
@@ -24,7 +25,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
                              const T* __restrict__ x, int64_t stride_xn, int64_t stride_xd, int64_t n, int64_t d,
                              const T* __restrict__ codebook, const int64_t* __restrict__ indices, int64_t k,
                              const float* __restrict__ commit_scale, T* __restrict__ grad_x,
-                             float* __restrict__ grad_codebook_acc) {
+                             double* __restrict__ grad_codebook_acc) {
   const int lane = threadIdx.x % 32;
   const float scale = grad_x != nullptr ? *commit_scale : 0.f;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
@@ -38,7 +39,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
         const float g = to_float(grad_q[row * stride_gn + c * stride_gd]);
         grad_x[row * d + c] = from_float<T>(fmaf(scale, residual, g));
       }
-      if (grad_codebook_acc != nullptr && valid) atomicAdd(grad_codebook_acc + code * d + c, -residual);
+      if (grad_codebook_acc != nullptr && valid) atomicAdd(grad_codebook_acc + code * d + c, static_cast<double>(-residual));
     }
   }
 }
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
                                       const T* __restrict__ x, int64_t stride_xn, int64_t stride_xd, int64_t n,
                                       int64_t d, const T* __restrict__ codebook, const int64_t* __restrict__ indices,
                                       int64_t k, const float* __restrict__ commit_scale, T* __restrict__ grad_x,
-                                      float* __restrict__ grad_codebook_acc) {
+                                      double* __restrict__ grad_codebook_acc) {
   const int lane = threadIdx.x % 32;
   const float scale = *commit_scale;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
@@ -110,7 +111,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
       const float rotated = s * (g - w * two_w_dot_g + u * two_qhat_dot_g);
       const float residual = xv - qv;
       grad_x[row * d + c] = from_float<T>(fmaf(scale, residual, rotated));
-      if (grad_codebook_acc != nullptr && valid) atomicAdd(grad_codebook_acc + code * d + c, -residual);
+      if (grad_codebook_acc != nullptr && valid) atomicAdd(grad_codebook_acc + code * d + c, static_cast<double>(-residual));
     }
   }
 }
@@ -120,11 +121,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
 void quantize_backward(int device, std::uintptr_t stream, DType dtype, Strided grad_quantized, Strided x,
                        int64_t n, int64_t d, const void* codebook, const int64_t* indices, int64_t k,
                        const float* commit_scale, bool rotation_trick, void* grad_x_out,
-                       float* grad_codebook_acc) {
+                       double* grad_codebook_acc) {
   DeviceGuard guard(device);
   const cudaStream_t s = as_stream(stream);
   if (grad_codebook_acc != nullptr)
-    check_cuda(cudaMemsetAsync(grad_codebook_acc, 0, sizeof(float) * k * d, s), "cudaMemsetAsync(grad_codebook)");
+    check_cuda(cudaMemsetAsync(grad_codebook_acc, 0, sizeof(double) * k * d, s), "cudaMemsetAsync(grad_codebook)");
   if (n == 0 || (grad_x_out == nullptr && grad_codebook_acc == nullptr)) return;
   const auto blocks = static_cast<unsigned>(std::min(ceil_div(n, kWarpsPerBlock), kMaxRowBlocks));
   dispatch_dtype(dtype, [&](auto zero) {

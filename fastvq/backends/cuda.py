@@ -141,8 +141,9 @@ class CudaBackend(Backend):
         sorted_sums = need_grad_codebook and deterministic()
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_grad_x else None
         accumulated = None
-        if need_grad_codebook:
-            accumulated = torch.empty(codebook.shape, dtype=torch.float32, device=x.device)
+        if need_grad_codebook:  # float64 atomics (quantize_backward.cu); the sorted sums are float32
+            accumulated = torch.empty(codebook.shape, dtype=torch.float32 if sorted_sums else torch.float64,
+                                      device=x.device)
         with torch.cuda.device(x.device):
             stream = self._stream(x.device)
             if need_grad_x or (need_grad_codebook and not sorted_sums):
@@ -152,5 +153,7 @@ class CudaBackend(Backend):
             if sorted_sums:
                 perm, offsets = sort_by_code(indices, codebook.shape[0])
                 self._ext.segment_sum(x, perm, offsets, accumulated, codebook, stream=stream)
-        grad_codebook = (accumulated * codebook_scale).to(codebook.dtype) if need_grad_codebook else None
+        grad_codebook = None
+        if need_grad_codebook:  # × the scale in the accumulator's precision, rounded once
+            grad_codebook = (accumulated * codebook_scale.to(accumulated.dtype)).to(codebook.dtype)
         return grad_x, grad_codebook
