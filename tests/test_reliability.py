@@ -384,3 +384,20 @@ def test_float64_is_float64_end_to_end_and_its_loss_passes_gradcheck():
     fixed_codebook, fixed_x = codebook.detach(), x.detach()
     assert torch.autograd.gradcheck(lambda a: fastvq.ops.quantize(a, fixed_codebook, 0.25, 0.0, "auto")[2], (x,))
     assert torch.autograd.gradcheck(lambda b: fastvq.ops.quantize(fixed_x, b, 0.0, 1.0, "auto")[2], (codebook,))
+
+
+@pytest.mark.parametrize("op", ["nearest_code", "nearest_codes"])
+def test_torch_backend_float32_search_beyond_the_range_raises_like_the_cpu_kernels(op):
+    # Small integers × 2^62: every float32 distance overflows, so the torch backend would tie all codes
+    # at +inf and return index 0; it raises the cpu kernels' error instead. 
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-4, 5, (9, 5), generator=gen).float() * 2.0**62
+    codebook = torch.randint(-4, 5, (7, 5), generator=gen).float() * 2.0**62
+    call = (lambda b: fastvq.nearest_code(x, codebook, backend=b)) if op == "nearest_code" else \
+        (lambda b: fastvq.nearest_codes(x, codebook, 2, backend=b))
+    messages = []
+    for backend in ("cpu", "torch"):
+        with pytest.raises(ValueError, match=r"^codebook row \d+ is too far from the search centre") as info:
+            call(backend)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]

@@ -103,10 +103,7 @@ CASE_INPUTS = {
 
 # Cells that fail today on the named backends, and why: strict xfails, so a fix fails the run until
 # its entry goes.
-KNOWN_FAILURES = {
-    **{(target, "d = 0"): (("cpu", "triton", "cuda"), "nn/residual.py raises TypeError, not ValueError, for dim = 0")
-       for target in ("ResidualVQ train", "ResidualVQ eval")},
-}
+KNOWN_FAILURES: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {}
 
 
 def matrix_markdown() -> str:

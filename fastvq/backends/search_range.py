@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..numerics import search_centre, search_range_error
+from ..numerics import MAX_CENTRED_SQUARED_NORM, search_centre, search_range_error
 
 
 def raise_if_out_of_range(range_check: Tensor, x: Tensor, codebook: Tensor) -> None:
@@ -26,3 +26,16 @@ def raise_if_out_of_range(range_check: Tensor, x: Tensor, codebook: Tensor) -> N
         if first < rows.shape[0]:
             centred = rows[first].detach().to(torch.float64) - centre
             raise search_range_error(what, first, float(centred.square().sum()))
+
+
+def range_check(x: Tensor, codebook: Tensor) -> Tensor:
+    """What the GPU kernels record, computed with torch ops (the torch backend's float32 searches):
+    int64 (2,) = (first out-of-range finite code or K, first out-of-range finite row or N)."""
+    centre = search_centre(codebook).to(torch.float64)
+
+    def first_beyond(rows: Tensor) -> Tensor:
+        rows = rows.detach().to(torch.float64)
+        beyond = torch.isfinite(rows).all(dim=1) & ~((rows - centre).square().sum(dim=1) <= MAX_CENTRED_SQUARED_NORM)
+        return torch.where(beyond, torch.arange(rows.shape[0], device=rows.device), rows.shape[0]).min()
+
+    return torch.stack([first_beyond(codebook), first_beyond(x)])

@@ -1,10 +1,17 @@
-"""The ``torch`` backend: fastvq.reference, which runs on any device and dtype."""
+"""The ``torch`` backend: fastvq.reference, which runs on any device and dtype.
+
+Its float32 nearest_code and nearest_codes keep the other backends' supported range (fastvq.numerics.search_range_error):
+beyond it a float32 distance overflows and every code would tie at +inf, so they raise the same
+ValueError instead of returning index 0. float64 inputs are searched in float64 and have no such limit.
+"""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import reference
 from .base import Backend
+from .search_range import raise_if_out_of_range, range_check
 
 
 class TorchBackend(Backend):
@@ -17,11 +24,13 @@ class TorchBackend(Backend):
         return []
 
     def nearest_code(self, x, codebook, want_quantized):
+        _check_float32_range(x, codebook)
         indices, sqdist = reference.nearest_code(x, codebook)
         quantized = codebook[indices].to(x.dtype) if want_quantized else None
         return indices, sqdist, quantized
 
     def nearest_codes(self, x, codebook, k):
+        _check_float32_range(x, codebook)
         return reference.nearest_codes(x, codebook, k)
 
     def sample_code(self, x, codebook, temperature, seed, cosine):
@@ -36,3 +45,8 @@ class TorchBackend(Backend):
             grad_quantized, x, codebook, indices, commit_scale, codebook_scale, rotation_trick
         )
         return (grad_x if need_grad_x else None), (grad_codebook if need_grad_codebook else None)
+
+
+def _check_float32_range(x: Tensor, codebook: Tensor) -> None:
+    if torch.float64 not in (x.dtype, codebook.dtype):
+        raise_if_out_of_range(range_check(x, codebook), x, codebook)

@@ -237,8 +237,10 @@ def _frac_gradient(t: Tensor, frac: float) -> Tensor:
 
 
 def _codebook_sizes(dim, codebook_size, num_quantizers) -> tuple[int, ...]:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+    if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"dim must be an int >= 1, got {short_repr(dim)}")
+    if dim < 1:
+        raise ValueError(f"dim must be an int >= 1, got {short_repr(dim)}")
     if isinstance(codebook_size, (tuple, list)):
         sizes = tuple(codebook_size)
         if num_quantizers is not None and num_quantizers != len(sizes):
