@@ -10,7 +10,8 @@ import sys
 TARGETS = (  # (workload, device, figure, baseline, sense, bound)
     ("nearest_code", "cpu", "speedup", "faiss-flat", ">=", 1.5), ("nearest_code", "cpu", "speedup", "naive", ">=", 4.0),
     ("nearest_codes", "cpu", "speedup", "faiss-flat", ">=", 2.0), ("nearest_codes", "cpu", "speedup", "naive", ">=", 5.0),
-    ("train", "cpu", "speedup", "vector-quantize-pytorch", ">=", 12.0),
+    ("nearest_code", "cpu", "pct_peak", None, ">=", 90.0),  # issue 13
+    ("train", "cpu", "speedup", "vector-quantize-pytorch", ">=", 20.0),  # issue 13 (issue 10 asks >= 15)
     ("train", "cpu", "memory_ratio", "vector-quantize-pytorch", "<=", 0.1),
     ("kmeans", "cpu", "speedup", "faiss-kmeans", ">=", 1.2),
     ("kmeans", "cpu", "inertia_ratio", "faiss-kmeans", "<=", 1.02), ("kmeans", "cpu", "pct_peak", None, ">=", 75.0),
