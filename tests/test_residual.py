@@ -267,7 +267,10 @@ def test_grouped_splits_features_into_independent_residual_vqs():
          "quantize_dropout_cutoff_index must be an int >= 0"),
         (dict(dim=4, codebook_size=8, num_quantizers=2, beam_score_quantizer_weights=[1.0]), ValueError,
          "one weight per level"),
-        (dict(dim=4, codebook_size=8, num_quantizers=2, codebook_dim=0), TypeError, "codebook_dim must be None"),
+        (dict(dim=4, codebook_size=8, num_quantizers=2, codebook_dim=0), ValueError, "codebook_dim must be an int >= 1"),
+        (dict(dim=4, codebook_size=8, num_quantizers=2, codebook_dim=2.0), TypeError, "codebook_dim must be an int"),
+        (dict(dim=0, codebook_size=8, num_quantizers=2), ValueError, "dim must be an int >= 1, got 0"),
+        (dict(dim=4.0, codebook_size=8, num_quantizers=2), TypeError, "dim must be an int, got 4.0"),
         (dict(dim=4, codebook_size=8, num_quantizers=2, no_such_argument=1), TypeError, "no_such_argument"),
     ],
 )
@@ -293,6 +296,12 @@ def test_bad_forward_calls():
         ResidualVQ(4, 8, 2, accept_image_fmap=True)(torch.randn(2, 4, 3, 3), beam_size=2)
     with pytest.raises(ValueError, match="dim must be divisible by groups"):
         GroupedResidualVQ(dim=6, groups=4, num_quantizers=2, codebook_size=8)
+    with pytest.raises(ValueError, match="dim must be an int >= 1, got 0"):
+        GroupedResidualVQ(dim=0, groups=1, num_quantizers=2, codebook_size=8)
+    with pytest.raises(ValueError, match="groups must be an int >= 1, got 0"):
+        GroupedResidualVQ(dim=4, groups=0, num_quantizers=2, codebook_size=8)
+    with pytest.raises(TypeError, match="groups must be an int, got True"):
+        GroupedResidualVQ(dim=4, groups=True, num_quantizers=2, codebook_size=8)
     with pytest.raises(ValueError, match="dim == 8 features along axis -1"):
         GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=8)(x)
     with pytest.raises(TypeError, match="indices must be an int64 or int32 tensor"):

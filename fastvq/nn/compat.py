@@ -60,7 +60,7 @@ def reject_unsupported_forward(owner: str, **kwargs) -> None:
     reject_unsupported(f"{owner}.forward", kwargs, FORWARD_UNSUPPORTED)
 
 
-def _check_int(name: str, value, low: int) -> None:
+def check_int(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {short_repr(value)}")
     if value < low:
@@ -80,12 +80,12 @@ def check_vector_quantize_arguments(owner: str, arguments: dict) -> None:
     reject_unsupported(owner, {name: arguments[name] for name in VECTOR_QUANTIZE_UNSUPPORTED},
                        VECTOR_QUANTIZE_UNSUPPORTED)
     for name in ("dim", "codebook_size", "heads"):
-        _check_int(name, arguments[name], 1)
-    _check_int("kmeans_iters", arguments["kmeans_iters"], 1 if arguments["kmeans_init"] else 0)
+        check_int(name, arguments[name], 1)
+    check_int("kmeans_iters", arguments["kmeans_iters"], 1 if arguments["kmeans_init"] else 0)
     if arguments["codebook_dim"] is not None:
-        _check_int("codebook_dim", arguments["codebook_dim"], 1)
+        check_int("codebook_dim", arguments["codebook_dim"], 1)
     if arguments["orthogonal_reg_max_codes"] is not None:
-        _check_int("orthogonal_reg_max_codes", arguments["orthogonal_reg_max_codes"], 1)
+        check_int("orthogonal_reg_max_codes", arguments["orthogonal_reg_max_codes"], 1)
     _check_real("decay", arguments["decay"], 0.0, 1.0)
     for name in ("eps", "commitment_weight", "threshold_ema_dead_code", "orthogonal_reg_weight",
                  "codebook_diversity_loss_weight", "codebook_diversity_temperature", "sample_codebook_temp"):

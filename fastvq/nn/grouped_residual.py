@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_float_tensor, short_repr
+from .compat import check_int
 from .quantize_dropout import maybe_sync_seed
 from .residual import ResidualVQ
 
@@ -25,9 +26,8 @@ class GroupedResidualVQ(nn.Module):
 
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
         super().__init__()
-        for name, value in (("dim", dim), ("groups", groups)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TypeError(f"{name} must be an int >= 1, got {short_repr(value)}")
+        check_int("dim", dim, 1)
+        check_int("groups", groups, 1)
         if dim % groups:
             raise ValueError(f"dim must be divisible by groups, got dim={dim} and groups={groups}")
         self.dim = dim

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..checks import check_float_tensor, short_repr
 from .beam_search import beam_search_forward
-from .compat import RESIDUAL_VQ_UNSUPPORTED, reject_unsupported
+from .compat import RESIDUAL_VQ_UNSUPPORTED, check_int, reject_unsupported
 from .quantize_dropout import dropout_level, maybe_sync_seed
 from .stats import CodebookStats, codebook_stats
 from .vector_quantizer import FastVectorQuantizer
@@ -49,8 +49,7 @@ class ResidualVQ(nn.Module):
                                   eval_beam_size, quant_grad_frac, shared_codebook, sizes)
         self.dim = dim
         self.codebook_dim = dim if codebook_dim is None else codebook_dim
-        if isinstance(self.codebook_dim, bool) or not isinstance(self.codebook_dim, int) or self.codebook_dim < 1:
-            raise TypeError(f"codebook_dim must be None or an int >= 1, got {short_repr(codebook_dim)}")
+        check_int("codebook_dim", self.codebook_dim, 1)
         # vqp's order of construction (projections, then the levels), so one seed gives one state.
         self.has_projections = self.codebook_dim != dim
         self.project_in = nn.Linear(dim, self.codebook_dim) if self.has_projections else nn.Identity()
@@ -237,10 +236,7 @@ def _frac_gradient(t: Tensor, frac: float) -> Tensor:
 
 
 def _codebook_sizes(dim, codebook_size, num_quantizers) -> tuple[int, ...]:
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int >= 1, got {short_repr(dim)}")
-    if dim < 1:
-        raise ValueError(f"dim must be an int >= 1, got {short_repr(dim)}")
+    check_int("dim", dim, 1)
     if isinstance(codebook_size, (tuple, list)):
         sizes = tuple(codebook_size)
         if num_quantizers is not None and num_quantizers != len(sizes):
