@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..numerics import MAX_CENTRED_SQUARED_NORM, search_centre, search_range_error
+from ..numerics import first_out_of_range_code, search_centre, search_range_error
 
 
 def raise_if_out_of_range(range_check: Tensor, x: Tensor, codebook: Tensor) -> None:
@@ -34,8 +34,6 @@ def range_check(x: Tensor, codebook: Tensor) -> Tensor:
     centre = search_centre(codebook).to(torch.float64)
 
     def first_beyond(rows: Tensor) -> Tensor:
-        rows = rows.detach().to(torch.float64)
-        beyond = torch.isfinite(rows).all(dim=1) & ~((rows - centre).square().sum(dim=1) <= MAX_CENTRED_SQUARED_NORM)
-        return torch.where(beyond, torch.arange(rows.shape[0], device=rows.device), rows.shape[0]).min()
+        return first_out_of_range_code(rows, (rows.detach().to(torch.float64) - centre).square().sum(dim=1))
 
     return torch.stack([first_beyond(codebook), first_beyond(x)])
