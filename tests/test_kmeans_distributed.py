@@ -93,10 +93,14 @@ def run_scenarios(rank, world):
 
 def worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
+    # Loopback: left to itself gloo binds to whatever the hostname resolves to, which on a sandboxed CI machine
+    # need not be loopback; a rank there once died of SIGABRT (gloo aborts on a transport error).
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
         torch.save(run_scenarios(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank closes its sockets while another still talks to it
     finally:
         dist.destroy_process_group()
 
