@@ -91,12 +91,14 @@ def kmeans_plus_plus(pool: Tensor, k: int, *, generator: torch.Generator, backen
 def _accept(uniform: Tensor, old_sqdist: Tensor, rows: Tensor, proposed: Tensor, block: int) -> Tensor:
     """Proposal i is kept when uniform_i · D²_old(i) < D²(i) = min(D²_old(i), distance² to the proposals kept
     before it), at most ``block`` of them; the first is always kept (D²_old > 0). Indices of the kept ones.
-    A few hundred proposals: float64 numpy on one thread (a pool row proposed twice is at distance 0)."""
+    A few hundred proposals, in float64: the pairwise distances in torch (numpy's matmul would start its
+    own BLAS threads, which then compete with torch's for the cores), the sequential rule in numpy."""
+    points = rows.double()
+    norms = (points * points).sum(1)
+    pairwise = (norms[:, None] + norms[None, :] - 2.0 * (points @ points.T)).cpu().numpy()
+    index = proposed.cpu().numpy()
+    pairwise[index[:, None] == index[None, :]] = 0.0  # a pool row proposed twice
     old = old_sqdist.double().cpu().numpy()
-    points, index = rows.double().cpu().numpy(), proposed.cpu().numpy()
-    norms = numpy.einsum("ij,ij->i", points, points)
-    pairwise = norms[:, None] + norms[None, :] - 2.0 * (points @ points.T)
-    pairwise[index[:, None] == index[None, :]] = 0.0
     threshold, current, kept = uniform.cpu().numpy() * old, old.copy(), []
     for i in range(old.shape[0]):
         if threshold[i] < current[i]:

@@ -1,16 +1,88 @@
 // Stable counting sort of rows by code (see code_groups.h).
+//
+// In parallel: each thread counts the codes of its contiguous slice of rows, the per-thread counts are
+// turned into each thread's first slot for each code (threads in row order), and each thread scatters
+// its rows there. Slices are in row order, so the result is the serial sort's, for any thread count.
 #include "cpu/code_groups.h"
 
-namespace fastvq::cpu {
+#include <memory>
 
-CodeGroups group_rows_by_code(const int64_t* indices, int64_t n, int64_t k) {
-  CodeGroups g;
-  g.offsets.assign(static_cast<size_t>(k + 1), 0);
-  g.rows.resize(static_cast<size_t>(n));
+#include "cpu/kernels.h"
+
+namespace fastvq::cpu {
+namespace {
+
+constexpr int64_t kMinRowsPerThread = 8192;  // below this, a thread's slice costs less than waking it
+
+void group_serial(const int64_t* indices, int64_t n, int64_t k, CodeGroups& g) {
   for (int64_t i = 0; i < n; ++i) ++g.offsets[indices[i] + 1];
   for (int64_t c = 0; c < k; ++c) g.offsets[c + 1] += g.offsets[c];
   std::vector<int64_t> next(g.offsets.begin(), g.offsets.end() - 1);
   for (int64_t i = 0; i < n; ++i) g.rows[next[indices[i]]++] = i;
+}
+
+}  // namespace
+
+void code_sum_portable(const float* x, int64_t d, const int64_t* rows, int64_t count, double* sums) {
+  std::fill(sums, sums + d, 0.0);
+  for (int64_t t = 0; t < count; ++t) {
+    const float* row = x + rows[t] * d;
+    for (int64_t p = 0; p < d; ++p) sums[p] += row[p];
+  }
+}
+
+CodeSumFn code_sum_kernel() {
+  switch (current_simd_level()) {
+#ifdef FASTVQ_HAVE_AVX512_KERNEL
+    case SimdLevel::avx512: return code_sum_avx512;
+#endif
+#ifdef FASTVQ_HAVE_AVX2_KERNEL
+    case SimdLevel::avx2: return code_sum_avx2;
+#endif
+    default: return code_sum_portable;
+  }
+}
+
+CodeGroups group_rows_by_code(const int64_t* indices, int64_t n, int64_t k, int num_threads) {
+  CodeGroups g;
+  g.offsets.assign(static_cast<size_t>(k + 1), 0);
+  g.rows.resize(static_cast<size_t>(n));
+  // Each thread holds k counters: bound them by a few times n, so a huge k with few rows stays O(n + k).
+  const int64_t nt = k == 0 ? 1 : std::max<int64_t>(1, std::min<int64_t>({num_threads, n / kMinRowsPerThread, 4 * n / k}));
+  if (nt == 1) {
+    group_serial(indices, n, k, g);
+    return g;
+  }
+  std::unique_ptr<int64_t[]> slots(new int64_t[static_cast<size_t>(nt * k)]);  // [thread][code]
+#pragma omp parallel num_threads(static_cast<int>(nt))
+  {
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num();
+#else
+    const int64_t t = 0;
+#endif
+    const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+    int64_t* mine = slots.get() + t * k;
+    std::fill(mine, mine + k, int64_t{0});
+    for (int64_t i = lo; i < hi; ++i) ++mine[indices[i]];
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < k; ++c) {  // counts -> each thread's offset within code c's group
+      int64_t total = 0;
+      for (int64_t u = 0; u < nt; ++u) {
+        const int64_t count = slots[u * k + c];
+        slots[u * k + c] = total;
+        total += count;
+      }
+      g.offsets[c + 1] = total;
+    }
+#pragma omp single
+    for (int64_t c = 0; c < k; ++c) g.offsets[c + 1] += g.offsets[c];
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t c = indices[i];
+      g.rows[g.offsets[c] + mine[c]++] = i;
+    }
+  }
   return g;
 }
 

@@ -85,7 +85,7 @@ void quantize_backward(const float* grad_quantized, const float* x, int64_t n, i
 
   if (grad_codebook_out) {
     // sum_i (e_k - x_i) = count_k * e_k - sum_i x_i, formed in double before the one rounding.
-    const CodeGroups groups = group_rows_by_code(indices, n, k);
+    const CodeGroups groups = group_rows_by_code(indices, n, k, nt);
     for_each_code_sum(x, d, groups, nt, [&](int64_t c, int64_t count, const double* sums) {
       const float* e = codebook + c * d;
       float* out = grad_codebook_out + c * d;

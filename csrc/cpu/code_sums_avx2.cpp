@@ -1,0 +1,47 @@
+// AVX2 per-code row sums (code_groups.h: CodeSumFn). Compiled with -mavx2, called only after the
+// run-time CPU check (code_groups.cpp picks it by the dispatcher's level). Each dimension adds the
+// rows in the given order in double, as the portable loop does, so the sums are bitwise the same.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/code_groups.h"
+
+namespace fastvq::cpu {
+
+namespace {
+
+inline __m256d widen(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+
+}  // namespace
+
+void code_sum_avx2(const float* x, int64_t d, const int64_t* rows, int64_t count, double* sums) {
+  constexpr int64_t kAhead = 4;  // rows are scattered over x: fetch a few ahead (first pass only)
+  int64_t p = 0;
+  for (; p + 32 <= d; p += 32) {  // eight independent chains of 4 dimensions
+    __m256d a[8];
+    for (auto& v : a) v = _mm256_setzero_pd();
+    for (int64_t t = 0; t < count; ++t) {
+      if (p == 0 && t + kAhead < count) {
+        const char* next = reinterpret_cast<const char*>(x + rows[t + kAhead] * d);
+        for (int64_t b = 0; b < d * 4; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+      }
+      const float* r = x + rows[t] * d + p;
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_add_pd(a[j], widen(r + 4 * j));
+    }
+    for (int j = 0; j < 8; ++j) _mm256_storeu_pd(sums + p + 4 * j, a[j]);
+  }
+  for (; p + 4 <= d; p += 4) {
+    __m256d a = _mm256_setzero_pd();
+    for (int64_t t = 0; t < count; ++t) a = _mm256_add_pd(a, widen(x + rows[t] * d + p));
+    _mm256_storeu_pd(sums + p, a);
+  }
+  for (; p < d; ++p) {
+    double a = 0.0;
+    for (int64_t t = 0; t < count; ++t) a += x[rows[t] * d + p];
+    sums[p] = a;
+  }
+}
+
+}  // namespace fastvq::cpu
