@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..checks import check_float_tensor, short_repr
 from .beam_search import beam_search_forward
 from .compat import RESIDUAL_VQ_UNSUPPORTED, check_int, reject_unsupported
+from .greedy_levels import can_fuse_levels, fused_greedy_levels
 from .quantize_dropout import dropout_level, maybe_sync_seed
 from .stats import CodebookStats, codebook_stats
 from .vector_quantizer import FastVectorQuantizer
@@ -174,8 +175,10 @@ class ResidualVQ(nn.Module):
     def _greedy(self, x: Tensor, mask, sample_codebook_temp, freeze_codebook, drop_level):
         """One nearest code per level: vqp's loop. Returns quantized (codebook space), indices
         (..., L), losses (L,) and the levels' inputs (a list, for the shared codebook's dead codes)."""
-        quantized_out, residual = None, x  # vqp starts from zeros; 0 + q is q
         last = self.num_quantizers - 1 if drop_level is None else drop_level
+        if can_fuse_levels(self, x, mask):  # the same step, without keeping every level's residual for backward
+            return (*fused_greedy_levels(self, x, freeze_codebook, last), None)
+        quantized_out, residual = None, x  # vqp starts from zeros; 0 + q is q
         all_indices, all_losses, all_residuals = [], [], []
         for level, layer in enumerate(self.layers):
             if level > last:

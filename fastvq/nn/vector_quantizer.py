@@ -318,33 +318,34 @@ class FastVectorQuantizer(IndexMethods, TopkMethods, nn.Module):
             return self._topk_rows(rows, row_mask, chosen, gathered, route, learns, want_counts) + (codebook, logits)
         quantized, indices, losses = [], [], []
         for c in range(num_codebooks):
+            row = rows[c] if num_codebooks > 1 else rows.squeeze(0)  # a squeeze's backward copies nothing
             if chosen is not None:
                 i = chosen[c]
                 if self.training:
-                    q, loss = quantize_gathered(rows[c], gathered[c], weight, weight if learns else 0.0, self.backend,
+                    q, loss = quantize_gathered(row, gathered[c], weight, weight if learns else 0.0, self.backend,
                                                 self.rotation_trick and route)
                     losses.append(loss)
                 codes = gathered[c]
             elif self.training:
-                q, i, loss = ops.quantize(rows[c], codebook[c], weight, weight if learns else 0.0, self.backend,
+                q, i, loss = ops.quantize(row, codebook[c], weight, weight if learns else 0.0, self.backend,
                                           self.rotation_trick and route)
                 if learns:  # the op's two terms each have vqp's value; keep both gradients, halve the value
                     loss = loss - 0.5 * loss.detach()
                 losses.append(loss)
-                codes = live[c][i]
+                codes = None if route else live[c][i]
             else:
-                i, _ = ops.nearest_code(rows[c].detach(), codebook[c].detach(), self.backend)
+                i, _ = ops.nearest_code(row.detach(), codebook[c].detach(), self.backend)
                 codes = live[c][i]
             # Without the straight-through path vqp returns the gathered codes (live for a learnable codebook),
             # with the gumbel straight-through gradient where asked.
             if not route:
                 q = codes.to(rows.dtype)
                 if gumbel and transform_fn is None:
-                    q = q + GumbelStraightThrough.apply(rows[c].float(), codebook[c].float(), temperature,
+                    q = q + GumbelStraightThrough.apply(row.float(), codebook[c].float(), temperature,
                                                         self.use_cosine_sim).to(rows.dtype)
             quantized.append(q)
             indices.append(i)
-        quantized, indices = torch.stack(quantized), torch.stack(indices)
+        quantized, indices = (torch.stack(t) if num_codebooks > 1 else t[0].unsqueeze(0) for t in (quantized, indices))
         commit = None
         if self.training and self.has_commitment_loss and not self.commitment_use_cross_entropy_loss:
             if row_mask is None:
