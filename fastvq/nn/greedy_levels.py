@@ -98,7 +98,7 @@ class _GreedyLevels(torch.autograd.Function):
             grad_losses = rows.new_zeros(levels)
         grad_quantized = grad_quantized.reshape(rows.shape)
         scale = 2.0 / max(rows.numel(), 1)  # d/dx of w·mean((x − q)²), as quantize's backward rule
-        grad, residual = None, rows
+        grad, residual, gathered = None, rows, None
         for level, (weight, rotation_trick, backend) in enumerate(ctx.weights):
             codebook, indices = codebooks[level], all_indices[level]
             grad_loss = grad_losses[level].to(torch.float32)
@@ -107,8 +107,9 @@ class _GreedyLevels(torch.autograd.Function):
                                                   rotation_trick)
             grad = grad_level if grad is None else grad.add_(grad_level)
             if level < levels - 1:  # the next level's input, bitwise as the forward made it
-                quantized = codebook.index_select(0, indices)
-                if rotation_trick:
-                    quantized = ops._rotation_value_of_tiny_rows(residual, quantized)
+                # one buffer for every level's codes: a fresh (M, d) tensor a level costs its page faults
+                gathered = torch.index_select(codebook, 0, indices, out=gathered) if gathered is not None \
+                    else codebook.index_select(0, indices)
+                quantized = ops._rotation_value_of_tiny_rows(residual, gathered) if rotation_trick else gathered
                 residual = rows - quantized if level == 0 else residual.sub_(quantized)
         return grad.view(ctx.input_shape), None, None, None
