@@ -41,6 +41,7 @@ from torch.library import triton_op
 from ..numerics import MAX_CENTRED_SQUARED_NORM as _MAX_CENTRED_SQUARED_NORM
 from ..numerics import first_out_of_range_code, search_centre
 from ._jit import MAX_BLOCK_D, allow_tf32, block_d_for, interpreting, kernel, launch
+from ._score_tile import centred_x_tile, score_tile
 
 MAX_CENTRED_SQUARED_NORM = tl.constexpr(_MAX_CENTRED_SQUARED_NORM)
 EPILOGUE_D = tl.constexpr(32)
@@ -112,44 +113,15 @@ def _nearest_code_kernel(
     lanes_d = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: a column times a large stride does not overflow
     lanes_k = tl.arange(0, BLOCK_K)
 
-    if X_RESIDENT:  # d <= BLOCK_D: the centred x tile stays in registers for the whole codebook walk
-        d_mask = lanes_d < d
-        x_res = tl.load(x_rows + lanes_d[None, :] * stride_xd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        centre = tl.load(centre_ptr + lanes_d, mask=d_mask, other=0.0)
-        x_res = (x_res.to(tl.float32) - centre[None, :]).to(codes_ptr.dtype.element_ty)
-        if CAST_TO_FP32:
-            x_res = x_res.to(tl.float32)
-
+    x_tile = centred_x_tile(x_rows, stride_xd, row_mask, centre_ptr, lanes_d, d, codes_ptr,
+                            CAST_TO_FP32, X_RESIDENT)
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_N], tl.int64)
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + lanes_k.to(tl.int64)
-        code_mask = codes < K
-        # Tiles of the centred codebook (contiguous (K, d)), loaded transposed, (BLOCK_D, BLOCK_K), for x @ eᵀ.
-        codes_t = codes_ptr + codes[None, :] * d
-        if X_RESIDENT:  # no inner loop, so Triton software-pipelines this (innermost) loop's loads
-            e_t = tl.load(codes_t + lanes_d[:, None], mask=(lanes_d[:, None] < d) & code_mask[None, :], other=0.0)
-            if CAST_TO_FP32:
-                e_t = e_t.to(tl.float32)
-            xe = tl.dot(x_res, e_t, input_precision=INPUT_PRECISION)
-        else:
-            xe = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-            for d0 in range(0, d, BLOCK_D):
-                cols = d0 + lanes_d
-                col_mask = cols < d
-                e_t = tl.load(codes_t + cols[:, None], mask=col_mask[:, None] & code_mask[None, :], other=0.0)
-                x_t = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_mask[:, None] & col_mask[None, :],
-                              other=0.0)
-                centre = tl.load(centre_ptr + cols, mask=col_mask, other=0.0)
-                x_t = (x_t.to(tl.float32) - centre[None, :]).to(codes_ptr.dtype.element_ty)
-                if CAST_TO_FP32:
-                    e_t = e_t.to(tl.float32)
-                    x_t = x_t.to(tl.float32)
-                xe = tl.dot(x_t, e_t, xe, input_precision=INPUT_PRECISION)
-        norms = tl.load(code_norms_ptr + codes, mask=code_mask, other=0.0)
-        score = tl.fma(xe, -2.0, norms[None, :])  # explicit: Triton's default FP fusion may change
-        usable = (score == score) & (tl.abs(score) < float("inf")) & code_mask[None, :]
-        score = tl.where(usable, score, float("inf"))
+        score = score_tile(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_norms_ptr,
+                           codes, codes < K, lanes_d, d,
+                           BLOCK_N, BLOCK_K, BLOCK_D, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
         tile_best, tile_idx = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_best < best
         best = tl.where(better, tile_best, best)

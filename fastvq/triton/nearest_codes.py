@@ -32,6 +32,7 @@ from torch.library import triton_op
 
 from ._bitonic import merge_ascending, smallest_descending
 from ._jit import MAX_BLOCK_D, allow_tf32, block_d_for, interpreting, kernel, launch
+from ._score_tile import centred_x_tile, score_tile
 from .nearest_code import _TENSOR_CORE_DTYPES, MAX_CENTRED_SQUARED_NORM, centred_codebook
 
 PADDING_KEY = tl.constexpr(0x7FFFFFFFFFFFFFFF)
@@ -57,42 +58,15 @@ def _nearest_codes_kernel(
     lanes_d = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: a column times a large stride does not overflow
     lanes_k = tl.arange(0, BLOCK_K)
 
-    if X_RESIDENT:
-        d_mask = lanes_d < d
-        x_res = tl.load(x_rows + lanes_d[None, :] * stride_xd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        centre = tl.load(centre_ptr + lanes_d, mask=d_mask, other=0.0)
-        x_res = (x_res.to(tl.float32) - centre[None, :]).to(codes_ptr.dtype.element_ty)
-        if CAST_TO_FP32:
-            x_res = x_res.to(tl.float32)
-
+    x_tile = centred_x_tile(x_rows, stride_xd, row_mask, centre_ptr, lanes_d, d, codes_ptr,
+                            CAST_TO_FP32, X_RESIDENT)
     best = tl.full([BLOCK_N, KPAD], PADDING_KEY, tl.int64)  # ascending keys
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + lanes_k.to(tl.int64)
         code_mask = codes < K
-        codes_t = codes_ptr + codes[None, :] * d
-        if X_RESIDENT:
-            e_t = tl.load(codes_t + lanes_d[:, None], mask=(lanes_d[:, None] < d) & code_mask[None, :], other=0.0)
-            if CAST_TO_FP32:
-                e_t = e_t.to(tl.float32)
-            xe = tl.dot(x_res, e_t, input_precision=INPUT_PRECISION)
-        else:
-            xe = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-            for d0 in range(0, d, BLOCK_D):
-                cols = d0 + lanes_d
-                col_mask = cols < d
-                e_t = tl.load(codes_t + cols[:, None], mask=col_mask[:, None] & code_mask[None, :], other=0.0)
-                x_t = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_mask[:, None] & col_mask[None, :],
-                              other=0.0)
-                centre = tl.load(centre_ptr + cols, mask=col_mask, other=0.0)
-                x_t = (x_t.to(tl.float32) - centre[None, :]).to(codes_ptr.dtype.element_ty)
-                if CAST_TO_FP32:
-                    e_t = e_t.to(tl.float32)
-                    x_t = x_t.to(tl.float32)
-                xe = tl.dot(x_t, e_t, xe, input_precision=INPUT_PRECISION)
-        norms = tl.load(code_norms_ptr + codes, mask=code_mask, other=0.0)
-        score = tl.fma(xe, -2.0, norms[None, :])
-        usable = (score == score) & (tl.abs(score) < float("inf"))
-        score = tl.where(usable, score, float("inf"))
+        score = score_tile(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_norms_ptr,
+                           codes, code_mask, lanes_d, d,
+                           BLOCK_N, BLOCK_K, BLOCK_D, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
         score = tl.where(score == 0.0, 0.0, score)  # −0 → +0: equal scores must have equal keys
         bits = score.to(tl.int32, bitcast=True)
         ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed int32 in the floats' order
