@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .numerics import compute_dtype
+from .numerics import compute_dtype, finite_rows
 from .checks import check_columns, check_float_tensor, shape_str
 from .kmeans_distributed import Shards
 from .kmeans_seeding import seed_centroids
@@ -80,7 +80,7 @@ def kmeans(
     if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD) "
                         f"or None, got {type(process_group).__name__}")
-    finite = torch.isfinite(x).all(dim=1)
+    finite = finite_rows(x)
     all_finite = bool(finite.all())
     rows = x if all_finite else x[finite]
     # Past this point every rank takes the same branches: they depend on the shared counts only.

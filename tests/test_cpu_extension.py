@@ -175,6 +175,21 @@ def test_ema_stats_sums_in_double_for_any_thread_count(n, k, d):
         assert torch.equal(c2, counts) and torch.equal(s2, sums), f"threads={threads}"
 
 
+@pytest.mark.parametrize("n,k,d", [(20000, 1000, 64), (9000, 11, 31), (7, 1030, 8), (40000, 20000, 16), (4099, 257, 33)])
+def test_ema_stats_sums_are_the_row_order_double_sums_rounded_once(n, k, d, simd_level):
+    # Few codes: streamed (each thread owns a code range); many (40000 x 20000 x 16): grouped by a parallel
+    # sort. Every SIMD level and thread count gives the float32 rounding of the row-order double sum, bit for bit.
+    g = torch.Generator().manual_seed(n + d)
+    x = torch.randn(n, d, generator=g) * torch.logspace(-3, 3, d)  # magnitudes where the sum order shows
+    idx = (torch.rand(n, generator=g) ** 3 * k).long().clamp_(max=k - 1)
+    want = np.zeros((k, d))
+    np.add.at(want, idx.numpy(), x.double().numpy())  # unbuffered: row order, one add at a time
+    for threads in (1, 2, 3):
+        counts, sums = run_ema_stats(x, idx, k, threads)
+        assert torch.equal(counts, torch.bincount(idx, minlength=k).float())
+        assert torch.equal(sums, torch.from_numpy(want).float()), f"threads={threads}"
+
+
 # ---- quantize_backward -----------------------------------------------------------------
 
 

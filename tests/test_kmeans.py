@@ -14,6 +14,7 @@ from fastvq import reference
 from fastvq.kmeans import fit, seed_centroids
 from fastvq import kmeans_seeding
 from fastvq.kmeans_seeding import distinct_rows, kmeans_plus_plus
+from fastvq.numerics import finite_rows
 
 from conftest import TOLERANCES, to_cpu
 
@@ -148,6 +149,17 @@ def test_empty_clusters_are_reseeded_from_far_points():
         centroids, assignments = fastvq.kmeans(x, 4, iters=5, seed=seed, init="random")
         assert inertia(x, centroids) == 0.0, (seed, centroids)
         assert len(set(assignments.tolist())) == 4
+
+
+def test_finite_rows_flags_each_row_with_a_nan_or_inf_and_no_other():
+    x = torch.randn(9, 4, generator=torch.Generator().manual_seed(0))
+    x[1, 2], x[3, 0], x[5, 3] = float("nan"), float("inf"), -float("inf")
+    x[6, :2] = torch.tensor([float("inf"), -float("inf")])  # sums to NaN
+    x[7] = 3e38  # finite entries whose sum overflows to inf
+    want = torch.isfinite(x).all(dim=1)
+    assert torch.equal(finite_rows(x), want) and want.tolist().count(False) == 4
+    assert torch.equal(finite_rows(x[[0, 7]]), torch.tensor([True, True]))
+    assert finite_rows(x[:0]).shape == (0,)
 
 
 def test_fewer_rows_than_clusters_gives_duplicate_rows():

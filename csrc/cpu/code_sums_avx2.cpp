@@ -44,4 +44,10 @@ void code_sum_avx2(const float* x, int64_t d, const int64_t* rows, int64_t count
   }
 }
 
+void row_add_avx2(const float* row, int64_t d, double* sums) {
+  int64_t p = 0;
+  for (; p + 4 <= d; p += 4) _mm256_storeu_pd(sums + p, _mm256_add_pd(_mm256_loadu_pd(sums + p), widen(row + p)));
+  for (; p < d; ++p) sums[p] += row[p];
+}
+
 }  // namespace fastvq::cpu

@@ -48,4 +48,10 @@ void code_sum_avx512(const float* x, int64_t d, const int64_t* rows, int64_t cou
   }
 }
 
+void row_add_avx512(const float* row, int64_t d, double* sums) {
+  int64_t p = 0;
+  for (; p + 8 <= d; p += 8) _mm512_storeu_pd(sums + p, _mm512_add_pd(_mm512_loadu_pd(sums + p), widen(row + p)));
+  for (; p < d; ++p) sums[p] += row[p];
+}
+
 }  // namespace fastvq::cpu
