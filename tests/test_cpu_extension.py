@@ -131,6 +131,24 @@ def test_simd_levels_agree_on_exact_inputs():
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
+@functools.lru_cache(maxsize=None)
+def exact_topk_case(n, k, d, topk):
+    x, e = small_int_inputs(n, k, d, seed=n + k + d)
+    return (x, e, *reference.nearest_codes(x.double(), e.double(), topk))
+
+
+@pytest.mark.parametrize("n,k,d", [(40, 300, 3), (7, 1030, 2)])
+def test_nearest_codes_every_list_length_matches_the_reference(n, k, d, simd_level):
+    # The SIMD kernels hold each row's list in k/16 zmm or k/8 ymm chunks, shifted across chunk
+    # borders on insertion: every k up to 64 meets every chunk count, among many exact ties.
+    for topk in range(1, 65):
+        x, e, want_idx, want_sq = exact_topk_case(n, k, d, topk)
+        idx, sq = torch.full((n, topk), -7, dtype=torch.int64), torch.full((n, topk), -7.0)
+        _cpu.nearest_codes(x, e, idx, sq, 1)
+        assert torch.equal(idx, want_idx), f"topk={topk}"
+        assert torch.equal(sq, want_sq.float()), f"topk={topk}"
+
+
 def test_nearest_code_without_quantized_and_with_numpy():
     x, e = small_int_inputs(50, 40, 9, seed=5)
     idx, sq, q = run_nearest_code(x, e, quantized=False)

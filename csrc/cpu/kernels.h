@@ -68,29 +68,25 @@ void search_few_rows_avx512(int rows, const float* xpack, int64_t d, const float
 
 // ---- the top-k variant (nearest_codes) ----
 // Same packing, tiles and accumulation as above (so a (row, code) value is bitwise the one
-// nearest_code computes); the epilogue keeps, per row, a list of the k smallest (value, index)
-// pairs seen so far, sorted by value, ties by index: list_val[r * k + j], list_idx[r * k + j]
-// (j < k) for the kTileRows rows of the tile, unused slots +inf / -1. Codes reach each row in
-// increasing index order (within a call and across calls), so a code enters only when its value
-// is strictly below the row's k-th value; NaN and +inf never enter.
+// nearest_code computes); the epilogue keeps, per row, a list of the k smallest (value, code)
+// pairs seen so far, sorted by value, ties by code: list_val[r * k + j], list_idx[r * k + j]
+// (j < k) for the kTileRows rows of the tile, unused slots +inf / -1. Codes are int32 (the
+// driver checks K). Codes reach each row in increasing order (within a call and across calls),
+// so a code enters only when its value is strictly below the row's k-th value, after the entries
+// of equal value; NaN and +inf never enter. The SIMD kernels insert without branches in
+// registers (search_tile_avx2.cpp, search_tile_avx512.cpp), the portable one with memmove.
 using SearchTileTopkFn = void (*)(const float* xpack, int64_t d, const float* panels, const float* norms,
-                                  int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx);
-
-// Insert the lanes of `mask` (bit j: lane j, code first_code + j) of one row's 16 values into
-// that row's list, in lane order. Defined in the portable unit; every SIMD kernel calls it, so
-// the tie rule lives in one place.
-void topk_insert_lanes(const float* values, uint32_t mask, int64_t first_code, int k, float* list_val,
-                       int64_t* list_idx);
+                                  int64_t npanels, int64_t code_base, int k, float* list_val, int32_t* list_idx);
 
 void search_tile_topk_portable(const float* xpack, int64_t d, const float* panels, const float* norms,
-                               int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx);
+                               int64_t npanels, int64_t code_base, int k, float* list_val, int32_t* list_idx);
 #ifdef FASTVQ_HAVE_AVX2_KERNEL
 void search_tile_topk_avx2(const float* xpack, int64_t d, const float* panels, const float* norms,
-                           int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx);
+                           int64_t npanels, int64_t code_base, int k, float* list_val, int32_t* list_idx);
 #endif
 #ifdef FASTVQ_HAVE_AVX512_KERNEL
 void search_tile_topk_avx512(const float* xpack, int64_t d, const float* panels, const float* norms,
-                             int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx);
+                             int64_t npanels, int64_t code_base, int k, float* list_val, int32_t* list_idx);
 #endif
 
 // ---- run-time SIMD dispatch (simd.cpp) ----

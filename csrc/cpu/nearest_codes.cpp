@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -40,7 +42,7 @@ struct TopkSearch {
   // `ntiles` packed tiles against panels [q_begin, q_end), K-blocked, into the rows' lists
   // (kTileRows lists of k per tile).
   void tiles(const float* xpack, int64_t ntiles, int64_t q_begin, int64_t q_end, float* list_val,
-             int64_t* list_idx) const {
+             int32_t* list_idx) const {
     for (int64_t q0 = q_begin; q0 < q_end; q0 += block_panels) {
       const int64_t nq = std::min(block_panels, q_end - q0);
       for (int64_t t = 0; t < ntiles; ++t)
@@ -59,9 +61,9 @@ struct Outputs {
 // distance is not finite (possible only for a row of x holding +-inf) leaves the list; the free
 // places go to the lowest indices not listed, as the reference orders +inf distances.
 void finish_rows(const float* x, int64_t d, const float* codebook, int k, int64_t r0, int64_t r1,
-                 const int64_t* list_idx, const Outputs& out) {
+                 const int32_t* list_idx, const Outputs& out) {
   for (int64_t i = r0; i < r1; ++i) {
-    const int64_t* list = list_idx + (i - r0) * k;
+    const int32_t* list = list_idx + (i - r0) * k;
     int64_t* idx = out.indices + i * k;
     float* sq = out.sqdist + i * k;
     int m = 0;
@@ -87,7 +89,7 @@ void search_by_row_groups(const TopkSearch& search, const float* x, int64_t n, c
   const int64_t ngroups = (n + kGroupRows - 1) / kGroupRows;
   AlignedFloats xpack(static_cast<int64_t>(nt) * kGroupRows * d);
   std::vector<float> lists_val(static_cast<size_t>(nt * kGroupRows * k));
-  std::vector<int64_t> lists_idx(static_cast<size_t>(nt * kGroupRows * k));
+  std::vector<int32_t> lists_idx(static_cast<size_t>(nt * kGroupRows * k));
   std::vector<int64_t> bad_row(static_cast<size_t>(ngroups), -1);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t g = 0; g < ngroups; ++g) {
@@ -97,9 +99,9 @@ void search_by_row_groups(const TopkSearch& search, const float* x, int64_t n, c
     bad_row[static_cast<size_t>(g)] = pack_rows(x, d, r0, r1, search.centre, xp);
     if (bad_row[static_cast<size_t>(g)] >= 0) continue;  // raised below, outside the parallel region
     float* lv = lists_val.data() + t * kGroupRows * k;
-    int64_t* li = lists_idx.data() + t * kGroupRows * k;
+    int32_t* li = lists_idx.data() + t * kGroupRows * k;
     std::fill(lv, lv + kGroupRows * k, kInf);
-    std::fill(li, li + kGroupRows * k, int64_t{-1});
+    std::fill(li, li + kGroupRows * k, int32_t{-1});
     search.tiles(xp, (r1 - r0 + kTileRows - 1) / kTileRows, 0, search.npanels, lv, li);
     finish_rows(x, d, codebook, search.k, r0, r1, li, out);
   }
@@ -118,7 +120,7 @@ void search_by_code_chunks(const TopkSearch& search, const float* x, int64_t n, 
   const int64_t bad_row = pack_rows(x, d, 0, n, search.centre, xpack.ptr);
   if (bad_row >= 0) throw_row_out_of_range(x, d, bad_row, search.centre);
   std::vector<float> chunk_val(static_cast<size_t>(nchunks * npad * k), kInf);
-  std::vector<int64_t> chunk_idx(static_cast<size_t>(nchunks * npad * k), -1);
+  std::vector<int32_t> chunk_idx(static_cast<size_t>(nchunks * npad * k), -1);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t item = 0; item < ngroups * nchunks; ++item) {
     const int64_t g = item / nchunks, c = item % nchunks;
@@ -127,8 +129,8 @@ void search_by_code_chunks(const TopkSearch& search, const float* x, int64_t n, 
     search.tiles(xpack.ptr + r0 * d, (r1 - r0 + kTileRows - 1) / kTileRows, q_begin, q_end,
                  chunk_val.data() + (c * npad + r0) * k, chunk_idx.data() + (c * npad + r0) * k);
   }
-  std::vector<int64_t> merged(static_cast<size_t>(n * k));
-  std::vector<std::pair<float, int64_t>> candidates;
+  std::vector<int32_t> merged(static_cast<size_t>(n * k));
+  std::vector<std::pair<float, int32_t>> candidates;
   for (int64_t i = 0; i < n; ++i) {
     candidates.clear();
     for (int64_t c = 0; c < nchunks; ++c)
@@ -148,6 +150,9 @@ void search_by_code_chunks(const TopkSearch& search, const float* x, int64_t n, 
 void nearest_codes(const float* x, int64_t n, int64_t d, const float* codebook, int64_t k, int topk,
                    CacheKey cache_key, int64_t* indices_out, float* sqdist_out, int num_threads) {
   if (n == 0) return;
+  if (k > std::numeric_limits<int32_t>::max())  // the lists hold int32 codes (kernels.h)
+    throw std::invalid_argument("codebook: nearest_codes supports at most 2^31 - 1 codes, got K = " +
+                                std::to_string(k));
   const int64_t npanels = (k + kPanel - 1) / kPanel;
   const int nt = search_threads(num_threads, n, npanels, d);
   const std::shared_ptr<const PackedCodebook> pack = packed_codebook(codebook, k, d, cache_key, num_threads);

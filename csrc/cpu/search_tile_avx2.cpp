@@ -231,9 +231,66 @@ void search_few_rows_avx2(int rows, const float* xpack, int64_t d, const float* 
 
 // ---- the top-k variant (kernels.h): the same accumulation as run_panels, a top-k epilogue ----
 namespace fastvq::cpu {
+namespace {
 
-void search_tile_topk_avx2(const float* xpack, int64_t d, const float* panels, const float* norms,
-                           int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx) {
+// One row's list in C ymm chunks (lane j of chunk c: entry 8c + j), as in search_tile_avx512.cpp:
+// lanes k and up start at +inf, are shifted like the others and never stored back.
+template <int C>
+struct RowList {
+  __m256 v[C];
+  __m256 i[C];  // int32 codes, blended as floats
+};
+
+__attribute__((always_inline)) inline __m256i lanes_below(int k, int c) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k - 8 * c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Insert (vb, ib), both broadcast, after every entry <= vb: entry j keeps its pair where it is
+// <= vb, takes the new one where only entry j - 1 is, and entry j - 1's pair otherwise.
+template <int C>
+__attribute__((always_inline)) inline void insert(RowList<C>& l, __m256 vb, __m256 ib) {
+  const __m256i back = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
+  __m256 rv[C], ri[C];
+  for (int c = 0; c < C; ++c) {
+    rv[c] = _mm256_permutevar8x32_ps(l.v[c], back);
+    ri[c] = _mm256_permutevar8x32_ps(l.i[c], back);
+  }
+  for (int c = 0; c < C; ++c) {  // lane 0 from chunk c - 1's lane 7 (-inf before the first)
+    const __m256 sv = _mm256_blend_ps(rv[c], c > 0 ? rv[c - 1] : _mm256_set1_ps(-__builtin_inff()), 1);
+    const __m256 si = _mm256_blend_ps(ri[c], c > 0 ? ri[c - 1] : ri[0], 1);  // chunk 0's lane 0: never taken
+    const __m256 stay = _mm256_cmp_ps(l.v[c], vb, _CMP_LE_OQ);
+    const __m256 after = _mm256_cmp_ps(sv, vb, _CMP_LE_OQ);
+    l.v[c] = _mm256_blendv_ps(_mm256_blendv_ps(sv, vb, after), l.v[c], stay);
+    l.i[c] = _mm256_blendv_ps(_mm256_blendv_ps(si, ib, after), l.i[c], stay);
+  }
+}
+
+// The lanes of `mask` (bit j: score values[j] of code first + j) into one row's list, in code order.
+template <int C>
+__attribute__((noinline)) void insert_lanes(const float* values, uint32_t mask, int64_t first, int k,
+                                            float* list_val, int32_t* list_idx) {
+  RowList<C> l;
+  for (int c = 0; c < C; ++c) {
+    const __m256i m = lanes_below(k, c);
+    l.v[c] = _mm256_blendv_ps(_mm256_set1_ps(__builtin_inff()), _mm256_maskload_ps(list_val + 8 * c, m),
+                              _mm256_castsi256_ps(m));
+    l.i[c] = _mm256_castsi256_ps(_mm256_maskload_epi32(list_idx + 8 * c, m));
+  }
+  while (mask) {
+    const int j = __builtin_ctz(mask);
+    mask &= mask - 1;
+    insert<C>(l, _mm256_set1_ps(values[j]), _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(first + j))));
+  }
+  for (int c = 0; c < C; ++c) {
+    const __m256i m = lanes_below(k, c);
+    _mm256_maskstore_ps(list_val + 8 * c, m, l.v[c]);
+    _mm256_maskstore_epi32(list_idx + 8 * c, m, _mm256_castps_si256(l.i[c]));
+  }
+}
+
+template <int C>
+void tile_topk(const float* xpack, int64_t d, const float* panels, const float* norms, int64_t npanels,
+               int64_t code_base, int k, float* list_val, int32_t* list_idx) {
   alignas(32) float buf[kPanel];
   // Lanes of (lo, hi) strictly below row r's k-th value go into its list, codes in order.
   auto topk = [&](int r, __m256 lo, __m256 hi, int64_t first) {
@@ -243,7 +300,7 @@ void search_tile_topk_avx2(const float* xpack, int64_t d, const float* panels, c
     if (mask) {
       _mm256_store_ps(buf, lo);
       _mm256_store_ps(buf + 8, hi);
-      topk_insert_lanes(buf, mask, first, k, list_val + r * k, list_idx + r * k);
+      insert_lanes<C>(buf, mask, first, k, list_val + r * k, list_idx + r * k);
     }
   };
   for (int64_t q = 0; q < npanels; ++q) {
@@ -265,6 +322,18 @@ void search_tile_topk_avx2(const float* xpack, int64_t d, const float* panels, c
     const int64_t first = code_base + q * kPanel;
     topk(0, c00, c01, first); topk(1, c10, c11, first); topk(2, c20, c21, first);
     topk(3, c30, c31, first); topk(4, c40, c41, first); topk(5, c50, c51, first);
+  }
+}
+
+}  // namespace
+
+void search_tile_topk_avx2(const float* xpack, int64_t d, const float* panels, const float* norms,
+                           int64_t npanels, int64_t code_base, int k, float* list_val, int32_t* list_idx) {
+  switch ((k + 7) / 8) {  // k <= 64: up to 8 chunks (more than 2 spill, still without branches)
+    case 1: tile_topk<1>(xpack, d, panels, norms, npanels, code_base, k, list_val, list_idx); break;
+    case 2: tile_topk<2>(xpack, d, panels, norms, npanels, code_base, k, list_val, list_idx); break;
+    case 3: case 4: tile_topk<4>(xpack, d, panels, norms, npanels, code_base, k, list_val, list_idx); break;
+    default: tile_topk<8>(xpack, d, panels, norms, npanels, code_base, k, list_val, list_idx); break;
   }
 }
 

@@ -182,35 +182,88 @@ void search_few_rows_avx512(int rows, const float* xpack, int64_t d, const float
 namespace fastvq::cpu {
 namespace {
 
-// The lanes of `count` accumulators (row r = acc / per_row, panel acc % per_row) strictly below
-// their row's k-th value go into the row's list. The masks come first, against the thresholds
-// before any insertion (a superset: topk_insert_lanes re-checks), and the accumulators are
-// stored only when some lane passes, so no call sits among live accumulators.
-template <int kPerRow>
+// One row's list in C zmm chunks (lane j of chunk c: entry 16c + j; values, int32 codes), loaded
+// only when some score of the row passes its k-th value. Lanes k and up start at +inf and are
+// never stored back; an insertion shifts them like the others, so the first k lanes stay the k
+// smallest whatever lands beyond them.
+template <int C>
+struct RowList {
+  __m512 v[C];
+  __m512i i[C];
+};
+
+__attribute__((always_inline)) inline __mmask16 lanes_below(int k, int c) {
+  const int left = k - 16 * c;
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+}
+
+// Insert (value vb, code ib), both broadcast, after every entry <= it (earlier codes win ties):
+// entry j keeps its own pair where it is <= vb, takes the new one where only entry j - 1 is, and
+// entry j - 1's pair otherwise (the shift). No branch: a pair past the k-th lands in lane >= k.
+template <int C>
+__attribute__((always_inline)) inline void insert(RowList<C>& l, __m512 vb, __m512i ib) {
+  const __m512i back = _mm512_setr_epi32(31, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+  __m512 sv[C];
+  __m512i si[C];
+  sv[0] = _mm512_mask_permutexvar_ps(_mm512_set1_ps(-__builtin_inff()), 0xFFFE, back, l.v[0]);
+  si[0] = _mm512_maskz_permutexvar_epi32(0xFFFE, back, l.i[0]);  // lane 0 never taken: sv[0]'s is -inf
+  for (int c = 1; c < C; ++c) {  // lane 0 from chunk c - 1's lane 15
+    sv[c] = _mm512_permutex2var_ps(l.v[c], back, l.v[c - 1]);
+    si[c] = _mm512_permutex2var_epi32(l.i[c], back, l.i[c - 1]);
+  }
+  for (int c = 0; c < C; ++c) {
+    const __mmask16 stay = _mm512_cmp_ps_mask(l.v[c], vb, _CMP_LE_OQ);
+    const __mmask16 after = _mm512_cmp_ps_mask(sv[c], vb, _CMP_LE_OQ);
+    l.v[c] = _mm512_mask_mov_ps(_mm512_mask_mov_ps(sv[c], after, vb), stay, l.v[c]);
+    l.i[c] = _mm512_mask_mov_epi32(_mm512_mask_mov_epi32(si[c], after, ib), stay, l.i[c]);
+  }
+}
+
+// The lanes of `mask` (bit j: score values[j] of code first + j) into one row's list, in code order.
+template <int C>
+__attribute__((noinline)) void insert_lanes(const float* values, uint32_t mask, int64_t first, int k,
+                                            float* list_val, int32_t* list_idx) {
+  RowList<C> l;
+  for (int c = 0; c < C; ++c) {
+    l.v[c] = _mm512_mask_loadu_ps(_mm512_set1_ps(__builtin_inff()), lanes_below(k, c), list_val + 16 * c);
+    l.i[c] = _mm512_maskz_loadu_epi32(lanes_below(k, c), list_idx + 16 * c);
+  }
+  while (mask) {
+    const int j = __builtin_ctz(mask);
+    mask &= mask - 1;
+    insert<C>(l, _mm512_set1_ps(values[j]), _mm512_set1_epi32(static_cast<int32_t>(first + j)));
+  }
+  for (int c = 0; c < C; ++c) {
+    _mm512_mask_storeu_ps(list_val + 16 * c, lanes_below(k, c), l.v[c]);
+    _mm512_mask_storeu_epi32(list_idx + 16 * c, lanes_below(k, c), l.i[c]);
+  }
+}
+
+// The scores of row r (accumulators r * kPerRow + h: codes first + 16h + lane) strictly below the
+// row's k-th value go into its list: one compare per accumulator, and the accumulators are stored
+// only when some lane passes, so no call sits among live accumulators.
+template <int C, int kPerRow>
 __attribute__((always_inline)) inline void topk_epilogue(const __m512 (&c)[R * kPerRow], int64_t first, int k,
-                                                         float* list_val, int64_t* list_idx) {
-  __mmask16 m[R * kPerRow];
+                                                         float* list_val, int32_t* list_idx) {
+  uint32_t m[R];
   uint32_t any = 0;
   for (int r = 0; r < R; ++r) {
     const __m512 threshold = _mm512_set1_ps(list_val[r * k + k - 1]);
-    for (int h = 0; h < kPerRow; ++h) {
-      m[r * kPerRow + h] = _mm512_cmp_ps_mask(c[r * kPerRow + h], threshold, _CMP_LT_OQ);
-      any |= m[r * kPerRow + h];
-    }
+    m[r] = 0;
+    for (int h = 0; h < kPerRow; ++h)
+      m[r] |= static_cast<uint32_t>(_mm512_cmp_ps_mask(c[r * kPerRow + h], threshold, _CMP_LT_OQ)) << (16 * h);
+    any |= m[r];
   }
   if (!any) return;
-  alignas(64) float buf[R * kPerRow][kPanel];
-  for (int i = 0; i < R * kPerRow; ++i) _mm512_store_ps(buf[i], c[i]);
-  for (int i = 0; i < R * kPerRow; ++i)
-    if (m[i])
-      topk_insert_lanes(buf[i], m[i], first + (i % kPerRow) * kPanel, k, list_val + (i / kPerRow) * k,
-                        list_idx + (i / kPerRow) * k);
+  alignas(64) float buf[R][kPanel * kPerRow];
+  for (int i = 0; i < R * kPerRow; ++i) _mm512_store_ps(buf[i / kPerRow] + (i % kPerRow) * kPanel, c[i]);
+  for (int r = 0; r < R; ++r)
+    if (m[r]) insert_lanes<C>(buf[r], m[r], first, k, list_val + r * k, list_idx + r * k);
 }
 
-}  // namespace
-
-void search_tile_topk_avx512(const float* xpack, int64_t d, const float* panels, const float* norms,
-                             int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx) {
+template <int C>
+void tile_topk(const float* xpack, int64_t d, const float* panels, const float* norms, int64_t npanels,
+               int64_t code_base, int k, float* list_val, int32_t* list_idx) {
   int64_t q = 0;
   for (; q + 2 <= npanels; q += 2) {
     const float* b = panels + q * d * kPanel;
@@ -230,7 +283,7 @@ void search_tile_topk_avx512(const float* xpack, int64_t d, const float* panels,
       x = _mm512_set1_ps(a[5]); c50 = _mm512_fmadd_ps(x, e0, c50); c51 = _mm512_fmadd_ps(x, e1, c51);
     }
     const __m512 c[R * 2] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
-    topk_epilogue<2>(c, code_base + q * kPanel, k, list_val, list_idx);
+    topk_epilogue<C, 2>(c, code_base + q * kPanel, k, list_val, list_idx);
   }
   if (q < npanels) {  // odd number of panels: the last one alone
     const float* b = panels + q * d * kPanel;
@@ -247,7 +300,19 @@ void search_tile_topk_avx512(const float* xpack, int64_t d, const float* panels,
       c5 = _mm512_fmadd_ps(_mm512_set1_ps(a[5]), e0, c5);
     }
     const __m512 c[R] = {c0, c1, c2, c3, c4, c5};
-    topk_epilogue<1>(c, code_base + q * kPanel, k, list_val, list_idx);
+    topk_epilogue<C, 1>(c, code_base + q * kPanel, k, list_val, list_idx);
+  }
+}
+
+}  // namespace
+
+void search_tile_topk_avx512(const float* xpack, int64_t d, const float* panels, const float* norms,
+                             int64_t npanels, int64_t code_base, int k, float* list_val, int32_t* list_idx) {
+  switch ((k + 15) / 16) {  // k <= 64: at most 4 chunks
+    case 1: tile_topk<1>(xpack, d, panels, norms, npanels, code_base, k, list_val, list_idx); break;
+    case 2: tile_topk<2>(xpack, d, panels, norms, npanels, code_base, k, list_val, list_idx); break;
+    case 3: tile_topk<3>(xpack, d, panels, norms, npanels, code_base, k, list_val, list_idx); break;
+    default: tile_topk<4>(xpack, d, panels, norms, npanels, code_base, k, list_val, list_idx); break;
   }
 }
 

@@ -81,9 +81,12 @@ void search_tile_portable(const float* xpack, int64_t d, const float* panels, co
 
 // ---- the top-k variant (kernels.h) ----
 namespace fastvq::cpu {
+namespace {
 
+// Insert the lanes of `mask` (bit j: lane j, code first_code + j) of one row's 16 values into
+// that row's list, in lane order.
 void topk_insert_lanes(const float* values, uint32_t mask, int64_t first_code, int k, float* list_val,
-                       int64_t* list_idx) {
+                       int32_t* list_idx) {
   while (mask) {
 #if defined(__GNUC__) || defined(__clang__)
     const int j = __builtin_ctz(mask);
@@ -99,17 +102,15 @@ void topk_insert_lanes(const float* values, uint32_t mask, int64_t first_code, i
     int pos = 0;
     for (int i = 0; i < k - 1; ++i) pos += list_val[i] <= v;
     std::memmove(list_val + pos + 1, list_val + pos, sizeof(float) * static_cast<size_t>(k - 1 - pos));
-    std::memmove(list_idx + pos + 1, list_idx + pos, sizeof(int64_t) * static_cast<size_t>(k - 1 - pos));
+    std::memmove(list_idx + pos + 1, list_idx + pos, sizeof(int32_t) * static_cast<size_t>(k - 1 - pos));
     list_val[pos] = v;
-    list_idx[pos] = first_code + j;
+    list_idx[pos] = static_cast<int32_t>(first_code + j);
   }
 }
 
-namespace {
-
 // Rows r0, r0+1 of the tile, with the arithmetic of search_rows above (same values).
 void search_rows_topk(const float* xpack, int r0, int64_t d, const float* panels, const float* norms,
-                      int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx) {
+                      int64_t npanels, int64_t code_base, int k, float* list_val, int32_t* list_idx) {
   constexpr int R = kRowsPerPass;
   for (int64_t q = 0; q < npanels; ++q) {
     const float* b = panels + q * d * kPanel;
@@ -136,7 +137,7 @@ void search_rows_topk(const float* xpack, int r0, int64_t d, const float* panels
 }  // namespace
 
 void search_tile_topk_portable(const float* xpack, int64_t d, const float* panels, const float* norms,
-                               int64_t npanels, int64_t code_base, int k, float* list_val, int64_t* list_idx) {
+                               int64_t npanels, int64_t code_base, int k, float* list_val, int32_t* list_idx) {
   for (int r = 0; r < kTileRows; r += kRowsPerPass)
     search_rows_topk(xpack, r, d, panels, norms, npanels, code_base, k, list_val, list_idx);
 }
