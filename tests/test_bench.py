@@ -10,7 +10,7 @@ import torch
 
 import fastvq
 from fastvq import _cpu, reference
-from fastvq.bench import cli, judge, providers, report
+from fastvq.bench import cli, device_check, judge, providers, report
 from fastvq.bench.cases import Case, make_data, select_cases
 from fastvq.bench.run import Options, Result, measure_memory, run_case, time_alternating
 
@@ -71,14 +71,32 @@ def test_judge_and_check_pass_the_right_answers_and_reject_the_wrong_ones(monkey
             judge.check_nearest(x, codebook, bad, rows)
     # --check: the cpu backend passes, and an off-by-one nearest_code is caught
     lines = []
-    assert judge.check_device(torch.device("cpu"), lines.append) == 0 and "check cpu: checking" in lines
+    assert device_check.check_device(torch.device("cpu"), lines.append) == 0 and "check cpu: checking" in lines
+    assert "check FastVectorQuantizer under bf16 autocast" in lines
     right = fastvq.nearest_code
 
     def off_by_one(x, codebook, backend):
         indices, sqdist = right(x, codebook, backend=backend)
         return (indices + 1) % len(codebook), sqdist
     monkeypatch.setattr(fastvq, "nearest_code", off_by_one)
-    assert any("chose code" in failure for failure in judge.check_backend("cpu", torch.device("cpu")))
+    assert any("chose code" in failure for failure in device_check.check_backend("cpu", torch.device("cpu")))
+
+
+def test_the_autocast_check_catches_a_wrong_loss_and_a_wrong_code(monkeypatch):
+    right = fastvq.FastVectorQuantizer.forward
+
+    def doubled_loss(self, x, *args, **kwargs):
+        quantized, indices, loss = right(self, x, *args, **kwargs)
+        return quantized, indices, 2 * loss
+
+    def shifted_codes(self, x, *args, **kwargs):
+        quantized, indices, loss = right(self, x, *args, **kwargs)
+        return quantized, (indices + 1) % self.codebook_size, loss
+    assert device_check.check_autocast_module(torch.device("cpu")) == []
+    monkeypatch.setattr(fastvq.FastVectorQuantizer, "forward", doubled_loss)
+    assert "loss" in " ".join(device_check.check_autocast_module(torch.device("cpu")))
+    monkeypatch.setattr(fastvq.FastVectorQuantizer, "forward", shifted_codes)
+    assert "not a nearest code" in " ".join(device_check.check_autocast_module(torch.device("cpu")))
 
 
 def test_run_case_times_the_right_providers_never_the_wrong_one_and_measures_memory(monkeypatch):

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from . import providers, report
 from .cases import CUDA_CASES, DEFAULT_CASES, QUICK_CASES, WORKLOADS, select_cases
-from .judge import check_device
+from .device_check import check_device
 from .run import QUICK, Options, run_case
 
 # --isa avx2: every provider capped at AVX2, as on an AVX2-only CPU. fastvq, ATen, MKL, OpenBLAS and faiss
@@ -27,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastvq.bench", description=__doc__)
     add = p.add_argument
     add("--quick", action="store_true", help="small shapes, 3 repeats, no memory (< 1 minute; CI)")
-    add("--device", default="cpu", help="cpu (default) or cuda[:i]; on CUDA runs are timed with CUDA events")
+    add("--device", default="cpu",
+        help="cpu (default) or cuda[:i]; on CUDA runs are timed with CUDA events after an L2 flush")
     add("--check", action="store_true", help="first check the fastvq backends of --device on edge shapes (fp32, bf16)")
     add("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
     add("--shapes", help="sweep labels and/or NxKxd shapes (-l2: unit rows, -bf16), e.g. core-1,4096x1024x64")

@@ -1,21 +1,14 @@
-"""Correctness, by fastvq.reference's one judge. Before timing (check_output): on an evenly spread subset of rows
+"""Correctness, by fastvq.reference's one judge, before timing (check_output): on an evenly spread subset of rows
 (the direct-difference oracle is slow); approximate providers (faiss IVF) get a float64 recall@1 on more rows.
---check: every fastvq backend that runs on the device; N, K, d from 1, 3, 33, 257, 1030; fp32, bf16; random,
-small-integer (exact, with ties: indices must be argmin's), non-contiguous x; indices, sqdist, quantize, ema_stats."""
-import itertools
-from functools import partial
-
+(--check, the device check before any timing, is device_check.py.)"""
 import torch
 from torch import Tensor
 
-import fastvq
 from fastvq import reference
-from fastvq.dispatch import explain
 
 from .cases import COMMITMENT_WEIGHT, Case, Data
 
 CHECK_ELEMENTS, MIN_ROWS, MAX_ROWS, RECALL_ROWS = 1 << 26, 32, 512, 1024  # the oracle's (rows, K, d) work ~ 2^26
-SHAPES = ((1, 1, 1), (3, 257, 33), (33, 3, 1030), (257, 1030, 3), (1030, 33, 257), (1030, 257, 1))  # --check's
 
 
 class Wrong(Exception):
@@ -123,51 +116,3 @@ def check_residual(case: Case, data: Data, output, rows, best) -> dict:
     if case.workload == "rvq_train" and (output[3].grad is None or not bool(torch.isfinite(output[3].grad).all())):
         raise Wrong("x.grad is missing or non-finite after backward")
     return {"rows": len(rows), "loss": float(losses.detach().sum())}
-
-
-def check_backend(backend: str, device: torch.device) -> list[str]:
-    """What is wrong with one backend over every shape, dtype and kind of input (empty: nothing), as judged by
-    reference.assert_nearest and torch.testing (not assert statements: python -O must not skip the check)."""
-    failures, same = [], partial(torch.testing.assert_close, rtol=0, atol=0)
-    for (n, k, d), dtype in itertools.product(SHAPES, (torch.float32, torch.bfloat16)):
-        g = torch.Generator().manual_seed(n * k + d)
-        codes = torch.randint(-3, 4, (k, d), generator=g).float()
-        codes[1::2] = codes[0:k - 1:2]  # duplicate codes: exact ties
-        for kind, (x, e) in {
-            "random": (torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)),
-            "small-integer": (torch.randint(-3, 4, (n, d), generator=g).float(), codes),
-            "non-contiguous": (torch.randn(d, n, generator=g).T, torch.randn(k, d, generator=g)),
-        }.items():
-            x, e = x.to(device, dtype), e.to(device, dtype)  # e: the codebook
-            try:
-                indices, sqdist = fastvq.nearest_code(x, e, backend=backend)
-                reference.assert_nearest(x.float(), e.float(), indices)
-                if kind == "small-integer":  # exact distances: the indices must be torch.argmin's
-                    same(indices, reference.nearest_code(x.float(), e.float())[0], msg=lambda m: f"not argmin: {m}")
-                torch.testing.assert_close(sqdist, ((x.float() - e.float()[indices]) ** 2).sum(1), rtol=1e-4,
-                                           atol=1e-5 * d, msg=lambda m: f"sqdist != ‖x − e_idx‖²: {m}")
-                quantized, again = fastvq.quantize(x, e, backend=backend)
-                same(again, indices, msg=lambda m: f"quantize's indices differ from nearest_code's: {m}")
-                same(quantized, e[indices], msg=lambda m: f"quantize: quantized != codebook[indices]: {m}")
-                counts, sums = fastvq.ema_stats(x, indices, k, backend=backend)
-                want_counts, want_sums = reference.ema_stats(x, indices, k)
-                same(counts.float(), want_counts.float(), msg=lambda m: f"ema_stats counts: {m}")
-                torch.testing.assert_close(sums.float(), want_sums.float(), rtol=1e-4, atol=1e-3,
-                                           msg=lambda m: f"ema_stats sums: {m}")
-            except Exception as error:  # a crash is a failure too, reported with its configuration
-                failures.append(f"{backend} {n}x{k}x{d} {str(dtype)[6:]} {kind}: {type(error).__name__}: {error}")
-    return failures
-
-
-def check_device(device: torch.device, out=print) -> int:
-    """0 if every backend but the oracle ("torch") that runs on ``device`` is right; 1 if one is wrong or none runs."""
-    reasons = {b: "; ".join(why) for b, why in explain(torch.zeros(1, 1, device=device)).items() if b != "torch"}
-    checked, failures = [b for b, why in reasons.items() if not why], []
-    for backend, why in reasons.items():
-        out(f"check {backend}: " + (f"skipped: {why}" if why else "checking"))
-        failures += [] if why else check_backend(backend, device)
-    for failure in failures:
-        out(f"FAILED {failure}")
-    verdict = f"{', '.join(checked)}: " + (f"{len(failures)} failures" if failures else "all right")
-    out(f"check on {device}: " + (verdict if checked else "no fastvq backend but the torch oracle runs here"))
-    return 1 if failures or not checked else 0

@@ -82,8 +82,12 @@ def _note(result) -> str:
         return f"{result.status.upper()}: {result.reason}"
     if "recall_at_1" in check:
         return f"recall@1 {check['recall_at_1']:.3f} ({check['rows']} rows, nprobe {check['nprobe']}/{check['nlist']})"
-    if "error" in mem or "gpu_delta_mb" in mem:
-        return f"memory: {mem['error']}" if "error" in mem else f"GPU +{mem['gpu_delta_mb']:.0f} MB"
+    if "error" in mem:
+        return f"memory: {mem['error']}"
+    if "gpu_delta_mb" in mem:  # against O(N + K·d): a fused search's own memory is a few floats per row and code
+        case = result.case
+        per_element = mem["gpu_delta_mb"] * 2**20 / (4 * (case.n + case.k * case.d))
+        return f"GPU +{mem['gpu_delta_mb']:.0f} MB = {per_element:.1f}×4 B·(N + K·d)"
     return "yardstick (N×K product)" if result.role == "sgemm" else ""
 
 

@@ -65,13 +65,27 @@ class Result:
         return asdict(self) | {"workload": self.case.workload, "case": case, "timing": self.timing}
 
 
+_L2_FLUSH: dict[torch.device, torch.Tensor] = {}
+
+
+def flush_l2(device: torch.device) -> None:
+    """Overwrite twice the GPU's L2 cache, so a timed run reads its inputs from HBM as a real one would, not from
+    the cache the previous run left warm (the buffer is the bench's, allocated once per device)."""
+    if device not in _L2_FLUSH:
+        size = max(2 * torch.cuda.get_device_properties(device).L2_cache_size, 1 << 20)
+        _L2_FLUSH[device] = torch.empty(size // 4, dtype=torch.int32, device=device)
+    _L2_FLUSH[device].zero_()
+
+
 def time_once(fn: Callable[[], object], device: str = "cpu") -> float:
-    """Seconds for one call: perf_counter on the CPU, CUDA events after a synchronize on a GPU."""
+    """Seconds for one call: perf_counter on the CPU; on a GPU, CUDA events around the call after an L2 flush
+    and a synchronize, so neither the flush nor earlier work is timed."""
     if not device.startswith("cuda"):
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    flush_l2(torch.device(device))
     torch.cuda.synchronize()
     begin.record()
     fn()
