@@ -99,8 +99,8 @@ void quantize_backward(const float* grad_quantized, const float* x, int64_t n, i
   if (grad_x_out) {
     std::vector<float> code_norms;
     if (grad_quantized && rotation_trick) {
-      code_norms.resize(static_cast<size_t>(k));
-#pragma omp parallel for schedule(static) num_threads(nt)
+      code_norms.resize(static_cast<size_t>(k));  // O(K d): threads only where that beats a fork and a join
+#pragma omp parallel for schedule(static) num_threads(nt) if (k * d >= (int64_t{1} << 20))
       for (int64_t c = 0; c < k; ++c) code_norms[c] = norm_of(codebook + c * d, d);
     }
 #pragma omp parallel num_threads(nt)
