@@ -12,7 +12,7 @@ Op map: each op by name through every layer (the kernels keep the op's name in e
 | ema_stats         | csrc/cpu/ema_stats.cpp         | fastvq/triton/ema_stats.py        | csrc/cuda/ema_stats.cu        | reference.ema_stats             | tests/test_ema_stats.py     | fastvq.bench train, kmeans  |
 | snapshot          | (torch clone)                  |                                   |                               |                                 | tests/test_compile.py       |                             |
 | kmeans_init_      | fastvq/nn/codebook_init.py on nearest_code + ema_stats                                                         | | tests/test_module_features.py | |
-| expire_codes_     | fastvq/nn/dead_codes.py (torch)                                                                                | | tests/test_module_features.py | |
+| expire_codes_     | fastvq/nn/dead_codes.py (torch)                                                                                | | tests/test_module_training_options.py | |
 
 The path of one call, e.g. ``FastVectorQuantizer.forward`` → ``ops.quantize`` (here) →
 ``dispatch.resolve`` → ``backends/cpu.py: CpuBackend.nearest_code`` → ``fastvq._cpu.nearest_code``
