@@ -110,8 +110,11 @@ class Codebook(nn.Module):
 
         A code whose smoothed count is 0 (possible only when every count is 0) keeps its value
         instead of vqp's 0/0."""
-        self.embed.data.copy_(embed_from_statistics(self.embed_avg, self.cluster_size, self.eps, self.use_cosine_sim,
-                                                    fallback=self.embed.data))
+        embed = self.embed.data
+        if torch.compiler.is_compiling():  # eager writes in place, one (C, K, d) pass fewer; keep dynamo on copy_
+            embed.copy_(embed_from_statistics(self.embed_avg, self.cluster_size, self.eps, self.use_cosine_sim, embed))
+        else:
+            embed_from_statistics(self.embed_avg, self.cluster_size, self.eps, self.use_cosine_sim, embed, out=embed)
         count_write(self.embed)
 
     @torch.no_grad()

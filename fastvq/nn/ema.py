@@ -22,9 +22,12 @@ def laplace_smoothed_counts(cluster_size: Tensor, eps: float) -> Tensor:
 
 
 def embed_from_statistics(embed_avg: Tensor, cluster_size: Tensor, eps: float, spherical: bool,
-                          fallback: Tensor) -> Tensor:
+                          fallback: Tensor, out: Tensor | None = None) -> Tensor:
     """embed_avg / ñ (C, K, d), l2-normalised for cosine similarity. A code whose smoothed count is
-    0 (only when all of its codebook's counts are 0) takes ``fallback`` instead of vqp's 0/0."""
+    0 (only when all of its codebook's counts are 0) takes ``fallback`` instead of vqp's 0/0.
+    Written into ``out`` when given (which may be ``fallback``)."""
     smoothed = laplace_smoothed_counts(cluster_size, eps).unsqueeze(-1)
-    embed = torch.where(smoothed > 0, embed_avg / smoothed, fallback)
-    return F.normalize(embed, dim=-1, eps=1e-6) if spherical else embed
+    if not spherical:
+        return torch.where(smoothed > 0, embed_avg / smoothed, fallback, out=out)
+    embed = F.normalize(torch.where(smoothed > 0, embed_avg / smoothed, fallback), dim=-1, eps=1e-6)
+    return embed if out is None else out.copy_(embed)
