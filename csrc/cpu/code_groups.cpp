@@ -82,7 +82,8 @@ CodeGroups group_rows_by_code(const int64_t* indices, int64_t n, int64_t k, int 
   g.offsets.assign(static_cast<size_t>(k + 1), 0);
   g.rows.resize(static_cast<size_t>(n));
   // Each thread holds k counters: bound them by a few times n, so a huge k with few rows stays O(n + k).
-  const int64_t nt = k == 0 ? 1 : std::max<int64_t>(1, std::min<int64_t>({num_threads, n / kMinRowsPerThread, 4 * n / k}));
+  const int64_t nt =
+      k == 0 ? 1 : std::max<int64_t>(1, std::min<int64_t>({num_threads, n / kMinRowsPerThread, 4 * n / k}));
   if (nt == 1) {
     group_serial(indices, n, k, g);
     return g;
