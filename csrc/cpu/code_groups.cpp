@@ -1,6 +1,7 @@
-// Stable counting sort of rows by code (see code_groups.h).
+// Per-code sums (code_groups.h): the portable kernels and their SIMD dispatch, the streaming path's
+// code ranges, and the stable counting sort of rows by code for the grouped path.
 //
-// In parallel: each thread counts the codes of its contiguous slice of rows, the per-thread counts are
+// The sort, in parallel: each thread counts the codes of its contiguous slice of rows, the per-thread counts are
 // turned into each thread's first slot for each code (threads in row order), and each thread scatters
 // its rows there. Slices are in row order, so the result is the serial sort's, for any thread count.
 #include "cpu/code_groups.h"
