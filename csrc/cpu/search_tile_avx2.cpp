@@ -291,17 +291,12 @@ __attribute__((noinline)) void insert_lanes(const float* values, uint32_t mask, 
 template <int C>
 void tile_topk(const float* xpack, int64_t d, const float* panels, const float* norms, int64_t npanels,
                int64_t code_base, int k, float* list_val, int32_t* list_idx) {
-  alignas(32) float buf[kPanel];
-  // Lanes of (lo, hi) strictly below row r's k-th value go into its list, codes in order.
-  auto topk = [&](int r, __m256 lo, __m256 hi, int64_t first) {
+  alignas(32) float buf[R][kPanel];
+  // The lanes of row r's (lo, hi) strictly below its k-th value, as a mask (bit j: code 16q + j).
+  auto passing = [&](int r, __m256 lo, __m256 hi) {
     const __m256 threshold = _mm256_set1_ps(list_val[r * k + k - 1]);
-    const uint32_t mask = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(lo, threshold, _CMP_LT_OQ))) |
-                          static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(hi, threshold, _CMP_LT_OQ))) << 8;
-    if (mask) {
-      _mm256_store_ps(buf, lo);
-      _mm256_store_ps(buf + 8, hi);
-      insert_lanes<C>(buf, mask, first, k, list_val + r * k, list_idx + r * k);
-    }
+    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(lo, threshold, _CMP_LT_OQ))) |
+           static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(hi, threshold, _CMP_LT_OQ))) << 8;
   };
   for (int64_t q = 0; q < npanels; ++q) {
     const float* b = panels + q * d * kPanel;
@@ -319,9 +314,17 @@ void tile_topk(const float* xpack, int64_t d, const float* panels, const float* 
       x = _mm256_broadcast_ss(a + 4); c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
       x = _mm256_broadcast_ss(a + 5); c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
     }
-    const int64_t first = code_base + q * kPanel;
-    topk(0, c00, c01, first); topk(1, c10, c11, first); topk(2, c20, c21, first);
-    topk(3, c30, c31, first); topk(4, c40, c41, first); topk(5, c50, c51, first);
+    // One branch per panel in the common case (no lane passes); the winners go in row by row.
+    const uint32_t m[R] = {passing(0, c00, c01), passing(1, c10, c11), passing(2, c20, c21),
+                           passing(3, c30, c31), passing(4, c40, c41), passing(5, c50, c51)};
+    if (!(m[0] | m[1] | m[2] | m[3] | m[4] | m[5])) continue;
+    const __m256 c[R][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int r = 0; r < R; ++r) {
+      _mm256_store_ps(buf[r], c[r][0]);
+      _mm256_store_ps(buf[r] + 8, c[r][1]);
+    }
+    for (int r = 0; r < R; ++r)
+      if (m[r]) insert_lanes<C>(buf[r], m[r], code_base + q * kPanel, k, list_val + r * k, list_idx + r * k);
   }
 }
 
