@@ -96,7 +96,7 @@ class _GreedyLevels(torch.autograd.Function):
             grad_quantized = rows.new_zeros(rows.shape)
         if grad_losses is None:
             grad_losses = rows.new_zeros(levels)
-        grad_quantized = grad_quantized.reshape(rows.shape)
+        grad_quantized = grad_quantized.reshape(rows.shape).contiguous()  # once, not once a level (e.g. expanded)
         scale = 2.0 / max(rows.numel(), 1)  # d/dx of w·mean((x − q)²), as quantize's backward rule
         grad, residual, gathered = None, rows, None
         for level, (weight, rotation_trick, backend) in enumerate(ctx.weights):
