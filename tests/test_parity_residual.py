@@ -17,6 +17,7 @@ import torch
 from fastvq import GroupedResidualVQ, ResidualVQ
 
 from test_parity_vector_quantize import SideBySide
+from test_parity_vector_quantize_extras import FastvqNoiseInVqp
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
 
@@ -77,6 +78,25 @@ CONFIGS = {
     "beam_orthogonal_reg": (dict(beam_size=3, orthogonal_reg_weight=0.5, orthogonal_reg_active_codes_only=True,
                                  orthogonal_reg_max_codes=9), SEQUENCE, {}),
     "beam_one_token_rows": (dict(beam_size=2), (9, DIM), {}),
+    # the diversity loss of every beam's inputs is added to each candidate's loss
+    "beam_2_codebook_diversity_loss": (dict(beam_size=2, codebook_diversity_loss_weight=0.3), SEQUENCE, {}),
+    "beam_4_codebook_diversity_loss": (dict(beam_size=4, codebook_diversity_loss_weight=0.5,
+                                            codebook_diversity_temperature=2.0), SEQUENCE, {}),
+    "beam_4_diversity_mask_cosine": (dict(beam_size=4, codebook_diversity_loss_weight=0.3, use_cosine_sim=True),
+                                     SEQUENCE, dict(mask=MASK)),
+    "beam_2_diversity_learnable_codebook": (dict(beam_size=2, codebook_diversity_loss_weight=0.3, ema_update=False,
+                                                 learnable_codebook=True), SEQUENCE, {}),
+}
+
+# stochastic_sample_codes with vqp's gumbel noise replaced by fastvq's hash (FastvqNoiseInVqp)
+SAMPLING_BEAM_CONFIGS = {
+    "beam_2_stochastic": (dict(beam_size=2, stochastic_sample_codes=True), SEQUENCE, {}),
+    "beam_4_stochastic": (dict(beam_size=4, stochastic_sample_codes=True, sample_codebook_temp=0.7), SEQUENCE, {}),
+    "beam_4_stochastic_mask": (dict(beam_size=4, stochastic_sample_codes=True), SEQUENCE, dict(mask=MASK)),
+    "beam_2_stochastic_cosine_dropout": (dict(beam_size=2, stochastic_sample_codes=True, use_cosine_sim=True,
+                                              num_quantizers=5, quantize_dropout=True), SEQUENCE, {}),
+    "beam_4_stochastic_diversity": (dict(beam_size=4, stochastic_sample_codes=True,
+                                         codebook_diversity_loss_weight=0.3), SEQUENCE, {}),
 }
 
 GROUPED_CONFIGS = {
@@ -139,6 +159,15 @@ class ResidualSideBySide(SideBySide):
         return outputs
 
 
+class BeamNoiseInVqp(FastvqNoiseInVqp):
+    """FastvqNoiseInVqp for beam search: vqp's codebook takes a level's (B, N, beams, d) input with B
+    on its heads axis, so its noise comes as (B, N·beams, K) for one codebook. vqp's own noise is
+    i.i.d. either way; fastvq's is one seed for the codebook over rows numbered across B."""
+
+    def __call__(self, logits):
+        return super().__call__(logits.reshape(1, -1, logits.shape[-1])).view_as(logits)
+
+
 def _as_tuples(*values):
     return [v if isinstance(v, tuple) else (v,) for v in values]
 
@@ -169,6 +198,16 @@ def test_residual_vq_matches_vqp_step_by_step(name, backend, mode):
     dropped = _run(ResidualSideBySide.build_residual(kwargs, backend), shape, forward_kwargs, mode)
     if kwargs.get("quantize_dropout") and mode == "train":
         assert dropped > 0, "no level was dropped in three steps: the dropout rows test nothing"
+
+
+@pytest.mark.parametrize("name", list(SAMPLING_BEAM_CONFIGS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_beam_search_with_stochastic_sampling_matches_vqp_given_the_same_noise(monkeypatch, name, mode):
+    BeamNoiseInVqp(monkeypatch)
+    kwargs, shape, forward_kwargs = SAMPLING_BEAM_CONFIGS[name]
+    dropped = _run(ResidualSideBySide.build_residual(kwargs, "cpu"), shape, forward_kwargs, mode)
+    if kwargs.get("quantize_dropout") and mode == "train":
+        assert dropped > 0, "no level was dropped in three steps: the dropout row tests nothing"
 
 
 @pytest.mark.parametrize("name,backend", _rows(GROUPED_CONFIGS))

@@ -294,6 +294,9 @@ def test_bad_forward_calls():
         ResidualVQ(4, 8, 2, commitment_weight=0.0).train()(x, beam_size=2)
     with pytest.raises(ValueError, match="channel-last inputs"):
         ResidualVQ(4, 8, 2, accept_image_fmap=True)(torch.randn(2, 4, 3, 3), beam_size=2)
+    for name, kwargs in (("commitment_use_cross_entropy_loss", {}), ("straight_through", dict(rotation_trick=False))):
+        with pytest.raises(ValueError, match=f"beam search in training with {name}=True is not supported"):
+            ResidualVQ(4, 8, 2, **{name: True}, **kwargs).train()(x, beam_size=2)
     with pytest.raises(ValueError, match="dim must be divisible by groups"):
         GroupedResidualVQ(dim=6, groups=4, num_quantizers=2, codebook_size=8)
     with pytest.raises(ValueError, match="dim must be an int >= 1, got 0"):

@@ -8,6 +8,11 @@ path (``update_indices``; vqp 1.32 updates level 0 only, reproduced below). Here
 their squared distances come from ``fastvq.nearest_codes``; the choice uses those distances (vqp's
 candidate losses up to the order of a d-term sum), and only the chosen candidates are rebuilt with
 a gradient, by vqp's elementwise formulas, so returned values and gradients are vqp's.
+
+In training, ``stochastic_sample_codes`` draws each beam's k candidates as the layer's top-k does
+(the k best Gumbel-perturbed codes, one seed per level from torch's generator) and scores them by
+their elementwise loss; ``codebook_diversity_loss_weight`` adds the level's diversity loss, one
+scalar over all its beams' inputs (vqp's averages over rows at each beam slot), to every candidate.
 """
 from __future__ import annotations
 
@@ -17,11 +22,12 @@ from torch import Tensor
 
 from ..checks import short_repr
 from ..numerics import compute_dtype
-
+from .code_choice import sample_codes_rows
+from .softmax_losses import softmax_losses
 
 
 def beam_search_forward(rvq, x: Tensor, mask: Tensor | None, beam: int, freeze_codebook: bool,
-                        drop_level: int | None):
+                        drop_level: int | None, sample_codebook_temp: float | None = None):
     """x (..., codebook_dim), channel-last. Returns quantized (..., codebook_dim), indices (..., L),
     losses (L,) and the chosen path's level-0 input (..., 1, codebook_dim)."""
     _check_beam_search(rvq, x, mask)
@@ -36,11 +42,15 @@ def beam_search_forward(rvq, x: Tensor, mask: Tensor | None, beam: int, freeze_c
             history.drop_level()
             continue
         is_last = level == (drop_level if drop_level is not None else len(rvq.layers) - 1)
+        temperature = layer.sample_codebook_temp if sample_codebook_temp is None else float(sample_codebook_temp)
+        sample = rvq.training and layer.stochastic_sample_codes and temperature > 0
         # Keeping one candidate, each beam's nearest code is its only contender (vqp's top-1 of all
-        # beam·k candidates is among them), unless the orthogonal loss counts every candidate's code.
-        every_candidate = layer.has_codebook_orthogonal_loss and layer.orthogonal_reg_active_codes_only
+        # beam·k candidates is among them), unless the orthogonal loss counts every candidate's code
+        # or the candidates are sampled (the first draw need not be the nearest).
+        every_candidate = sample or (layer.has_codebook_orthogonal_loss and layer.orthogonal_reg_active_codes_only)
         expand = 1 if is_last and not every_candidate else beam
-        candidates, candidate_loss, orthogonal = _expand(layer, rows, row_mask, expand, rvq.training)
+        candidates, candidate_loss, terms = _expand(layer, rows, row_mask, expand, rvq.training,
+                                                    temperature if sample else None)
         weight = rvq.beam_score_weights[level]
         all_scores = (scores.unsqueeze(-1) + (-candidate_loss * weight)).flatten(-2)
         keep = 1 if is_last else beam
@@ -51,7 +61,7 @@ def beam_search_forward(rvq, x: Tensor, mask: Tensor | None, beam: int, freeze_c
         num_codes = candidates.shape[-1]
         parent, codes = chosen // num_codes, candidates.flatten(-2).gather(-1, chosen)
         parent_rows = _take(rows, parent)
-        quantized, loss = _rebuild(layer, parent_rows, codes, row_mask, orthogonal, rvq.training, freeze_codebook)
+        quantized, loss = _rebuild(layer, parent_rows, codes, row_mask, terms, rvq.training, freeze_codebook)
         history.extend(parent, codes if row_mask is None else codes.masked_fill(~row_mask[:, None], -1), loss)
         quantized_out = _take(quantized_out, parent) + quantized
         rows = parent_rows - _frac_gradient(quantized, rvq.quant_grad_frac)
@@ -81,18 +91,18 @@ def _check_beam_search(rvq, x: Tensor, mask) -> None:
     if rvq.training and not layer.has_commitment_loss:
         raise ValueError("beam search in training needs commitment_weight > 0: the candidates are scored by their "
                          "commitment loss (vector-quantize-pytorch 1.32 fails without one)")
-    for name, default in (("stochastic_sample_codes", False), ("codebook_diversity_loss_weight", 0.0),
-                          ("commitment_use_cross_entropy_loss", False), ("straight_through", False)):
-        value = getattr(layer, name, default)
-        if rvq.training and value != default:  # each changes vqp's top-k step in training only
-            raise ValueError(f"beam search in training with {name}={short_repr(value)} is not implemented in fastvq")
+    for name in ("commitment_use_cross_entropy_loss", "straight_through"):
+        if rvq.training and getattr(layer, name):  # each breaks vqp's top-k step in training only
+            raise ValueError(f"beam search in training with {name}=True is not supported: vector-quantize-pytorch "
+                             f"1.32's beam search fails on it too")
     if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"mask must have shape {tuple(x.shape[:-1])} (x's shape without dim), got {short_repr(mask)}")
 
 
-def _expand(layer, rows: Tensor, row_mask: Tensor | None, beam: int, training: bool):
-    """Each beam's k nearest codes (M, beams, k) and their losses (M, beams, k) without a
-    gradient, vqp's VectorQuantize(topk=k) values; plus the level's orthogonal loss or None."""
+def _expand(layer, rows: Tensor, row_mask: Tensor | None, beam: int, training: bool, temperature: float | None):
+    """Each beam's k candidate codes (M, beams, k) and their losses (M, beams, k) without a
+    gradient, vqp's VectorQuantize(topk=k) values; plus the level's weighted scalar terms
+    (diversity, orthogonal), each None or with its gradient. temperature: sample the candidates."""
     from .. import nearest_codes  # fastvq's fused top-k search
 
     state = layer._codebook
@@ -104,22 +114,30 @@ def _expand(layer, rows: Tensor, row_mask: Tensor | None, beam: int, training: b
     k = min(beam, layer.codebook_size)
     codebook = state.embed.detach()[0]
     search = inputs.reshape(-1, width).to(compute_dtype(inputs.dtype))
-    candidates, sqdist = nearest_codes(search, codebook.to(search.dtype), k, backend=layer.backend)
-    candidates = candidates.view(num_rows, beams, k)
+    loss_dtype = torch.promote_types(rows.dtype, torch.float32)
+    if temperature is not None:  # the layer's top-k draw, scored by vqp's elementwise loss
+        candidates = sample_codes_rows(search[None], codebook[None].to(search.dtype), temperature, layer.use_cosine_sim,
+                                       k, layer.backend)[0]
+        codes = codebook.to(search.dtype)[candidates]
+        losses = ((codes - search[:, None]) ** 2).mean(-1).to(loss_dtype).view(num_rows, beams, k)
+        candidates = candidates.view(num_rows, beams, k)
+    else:
+        candidates, sqdist = nearest_codes(search, codebook.to(search.dtype), k, backend=layer.backend)
+        candidates = candidates.view(num_rows, beams, k)
+        # vqp's candidate loss, mean((e − x)²) over d, from the kernel's directly computed ‖x − e‖²: the same
+        # value up to the order of the d-term sum (the chosen candidates' losses are recomputed as vqp does).
+        losses = sqdist.view(num_rows, beams, k).to(loss_dtype) / width
+    diversity = _diversity(layer, rows) if training else None
     orthogonal = _orthogonal(layer, candidates) if training else None
-    # vqp's candidate loss, mean((e − x)²) over d, from the kernel's directly computed ‖x − e‖²: the same
-    # value up to the order of the d-term sum (the chosen candidates' losses are recomputed as vqp does).
-    losses = sqdist.view(num_rows, beams, k).to(torch.promote_types(rows.dtype, torch.float32)) / width
     if row_mask is not None:
         losses = torch.where(row_mask[:, None, None], losses, 0.0)
     if training or layer.has_commitment_loss:
         losses = losses * layer.commitment_weight
-    if orthogonal is not None:
-        losses = losses + orthogonal.detach()
-    return candidates, losses, orthogonal
+    losses = _add_terms(losses, (diversity, orthogonal), detach=True)
+    return candidates, losses, (diversity, orthogonal)
 
 
-def _rebuild(layer, parent_rows: Tensor, codes: Tensor, row_mask: Tensor | None, orthogonal, training: bool,
+def _rebuild(layer, parent_rows: Tensor, codes: Tensor, row_mask: Tensor | None, terms, training: bool,
              frozen: bool):
     """The chosen candidates (M, beams, d) with vqp's gradients: the straight-through or rotated
     code for each, its loss, and vqp's masked values."""
@@ -132,26 +150,52 @@ def _rebuild(layer, parent_rows: Tensor, codes: Tensor, row_mask: Tensor | None,
         commit = quantized.detach() if detach else quantized
         if parent_rows.requires_grad and layer.route_gradients_to_input:
             quantized = _rotate_to(inputs, quantized) if layer.rotation_trick else inputs + (quantized - inputs).detach()
-        loss = _commitment(layer, commit, inputs, row_mask, orthogonal, training)
+        loss = _commitment(layer, commit, inputs, row_mask, terms, training)
     else:
-        loss = _commitment(layer, quantized, inputs, row_mask, None, training)
+        loss = _commitment(layer, quantized, inputs, row_mask, (None, None), training)
     if row_mask is not None:
         fill = torch.zeros_like(parent_rows) if layer.return_zeros_for_masked_padding else parent_rows
         quantized = torch.where(row_mask[:, None, None], quantized, fill)
     return quantized, loss
 
 
-def _commitment(layer, codes: Tensor, inputs: Tensor, row_mask, orthogonal, training: bool) -> Tensor:
+def _commitment(layer, codes: Tensor, inputs: Tensor, row_mask, terms, training: bool) -> Tensor:
     """vqp's per-candidate loss: mean squared error over d (0 on masked rows), times the
-    commitment weight (in eval only when the level has a commitment loss), plus the orthogonal term."""
+    commitment weight (in eval only when the level has a commitment loss), plus the scalar terms."""
     loss = F.mse_loss(codes, inputs.expand_as(codes), reduction="none").mean(-1)
     if row_mask is not None:
         loss = torch.where(row_mask.view(-1, *([1] * (loss.dim() - 1))), loss, 0.0)
     if training or layer.has_commitment_loss:
         loss = loss * layer.commitment_weight
+    return _add_terms(loss, terms, detach=False)
+
+
+def _add_terms(loss: Tensor, terms, detach: bool) -> Tensor:
+    """vqp's sum for each candidate: (diversity + commitment) + orthogonal, in that order."""
+    diversity, orthogonal = terms
+    if diversity is not None:
+        loss = (diversity.detach() if detach else diversity) + loss
     if orthogonal is not None:
-        loss = loss + orthogonal
+        loss = loss + (orthogonal.detach() if detach else orthogonal)
     return loss
+
+
+def _diversity(layer, rows: Tensor) -> Tensor | None:
+    """The level's weighted codebook-diversity loss over every beam's input rows (M, beams, d), with
+    the gradient to them (and to a learnable codebook): vqp's distances (1, M, beams, K) averaged
+    over rows at each beam slot, −entropy per slot, mean over the slots."""
+    if not layer.has_codebook_diversity_loss:
+        return None
+    from .. import ops
+
+    state = layer._codebook
+    # a copy: the codebook step after the search rewrites embed in place, and the backward needs this one
+    codebook = state.embed.clone() if state.learnable_codebook else ops.snapshot(state.embed.detach())
+    num_rows, beams, width = rows.shape
+    inputs = _transform(layer, rows).reshape(1, num_rows * beams, width)
+    _, diversity = softmax_losses(inputs, codebook, None, layer.use_cosine_sim, cross_entropy=False, diversity=True,
+                                  positions=beams, temperature=layer.codebook_diversity_temperature)
+    return diversity * layer.codebook_diversity_loss_weight
 
 
 def _orthogonal(layer, candidates: Tensor) -> Tensor | None:
