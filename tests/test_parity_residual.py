@@ -97,6 +97,8 @@ SAMPLING_BEAM_CONFIGS = {
                                               num_quantizers=5, quantize_dropout=True), SEQUENCE, {}),
     "beam_4_stochastic_diversity": (dict(beam_size=4, stochastic_sample_codes=True,
                                          codebook_diversity_loss_weight=0.3), SEQUENCE, {}),
+    "beam_2_stochastic_forward_temperature": (dict(beam_size=2, stochastic_sample_codes=True), SEQUENCE,
+                                              dict(sample_codebook_temp=2.5)),
 }
 
 GROUPED_CONFIGS = {

@@ -3,7 +3,8 @@
 Level i quantizes what levels < i left over (SoundStream's Algorithm 1). The constructor, the
 forward call, the returns, the state_dict keys and the RNG-driven choices (quantize dropout,
 k-means seeds, dead codes) are vqp's; beam search (nn/beam_search.py) expands each beam with
-fastvq.nearest_codes instead of an N×K one-hot.
+fastvq.nearest_codes (with stochastic_sample_codes in training, the k best Gumbel-perturbed codes)
+instead of an N×K one-hot.
 """
 from __future__ import annotations
 
@@ -155,7 +156,7 @@ class ResidualVQ(nn.Module):
                                        self.quantize_dropout_multiple_of)
         if beam is not None and beam > 1:
             quantized_out, all_indices, all_losses, all_residuals = beam_search_forward(
-                self, x, mask, beam, freeze_codebook, drop_level)
+                self, x, mask, beam, freeze_codebook, drop_level, sample_codebook_temp)
         else:
             quantized_out, all_indices, all_losses, all_residuals = self._greedy(
                 x, mask, sample_codebook_temp, freeze_codebook, drop_level)
