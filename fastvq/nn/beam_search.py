@@ -23,6 +23,7 @@ from torch import Tensor
 from ..checks import short_repr
 from ..numerics import compute_dtype
 from .code_choice import sample_codes_rows
+from .orthogonal import codebook_orthogonal_loss
 from .softmax_losses import softmax_losses
 
 
@@ -200,17 +201,9 @@ def _diversity(layer, rows: Tensor) -> Tensor | None:
 
 def _orthogonal(layer, candidates: Tensor) -> Tensor | None:
     """The level's weighted orthogonal loss, drawn as vqp draws it (over all candidates' codes)."""
-    from .vector_quantizer import _orthogonal_loss
-
     if not layer.has_codebook_orthogonal_loss:
         return None
-    codebook = layer._codebook.embed
-    if layer.orthogonal_reg_active_codes_only:
-        codebook = codebook[:, torch.unique(candidates)]
-    num_codes = codebook.shape[-2]
-    if layer.orthogonal_reg_max_codes is not None and num_codes > layer.orthogonal_reg_max_codes:
-        codebook = codebook[:, torch.randperm(num_codes, device=codebook.device)[:layer.orthogonal_reg_max_codes]]
-    return _orthogonal_loss(codebook) * layer.orthogonal_reg_weight
+    return codebook_orthogonal_loss(layer, candidates) * layer.orthogonal_reg_weight
 
 
 def _transform(layer, rows: Tensor) -> Tensor:

@@ -1,17 +1,18 @@
-"""Shapes of vector-quantize-pytorch's VectorQuantize: its input layouts and its head split.
+"""Shapes of vector-quantize-pytorch's VectorQuantize: its input layouts, projections and head split.
 
 Inputs are (B, N, dim) channel-last, (B, dim) for one token, (B, dim, N) with
 ``channel_last=False``, (B, dim, H, W) with ``accept_image_fmap`` and (B, dim, D, H, W) with
 ``accept_3d_fmap``; fastvq also takes channel-last (B, ..., dim). Inside, every layout is
-(B, N, dim). The heads split the projected (B, N, heads·d) into rows (C, M, d), in vqp's row
-order: one codebook per head gives C = heads rows (B, N) each; a shared codebook gives C = 1
-and M = B·heads·N rows ordered (b, h, n).
+(B, N, dim). vqp's projections map dim to heads·codebook_dim and back when they differ. The heads
+split the projected (B, N, heads·d) into rows (C, M, d), in vqp's row order: one codebook per head
+gives C = heads rows (B, N) each; a shared codebook gives C = 1 and M = B·heads·N rows ordered
+(b, h, n).
 """
 from __future__ import annotations
 
 import math
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..checks import shape_str
 
@@ -81,3 +82,14 @@ def merge_heads(rows: Tensor, batch: int, heads: int, separate: bool) -> Tensor:
     if separate:
         return rows.reshape(heads, batch, length, *tail).movedim(0, 2)
     return rows.reshape(batch, heads, length, *tail).movedim(1, 2)
+
+
+def projections(dim: int, codebook_input_dim: int, layernorm: bool) -> tuple[nn.Module, nn.Module]:
+    """vqp's project_in (a Linear, then a LayerNorm when asked) and project_out; identities when the
+    codebook input width equals dim."""
+    if codebook_input_dim == dim:
+        return nn.Identity(), nn.Identity()
+    project_in = nn.Linear(dim, codebook_input_dim)
+    if layernorm:
+        project_in = nn.Sequential(project_in, nn.LayerNorm(codebook_input_dim))
+    return project_in, nn.Linear(codebook_input_dim, dim)

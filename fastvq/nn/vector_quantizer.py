@@ -32,7 +32,8 @@ from .codebook import Codebook
 from .compat import check_vector_quantize_arguments, reject_unsupported_forward
 from .distributed import is_distributed
 from .index_methods import IndexMethods, select_rows
-from .layout import ChannelLayout, merge_heads, split_heads
+from .layout import ChannelLayout, merge_heads, projections, split_heads
+from .orthogonal import codebook_orthogonal_loss
 from .softmax_losses import GumbelStraightThrough, dense_softmax_losses, softmax_losses
 from .stats import code_counts, codebook_stats
 from .topk import TopkMethods, topk_layout
@@ -91,7 +92,7 @@ class FastVectorQuantizer(IndexMethods, TopkMethods, nn.Module):
         codebook_input_dim = self.codebook_dim * heads
         self.has_projections = codebook_input_dim != dim
         # Built in vqp's order (project_in, project_out, codebook), so one seed gives one state.
-        self.project_in, self.project_out = _projections(dim, codebook_input_dim, layernorm_after_project_in)
+        self.project_in, self.project_out = projections(dim, codebook_input_dim, layernorm_after_project_in)
         self.eps = eps
         self.commitment_weight = float(commitment_weight)
         self.commitment_use_cross_entropy_loss = bool(commitment_use_cross_entropy_loss)
@@ -385,39 +386,13 @@ class FastVectorQuantizer(IndexMethods, TopkMethods, nn.Module):
             loss = loss + commit
             commitment = commit / self.commitment_weight
         if self.has_codebook_orthogonal_loss:
-            codebook = self._codebook.embed
-            if self.orthogonal_reg_active_codes_only:
-                codebook = codebook[:, torch.unique(indices)]
-            num_codes = codebook.shape[-2]
-            if self.orthogonal_reg_max_codes is not None and num_codes > self.orthogonal_reg_max_codes:
-                codebook = codebook[:, torch.randperm(num_codes, device=codebook.device)[:self.orthogonal_reg_max_codes]]
-            orthogonal = _orthogonal_loss(codebook)
+            orthogonal = codebook_orthogonal_loss(self, indices)
             loss = loss + orthogonal * self.orthogonal_reg_weight
         if not loss.requires_grad and not torch.compiler.is_compiling():
             # No term needs a gradient (x without one, a buffer codebook): keep the value, and let backward()
             # accept it as vqp's does. Dynamo cannot return a requires_grad_() tensor, so compiled it stays as is.
             loss = loss.detach().requires_grad_()
         return loss, LossBreakdown(commitment, zero if diversity is None else diversity, orthogonal, zero)
-
-
-def _projections(dim: int, codebook_input_dim: int, layernorm: bool) -> tuple[nn.Module, nn.Module]:
-    """vqp's project_in (a Linear, then a LayerNorm when asked) and project_out; identities when the
-    codebook input width equals dim."""
-    if codebook_input_dim == dim:
-        return nn.Identity(), nn.Identity()
-    project_in = nn.Linear(dim, codebook_input_dim)
-    if layernorm:
-        project_in = nn.Sequential(project_in, nn.LayerNorm(codebook_input_dim))
-    return project_in, nn.Linear(codebook_input_dim, dim)
-
-
-def _orthogonal_loss(codebook: Tensor) -> Tensor:
-    """Eq. (2) of Shin et al. 2021 as vqp computes it: mean squared cosine similarity − 1/K.
-    Builds the K×K similarity of the codebook (not of the data); bound it with orthogonal_reg_max_codes."""
-    heads, num_codes = codebook.shape[:2]
-    normed = F.normalize(codebook, dim=-1, eps=1e-6)
-    cosine = normed @ normed.transpose(-1, -2)
-    return (cosine**2).sum() / (heads * num_codes**2) - 1 / num_codes
 
 
 def _no_autocast(device_type: str):
