@@ -11,19 +11,25 @@ from ._jit import device_function
 
 
 @device_function
+def centred_x_slice(x_rows, stride_xd, row_mask, centre_ptr, cols, d, codes_ptr, CAST_TO_FP32: tl.constexpr):
+    """Columns ``cols`` of the program's rows of x − c, rounded to the codes' dtype (then float32 with
+    CAST_TO_FP32); zero past d and on rows past N."""
+    col_mask = cols < d
+    x_slice = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    centre = tl.load(centre_ptr + cols, mask=col_mask, other=0.0)
+    x_slice = (x_slice.to(tl.float32) - centre[None, :]).to(codes_ptr.dtype.element_ty)
+    if CAST_TO_FP32:
+        x_slice = x_slice.to(tl.float32)
+    return x_slice
+
+
+@device_function
 def centred_x_tile(x_rows, stride_xd, row_mask, centre_ptr, lanes_d, d, codes_ptr,
                    CAST_TO_FP32: tl.constexpr, X_RESIDENT: tl.constexpr):
-    """The program's rows of x − c, rounded to the codes' dtype (float32 with CAST_TO_FP32), held in
-    registers for the whole codebook walk when X_RESIDENT (d <= BLOCK_D); else a placeholder that the
-    d-sliced score_tile never reads."""
+    """The program's rows of x − c (centred_x_slice), held in registers for the whole codebook walk when
+    X_RESIDENT (d <= BLOCK_D); else a placeholder that the d-sliced score_tile never reads."""
     if X_RESIDENT:
-        d_mask = lanes_d < d
-        x_tile = tl.load(x_rows + lanes_d[None, :] * stride_xd, mask=row_mask[:, None] & d_mask[None, :],
-                         other=0.0)
-        centre = tl.load(centre_ptr + lanes_d, mask=d_mask, other=0.0)
-        x_tile = (x_tile.to(tl.float32) - centre[None, :]).to(codes_ptr.dtype.element_ty)
-        if CAST_TO_FP32:
-            x_tile = x_tile.to(tl.float32)
+        x_tile = centred_x_slice(x_rows, stride_xd, row_mask, centre_ptr, lanes_d, d, codes_ptr, CAST_TO_FP32)
     else:
         x_tile = tl.zeros([1], tl.float32)
     return x_tile
@@ -49,13 +55,9 @@ def score_tile(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_
             cols = d0 + lanes_d
             col_mask = cols < d
             e_t = tl.load(codes_t + cols[:, None], mask=col_mask[:, None] & code_mask[None, :], other=0.0)
-            x_t = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_mask[:, None] & col_mask[None, :],
-                          other=0.0)
-            centre = tl.load(centre_ptr + cols, mask=col_mask, other=0.0)
-            x_t = (x_t.to(tl.float32) - centre[None, :]).to(codes_ptr.dtype.element_ty)
             if CAST_TO_FP32:
                 e_t = e_t.to(tl.float32)
-                x_t = x_t.to(tl.float32)
+            x_t = centred_x_slice(x_rows, stride_xd, row_mask, centre_ptr, cols, d, codes_ptr, CAST_TO_FP32)
             xe = tl.dot(x_t, e_t, xe, input_precision=INPUT_PRECISION)
     norms = tl.load(code_norms_ptr + codes, mask=code_mask, other=0.0)
     score = tl.fma(xe, -2.0, norms[None, :])  # explicit: Triton's default FP fusion may change
