@@ -68,6 +68,7 @@ __attribute__((always_inline)) inline void run_panels(Lanes& lanes, const float*
            c41 = c01, c50 = c00, c51 = c01;
     for (int64_t p = 0; p < d; ++p, a += R, b += kPanel) {
       const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+      _mm_prefetch(reinterpret_cast<const char*>(b + d * kPanel), _MM_HINT_T0);  // search_tile_avx512.cpp: ahead
       __m256 x;
       x = _mm256_broadcast_ss(a + 0); c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
       x = _mm256_broadcast_ss(a + 1); c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
@@ -306,6 +307,7 @@ void tile_topk(const float* xpack, int64_t d, const float* panels, const float* 
            c41 = c01, c50 = c00, c51 = c01;
     for (int64_t p = 0; p < d; ++p, a += R, b += kPanel) {
       const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+      _mm_prefetch(reinterpret_cast<const char*>(b + d * kPanel), _MM_HINT_T0);  // search_tile_avx512.cpp: ahead
       __m256 x;
       x = _mm256_broadcast_ss(a + 0); c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
       x = _mm256_broadcast_ss(a + 1); c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);

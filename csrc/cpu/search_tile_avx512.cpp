@@ -7,9 +7,10 @@
 //
 // Same packing as every level (panels of 16 codes = one zmm). Register blocking: the 6-row
 // packed tile against two consecutive panels, 12 zmm accumulators initialised with ||e||^2;
-// per p: 2 loads, 6 broadcasts, 12 FMAs. The lane-wise running best of the 6 rows (value and
-// index, 12 zmm) stays in registers: 32 zmm registers leave room for it, and the masked
-// compare + 2 masked moves epilogue is 3 cheap instructions per accumulator.
+// per p: 2 loads, 6 broadcasts, 12 FMAs, and 2 prefetches of the next pair's lines. The lane-wise
+// running best of the 6 rows (value and index, 12 zmm) stays in registers: 32 zmm registers leave
+// room for it, and the masked compare + 2 masked moves epilogue is 3 cheap instructions per
+// accumulator.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -45,6 +46,10 @@ void search_tile_avx512(const float* xpack, int64_t d, const float* panels, cons
   __m512i id = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i step = _mm512_set1_epi32(kPanel);
 
+  // The same line of the next pair of panels: each panel is d lines of its own (one 4 KiB page at
+  // d = 64), which the hardware prefetchers do not run ahead into, so a tile streaming its
+  // panels from memory or L3 would wait on every first line.
+  const int64_t ahead = 2 * d * kPanel;
   int64_t q = 0;
   for (; q + 2 <= npanels; q += 2) {
     const float* b = panels + q * d * kPanel;
@@ -55,6 +60,8 @@ void search_tile_avx512(const float* xpack, int64_t d, const float* panels, cons
            c41 = c01, c50 = c00, c51 = c01;
     for (int64_t p = 0; p < d; ++p, a += R, b += kPanel, b2 += kPanel) {
       const __m512 e0 = _mm512_load_ps(b), e1 = _mm512_load_ps(b2);
+      _mm_prefetch(reinterpret_cast<const char*>(b + ahead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b2 + ahead), _MM_HINT_T0);
       __m512 x;
       x = _mm512_set1_ps(a[0]); c00 = _mm512_fmadd_ps(x, e0, c00); c01 = _mm512_fmadd_ps(x, e1, c01);
       x = _mm512_set1_ps(a[1]); c10 = _mm512_fmadd_ps(x, e0, c10); c11 = _mm512_fmadd_ps(x, e1, c11);
@@ -264,6 +271,7 @@ __attribute__((always_inline)) inline void topk_epilogue(const __m512 (&c)[R * k
 template <int C>
 void tile_topk(const float* xpack, int64_t d, const float* panels, const float* norms, int64_t npanels,
                int64_t code_base, int k, float* list_val, int32_t* list_idx) {
+  const int64_t ahead = 2 * d * kPanel;  // as search_tile_avx512
   int64_t q = 0;
   for (; q + 2 <= npanels; q += 2) {
     const float* b = panels + q * d * kPanel;
@@ -274,6 +282,8 @@ void tile_topk(const float* xpack, int64_t d, const float* panels, const float* 
            c41 = c01, c50 = c00, c51 = c01;
     for (int64_t p = 0; p < d; ++p, a += R, b += kPanel, b2 += kPanel) {
       const __m512 e0 = _mm512_load_ps(b), e1 = _mm512_load_ps(b2);
+      _mm_prefetch(reinterpret_cast<const char*>(b + ahead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b2 + ahead), _MM_HINT_T0);
       __m512 x;
       x = _mm512_set1_ps(a[0]); c00 = _mm512_fmadd_ps(x, e0, c00); c01 = _mm512_fmadd_ps(x, e1, c01);
       x = _mm512_set1_ps(a[1]); c10 = _mm512_fmadd_ps(x, e0, c10); c11 = _mm512_fmadd_ps(x, e1, c11);
