@@ -237,6 +237,69 @@ def test_quantize_backward_in_double_each_output_alone_any_thread_count(n, k, d,
     assert torch.equal(run_backward(gq, x, e, idx, cs, ks, want_x=False, num_threads=3)[1], gc)
 
 
+def rotation_inputs(n, k, d, commit_scale, seed):
+    """(grad, x, e, idx) for the rotation trick: ordinary rows; rows 1, 3, 5, ... whose upstream
+    gradient g = R·(−(c/s)(x − q)), formed in float64 and rounded, nearly cancels the commitment term,
+    so that grad_x is ~1e-7 of its terms and a difference in how the double sums are ordered or
+    rounded shows in its float32 bits; and rows x = 0, x = q, x = −q."""
+    g = torch.Generator().manual_seed(seed)
+    x, e = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    idx = torch.randint(0, k, (n,), generator=g)
+    x[0:1], x[2:3], x[4:5] = 0.0, e[idx[2:3]], -e[idx[4:5]]
+    xd, q = x.double(), e.double()[idx]
+    x_norm, q_norm = xd.norm(dim=1, keepdim=True), q.norm(dim=1, keepdim=True)
+    u, q_unit = xd / x_norm, q / q_norm
+    w = torch.nn.functional.normalize(u + q_unit, dim=1)
+    v = -commit_scale * x_norm / q_norm * (xd - q)
+    cancelling = v - 2 * w * (w * v).sum(1, keepdim=True) + 2 * q_unit * (u * v).sum(1, keepdim=True)
+    grad = torch.randn(n, d, generator=g)
+    grad[1::2] = cancelling[1::2].float()
+    return grad, x, e, idx
+
+
+def run_rotation(grad, x, e, idx, commit_scale, num_threads):
+    gx = torch.full_like(x, -7.0)
+    _cpu.quantize_backward(grad, x, e, idx, commit_scale, 0.0, gx, None, num_threads, rotation_trick=True)
+    return gx
+
+
+COMMIT = 0.375  # exact in float32, as the op takes it
+ROTATION_SHAPES = [(1, 1, 1), (300, 7, 3), (64, 5, 16), (1030, 257, 33), (257, 40, 130)]
+
+
+@pytest.mark.parametrize("n,k,d", ROTATION_SHAPES)
+def test_rotation_backward_in_double_rounded_once(n, k, d, simd_level):
+    """grad_x is its float64 value rounded once: within half an ulp of the float64 reference, up to the
+    double arithmetic's own error, ~1e-15 of the row's terms (float32 arithmetic, as vqp's, is off by
+    ~1e-8 of them, which the rows that cancel to ~1e-7 of their terms show)."""
+    grad, x, e, idx = rotation_inputs(n, k, d, COMMIT, seed=n + d)
+    want, _ = reference.quantize_backward(grad.double(), x.double(), e.double(), idx,
+                                          torch.tensor(COMMIT, dtype=torch.float64), torch.tensor(0.0),
+                                          rotation_trick=True)
+    got = run_rotation(grad, x, e, idx, COMMIT, 2).double()
+    x, q = x.double(), e.double()[idx]
+    s = q.norm(dim=1, keepdim=True) / x.norm(dim=1, keepdim=True).clamp_min(reference.ROTATION_EPS)
+    terms = s * grad.double().norm(dim=1, keepdim=True) + COMMIT * (x - q).norm(dim=1, keepdim=True)
+    excess = (got - want).abs() / (2.0**-24 * want.abs() + 1e-12 * terms)
+    assert float(excess.max()) <= 1.0, f"row {int(excess.amax(1).argmax())}"
+
+
+@pytest.mark.parametrize("n,k,d", ROTATION_SHAPES)
+def test_rotation_backward_same_bits_at_every_simd_level_and_thread_count(n, k, d):
+    args = rotation_inputs(n, k, d, COMMIT, seed=n + d)
+    results = {}
+    try:
+        for level in SIMD_LEVELS:
+            _cpu.set_simd_level(level)
+            for threads in (1, 2, 3):
+                results[level, threads] = run_rotation(*args, COMMIT, threads)
+    finally:
+        _cpu.set_simd_level("auto")
+    first = results["portable", 1]
+    for key, got in results.items():
+        assert torch.equal(got, first), key
+
+
 # ---- argument checks -------------------------------------------------------------------
 
 

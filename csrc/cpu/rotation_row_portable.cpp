@@ -1,0 +1,38 @@
+// The rotation trick's row math (rotation_row.inc) on plain doubles: the version every build has, and
+// the one the SIMD versions match bit for bit.
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/rotation_row.h"
+
+namespace fastvq::cpu {
+namespace {
+
+struct Ops {
+  using V = double;
+  static constexpr int W = 1;
+  static V zero() { return 0.0; }
+  static V set1(double v) { return v; }
+  static V load(const float* p) { return *p; }
+  static V load_d(const double* p) { return *p; }
+  static void store_d(double* p, V v) { *p = v; }
+  static void store(float* p, V v) { *p = static_cast<float>(v); }
+  static V add(V a, V b) { return a + b; }
+  static V fma_exact(V a, V b, V c) { return a * b + c; }
+  static V mul(V a, V b) { return a * b; }
+  static double reduce(V v) { return v; }
+};
+
+#include "cpu/rotation_row.inc"
+
+}  // namespace
+
+RotationCode rotation_code_portable(const float* q, int64_t d) { return code_impl(q, d); }
+
+void rotation_rows_portable(const float* g, const float* x, const float* codebook, const int64_t* indices,
+                         const RotationCode* codes, int64_t begin, int64_t end, int64_t d,
+                         float commit_scale, double* scratch, float* out) {
+  rows_impl(g, x, codebook, indices, codes, begin, end, d, commit_scale, scratch, out);
+}
+
+}  // namespace fastvq::cpu
