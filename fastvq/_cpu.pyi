@@ -68,6 +68,14 @@ def quantize_backward(grad_quantized: Annotated[NDArray, dict(writable=False)] |
     Bitwise identical for any num_threads. Source: csrc/cpu/quantize_backward.cpp.
     """
 
+def residual_level_backward(grad_quantized: Annotated[NDArray, dict(writable=False)], residual: NDArray, codebook: Annotated[NDArray, dict(writable=False)], indices: Annotated[NDArray, dict(writable=False)], commit_scale: float, rotation_trick: bool, accumulate: bool, grad_x: NDArray, tiny_out: NDArray | None = None, num_threads: int = 0) -> None:
+    """
+    One level of ResidualVQ's greedy backward: grad_x = (accumulate: grad_x +) quantize_backward's grad_x
+    of (grad_quantized, residual, codebook, indices, commit_scale, rotation_trick); with tiny_out (uint8,
+    (N,)), residual -= codebook[indices] in place, except on rows flagged in tiny_out (rotation trick
+    only: |residual| may be below eps, rebuilt by the caller). Source: csrc/cpu/residual_level_backward.cpp.
+    """
+
 def simd_level() -> str:
     """
     The nearest_code kernel the dispatcher picks now: 'avx512', 'avx2' or 'portable'.

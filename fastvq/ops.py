@@ -9,6 +9,7 @@ Op map: each op by name through every layer (the kernels keep the op's name in e
 | sample_code       | csrc/cpu/sample_code.cpp       | fastvq/triton/sample_code.py      | (reference, stated fallback)  | reference.sample_code           | tests/test_sample_code.py   |                             |
 | quantize          | nearest_code, + loss here      | nearest_code, + loss here         | nearest_code, + loss here     | reference.quantize              | tests/test_quantize.py      | fastvq.bench train          |
 | quantize_backward | csrc/cpu/quantize_backward.cpp | fastvq/triton/quantize_backward.py| csrc/cuda/quantize_backward.cu| reference.quantize_backward     | tests/test_quantize.py      | fastvq.bench train          |
+| residual_level_backward_ | csrc/cpu/residual_level_backward.cpp | (quantize_backward + torch) | (quantize_backward + torch) | (quantize_backward + torch) | tests/test_residual_fused.py | fastvq.bench rvq_train |
 | ema_stats         | csrc/cpu/ema_stats.cpp         | fastvq/triton/ema_stats.py        | csrc/cuda/ema_stats.cu        | reference.ema_stats             | tests/test_ema_stats.py     | fastvq.bench train, kmeans  |
 | snapshot          | (torch clone)                  |                                   |                               |                                 | tests/test_compile.py       |                             |
 | kmeans_init_      | fastvq/nn/codebook_init.py on nearest_code + ema_stats                                                         | | tests/test_module_features.py | |
@@ -25,6 +26,8 @@ The path of one call, e.g. ``FastVectorQuantizer.forward`` → ``ops.quantize`` 
         -> (quantized, indices, loss)
     fastvq::quantize_backward(grad_quantized, x, codebook, indices, commit_scale, codebook_scale,
                               backend, need_grad_codebook, rotation_trick=False) -> (grad_x, grad_codebook)
+    fastvq::residual_level_backward_(grad_x, residual, grad_quantized, codebook, indices, commit_scale, backend,
+                                     rotation_trick, accumulate, advance) -> ()   (mutates grad_x, residual)
     fastvq::ema_stats(x, indices, num_codes, backend) -> (counts, sums)
     fastvq::snapshot(tensor) -> copy
     fastvq::kmeans_init_(embed, cluster_size, embed_avg, initted, x, iters, spherical, eps, sync, backend)
@@ -218,6 +221,54 @@ def quantize_backward(
 def _(grad_quantized, x, codebook, indices, commit_scale, codebook_scale, backend, need_grad_codebook,
       rotation_trick=False):
     return x.new_empty(x.shape), (codebook.new_empty(codebook.shape) if need_grad_codebook else codebook.new_empty((0,)))
+
+
+# ---- residual_level_backward_ ---------------------------------------------------------------
+@torch.library.custom_op("fastvq::residual_level_backward_", mutates_args=("grad_x", "residual"))
+def residual_level_backward_(
+    grad_x: Tensor,
+    residual: Tensor,
+    grad_quantized: Tensor,
+    codebook: Tensor,
+    indices: Tensor,
+    commit_scale: Tensor,
+    backend: str,
+    rotation_trick: bool,
+    accumulate: bool,
+    advance: bool,
+) -> None:
+    """One level of ResidualVQ's greedy backward (fastvq/nn/greedy_levels.py), on float32 (M, d) tensors the
+    caller owns: grad_x = quantize_backward's grad_x of (grad_quantized, residual, codebook, indices,
+    commit_scale, rotation_trick), added to grad_x when ``accumulate``; then, with ``advance``, residual −= the
+    level's quantized value in place (the code, or with the rotation trick its value on tiny rows), bitwise
+    as the forward formed the next level's input. The cpu backend does it in one pass; the others compose
+    quantize_backward and torch ops."""
+    if residual.shape[0] == 0:
+        check_backend_name(backend)
+        return
+    tiny = resolve(backend, residual, codebook).residual_level_backward_(
+        grad_x, residual, grad_quantized, codebook, indices, commit_scale, rotation_trick, accumulate, advance)
+    if tiny is None:  # no fused kernel: the composite path
+        grad_level, _ = quantize_backward(grad_quantized, residual, codebook, indices, commit_scale,
+                                          commit_scale * 0.0, backend, False, rotation_trick)
+        if accumulate:
+            grad_x.add_(grad_level)
+        else:
+            grad_x.copy_(grad_level)
+        if advance:
+            gathered = codebook.index_select(0, indices)
+            residual.sub_(_rotation_value_of_tiny_rows(residual, gathered) if rotation_trick else gathered)
+    elif advance and rotation_trick:  # the rows the kernel left for the rotation trick's value, if any
+        rows = torch.nonzero(tiny).squeeze(1)
+        if rows.numel():
+            level_input = residual[rows]
+            residual[rows] = level_input - _rotation_value_of_tiny_rows(level_input, codebook[indices[rows]])
+
+
+@residual_level_backward_.register_fake
+def _(grad_x, residual, grad_quantized, codebook, indices, commit_scale, backend, rotation_trick, accumulate,
+      advance):
+    return None
 
 
 # ---- ema_stats ------------------------------------------------------------------------------

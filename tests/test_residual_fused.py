@@ -117,3 +117,39 @@ def test_a_forward_hook_on_a_level_keeps_the_per_level_graph():
     assert not residual_module.can_fuse_levels(rvq, x, None)
     rvq(x)
     assert seen == [(2, 5)]
+
+
+def _level_inputs(num_rows, dim, num_codes, seed):
+    generator = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(num_codes, dim, generator=generator)
+    indices = torch.randint(num_codes, (num_rows,), generator=generator)
+    residual = torch.randn(num_rows, dim, generator=generator)
+    if num_rows >= 3:  # the rotation trick's tiny rows (|residual| < 1e-6): zero, and ~1e-9
+        residual[1] = 0.0
+        residual[2] *= 1e-9
+    grad_quantized = torch.randn(num_rows, dim, generator=generator)
+    grad_x = torch.randn(num_rows, dim, generator=generator)
+    return grad_x, residual, grad_quantized, codebook, indices
+
+
+@pytest.mark.parametrize("rotation_trick", [True, False])
+@pytest.mark.parametrize("accumulate, advance", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("num_rows, dim, num_codes", [(0, 3, 5), (1, 1, 1), (4, 3, 5), (33, 33, 3), (1030, 8, 257)])
+def test_fused_level_backward_is_bitwise_the_composite_one(rotation_trick, accumulate, advance, num_rows, dim,
+                                                           num_codes, monkeypatch):
+    """The cpu kernel of ops.residual_level_backward_ against the op's composite path (quantize_backward and
+    torch ops, as every other backend runs it), on the same inputs: the same bits in both outputs."""
+    from fastvq import ops
+    from fastvq.backends.cpu import CpuBackend
+
+    scale = torch.tensor(0.37)
+    fused = _level_inputs(num_rows, dim, num_codes, seed=num_rows)
+    ops.residual_level_backward_(*fused[:2], *fused[2:], scale, "cpu", rotation_trick, accumulate, advance)
+    monkeypatch.setattr(CpuBackend, "residual_level_backward_", lambda self, *args: None)
+    composite = _level_inputs(num_rows, dim, num_codes, seed=num_rows)
+    ops.residual_level_backward_(*composite[:2], *composite[2:], scale, "cpu", rotation_trick, accumulate, advance)
+    assert torch.equal(fused[0], composite[0]), "grad_x differs"
+    assert torch.equal(fused[1], composite[1]), "residual differs"
+    if advance and num_rows >= 4:  # the zero row: the rotation trick's value there is 0, not the code
+        want = torch.zeros(dim) if rotation_trick else -fused[3][fused[4][1]]
+        assert torch.equal(fused[1][1], want)

@@ -178,6 +178,31 @@ void quantize_backward(std::optional<In> grad_quantized_, In x_, In codebook_, I
                                  as_or_null<float>(grad_x_out), as_or_null<float>(grad_codebook_out), num_threads);
 }
 
+void residual_level_backward(In grad_quantized_, Out residual_, In codebook_, In indices_, double commit_scale,
+                             bool rotation_trick, bool accumulate, Out grad_x_, std::optional<Out> tiny_out_,
+                             int num_threads) {
+  const ArrayArg residual = describe("residual", residual_);
+  const auto [n, d] = check_x(residual);
+  const ArrayArg grad_quantized = describe("grad_quantized", grad_quantized_);
+  check_rows_by_d(grad_quantized, n, d);
+  const ArrayArg codebook = describe("codebook", codebook_);
+  const int64_t k = check_codebook(codebook, d);
+  const ArrayArg indices = describe("indices", indices_);
+  check_rows(indices, "int64", n);
+  const ArrayArg grad_x = describe("grad_x", grad_x_);
+  check_rows_by_d(grad_x, n, d);
+  const std::optional<ArrayArg> tiny_out = describe("tiny_out", tiny_out_);
+  if (tiny_out) check_rows(*tiny_out, "uint8", n);
+  fastvq::checks::check_indices("indices", indices.as<int64_t>(), n, k, eq("K == codebook.shape[0]", k));
+
+  nb::gil_scoped_release release;
+  fastvq::cpu::residual_level_backward(grad_quantized.as<const float>(), residual.as<float>(), n, d,
+                                       codebook.as<const float>(), k, indices.as<const int64_t>(),
+                                       static_cast<float>(commit_scale), rotation_trick, accumulate,
+                                       tiny_out.has_value(), grad_x.as<float>(), as_or_null<uint8_t>(tiny_out),
+                                       num_threads);
+}
+
 }  // namespace
 
 NB_MODULE(_cpu, m) {
@@ -225,6 +250,13 @@ NB_MODULE(_cpu, m) {
         "rotation_trick, the rotation trick's (|q|/|x|) R^T grad_quantized (fastvq.reference.quantize_backward);\n"
         "grad_codebook_out[k] = codebook_scale * sum over indices[i] == k of (codebook[k] - x[i]).\n"
         "Bitwise identical for any num_threads. Source: csrc/cpu/quantize_backward.cpp.");
+  m.def("residual_level_backward", &residual_level_backward, "grad_quantized"_a, "residual"_a, "codebook"_a,
+        "indices"_a, "commit_scale"_a, "rotation_trick"_a, "accumulate"_a, "grad_x"_a, "tiny_out"_a = nb::none(),
+        "num_threads"_a = 0,
+        "One level of ResidualVQ's greedy backward: grad_x = (accumulate: grad_x +) quantize_backward's grad_x\n"
+        "of (grad_quantized, residual, codebook, indices, commit_scale, rotation_trick); with tiny_out (uint8,\n"
+        "(N,)), residual -= codebook[indices] in place, except on rows flagged in tiny_out (rotation trick\n"
+        "only: |residual| may be below eps, rebuilt by the caller). Source: csrc/cpu/residual_level_backward.cpp.");
   m.def("simd_level", [] { return std::string(fastvq::cpu::simd_level_name(fastvq::cpu::current_simd_level())); },
         "The nearest_code kernel the dispatcher picks now: 'avx512', 'avx2' or 'portable'.");
   m.def("best_simd_level", [] { return std::string(fastvq::cpu::simd_level_name(fastvq::cpu::best_simd_level())); },

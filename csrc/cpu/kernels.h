@@ -127,6 +127,14 @@ void nearest_codes(const float* x, int64_t n, int64_t d, const float* codebook, 
 void sample_code(const float* x, int64_t n, int64_t d, const float* codebook, int64_t k, double temperature,
                  int64_t seed, bool cosine, int64_t* indices_out, int num_threads);
 
+// One level of ResidualVQ's greedy backward in one pass (csrc/cpu/residual_level_backward.cpp): grad_x
+// (accumulate: +=) quantize_backward's grad_x of (grad_quantized, residual, ...); with advance, residual -=
+// codebook[indices] in place except on the rotation trick's possibly tiny rows, flagged in tiny_out (N,).
+void residual_level_backward(const float* grad_quantized, float* residual, int64_t n, int64_t d,
+                             const float* codebook, int64_t k, const int64_t* indices, float commit_scale,
+                             bool rotation_trick, bool accumulate, bool advance, float* grad_x, uint8_t* tiny_out,
+                             int num_threads);
+
 void ema_stats(const float* x, int64_t n, int64_t d, const int64_t* indices, int64_t k,
                float* counts_out, float* sums_out, int num_threads);
 

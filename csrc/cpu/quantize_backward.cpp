@@ -22,17 +22,11 @@
 
 #include "cpu/code_groups.h"
 #include "cpu/kernels.h"
-#include "cpu/rotation_row.h"
+#include "cpu/rotation_kernels.h"
 
 namespace fastvq::cpu {
-namespace {
 
-struct RotationKernels {
-  RotationCodeFn code;
-  RotationRowsFn rows;
-};
-
-RotationKernels rotation_kernels() {  // the best ones for the dispatcher's current SIMD level
+RotationKernels rotation_kernels() {
   switch (current_simd_level()) {
 #ifdef FASTVQ_HAVE_AVX512_KERNEL
     case SimdLevel::avx512: return {rotation_code_avx512, rotation_rows_avx512};
@@ -44,7 +38,18 @@ RotationKernels rotation_kernels() {  // the best ones for the dispatcher's curr
   }
 }
 
-}  // namespace
+std::vector<RotationCode> rotation_codes(const RotationKernels& rotation, const float* codebook, int64_t k,
+                                         int64_t d, int nt) {
+  std::vector<RotationCode> codes(static_cast<size_t>(k));
+  // O(K d): threads only where that beats a fork and a join
+#pragma omp parallel for schedule(static) num_threads(nt) if (k * d >= (int64_t{1} << 20))
+  for (int64_t c = 0; c < k; ++c) codes[c] = rotation.code(codebook + c * d, d);
+  return codes;
+}
+
+RotationScratch::RotationScratch(int64_t d) : buffer(static_cast<size_t>(rotation_scratch_doubles(d) + 8)) {
+  aligned = buffer.data() + (8 - reinterpret_cast<uintptr_t>(buffer.data()) / 8 % 8) % 8;  // 64-byte aligned
+}
 
 void quantize_backward(const float* grad_quantized, const float* x, int64_t n, int64_t d,
                        const float* codebook, int64_t k, const int64_t* indices,
@@ -55,19 +60,14 @@ void quantize_backward(const float* grad_quantized, const float* x, int64_t n, i
   if (grad_x_out) {
     if (grad_quantized && rotation_trick) {
       const RotationKernels rotation = rotation_kernels();
-      std::vector<RotationCode> codes(static_cast<size_t>(k));
-      // O(K d): threads only where that beats a fork and a join
-#pragma omp parallel for schedule(static) num_threads(nt) if (k * d >= (int64_t{1} << 20))
-      for (int64_t c = 0; c < k; ++c) codes[c] = rotation.code(codebook + c * d, d);
+      const std::vector<RotationCode> codes = rotation_codes(rotation, codebook, k, d, nt);
 #pragma omp parallel num_threads(nt)
       {
-        std::vector<double> scratch(static_cast<size_t>(rotation_scratch_doubles(d) + 8));  // 64-byte aligned:
-        double* aligned = scratch.data() + (8 - reinterpret_cast<uintptr_t>(scratch.data()) / 8 % 8) % 8;
-        constexpr int64_t kRows = 32 * kRotationBatch;  // per call
+        RotationScratch scratch(d);
 #pragma omp for schedule(static)
-        for (int64_t begin = 0; begin < n; begin += kRows)
-          rotation.rows(grad_quantized, x, codebook, indices, codes.data(), begin, std::min(begin + kRows, n),
-                        d, commit_scale, aligned, grad_x_out);
+        for (int64_t begin = 0; begin < n; begin += kRotationRowsPerCall)
+          rotation.rows(grad_quantized, x, codebook, indices, codes.data(), begin,
+                        std::min(begin + kRotationRowsPerCall, n), d, commit_scale, scratch.aligned, grad_x_out);
       }
     } else {
 #pragma omp parallel for schedule(static) num_threads(nt)

@@ -68,3 +68,20 @@ class Backend:
         grad_codebook_k = codebook_scale·Σ_{idx_i=k}(e_k − x_i) in codebook.dtype.
         The scales are 0-dim tensors so GPU backends need not synchronise."""
         raise NotImplementedError
+
+    def residual_level_backward_(
+        self,
+        grad_x: Tensor,
+        residual: Tensor,
+        grad_quantized: Tensor,
+        codebook: Tensor,
+        indices: Tensor,
+        commit_scale: Tensor,
+        rotation_trick: bool,
+        accumulate: bool,
+        advance: bool,
+    ) -> Tensor | None:
+        """fastvq.ops.residual_level_backward_ in one fused pass, or None where this backend has no kernel for
+        it (the op then composes quantize_backward and torch ops). With advance and the rotation trick, the
+        rows left unchanged for the caller to rebuild are flagged in the returned (M,) tensor (nonzero)."""
+        return None

@@ -164,6 +164,16 @@ class CpuBackend(Backend):
         _cpu.ema_stats(xf, _as_index(indices), counts, sums, torch.get_num_threads())
         return counts, sums
 
+    def residual_level_backward_(self, grad_x, residual, grad_quantized, codebook, indices, commit_scale,
+                                 rotation_trick, accumulate, advance):
+        tensors = (grad_x, residual, grad_quantized, codebook)
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+            return None  # the kernel works in place on float32 rows
+        tiny = torch.zeros(residual.shape[0], dtype=torch.uint8) if advance else None
+        _cpu.residual_level_backward(grad_quantized, residual, codebook, _as_index(indices), float(commit_scale),
+                                     rotation_trick, accumulate, grad_x, tiny, torch.get_num_threads())
+        return tiny if tiny is not None else residual.new_zeros((0,), dtype=torch.uint8)
+
     def quantize_backward(
         self,
         grad_quantized: Tensor | None,

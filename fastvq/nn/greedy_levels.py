@@ -5,8 +5,9 @@ same ``_quantize_rows``: k-means init, search, rotation-trick value, EMA step, d
 autograd saves only the levels' input x, each level's searched codebook (K, d) and indices (M,),
 not the L residuals (M, d). The backward recomputes residual i from x as the forward made it
 (x − q_0 − … − q_{i−1}, each q_j the searched code with the rotation trick's value of tiny rows,
-so bitwise the same) and runs each level's fused quantize_backward on it: the same gradient as
-the per-level graph (summed from the first level, not the last) in O(1) residual buffers.
+so bitwise the same) and runs each level's quantize_backward on it (ops.residual_level_backward_: one
+pass a level on the cpu backend): the same gradient as the per-level graph (summed from the first level,
+not the last) in O(1) residual buffers.
 """
 from __future__ import annotations
 
@@ -98,18 +99,13 @@ class _GreedyLevels(torch.autograd.Function):
             grad_losses = rows.new_zeros(levels)
         grad_quantized = grad_quantized.reshape(rows.shape).contiguous()  # once, not once a level (e.g. expanded)
         scale = 2.0 / max(rows.numel(), 1)  # d/dx of w·mean((x − q)²), as quantize's backward rule
-        grad, residual, gathered = None, rows, None
+        # Level by level: the level's gradient into grad, and its input advanced to the next level's in place,
+        # bitwise as the forward made it (one pass a level on the cpu backend: ops.residual_level_backward_).
+        grad = torch.empty_like(rows, memory_format=torch.contiguous_format)  # the op writes both; rows may be
+        residual = rows.clone(memory_format=torch.contiguous_format)  # the caller's x
         for level, (weight, rotation_trick, backend) in enumerate(ctx.weights):
-            codebook, indices = codebooks[level], all_indices[level]
             grad_loss = grad_losses[level].to(torch.float32)
-            grad_level, _ = ops.quantize_backward(grad_quantized, residual, codebook, indices,
-                                                  grad_loss * (weight * scale), grad_loss * 0.0, backend, False,
-                                                  rotation_trick)
-            grad = grad_level if grad is None else grad.add_(grad_level)
-            if level < levels - 1:  # the next level's input, bitwise as the forward made it
-                # one buffer for every level's codes: a fresh (M, d) tensor a level costs its page faults
-                gathered = torch.index_select(codebook, 0, indices, out=gathered) if gathered is not None \
-                    else codebook.index_select(0, indices)
-                quantized = ops._rotation_value_of_tiny_rows(residual, gathered) if rotation_trick else gathered
-                residual = rows - quantized if level == 0 else residual.sub_(quantized)
+            ops.residual_level_backward_(grad, residual, grad_quantized, codebooks[level], all_indices[level],
+                                         grad_loss * (weight * scale), backend, rotation_trick, level > 0,
+                                         level < levels - 1)
         return grad.view(ctx.input_shape), None, None, None
