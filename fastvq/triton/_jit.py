@@ -114,9 +114,10 @@ def _bench_without_flush(kernel_call, quantiles):
 
 class _KernelSpec:
     def __init__(self, fn: Callable, configs: list | None, interpreter_config, key: list[str], fixed_config,
-                 do_not_specialize: list[str], prune=None):
+                 do_not_specialize: list[str], prune=None, restore_value: list[str] | None = None):
         self.fn = fn
         self.prune = prune
+        self.restore_value = restore_value
         self.configs = configs
         self.interpreter_config = interpreter_config
         self.key = key
@@ -137,21 +138,22 @@ class _KernelSpec:
                 configs = [self.interpreter_config] if interpret else self.configs
                 pruning = {"early_config_prune": self.prune} if self.prune and not interpret else None
                 kernel = triton.autotune(configs=configs, key=self.key, do_bench=_bench_without_flush,
-                                         prune_configs_by=pruning)(base)
+                                         prune_configs_by=pruning, restore_value=self.restore_value)(base)
             kernel._fastvq_spec = self
             self.built[(interpret, tuned)] = kernel
         return self.built[(interpret, tuned)]
 
 
 def kernel(configs: list | None = None, interpreter_config=None, key: list[str] | None = None, fixed_config=None,
-           do_not_specialize: list[str] | None = None, prune=None):
-    """Like ``@triton.autotune(configs, key, prune_configs_by={"early_config_prune": prune})`` over
-    ``@triton.jit`` (or plain ``@triton.jit`` when ``configs`` is None). ``launch`` runs it with
+           do_not_specialize: list[str] | None = None, prune=None, restore_value: list[str] | None = None):
+    """Like ``@triton.autotune(configs, key, prune_configs_by={"early_config_prune": prune}, restore_value)``
+    over ``@triton.jit`` (or plain ``@triton.jit`` when ``configs`` is None). ``launch`` runs it with
     ``fixed_config(launch kwargs)`` instead of tuning in deterministic mode, and with
     ``interpreter_config`` under the interpreter."""
 
     def decorate(fn: Callable):
-        spec = _KernelSpec(fn, configs, interpreter_config, key or [], fixed_config, do_not_specialize or [], prune)
+        spec = _KernelSpec(fn, configs, interpreter_config, key or [], fixed_config, do_not_specialize or [], prune,
+                           restore_value)
         return spec.build(interpreting())
 
     return decorate

@@ -42,7 +42,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import create_function_from_signature
 
-from . import _jit, ema_stats, nearest_code, nearest_codes, quantize_backward, segment_sum
+from . import _jit, ema_stats, nearest_code, nearest_code_split, nearest_codes, quantize_backward, segment_sum
 from ..numerics import sort_by_code
 
 # Largest dynamic shared memory per block, bytes (CUDA programming guide, compute capabilities).
@@ -78,6 +78,13 @@ def default_cases() -> list[Case]:
             _randn(4096, 33), _randn(1024, 33), True), search=True),
         Case("nearest_code fp32 d=130 ieee (d-slices)", lambda: nearest_code.triton_nearest_code(
             _randn(4096, 130), _randn(1024, 130), True), (90,), search=True),
+        # N = 256 rows cannot fill the SMs: the launcher splits over codes (nearest_code_split.py).
+        Case("nearest_code split bf16 d=64 N=256 K=65536", lambda: nearest_code.triton_nearest_code(
+            _randn(256, 64, dtype=bf16), _randn(65536, 64, dtype=bf16), True), search=True),
+        Case("nearest_code split fp32 d=33 N=256 K=8192 ieee", lambda: nearest_code.triton_nearest_code(
+            _randn(256, 33), _randn(8192, 33), True), (90,), search=True),
+        Case("nearest_code split epilogue bf16 d=64", lambda: nearest_code_split.split_epilogue(
+            *_split_epilogue_args(bf16))),
         Case("nearest_codes bf16 d=64 k=8", lambda: nearest_codes.triton_nearest_codes(
             _randn(4096, 64, dtype=bf16), _randn(1024, 64, dtype=bf16), 8), search=True),
         Case("nearest_codes fp32 d=33 k=64", lambda: nearest_codes.triton_nearest_codes(
@@ -92,6 +99,13 @@ def default_cases() -> list[Case]:
         Case("segment_sum fp32 d=128 residual", lambda: segment_sum.segment_sum(
             x32, *sort_by_code(rows, 1024), 1024, codebook=_randn(1024, 128))),
     ]
+
+
+def _split_epilogue_args(dtype):
+    x, codebook = _randn(256, 64, dtype=dtype), _randn(65536, 64, dtype=dtype)
+    keys = torch.zeros(256, dtype=torch.int64)
+    return (x, torch.zeros(64), codebook, keys, torch.empty_like(keys), torch.empty(256), torch.empty_like(x),
+            torch.tensor([65536, 256]), True)
 
 
 def capture(call: Callable[[], object]) -> _jit.Captured:

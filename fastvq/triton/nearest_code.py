@@ -40,6 +40,7 @@ from torch.library import triton_op
 
 from ..numerics import MAX_CENTRED_SQUARED_NORM as _MAX_CENTRED_SQUARED_NORM
 from ..numerics import first_out_of_range_code, search_centre
+from . import nearest_code_split as split
 from ._jit import MAX_BLOCK_D, allow_tf32, block_d_for, interpreting, kernel, launch
 from ._score_tile import centred_x_tile, score_tile
 
@@ -176,6 +177,10 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
     search centre (K and N when none; fastvq.backends.search_range raises on them).
 
     x (N, d) and codebook (K, d) in float32/bfloat16/float16, any strides, K >= 1.
+
+    Grid: one program per row block (_nearest_code_kernel), unless the row blocks cannot fill the GPU:
+    when ceil(N / 32) <= SMs / 2 and 2048 <= K <= 2^32 (nearest_code_split.use_split), programs also
+    take code ranges and merge by an atomic min of (score, index) keys, deterministic by construction.
     """
     num_rows, dim = x.shape
     num_codes = codebook.shape[0]
@@ -200,23 +205,27 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
         codebook, codebook.dtype if tensor_cores else torch.float32)
     range_check = torch.stack([first_bad_code, torch.full_like(first_bad_code, num_rows)])
     resident = dim <= block_d
-
-    def grid(meta):
-        return (triton.cdiv(num_rows, meta["BLOCK_N"]),)
-
-    launch(
-        _nearest_code_kernel, grid,
-        x, centre, codes, code_norms, codebook,
-        indices, sqdist, quantized, range_check,
-        num_rows, num_codes, dim, (num_rows - 1).bit_length(),
-        x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
-        WRITE_QUANTIZED=want_quantized and same_dtype,
-        CAST_TO_FP32=upcast,
-        # "ieee" only matters for float32 operands; bf16/fp16 take the backend default.
-        INPUT_PRECISION="tf32" if not upcast or allow_tf32() else "ieee",
-        BLOCK_D=block_d,
-        X_RESIDENT=resident,
-    )
+    write_quantized = want_quantized and same_dtype
+    # "ieee" only matters for float32 operands; bf16/fp16 take the backend default.
+    precision = "tf32" if not upcast or allow_tf32() else "ieee"
+    # Few row blocks for the SMs (ceil(N / 32) <= SMs / 2) and K >= 2048: split over codes too.
+    if split.use_split(num_rows, num_codes, split.sm_count(x.device)):
+        split.nearest_code_split(x, codebook, centre, codes, code_norms, indices, sqdist, quantized, range_check,
+                                 write_quantized=write_quantized, cast_to_fp32=upcast, input_precision=precision,
+                                 block_d=block_d, resident=resident)
+    else:
+        launch(
+            _nearest_code_kernel, lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]),),
+            x, centre, codes, code_norms, codebook,
+            indices, sqdist, quantized, range_check,
+            num_rows, num_codes, dim, (num_rows - 1).bit_length(),
+            x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
+            WRITE_QUANTIZED=write_quantized,
+            CAST_TO_FP32=upcast,
+            INPUT_PRECISION=precision,
+            BLOCK_D=block_d,
+            X_RESIDENT=resident,
+        )
     if want_quantized and not same_dtype:
         # Rounding codebook rows to x's dtype is left to torch (round-to-nearest-even), so the
         # result matches codebook[idx].to(x.dtype) exactly; the kernel only ever copies bits.
