@@ -106,6 +106,29 @@ def test_split_search_compiles_at_one_row_one_code_one_dim(monkeypatch):
     compile_check.compile_launch(captured, 90, {})
 
 
+def test_aot_autograd_traces_into_both_split_kernels(monkeypatch):
+    # What torch.compile sees of the split path (test_triton.py has the unsplit one): two kernel nodes,
+    # the search (whose autotuner restores the keys between trials) and the epilogue. Nothing runs.
+    from functorch.compile import aot_function
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(split, "use_split", lambda num_rows, num_codes, sms: True)
+    graphs = []
+
+    class Traced(Exception):
+        pass
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module.code)
+        raise Traced
+
+    with pytest.raises(Traced):
+        aot_function(lambda a, b: torch.ops.fastvq.triton_nearest_code(a, b, True), fw_compiler=capture)(
+            randn(7, 3, seed=0), randn(5, 3, seed=1))
+    assert graphs[0].count("triton_kernel_wrapper_functional(") == 2, graphs[0]
+    assert "'keys_ptr'" in graphs[0] and "fastvq.triton_nearest_code" not in graphs[0]
+
+
 # ---- the split path against the reference ----------------------------------------------------
 def test_forced_split_runs_the_split_kernels(pair):
     before = calls["split"]
