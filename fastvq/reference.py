@@ -69,43 +69,81 @@ def nearest_codes(x: Tensor, codebook: Tensor, k: int) -> tuple[Tensor, Tensor]:
 FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 
 
-def nearest_code_slack(x: Tensor, codebook: Tensor) -> Tensor:
+# u-terms of the slack by the float32 search's dot (fastvq.triton.set_fp32_precision; nearest_code_slack
+# derives them): "ieee" is every CPU/CUDA kernel and Triton's interpreter; "tf32x3" Triton's default on CUDA.
+SLACK_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def slack_terms(dim: int, precision: str = "ieee") -> int:
+    """The number of unit roundoffs u in nearest_code_slack's bound for d = dim and this precision."""
+    if precision not in SLACK_PRECISIONS:
+        raise ValueError(f"precision must be one of {SLACK_PRECISIONS}, got {repr(precision)[:40]}")
+    if precision == "ieee":
+        return dim + 2
+    return 3 * dim + 26 + (2**14 if precision == "tf32" else 0)
+
+
+def nearest_code_slack(x: Tensor, codebook: Tensor, precision: str = "ieee") -> Tensor:
     """(N,) float64: how far two codes' exact distances may be apart and still swap in float32.
 
-    A float32 evaluation of ‖e‖² − 2x·e over d terms errs by at most about
-    (d+2)·u·(‖x‖² + 2‖e‖²) (u = 2⁻²⁴); two codes can swap only when their exact
-    distances differ by less than twice that. Anything further apart is a wrong answer.
+    "ieee" (float32 products and sums): an evaluation of ‖e‖² − 2x·e over d terms errs by at most
+    about (d+2)·u·(‖x‖² + 2‖e‖²) (u = 2⁻²⁴); two codes can swap only when their exact distances
+    differ by less than twice that. Anything further apart is a wrong answer.
+
+    "tf32x3" (Triton's default for float32 operands on CUDA: its F32DotTC pass, per tl.dot over a
+    d-slice): a = A + α with A = tf32(a) (nearest, 11 significant bits: |α| <= 2⁻¹¹|a|) and α = a − A
+    exact in float32; the tensor cores read α as TF32, α̃, off by at most 2⁻¹⁰|α| <= 2⁻²¹|a| (the low
+    13 bits dropped; half that if rounded); products of TF32 numbers are exact in float32. The sum
+    α̃B + Aβ̃ + AB misses ab by αβ + (α − α̃)B + A(β − β̃): at most (2⁻²² + 2·2⁻²¹(1 + 2⁻¹¹))|ab|,
+    under 21u|ab|. Accumulation: the two small dots start from zero, so their partial sums stay below
+    2⁻¹⁰·Σ|ab| and their 2d roundings are negligible (2d·2⁻¹⁰·u·Σ|ab|); the big dot adds d products
+    onto them and each slice's result is added to the running sum, S <= d/16 + 1 slices: d + S <=
+    1.07d + 1 roundings of at most uΣ|ab| each against ieee's d, or twice that (<= 2.2d + 2) for a
+    tensor-core accumulator that truncates rather than rounds. So x·e errs by at most
+    (2.2d + 23)·u·Σ|x_j e_j|, (1.2d + 23)·u·Σ more than ieee's d·u·Σ; as 2Σ|x_j e_j| <= ‖x‖² + ‖e‖²,
+    the score's extra error is at most (1.2d + 23)·u·(‖x‖² + ‖e‖²), within the
+    (2d + 24)·u·(‖x‖² + 2‖e‖²) added here: 3d + 26 terms in all.
+    "tf32" (one TF32 product, set_fp32_precision("tf32")): A·B misses ab by up to (2⁻¹⁰ + 2⁻²²)|ab|,
+    2¹⁴ + 4 u-terms instead of 21: tf32x3's terms plus 2¹⁴ (~1e-3 relative).
+
+    The default stays "ieee": every other kernel, and Triton's interpreter, multiplies in float32.
     """
+    terms = slack_terms(x.shape[-1], precision)
     x64, e64 = x.detach().double(), codebook.detach().double()
     scale = (x64**2).sum(-1) + 2 * (e64**2).sum(-1).max()
-    return 2 * (x.shape[-1] + 2) * FLOAT32_UNIT_ROUNDOFF * scale
+    return 2 * terms * FLOAT32_UNIT_ROUNDOFF * scale
 
 
-def nearest_code_excess(x: Tensor, codebook: Tensor, indices: Tensor, best: Tensor | None = None) -> Tensor:
-    """(N,) float64: (exact distance of the chosen code − exact nearest distance) / slack.
+def nearest_code_excess(x: Tensor, codebook: Tensor, indices: Tensor, best: Tensor | None = None,
+                        precision: str = "ieee") -> Tensor:
+    """(N,) float64: (exact distance of the chosen code − exact nearest distance) / slack (at ``precision``,
+    nearest_code_slack).
 
     A row passes when its excess is <= 1. ``best`` is the oracle's choice for these rows
     (computed here when None). Inputs may live on any device; the judge runs on the CPU.
     """
     x, codebook = x.detach().cpu(), codebook.detach().cpu()
+    slack = nearest_code_slack(x, codebook, precision)
     chosen = indices.detach().cpu().long()
     if best is None:
         best, _ = nearest_code(x.double(), codebook.double())
     x64, e64 = x.double(), codebook.double()
     d_chosen = ((x64 - e64[chosen]) ** 2).sum(-1)
     d_best = ((x64 - e64[best.cpu()]) ** 2).sum(-1)
-    return (d_chosen - d_best) / nearest_code_slack(x, codebook).clamp_min(1e-300)
+    return (d_chosen - d_best) / slack.clamp_min(1e-300)
 
 
-def assert_nearest(x: Tensor, codebook: Tensor, indices: Tensor) -> None:
-    """Raise AssertionError unless every indices[i] is a nearest code of x[i] (within the slack)."""
+def assert_nearest(x: Tensor, codebook: Tensor, indices: Tensor, precision: str = "ieee") -> None:
+    """Raise AssertionError unless every indices[i] is a nearest code of x[i] (within the slack at
+    ``precision``: nearest_code_slack)."""
+    slack_terms(x.shape[-1], precision)  # a bad precision is a ValueError even with no rows
     if indices.dtype != torch.int64 or tuple(indices.shape) != tuple(x.shape[:1]):
         raise AssertionError(f"indices must be int64 of shape ({x.shape[0]},), got {indices.dtype} "
                              f"{tuple(indices.shape)}")
     if x.shape[0] == 0:
         return
     best, _ = nearest_code(x.detach().cpu().double(), codebook.detach().cpu().double())
-    excess = nearest_code_excess(x, codebook, indices, best)
+    excess = nearest_code_excess(x, codebook, indices, best, precision)
     if bool((excess <= 1.0).all()):
         return
     worst = int(torch.argmax(excess))
@@ -114,13 +152,15 @@ def assert_nearest(x: Tensor, codebook: Tensor, indices: Tensor) -> None:
     raise AssertionError(
         f"row {worst}: chose code {chosen} at distance {float(((x64[worst] - e64[chosen]) ** 2).sum())}, "
         f"but code {nearest} is at {float(((x64[worst] - e64[nearest]) ** 2).sum())} "
-        f"(excess {float(excess[worst]):.3g} × the float32 slack)"
+        f"(excess {float(excess[worst]):.3g} × the {precision} slack)"
     )
 
 
-def assert_nearest_k(x: Tensor, codebook: Tensor, indices: Tensor) -> None:
+def assert_nearest_k(x: Tensor, codebook: Tensor, indices: Tensor, precision: str = "ieee") -> None:
     """Raise AssertionError unless each row of indices (N, k) lists k distinct codes whose exact distances
-    are, position by position, within nearest_code_slack of the exact k smallest distances (sorted)."""
+    are, position by position, within nearest_code_slack (at ``precision``) of the exact k smallest
+    distances (sorted)."""
+    slack = nearest_code_slack(x, codebook, precision)
     num_rows, k = x.shape[0], (indices.shape[1] if indices.dim() == 2 else -1)
     if indices.dtype != torch.int64 or tuple(indices.shape) != (num_rows, k) or not 1 <= k <= codebook.shape[0]:
         raise AssertionError(f"indices must be int64 of shape ({num_rows}, k) with 1 <= k <= K = "
@@ -137,7 +177,7 @@ def assert_nearest_k(x: Tensor, codebook: Tensor, indices: Tensor) -> None:
     best, _ = nearest_codes(x64, e64, k)
     d_chosen = ((x64[:, None, :] - e64[chosen]) ** 2).sum(-1)
     d_best = ((x64[:, None, :] - e64[best]) ** 2).sum(-1)
-    excess = (d_chosen - d_best).abs() / nearest_code_slack(x, codebook).clamp_min(1e-300)[:, None]
+    excess = (d_chosen - d_best).abs() / slack.detach().cpu().clamp_min(1e-300)[:, None]
     # Where the true distance is not finite (a non-finite row, or fewer than k finite codes), any code does.
     bad = ~((excess <= 1.0) | ~torch.isfinite(d_best))
     if not bool(bad.any()):
@@ -147,7 +187,7 @@ def assert_nearest_k(x: Tensor, codebook: Tensor, indices: Tensor) -> None:
         f"row {row}, position {position}: chose code {int(chosen[row, position])} at distance "
         f"{float(d_chosen[row, position])}, but the {position + 1}-th nearest distance is "
         f"{float(d_best[row, position])} (code {int(best[row, position])}; "
-        f"excess {float(excess[row, position]):.3g} × the float32 slack)"
+        f"excess {float(excess[row, position]):.3g} × the {precision} slack)"
     )
 
 

@@ -77,6 +77,20 @@ class Pair:
         moved = tuple(None if t is None else t.to(self.device) for t in tensors)
         return moved[0] if len(moved) == 1 else moved
 
+    def precision(self, x: torch.Tensor, codebook: torch.Tensor) -> str:
+        """The precision reference.nearest_code_slack judges this pair's search of x against codebook at (the
+        backend's search_precision): "tf32x3" by default for Triton on CUDA with float32 operands (float32 or
+        mixed-dtype inputs), else "ieee"."""
+        return dispatch.get_backend(self.backend).search_precision(self.device, x.dtype, codebook.dtype)
+
+    def assert_nearest(self, x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> None:
+        """reference.assert_nearest at this pair's precision."""
+        reference.assert_nearest(x, codebook, indices, self.precision(x, codebook))
+
+    def assert_nearest_k(self, x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> None:
+        """reference.assert_nearest_k at this pair's precision."""
+        reference.assert_nearest_k(x, codebook, indices, self.precision(x, codebook))
+
     def require(self, *tensors, op: str | None = None) -> None:
         """Skip unless this pair's backend can run on these (device) tensors (and implements ``op``, when
         given), with the dispatcher's reasons."""
@@ -116,7 +130,7 @@ def _pair_or_skip(pair: Pair) -> Pair:
 
 # Environment variables that would change what a pair runs: a forced backend, TF32 searches,
 # deterministic reductions (tests that want those set them themselves).
-MODE_VARIABLES = ("FASTVQ_BACKEND", "FASTVQ_TRITON_TF32", "FASTVQ_DETERMINISTIC")
+MODE_VARIABLES = ("FASTVQ_BACKEND", "FASTVQ_TRITON_TF32", "FASTVQ_TRITON_FP32_PRECISION", "FASTVQ_DETERMINISTIC")
 
 
 def _in_default_mode(request):

@@ -105,7 +105,7 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str) -> tuple[torch.Tens
     return laid_out(x, case.x_layout), laid_out(codebook, case.codebook_layout)
 
 
-def check_nearest(case: Case, x, codebook, indices, sqdist) -> None:
+def check_nearest(pair, case: Case, x, codebook, indices, sqdist) -> None:
     x, codebook, indices, sqdist = to_cpu(x, codebook, indices, sqdist)
     assert indices.dtype == torch.int64 and indices.shape == (case.num_rows,)
     assert sqdist.dtype == torch.float32 and sqdist.shape == (case.num_rows,)
@@ -114,7 +114,7 @@ def check_nearest(case: Case, x, codebook, indices, sqdist) -> None:
         torch.testing.assert_close(indices, want_indices, rtol=0, atol=0)
         torch.testing.assert_close(sqdist, want_sqdist.to(sqdist.dtype), rtol=0, atol=0)  # exact integers
         return
-    reference.assert_nearest(x, codebook, indices)
+    pair.assert_nearest(x, codebook, indices)
     assert_sqdist(x, codebook, indices, sqdist)  # the chosen code's distance
 
 
@@ -137,7 +137,7 @@ def dtype(request, pair, backend_name) -> torch.dtype:
 def test_nearest_code_property(pair, backend_name, dtype, case):
     x, codebook = make_inputs(case, dtype, pair.device)
     indices, sqdist = fastvq.nearest_code(x, codebook, backend=backend_name)
-    check_nearest(case, x, codebook, indices, sqdist)
+    check_nearest(pair, case, x, codebook, indices, sqdist)
 
 
 @PROPERTY_SETTINGS
@@ -154,7 +154,7 @@ def test_quantize_property(pair, backend_name, dtype, case, split):
     torch.testing.assert_close(quantized.detach(), codebook.detach()[indices], rtol=0, atol=0)
     flat_indices = indices.reshape(-1)
     sqdist = chosen_sqdist(rows, codebook, flat_indices).float()
-    check_nearest(case, rows, codebook, flat_indices, sqdist)
+    check_nearest(pair, case, rows, codebook, flat_indices, sqdist)
     upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(case.seed)).to(dtype).to(pair.device)
     (quantized * upstream).sum().backward()
     torch.testing.assert_close(x.grad, upstream, rtol=0, atol=0)  # straight through, exactly
@@ -174,7 +174,7 @@ def test_fused_quantize_loss_and_backward_property(pair, backend_name, dtype, ca
     upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(case.seed)).to(dtype)
     ((quantized * upstream.to(pair.device)).sum() + 1.5 * loss).backward()
     x0, e0, indices, loss = to_cpu(x, codebook, indices, loss)
-    check_nearest(case, x0, e0, indices, chosen_sqdist(x0, e0, indices).float())
+    check_nearest(pair, case, x0, e0, indices, chosen_sqdist(x0, e0, indices).float())
     # expected values from the backend's own indices, so a legitimate near-tie swap is no error
     total = chosen_sqdist(x0, e0, indices).sum()
     expected_loss = (commitment_weight + codebook_weight) * total / max(case.num_rows * case.dim, 1)
@@ -223,7 +223,7 @@ def test_ema_training_step_property(pair, backend_name, dtype, case, decay):
     quantized, indices, loss = to_cpu(*module(x))
     x, codebook = to_cpu(x, codebook.float())
     x0 = x.double()
-    check_nearest(case, x, codebook, indices, chosen_sqdist(x, codebook, indices).float())
+    check_nearest(pair, case, x, codebook, indices, chosen_sqdist(x, codebook, indices).float())
     torch.testing.assert_close(quantized, codebook[indices].to(dtype), rtol=0, atol=0)
     # the expected step, from the indices the module chose (a near-tie may legitimately differ)
     counts, sums = reference.ema_stats(x0, indices, case.num_codes)

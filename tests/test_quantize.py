@@ -54,7 +54,7 @@ def test_quantize_other_dtypes(pair, dtype):
     assert quantized.dtype == dtype
     quantized_cpu, indices = to_cpu(quantized, indices)
     torch.testing.assert_close(quantized_cpu, codebook[indices], rtol=0, atol=0)
-    reference.assert_nearest(x, codebook, indices)
+    pair.assert_nearest(x, codebook, indices)
     quantized.sum().backward()
     assert device_x.grad.dtype == dtype
     torch.testing.assert_close(device_x.grad.cpu(), torch.ones_like(x), rtol=0, atol=0)
@@ -67,7 +67,7 @@ def test_quantize_mixed_dtypes_returns_x_dtype(pair):
     pair.require(device_x, device_codebook)
     quantized, indices = to_cpu(*fastvq.quantize(device_x, device_codebook, backend=pair.backend))
     assert quantized.dtype == torch.bfloat16
-    reference.assert_nearest(x, codebook, indices)
+    pair.assert_nearest(x, codebook, indices)
     torch.testing.assert_close(quantized, codebook[indices].to(torch.bfloat16), rtol=0, atol=0)
 
 
@@ -81,7 +81,7 @@ def test_quantize_non_contiguous_on_the_device(pair, layout):
     quantized, indices, _ = to_cpu(*torch.ops.fastvq.quantize(x, column_major, 0.0, 0.0, pair.backend))
     x = x.cpu()
     expected, _ = reference.nearest_code(x, codebook)
-    reference.assert_nearest(x, codebook, indices)
+    pair.assert_nearest(x, codebook, indices)
     torch.testing.assert_close(indices, expected, rtol=0, atol=0)  # random codes: no near-ties
     torch.testing.assert_close(quantized, codebook[indices], rtol=0, atol=0)
 
@@ -222,7 +222,7 @@ def check_rotation_gradients(pair, x, codebook, grad, dtype=torch.float32):
     """The fused op's gradients vs the autograd oracle (and grad_x vs vqp's rotate_to)."""
     quantized, indices, grad_x, grad_codebook = rotation_run(pair, x, codebook, grad)
     x, grad = to_cpu(x, grad)
-    reference.assert_nearest(x, codebook, indices)
+    pair.assert_nearest(x, codebook, indices)
     want_x, want_codebook = rotation_oracle(x, codebook, grad, indices)
     assert_rotation_grad_x_close(grad_x, want_x, x, codebook, indices, dtype)
     torch.testing.assert_close(grad_codebook.float(), want_codebook, **TOLERANCES[dtype])
@@ -311,7 +311,7 @@ def test_rotation_forward_value(pair):
 def test_without_rotation_the_gradient_is_straight_through(pair):
     x, codebook, grad = randn(33, 33, seed=8), randn(257, 33, seed=9), randn(33, 33, seed=10)
     _, indices, grad_x, grad_codebook = rotation_run(pair, x, codebook, grad, rotation_trick=False)
-    reference.assert_nearest(x, codebook, indices)
+    pair.assert_nearest(x, codebook, indices)
     want_x, want_codebook = rotation_oracle(x, codebook, grad, indices, rotation_trick=False)
     torch.testing.assert_close(grad_x, want_x, **FP32)
     torch.testing.assert_close(grad_codebook, want_codebook, **FP32)

@@ -143,9 +143,10 @@ def check_oracle(level: Level, finite_codes=None) -> None:
         torch.testing.assert_close(level.quantized, codebook[level.indices].to(level.quantized.dtype), rtol=0, atol=0)
 
 
-def check_nearest(level: Level, centre: float) -> None:
+def check_nearest(level: Level, centre: float, pair) -> None:
     x, codebook = level.x.double() - centre, level.codebook.double() - centre
-    (reference.assert_nearest if level.indices.dim() == 1 else reference.assert_nearest_k)(x, codebook, level.indices)
+    judge = reference.assert_nearest if level.indices.dim() == 1 else reference.assert_nearest_k
+    judge(x, codebook, level.indices, pair.precision(level.x, level.codebook))
     if level.sqdist is not None:
         chosen = ((x.unsqueeze(-2) - codebook[level.indices]) ** 2).sum(-1) if level.indices.dim() == 2 else (
             chosen_sqdist(x, codebook, level.indices))
@@ -203,7 +204,7 @@ def check_search_cell(target: str, cell: str, pair, problem: Problem) -> None:
             if part == "oracle":
                 check_oracle(level)
             elif part == "nearest":
-                check_nearest(level, problem.centre if level is outcome.levels[0] else 0.0)
+                check_nearest(level, problem.centre if level is outcome.levels[0] else 0.0, pair)
             elif part == "finite rows":
                 check_finite_rows(level, problem.bad_rows)
             elif part == "never chosen":
@@ -321,7 +322,7 @@ def check_kmeans_cell(cell: str, pair, case: str) -> None:
             Problem(torch.randn(300, 1, generator=generator), torch.empty(0, 1))]
         for problem in inputs:
             centroids, assignments = run(problem.x, 8)
-            check_nearest(Level(problem.x, centroids, assignments), problem.centre)
+            check_nearest(Level(problem.x, centroids, assignments), problem.centre, pair)
     elif cell == "distinct rows":
         distinct = torch.tensor([[0.0, 1, 2], [3, -1, 0], [-4, 4, 1], [2, 2, 2]])
         x = distinct.repeat(10, 1)[torch.randperm(40, generator=generator)]

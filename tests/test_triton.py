@@ -221,6 +221,24 @@ def test_options(monkeypatch):
             fvt.set_allow_tf32("yes")
     finally:
         fvt.set_allow_tf32(None)
+    monkeypatch.delenv("FASTVQ_TRITON_TF32")
+    assert fvt.fp32_precision() == "tf32x3"  # the default: 3xTF32 tensor cores
+    monkeypatch.setenv("FASTVQ_TRITON_TF32", "1")
+    assert fvt.fp32_precision() == "tf32"
+    monkeypatch.setenv("FASTVQ_TRITON_FP32_PRECISION", "IEEE")  # the precision's own variable wins
+    assert fvt.fp32_precision() == "ieee" and not fvt.allow_tf32()
+    monkeypatch.setenv("FASTVQ_TRITON_FP32_PRECISION", "fp64")
+    with pytest.raises(ValueError, match="FASTVQ_TRITON_FP32_PRECISION must be one of"):
+        fvt.fp32_precision()
+    fvt.set_fp32_precision("tf32x3")  # a call beats the environment
+    try:
+        assert fvt.fp32_precision() == "tf32x3"
+        fvt.set_allow_tf32(True)
+        assert fvt.fp32_precision() == "tf32" and fvt.allow_tf32()
+        with pytest.raises(ValueError, match="precision must be one of"):
+            fvt.set_fp32_precision("tf32x6")
+    finally:
+        fvt.set_fp32_precision(None)
     monkeypatch.setenv("FASTVQ_DETERMINISTIC", "0")
     assert not fvt.deterministic()
     torch.use_deterministic_algorithms(True)

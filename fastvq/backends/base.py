@@ -26,6 +26,11 @@ class Backend:
     def empty_cache(self) -> None:
         """Release what this backend keeps between calls (the cpu backend: packed codebooks)."""
 
+    def search_precision(self, device, x_dtype, codebook_dtype) -> str:
+        """How this backend's searches multiply x by the codebook, named as reference.nearest_code_slack's
+        ``precision`` (the slack the judge allows them): "ieee", float32 products and sums."""
+        return "ieee"
+
     def op_not_supported_reasons(self, op: str) -> list[str]:
         """Why this backend does not implement the op named ``op`` at all (whatever the tensors); empty if it does."""
         return []

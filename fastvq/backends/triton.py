@@ -52,7 +52,7 @@ class TritonBackend(Backend):
             where = "CUDA tensors"
         else:
             where = "no CUDA device here; CPU tensors only with TRITON_INTERPRET=1"
-        modes = ["tf32" if kernels.allow_tf32() else "fp32 search in full precision",
+        modes = [f"float32 operands at input_precision {kernels.fp32_precision()!r}",
                  "deterministic reductions" if kernels.deterministic() else "atomic reductions"]
         return f"triton {triton.__version__}; {where}; {', '.join(modes)}"
 
@@ -79,6 +79,15 @@ class TritonBackend(Backend):
                 reasons.append(f"dtype {str(dtype).removeprefix('torch.')}: triton supports "
                                f"{', '.join(KERNEL_DTYPE_NAMES.values())}")
         return reasons
+
+    def search_precision(self, device, x_dtype, codebook_dtype) -> str:
+        # On CUDA, float32 operands (float32 or mixed inputs) multiply at fastvq.triton.fp32_precision();
+        # bf16/fp16 of one dtype have exact products; the interpreter's tl.dot is a float32 numpy matmul.
+        kernels = self._load()
+        one_half_dtype = x_dtype == codebook_dtype and x_dtype in (torch.bfloat16, torch.float16)
+        if kernels is None or torch.device(device).type != "cuda" or one_half_dtype:
+            return "ieee"
+        return kernels.fp32_precision()
 
     def nearest_code(self, x, codebook, want_quantized):
         indices, sqdist, quantized, range_check = self._load().triton_nearest_code(x, codebook, want_quantized)

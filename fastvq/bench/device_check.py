@@ -17,7 +17,7 @@ import torch
 
 import fastvq
 from fastvq import reference
-from fastvq.dispatch import explain
+from fastvq.dispatch import explain, get_backend, resolve
 
 from .judge import Wrong, check_nearest, spread
 
@@ -27,7 +27,8 @@ SPIN_CYCLES = 50_000_000  # tens of milliseconds of a busy side stream: far long
 
 def check_backend(backend: str, device: torch.device) -> list[str]:
     """What is wrong with one backend over every shape, dtype and kind of input (empty: nothing), as judged by
-    reference.assert_nearest and torch.testing (not assert statements: python -O must not skip the check)."""
+    reference.assert_nearest (at the backend's search precision) and torch.testing (not assert statements: python -O
+    must not skip the check)."""
     failures, same = [], partial(torch.testing.assert_close, rtol=0, atol=0)
     for (n, k, d), dtype in itertools.product(SHAPES, (torch.float32, torch.bfloat16)):
         g = torch.Generator().manual_seed(n * k + d)
@@ -41,7 +42,8 @@ def check_backend(backend: str, device: torch.device) -> list[str]:
             x, e = x.to(device, dtype), e.to(device, dtype)  # e: the codebook
             try:
                 indices, sqdist = fastvq.nearest_code(x, e, backend=backend)
-                reference.assert_nearest(x.float(), e.float(), indices)
+                precision = get_backend(backend).search_precision(device, dtype, dtype)
+                reference.assert_nearest(x.float(), e.float(), indices, precision)
                 if kind == "small-integer":  # exact distances: the indices must be torch.argmin's
                     same(indices, reference.nearest_code(x.float(), e.float())[0], msg=lambda m: f"not argmin: {m}")
                 torch.testing.assert_close(sqdist, ((x.float() - e.float()[indices]) ** 2).sum(1), rtol=1e-4,
@@ -106,7 +108,9 @@ def check_autocast_module(device: torch.device) -> list[str]:
             quantized, indices, loss = module(x)
         (quantized.float().square().sum() + loss.float()).backward()
         flat = x.detach().reshape(-1, 64)
-        check_nearest(flat, codebook, indices, spread(flat.shape[0], 512))
+        searched_by = resolve("auto", flat, codebook)  # the backend auto dispatch ran the search on
+        check_nearest(flat, codebook, indices, spread(flat.shape[0], 512),
+                      precision=searched_by.search_precision(device, flat.dtype, codebook.dtype))
         expected = float(((flat - codebook[indices.reshape(-1)]).double() ** 2).mean())
         got = float(loss.detach())
         if not abs(got - expected) <= 1e-4 * max(expected, 1e-12):  # `not <=`: a NaN loss is wrong too

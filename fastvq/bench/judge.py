@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from fastvq import reference
+from fastvq.dispatch import get_backend
 
 from .cases import COMMITMENT_WEIGHT, Case, Data
 
@@ -26,8 +27,19 @@ def check_rows(case: Case, data: Data) -> tuple[Tensor, Tensor | None]:
     return rows, None if case.workload == "kmeans" else reference.nearest_code(x, codebook)[0]
 
 
-def excess(x: Tensor, codebook: Tensor, indices, rows: Tensor, best: Tensor | None = None) -> Tensor:
-    """reference.nearest_code_excess of indices[rows] (<= 1 passes; best: the oracle's codes); Wrong if malformed."""
+def judge_precision(provider: str, data: Data) -> str:
+    """The precision (reference.nearest_code_slack) a provider's search is judged at: a fastvq-<backend> provider's
+    backend's search_precision, "ieee" for the others."""
+    if not provider.startswith("fastvq-"):
+        return "ieee"
+    backend = get_backend(provider.removeprefix("fastvq-"))
+    return backend.search_precision(data.x.device, data.x.dtype, data.codebook.dtype)
+
+
+def excess(x: Tensor, codebook: Tensor, indices, rows: Tensor, best: Tensor | None = None,
+           precision: str = "ieee") -> Tensor:
+    """reference.nearest_code_excess of indices[rows] at ``precision`` (<= 1 passes; best: the oracle's codes);
+    Wrong if malformed."""
     indices = torch.as_tensor(indices).reshape(-1)
     if indices.shape != (x.shape[0],) or indices.dtype.is_floating_point or indices.dtype == torch.bool:
         raise Wrong(f"indices must be an integer tensor of shape ({x.shape[0]},), "
@@ -35,14 +47,16 @@ def excess(x: Tensor, codebook: Tensor, indices, rows: Tensor, best: Tensor | No
     chosen = indices.detach().cpu().long()[rows]
     if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= codebook.shape[0]):
         raise Wrong(f"indices out of range [0, {codebook.shape[0]}): [{int(chosen.min())}, {int(chosen.max())}]")
-    return reference.nearest_code_excess(x.detach().cpu().float()[rows], codebook.detach().cpu().float(), chosen, best)
+    return reference.nearest_code_excess(x.detach().cpu().float()[rows], codebook.detach().cpu().float(), chosen, best,
+                                         precision)
 
 
-def check_nearest(x: Tensor, codebook: Tensor, indices, rows: Tensor, best: Tensor | None = None) -> None:
-    found = excess(x, codebook, indices, rows, best)
+def check_nearest(x: Tensor, codebook: Tensor, indices, rows: Tensor, best: Tensor | None = None,
+                  precision: str = "ieee") -> None:
+    found = excess(x, codebook, indices, rows, best, precision)
     if not bool((found <= 1.0).all()):  # not `> 1`: a NaN is wrong too
         raise Wrong(f"{int((~(found <= 1.0)).sum())} of {len(rows)} checked rows are not a nearest code "
-                    f"(worst: {float(found.max()):.3g}× the float32 rounding slack above the minimum)")
+                    f"(worst: {float(found.max()):.3g}× the {precision} rounding slack above the minimum)")
 
 
 def exact_nearest(x: Tensor, codebook: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
@@ -60,20 +74,21 @@ def recall(x: Tensor, codebook: Tensor, indices, best: Tensor | None = None) -> 
     return float((excess(x, codebook, indices, rows, best) <= 1.0).double().mean()), len(rows)
 
 
-def check_output(case: Case, data: Data, role: str, output, rows, best) -> dict:
-    """What the check found (rows, recall, loss, inertia); raises Wrong when the output is wrong."""
+def check_output(case: Case, data: Data, role: str, output, rows, best, precision: str = "ieee") -> dict:
+    """What the check found (rows, recall, loss, inertia); raises Wrong when the output is wrong. Searches are
+    judged at ``precision`` (judge_precision)."""
     if role == "sgemm":
         return {}
     if case.workload.startswith("rvq"):
-        return check_residual(case, data, output, rows, best)
+        return check_residual(case, data, output, rows, best, precision)
     if case.workload == "kmeans":
         centroids = torch.as_tensor(output[0]).reshape(case.k, case.d).float()
-        check_nearest(data.x, centroids, output[1], rows)
+        check_nearest(data.x, centroids, output[1], rows, precision=precision)
         return {"rows": len(rows), "inertia": float(exact_nearest(data.x, centroids)[0].sum())}
     if case.workload == "nearest_codes":  # output: the (N, k) indices
         try:
             reference.assert_nearest_k(data.x.cpu().float()[rows], data.codebook.cpu().float(),
-                                       torch.as_tensor(output).detach().cpu().long()[rows])
+                                       torch.as_tensor(output).detach().cpu().long()[rows], precision)
         except AssertionError as why:
             raise Wrong(f"not the nearest codes, sorted: {why}") from None
         return {"rows": len(rows)}
@@ -81,7 +96,7 @@ def check_output(case: Case, data: Data, role: str, output, rows, best) -> dict:
     if role == "approximate":
         found, scored = recall(data.x, data.codebook, indices)
         return {"recall_at_1": found, "rows": scored} | output[2]  # and the index's settings
-    check_nearest(data.x, data.codebook, indices, rows, best)
+    check_nearest(data.x, data.codebook, indices, rows, best, precision)
     got = quantized.detach().cpu().reshape(-1, case.d)[rows].float()  # straight-through outputs are x + (e − x):
     want = data.codebook.cpu()[indices.detach().cpu().reshape(-1)[rows]].float()  # equal up to one rounding
     if not torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max().clamp_min(1.0))):
@@ -97,7 +112,7 @@ def check_output(case: Case, data: Data, role: str, output, rows, best) -> dict:
     return {"rows": len(rows), "loss": loss}
 
 
-def check_residual(case: Case, data: Data, output, rows, best) -> dict:
+def check_residual(case: Case, data: Data, output, rows, best, precision: str = "ieee") -> dict:
     """A ResidualVQ's first run, every level starting from data.codebook: quantized == Σ_l codebook[indices_l]
     (straight-through outputs up to a rounding per level), one finite loss per level, level 0 a nearest code
     (greedy training; a beam may keep another), and a finite x.grad after the training step's backward."""
@@ -106,7 +121,7 @@ def check_residual(case: Case, data: Data, output, rows, best) -> dict:
     if indices.shape[0] != case.n or indices.dtype.is_floating_point or int(indices.min()) < 0:
         raise Wrong(f"indices must be (N, levels) = ({case.n}, {case.levels}) codes >= 0, got {tuple(indices.shape)}")
     if case.workload == "rvq_train":
-        check_nearest(data.x, data.codebook, indices[:, 0], rows, best)
+        check_nearest(data.x, data.codebook, indices[:, 0], rows, best, precision)
     got = quantized.detach().cpu().reshape(-1, case.d)[rows].float()
     want = data.codebook.cpu().float()[indices[rows]].sum(1)
     if not torch.allclose(got, want, rtol=1e-5, atol=1e-5 * case.levels * float(want.abs().max().clamp_min(1.0))):

@@ -20,7 +20,7 @@ import torch
 import fastvq
 
 from .cases import Case, Data, make_data
-from .judge import Wrong, check_output, check_rows
+from .judge import Wrong, check_output, check_rows, judge_precision
 from .providers import REGISTRY, Absent, Provider
 
 WARM_IF_UNDER_S = 1.0  # a provider whose checked run took longer gets no warm-up: one-time costs are lost in it
@@ -121,7 +121,8 @@ def prepare(provider: Provider, case: Case, data: Data, rows, best, result: Resu
     try:
         run, output = provider.setup(case, data), []
         seconds = time_once(lambda: output.append(run()), case.device)
-        result.check = check_output(case, data, provider.role, output[0], rows, best)
+        result.check = check_output(case, data, provider.role, output[0], rows, best,
+                                    judge_precision(provider.name, data))
         return run, seconds
     except (Absent, fastvq.BackendNotSupportedError) as why:
         result.status, result.reason = "absent", str(why)

@@ -8,14 +8,16 @@
     triton_sample_code(x, codebook, temperature, seed, cosine)  sample_code.py  fastvq::triton_sample_code
 
 Options:
-    set_allow_tf32(True) / FASTVQ_TRITON_TF32=1      float32 search on TF32 tensor cores (default: full fp32)
+    set_fp32_precision("tf32x3" | "tf32" | "ieee") /   tl.dot on float32 operands (float32 or mixed inputs):
+    FASTVQ_TRITON_FP32_PRECISION                     3xTF32 tensor cores (default), one TF32 product, or FMA
+    set_allow_tf32(True) / FASTVQ_TRITON_TF32=1      the same as "tf32"
     torch.use_deterministic_algorithms(True) /
     FASTVQ_DETERMINISTIC=1                           sort-and-segment reductions instead of float atomics
 
 CPU tensors run under Triton's interpreter when TRITON_INTERPRET=1 (slow; for tests).
 Importing this package needs triton; fastvq.backends.triton reports its absence.
 """
-from ._jit import allow_tf32, deterministic, interpreting, set_allow_tf32
+from ._jit import allow_tf32, deterministic, fp32_precision, interpreting, set_allow_tf32, set_fp32_precision
 from .ema_stats import triton_ema_stats
 from .nearest_code import triton_nearest_code
 from .nearest_codes import triton_nearest_codes
@@ -25,8 +27,10 @@ from .sample_code import triton_sample_code
 __all__ = [
     "allow_tf32",
     "deterministic",
+    "fp32_precision",
     "interpreting",
     "set_allow_tf32",
+    "set_fp32_precision",
     "triton_ema_stats",
     "triton_nearest_code",
     "triton_nearest_codes",

@@ -25,9 +25,11 @@ from triton.runtime.jit import JITFunction
 from ..numerics import deterministic  # noqa: F401  (re-exported: fastvq.triton.deterministic)
 
 _TF32_ENV = "FASTVQ_TRITON_TF32"
+_PRECISION_ENV = "FASTVQ_TRITON_FP32_PRECISION"
 _TRUE = ("1", "true", "yes", "on")
+FP32_PRECISIONS = ("tf32x3", "tf32", "ieee")
 
-_options = {"allow_tf32": None}
+_options = {"fp32_precision": None}
 
 
 def interpreting() -> bool:
@@ -35,23 +37,64 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-def set_allow_tf32(allow: bool | None) -> None:
-    """Let float32 searches use TF32 tensor cores (faster, ~1e-3 relative error in x·e).
+def set_fp32_precision(precision: str | None) -> None:
+    """How the searches' ``tl.dot`` treats float32 operands (float32 inputs, and mixed inputs such as
+    bf16 x against a float32 codebook): its ``input_precision``.
 
-    Off by default: a TF32 distance can pick a code up to ~1e-3·(‖x‖² + ‖e‖²) farther
-    than the nearest. ``None`` returns to the environment variable FASTVQ_TRITON_TF32.
-    This is deliberately not torch's ``set_float32_matmul_precision``, which many
-    training scripts lower for the model's matmuls without meaning the argmin.
+    ``"tf32x3"`` (default): Triton's 3xTF32 split on tensor cores (sm_80+; FMA before), within a few
+    dozen float32 roundings of x·e (reference.nearest_code_slack states the bound it is judged by).
+    ``"tf32"``: one TF32 product, ~1e-3 relative error in x·e; a distance can pick a code up to
+    ~1e-3·(‖x‖² + ‖e‖²) farther than the nearest. ``"ieee"``: full float32 on FMA units (slower).
+    ``None`` returns to the environment: FASTVQ_TRITON_FP32_PRECISION, else "tf32" when
+    FASTVQ_TRITON_TF32 is set true, else "tf32x3". This is deliberately not torch's
+    ``set_float32_matmul_precision``, which many training scripts lower for the model's matmuls
+    without meaning the argmin.
     """
+    if precision is not None and precision not in FP32_PRECISIONS:
+        raise ValueError(f"precision must be one of {FP32_PRECISIONS} or None, got {_short_repr(precision)}")
+    _options["fp32_precision"] = precision
+
+
+def fp32_precision() -> str:
+    """The ``input_precision`` float32 operands get now (set_fp32_precision)."""
+    if _options["fp32_precision"] is not None:
+        return _options["fp32_precision"]
+    value = os.environ.get(_PRECISION_ENV, "").strip().lower()
+    if value:
+        if value not in FP32_PRECISIONS:
+            raise ValueError(f"{_PRECISION_ENV} must be one of {FP32_PRECISIONS}, got {_short_repr(value)}")
+        return value
+    return "tf32" if os.environ.get(_TF32_ENV, "").strip().lower() in _TRUE else "tf32x3"
+
+
+def set_allow_tf32(allow: bool | None) -> None:
+    """``set_fp32_precision("tf32")`` when True; False asks for float32-grade accuracy, the default
+    "tf32x3"; ``None`` returns to the environment (set_fp32_precision(None))."""
     if allow is not None and not isinstance(allow, bool):
         raise TypeError(f"allow must be a bool or None, got {type(allow).__name__}")
-    _options["allow_tf32"] = allow
+    set_fp32_precision(None if allow is None else "tf32" if allow else "tf32x3")
 
 
 def allow_tf32() -> bool:
-    if _options["allow_tf32"] is not None:
-        return _options["allow_tf32"]
-    return os.environ.get(_TF32_ENV, "").strip().lower() in _TRUE
+    """True when float32 operands take single TF32 products (fp32_precision() == "tf32")."""
+    return fp32_precision() == "tf32"
+
+
+def search_precision(x_dtype, codebook_dtype) -> str:
+    """The ``input_precision`` of the searches' ``tl.dot`` for these input dtypes: bf16/fp16 inputs of
+    one dtype multiply in that dtype on tensor cores ("tf32", the argument Triton ignores for them);
+    everything else is searched on float32 operands, at fp32_precision(). (Under the interpreter tl.dot
+    is a float32 numpy matmul whatever the argument.)"""
+    import torch
+
+    if x_dtype == codebook_dtype and x_dtype in (torch.bfloat16, torch.float16):
+        return "tf32"
+    return fp32_precision()
+
+
+def _short_repr(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # BLOCK_D, the slice of d per tl.dot, is not tuned: it follows d up to a cap (tl.dot needs >= 16).

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from ._bitonic import merge_ascending, smallest_descending
-from ._jit import MAX_BLOCK_D, allow_tf32, block_d_for, interpreting, kernel, launch
+from ._jit import MAX_BLOCK_D, block_d_for, interpreting, kernel, launch, search_precision
 from ._score_tile import centred_x_tile, score_tile
 from .nearest_code import _TENSOR_CORE_DTYPES, MAX_CENTRED_SQUARED_NORM, centred_codebook
 
@@ -150,7 +150,7 @@ def triton_nearest_codes(x: Tensor, codebook: Tensor, k: int) -> tuple[Tensor, T
         num_rows, num_codes, dim, k,
         x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
         CAST_TO_FP32=upcast,
-        INPUT_PRECISION="tf32" if not upcast or allow_tf32() else "ieee",
+        INPUT_PRECISION=search_precision(x.dtype, codebook.dtype),
         BLOCK_D=block_d,
         X_RESIDENT=dim <= block_d,
         BLOCK_N=block_n,
