@@ -14,7 +14,7 @@ from fastvq import dispatch, reference
 from fastvq.numerics import search_centre
 
 from conftest import (NON_CONTIGUOUS_LAYOUTS, TOLERANCES, assert_sqdist, exact_inputs_with_duplicate_codes,
-                      non_contiguous_rows, randn, skip_if_slow, to_cpu)
+                      non_contiguous_rows, randn, skip_if_slow, small_integers, to_cpu)
 
 SHAPES = [  # (N, K, d): N = 0; 1, 3, 33, 257, 1030 and other odd sizes; K split across threads (20000, 40000)
     (0, 3, 33), (1, 1, 1), (1, 257, 64), (1, 1030, 64), (3, 20000, 5), (7, 1, 64), (7, 3, 3), (7, 257, 33),
@@ -65,7 +65,10 @@ def test_nearest_code_half_inputs_by_distance(pair, dtype, num_rows, num_codes, 
     assert_sqdist(x, codebook, indices, sqdist)
 
 
-EXACT_CASES = [((n, k, d), dtype) for n, k, d in [(1, 1, 1), (7, 3, 3), (300, 257, 33), (300, 257, 64)]
+# d = 16 keeps x resident under the interpreter's 32-column cap, so fp16 there takes the tensor-core fold
+# (nearest_code.py: improving tiles saved, lowest column found after the loop) across several code tiles.
+EXACT_CASES = [((n, k, d), dtype) for n, k, d in [(1, 1, 1), (7, 3, 3), (300, 257, 16), (300, 257, 33),
+                                                    (300, 257, 64)]
                for dtype in (torch.float32, *HALF_DTYPES)]
 EXACT_CASES += [((1000, 257, 33), torch.float32), ((4099, 1030, 64), torch.float32)]
 
@@ -82,6 +85,23 @@ def test_nearest_code_exact_inputs_match_argmin_with_duplicate_codes(pair, shape
     torch.testing.assert_close(indices, expected_indices, rtol=0, atol=0)
     torch.testing.assert_close(sqdist, expected_sqdist.to(sqdist.dtype), rtol=0, atol=0)  # exact integers
     torch.testing.assert_close(quantized, codebook[expected_indices], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, *HALF_DTYPES), ids=lambda d: str(d).removeprefix("torch."))
+def test_nearest_code_ties_inside_a_code_tile_go_to_the_lowest_index(pair, dtype):
+    # Copies of a code 8 columns apart (one thread's columns of a row in the tensor cores' accumulator),
+    # adjacent (a pair one thread holds), 3 apart, and in a later tile: rows equal to them, and so at
+    # distance 0 from every copy, must get the first copy (nearest_code.py's fold, in each of its modes).
+    generator = torch.Generator().manual_seed(7)
+    codebook = small_integers(200, 16, generator=generator)
+    for first, copies in ((2, [10, 18, 130]), (4, [5, 7, 69]), (33, [41, 97])):
+        codebook[copies] = codebook[first].clone()
+    x = torch.cat([codebook[[2, 10, 18, 130, 4, 5, 7, 69, 33, 41, 97]], small_integers(20, 16, generator=generator)])
+    x, codebook = x.to(dtype), codebook.to(dtype)
+    expected, _ = reference.nearest_code(x.double(), codebook.double())
+    assert expected[:11].tolist() == [2, 2, 2, 2, 4, 4, 4, 4, 33, 33, 33]
+    indices, _, _ = search(pair, x, codebook)
+    torch.testing.assert_close(indices, expected, rtol=0, atol=0)
 
 
 def test_nearest_code_codebook_rows_come_back_exactly(pair):

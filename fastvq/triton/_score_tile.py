@@ -1,7 +1,9 @@
-"""The code-tile step both Triton searches share (nearest_code.py, nearest_codes.py): the centred x
-tile a program keeps, and one (BLOCK_N, BLOCK_K) tile of scores ‖e'_k‖² − 2 x'_i·e'_k in the centred
-frame (x' = x − c, e' = e − c; nearest_code.py's docstring has the derivation). The two kernels differ
-only in what they fold the scores into: a running argmin, or a sorted top-k list.
+"""The code-tile step the Triton searches share (nearest_code.py, nearest_codes.py, nearest_code_split.py):
+the centred x tile a program keeps, one (BLOCK_N, BLOCK_K) tile of x'·e' (code_tile_dot), and of scores
+‖e'_k‖² − 2 x'_i·e'_k in the centred frame with the non-finite rule applied (score_tile; x' = x − c,
+e' = e − c; nearest_code.py's docstring has the derivation). The kernels differ in what they fold the
+scores into: a running argmin (nearest_code.py's lean fold uses first_column and lowest_pair), or a
+sorted top-k list.
 """
 from __future__ import annotations
 
@@ -44,8 +46,26 @@ def score_tile(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_
     of the centred codebook (contiguous (K, d)). A NaN or ±inf score, and a code past K, score +inf
     (fastvq/reference.py's non-finite rule)."""
     codes_t = codes_ptr + codes[None, :] * d  # tiles loaded transposed, (BLOCK_D, BLOCK_K), for x @ eᵀ
+    xe = code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, codes_t, code_mask, lanes_d, d,
+                       BLOCK_N, BLOCK_K, BLOCK_D, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
+    norms = tl.load(code_norms_ptr + codes, mask=code_mask, other=0.0)
+    score = tl.fma(xe, -2.0, norms[None, :])  # explicit: Triton's default FP fusion may change
+    usable = (score == score) & (tl.abs(score) < float("inf")) & code_mask[None, :]
+    return tl.where(usable, score, float("inf"))
+
+
+@device_function
+def code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, codes_t, code_mask, lanes_d, d,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                  CAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, X_RESIDENT: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) float32 x'·e' of the program's rows and one tile of the centred codebook (rows of
+    d entries): ``codes_t`` (1, BLOCK_K) points at the tile's code rows, ``code_mask`` (BLOCK_K,) says which
+    exist, or is None when all do (nearest_code's tiles of the padded codebook)."""
     if X_RESIDENT:  # no inner loop, so Triton software-pipelines the caller's (innermost) loop's loads
-        e_t = tl.load(codes_t + lanes_d[:, None], mask=(lanes_d[:, None] < d) & code_mask[None, :], other=0.0)
+        if code_mask is None:
+            e_t = tl.load(codes_t + lanes_d[:, None], mask=lanes_d[:, None] < d, other=0.0)
+        else:
+            e_t = tl.load(codes_t + lanes_d[:, None], mask=(lanes_d[:, None] < d) & code_mask[None, :], other=0.0)
         if CAST_TO_FP32:
             e_t = e_t.to(tl.float32)
         xe = tl.dot(x_tile, e_t, input_precision=INPUT_PRECISION)
@@ -54,12 +74,28 @@ def score_tile(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_
         for d0 in range(0, d, BLOCK_D):
             cols = d0 + lanes_d
             col_mask = cols < d
-            e_t = tl.load(codes_t + cols[:, None], mask=col_mask[:, None] & code_mask[None, :], other=0.0)
+            if code_mask is None:
+                e_t = tl.load(codes_t + cols[:, None], mask=col_mask[:, None], other=0.0)
+            else:
+                e_t = tl.load(codes_t + cols[:, None], mask=col_mask[:, None] & code_mask[None, :], other=0.0)
             if CAST_TO_FP32:
                 e_t = e_t.to(tl.float32)
             x_t = centred_x_slice(x_rows, stride_xd, row_mask, centre_ptr, cols, d, codes_ptr, CAST_TO_FP32)
             xe = tl.dot(x_t, e_t, xe, input_precision=INPUT_PRECISION)
-    norms = tl.load(code_norms_ptr + codes, mask=code_mask, other=0.0)
-    score = tl.fma(xe, -2.0, norms[None, :])  # explicit: Triton's default FP fusion may change
-    usable = (score == score) & (tl.abs(score) < float("inf")) & code_mask[None, :]
-    return tl.where(usable, score, float("inf"))
+    return xe
+
+
+@device_function
+def first_column(score, group_min, columns, BLOCK_K: tl.constexpr):
+    """(BLOCK_N, GROUPS) int32: in each column group of a (BLOCK_N, STRIDED, GROUPS, RUN) view of a score
+    tile (``columns``, (1, STRIDED, GROUPS, RUN), numbers its columns), the lowest column whose score
+    equals ``group_min`` (BLOCK_N, GROUPS); BLOCK_K where none does."""
+    first = tl.where(score == group_min[:, None, :, None], columns, BLOCK_K)
+    return tl.min(tl.min(first, axis=3), axis=1)
+
+
+@device_function
+def lowest_pair(score, index, other_score, other_index):
+    """tl.reduce's combine for a (score, index) argmin: the smaller score, on equal scores the lower index."""
+    take = (other_score < score) | ((other_score == score) & (other_index < index))
+    return tl.where(take, other_score, score), tl.where(take, other_index, index)

@@ -15,8 +15,9 @@ instructions per score element:
 
 where the loop is the innermost backward branch around the dot (HGMMA on sm_90, HMMA on sm_80,
 FFMA for full-precision float32); when the d-slices loop inside it, its body counts once per
-slice. Issue 14's target at bf16 d=64 is <= 5 (printed, not enforced: the lean epilogue is
-still to come).
+slice. Issue 14's target at bf16 d=64 is <= 5 on sm_90: printed, not enforced, as not met (the lean
+fold, nearest_code.py, takes about 3 per element; Triton's per-tile loads, wgmma descriptors and
+x-operand reloads from shared memory add over 2 at 32 elements per thread).
 
 It exits non-zero on a compiler error, a kernel over the architecture's shared memory, or any
 spill. By default the deterministic config and one large config of the search are compiled (about

@@ -3,19 +3,32 @@
 The search is a GEMM with a min-epilogue, in a centred frame: distances are translation
 invariant, and ‖e‖² − 2x·e cancels far from the origin (issue 12, finding 5), so with
 c = numerics.search_centre(codebook) the search runs on x' = x − c and e' = e − c. Once per
-call (O(K·d)) the launcher forms the centred codes e' (a contiguous (K, d) tensor) and ‖e'_k‖²;
-each program owns BLOCK_N rows of x, subtracts c as it loads them, and walks e' in BLOCK_K-row
-tiles; per tile ``tl.dot`` gives x'·e', and
+call (O(K·d)) the launcher forms the centred codes e' and ‖e'_k‖² (centred_codebook); each
+program owns BLOCK_N rows of x, subtracts c as it loads them, and walks e' in BLOCK_K-row tiles;
+per tile ``tl.dot`` gives x'·e', and
 
     score(i, k) = ‖e'_k‖² − 2 x'_i·e'_k    (= ‖x_i − e_k‖² − ‖x'_i‖², same argmin)
 
-is folded into a running (min, argmin) per row held in registers. Ties go to the
-lowest index: ``tl.min`` breaks ties to the left inside a tile and a later tile
-replaces the running best only when strictly smaller. No N×K buffer exists.
+is folded into a running argmin held in registers. No N×K buffer exists.
 
-Non-finite rule (fastvq/reference.py): a NaN or ±inf score counts as +inf, so a
-non-finite code never wins while a finite one exists, and a row whose every score
-is non-finite (a row of x with NaN/Inf) keeps the initial index 0.
+Non-finite rule (fastvq/reference.py): a NaN or ±inf distance counts as +inf, so a non-finite
+code never wins while a finite one exists, and a row of x with a NaN/Inf gets index 0. The main
+loop applies no mask for it: centred_codebook makes a code with a NaN/Inf a zero row with norm
++inf, and pads the codes to whole tiles with such rows, so against a finite row of x every score
+is finite or +inf (finite within the range check below) and never NaN. A row of x with a NaN/Inf
+scores NaN or ±inf against every code, so its running minimum ends non-finite, as does that of a
+row with no finite score at all; after the loop every row whose minimum is not finite gets index 0.
+
+The fold, lean because it runs per score element. The kernel views a score tile as
+(BLOCK_N, STRIDED, GROUPS, RUN), column a·GROUPS·RUN + g·RUN + r at [a, g, r], with a column group
+g being what one thread holds of a row (the tensor cores' accumulator: 4 lanes of a quad, each with
+pairs of columns 8 apart; the FMA dot: a pair), so the work per group stays in one thread. Per
+(row, group) it keeps the running minimum; a tile replaces it only when strictly smaller, so it is
+the first tile's. With resident x on tensor cores it also keeps the group's scores of that tile and
+finds the lowest column achieving the minimum once, after the loop: per score element an FFMA, an
+FMNMX and an FSEL. On the FMA dot and the d-slices, short of registers, it finds that column at
+once in each improving tile. After the loop the groups' (minimum, lowest index) pairs combine to
+the smallest score and, among equal scores, the lowest index: the reference's tie rule, exactly.
 
 The epilogue gathers e_idx for each row from the original codebook, writes it as the quantized
 row and computes sqdist = ‖x − e_idx‖² directly in the original frame, in float32, as the
@@ -42,7 +55,7 @@ from ..numerics import MAX_CENTRED_SQUARED_NORM as _MAX_CENTRED_SQUARED_NORM
 from ..numerics import first_out_of_range_code, search_centre
 from . import nearest_code_split as split
 from ._jit import MAX_BLOCK_D, allow_tf32, block_d_for, interpreting, kernel, launch
-from ._score_tile import centred_x_tile, score_tile
+from ._score_tile import centred_x_tile, code_tile_dot, first_column, lowest_pair
 
 MAX_CENTRED_SQUARED_NORM = tl.constexpr(_MAX_CENTRED_SQUARED_NORM)
 EPILOGUE_D = tl.constexpr(32)
@@ -112,27 +125,53 @@ def _nearest_code_kernel(
     row_mask = rows < N
     x_rows = x_ptr + rows[:, None] * stride_xn
     lanes_d = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: a column times a large stride does not overflow
-    lanes_k = tl.arange(0, BLOCK_K)
 
     x_tile = centred_x_tile(x_rows, stride_xd, row_mask, centre_ptr, lanes_d, d, codes_ptr,
                             CAST_TO_FP32, X_RESIDENT)
-    best = tl.full([BLOCK_N], float("inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_N], tl.int64)
-    for k0 in range(0, K, BLOCK_K):
-        codes = k0 + lanes_k.to(tl.int64)
-        score = score_tile(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_norms_ptr,
-                           codes, codes < K, lanes_d, d,
+    # The fold (module docstring): column groups, and whether to save the improving tiles' scores.
+    GROUPS: tl.constexpr = BLOCK_K // 2 if CAST_TO_FP32 else 4
+    RUN: tl.constexpr = 2
+    STRIDED: tl.constexpr = BLOCK_K // (GROUPS * RUN)
+    SAVE_TILES: tl.constexpr = X_RESIDENT and not CAST_TO_FP32
+    strided = (tl.arange(0, STRIDED) * (GROUPS * RUN))[:, None, None] + tl.arange(0, RUN)[None, None, :]
+    group_start = (tl.arange(0, GROUPS) * RUN)[None, :, None]
+    columns = (strided + group_start)[None, :, :, :]
+    # Norms at a per-thread base (advanced per tile) + per-register constants: one address per tile.
+    norms = code_norms_ptr + group_start
+    lanes_k = tl.arange(0, BLOCK_K)[None, :]
+    tile = codes_ptr
+    part = tl.full([BLOCK_N, GROUPS], float("inf"), tl.float32)
+    part_idx = tl.zeros([BLOCK_N, GROUPS], tl.int32)
+    saved = tl.full([BLOCK_N, STRIDED, GROUPS, RUN], float("inf"), tl.float32)
+    # Whole tiles: centred_codebook pads the codes to a multiple of every BLOCK_K.
+    for k0 in range(0, tl.cdiv(K, BLOCK_K) * BLOCK_K, BLOCK_K):
+        # The FMA dot spills when int32 row offsets are kept across the loop (compile_check), so it forms
+        # 64-bit ones per tile; tensor cores take one scalar base per tile.
+        code_rows = codes_ptr + (k0 + lanes_k).to(tl.int64) * d if CAST_TO_FP32 else tile + lanes_k * d
+        xe = code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_rows, None, lanes_d, d,
                            BLOCK_N, BLOCK_K, BLOCK_D, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
-        tile_best, tile_idx = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        better = tile_best < best
-        best = tl.where(better, tile_best, best)
-        best_idx = tl.where(better, k0 + tile_idx.to(tl.int64), best_idx)
+        xe = tl.reshape(xe, [BLOCK_N, STRIDED, GROUPS, RUN])
+        score = tl.fma(xe, -2.0, tl.load(norms + strided)[None, :, :, :])  # explicit: FP fusion may change
+        tile_min = tl.min(tl.min(score, axis=3), axis=1)
+        improved = tile_min < part
+        part = tl.where(improved, tile_min, part)
+        if SAVE_TILES:
+            part_idx = tl.where(improved, k0, part_idx)
+            saved = tl.where(improved[:, None, :, None], score, saved)
+        else:
+            part_idx = tl.where(improved, k0 + first_column(score, tile_min, columns, BLOCK_K), part_idx)
+        tile += BLOCK_K * d
+        norms += BLOCK_K
+    if SAVE_TILES:
+        part_idx += first_column(saved, part, columns, BLOCK_K)
+    best, best_idx = tl.reduce((part, part_idx), 1, lowest_pair)
+    best_idx = tl.where(tl.abs(best) < float("inf"), best_idx, 0)  # the non-finite rule
 
     # Epilogue, in the original frame: gather e_idx, write it, and measure ‖x − e_idx‖² directly. Also
     # ‖x − c‖² of each finite row, for the range check (numerics.MAX_CENTRED_SQUARED_NORM).
     # In slices of at most 32 columns: (BLOCK_N, BLOCK_D) tiles of 64-bit pointers and float32 values
     # spilled at BLOCK_D = 128 (compile_check).
-    chosen = codebook_ptr + best_idx[:, None] * stride_cn
+    chosen = codebook_ptr + best_idx[:, None].to(tl.int64) * stride_cn
     sqdist = tl.zeros([BLOCK_N], tl.float32)
     x_norm = tl.zeros([BLOCK_N], tl.float32)
     non_finite = tl.zeros([BLOCK_N], tl.int32)
@@ -151,22 +190,33 @@ def _nearest_code_kernel(
         if WRITE_QUANTIZED:
             q_ptrs = quantized_ptr + rows[:, None] * d + cols[None, :]
             tl.store(q_ptrs, e.to(quantized_ptr.dtype.element_ty), mask=mask)
-    tl.store(indices_ptr + rows, best_idx, mask=row_mask)
+    tl.store(indices_ptr + rows, best_idx.to(tl.int64), mask=row_mask)
     tl.store(sqdist_ptr + rows, sqdist, mask=row_mask)
     out_of_range = row_mask & (non_finite == 0) & (x_norm > MAX_CENTRED_SQUARED_NORM)
     first_bad = tl.min(tl.where(out_of_range, rows, N), axis=0)
     tl.atomic_min(range_check_ptr + 1, first_bad, mask=first_bad < N, sem="relaxed")
 
 
+# The centred codes' rows are a multiple of this, and so of every BLOCK_K: whole tiles, no mask.
+CODE_ROWS_MULTIPLE = 128
+
+
 def centred_codebook(codebook: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """What every Triton search needs of the codebook, once per call (O(K·d)): the search centre c
-    (d,) float32 (numerics.search_centre), the centred codes e − c as a contiguous (K, d) tensor of
-    ``dtype`` (the tiles the search loads, so its inner loop stays a plain load and dot), their
-    squared norms (K,) float32 in that rounding, and the range check's first entry (numerics)."""
+    (d,) float32 (numerics.search_centre); the centred codes e − c as a contiguous (K', d) tensor of
+    ``dtype`` (the tiles the search loads, so its inner loop stays a plain load and dot), K' being K
+    rounded up to a multiple of CODE_ROWS_MULTIPLE; their squared norms (K',) float32 in that
+    rounding; and the range check's first entry (numerics). A code with a NaN or ±inf entry, and
+    each padding row past K, is a zero row with norm +inf: it scores +inf against any finite x."""
     centre = search_centre(codebook)
-    codes = (codebook.to(torch.float32) - centre).to(dtype).contiguous()
-    norms = codes.to(torch.float32).square().sum(dim=1)
-    return centre, codes, norms, first_out_of_range_code(codebook, norms)
+    num_codes, dim = codebook.shape
+    padded = -(-num_codes // CODE_ROWS_MULTIPLE) * CODE_ROWS_MULTIPLE
+    finite = torch.isfinite(codebook).all(dim=1)
+    codes = torch.zeros((padded, dim), dtype=dtype, device=codebook.device)
+    codes[:num_codes] = torch.where(finite[:, None], codebook.to(torch.float32) - centre, 0.0)
+    norms = torch.full((padded,), torch.inf, device=codebook.device)
+    norms[:num_codes] = torch.where(finite, codes[:num_codes].to(torch.float32).square().sum(dim=1), torch.inf)
+    return centre, codes, norms, first_out_of_range_code(codebook, norms[:num_codes])
 
 
 @triton_op("fastvq::triton_nearest_code", mutates_args={})
