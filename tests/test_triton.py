@@ -278,3 +278,32 @@ def test_kernels_compile_for_gpus():
     result = subprocess.run([sys.executable, "-m", "fastvq.triton.compile_check"], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_float32_operands_reach_tl_dot_at_the_chosen_precision(monkeypatch):
+    # The searches' tl.dot gets fastvq.triton.fp32_precision() for float32 operands (float32 or mixed inputs),
+    # "tf32x3" by default, and "tf32" (ignored by Triton) for bf16/fp16 tensor cores.
+    from fastvq.triton import _jit, nearest_code, nearest_codes
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name in ("FASTVQ_TRITON_TF32", "FASTVQ_TRITON_FP32_PRECISION"):
+        monkeypatch.delenv(name, raising=False)
+
+    def precision_of(call):
+        with _jit.capture_launches(), pytest.raises(_jit.Captured) as caught:
+            call()
+        return caught.value.kwargs["INPUT_PRECISION"]
+
+    x, codebook = randn(300, 33, seed=0), randn(70, 33, seed=1)
+    searches = {"nearest_code": lambda a, b: nearest_code.triton_nearest_code(a, b, True),
+                "nearest_codes": lambda a, b: nearest_codes.triton_nearest_codes(a, b, 4)}
+    for name, search in searches.items():
+        assert precision_of(lambda: search(x, codebook)) == "tf32x3", name
+        assert precision_of(lambda: search(x.bfloat16(), codebook)) == "tf32x3", name  # mixed: float32 operands
+        assert precision_of(lambda: search(x.bfloat16(), codebook.bfloat16())) == "tf32", name
+        for precision in ("ieee", "tf32"):
+            _jit.set_fp32_precision(precision)
+            try:
+                assert precision_of(lambda: search(x, codebook)) == precision, name
+            finally:
+                _jit.set_fp32_precision(None)

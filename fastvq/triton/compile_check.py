@@ -75,21 +75,34 @@ def default_cases() -> list[Case]:
             _randn(4096, 64, dtype=bf16), _randn(1024, 64, dtype=bf16), True), search=True),
         Case("nearest_code fp16 d=200 (d-slices)", lambda: nearest_code.triton_nearest_code(
             _randn(4096, 200, dtype=fp16), _randn(1024, 200, dtype=fp16), False), (90,), search=True),
-        Case("nearest_code fp32 d=33 ieee", lambda: nearest_code.triton_nearest_code(
+        # float32 operands (float32 or mixed inputs) at the default "tf32x3" (3xTF32: three TF32 dots on tensor
+        # cores, HMMA/HGMMA) and at "ieee" (FFMA)
+        Case("nearest_code fp32 d=33 tf32x3", lambda: nearest_code.triton_nearest_code(
             _randn(4096, 33), _randn(1024, 33), True), search=True),
-        Case("nearest_code fp32 d=130 ieee (d-slices)", lambda: nearest_code.triton_nearest_code(
+        Case("nearest_code fp32 d=130 tf32x3 (d-slices)", lambda: nearest_code.triton_nearest_code(
             _randn(4096, 130), _randn(1024, 130), True), (90,), search=True),
+        Case("nearest_code bf16 x, fp32 codebook d=64 tf32x3", lambda: nearest_code.triton_nearest_code(
+            _randn(4096, 64, dtype=bf16), _randn(1024, 64), True), (90,), search=True),
+        Case("nearest_code fp32 d=33 ieee", at_precision("ieee", lambda: nearest_code.triton_nearest_code(
+            _randn(4096, 33), _randn(1024, 33), True)), search=True),
+        Case("nearest_code fp32 d=130 ieee (d-slices)", at_precision("ieee", lambda: nearest_code.triton_nearest_code(
+            _randn(4096, 130), _randn(1024, 130), True)), (90,), search=True),
         # N = 256 rows cannot fill the SMs: the launcher splits over codes (nearest_code_split.py).
         Case("nearest_code split bf16 d=64 N=256 K=65536", lambda: nearest_code.triton_nearest_code(
             _randn(256, 64, dtype=bf16), _randn(65536, 64, dtype=bf16), True), search=True),
-        Case("nearest_code split fp32 d=33 N=256 K=8192 ieee", lambda: nearest_code.triton_nearest_code(
-            _randn(256, 33), _randn(8192, 33), True), (90,), search=True),
+        Case("nearest_code split fp32 d=33 N=256 K=8192 tf32x3", lambda: nearest_code.triton_nearest_code(
+            _randn(256, 33), _randn(8192, 33), True), search=True),
+        Case("nearest_code split fp32 d=33 N=256 K=8192 ieee", at_precision(
+            "ieee", lambda: nearest_code.triton_nearest_code(_randn(256, 33), _randn(8192, 33), True)), (90,),
+            search=True),
         Case("nearest_code split epilogue bf16 d=64", lambda: nearest_code_split.split_epilogue(
             *_split_epilogue_args(bf16))),
         Case("nearest_codes bf16 d=64 k=8", lambda: nearest_codes.triton_nearest_codes(
             _randn(4096, 64, dtype=bf16), _randn(1024, 64, dtype=bf16), 8), search=True),
-        Case("nearest_codes fp32 d=33 k=64", lambda: nearest_codes.triton_nearest_codes(
+        Case("nearest_codes fp32 d=33 k=64 tf32x3", lambda: nearest_codes.triton_nearest_codes(
             _randn(4096, 33), _randn(1024, 33), 64), search=True),
+        Case("nearest_codes fp32 d=33 k=64 ieee", at_precision("ieee", lambda: nearest_codes.triton_nearest_codes(
+            _randn(4096, 33), _randn(1024, 33), 64)), (90,), search=True),
         Case("ema_stats bf16 d=64", lambda: ema_stats.triton_ema_stats(
             _randn(4096, 64, dtype=bf16), rows, 1024)),
         Case("quantize_backward fp16 d=128", lambda: quantize_backward.triton_quantize_backward(
@@ -100,6 +113,18 @@ def default_cases() -> list[Case]:
         Case("segment_sum fp32 d=128 residual", lambda: segment_sum.segment_sum(
             x32, *sort_by_code(rows, 1024), 1024, codebook=_randn(1024, 128))),
     ]
+
+
+def at_precision(precision: str, call: Callable[[], object]) -> Callable[[], object]:
+    """``call`` with float32 operands at ``precision`` (fastvq.triton.set_fp32_precision), then the setting back."""
+    def run():
+        before = _jit._options["fp32_precision"]
+        _jit.set_fp32_precision(precision)
+        try:
+            return call()
+        finally:
+            _jit.set_fp32_precision(before)
+    return run
 
 
 def _split_epilogue_args(dtype):

@@ -40,8 +40,9 @@ rounding to x's dtype is torch's.)
 Precision: bf16/fp16 inputs of one dtype go to tensor cores with fp32 accumulation, on x' and e'
 rounded to that dtype (exact when the data sit on a grid no finer than the dtype's at the
 centre, e.g. integers; otherwise one rounding of the small centred values); float32 (and
-mixed-dtype) inputs use full-precision fp32 ("ieee") unless TF32 is allowed
-(fastvq.triton.set_allow_tf32 / FASTVQ_TRITON_TF32=1).
+mixed-dtype) inputs are searched on float32 operands at fastvq.triton.fp32_precision(): by default
+"tf32x3", Triton's 3xTF32 split on tensor cores (reference.nearest_code_slack states its bound),
+else "ieee" (FMA) or "tf32" (set_fp32_precision / FASTVQ_TRITON_FP32_PRECISION).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ from torch.library import triton_op
 from ..numerics import MAX_CENTRED_SQUARED_NORM as _MAX_CENTRED_SQUARED_NORM
 from ..numerics import first_out_of_range_code, search_centre
 from . import nearest_code_split as split
-from ._jit import MAX_BLOCK_D, allow_tf32, block_d_for, interpreting, kernel, launch
+from ._jit import MAX_BLOCK_D, block_d_for, interpreting, kernel, launch, search_precision
 from ._score_tile import centred_x_tile, code_tile_dot, first_column, lowest_pair
 
 MAX_CENTRED_SQUARED_NORM = tl.constexpr(_MAX_CENTRED_SQUARED_NORM)
@@ -256,8 +257,8 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
     range_check = torch.stack([first_bad_code, torch.full_like(first_bad_code, num_rows)])
     resident = dim <= block_d
     write_quantized = want_quantized and same_dtype
-    # "ieee" only matters for float32 operands; bf16/fp16 take the backend default.
-    precision = "tf32" if not upcast or allow_tf32() else "ieee"
+    # Float32 operands at fastvq.triton.fp32_precision() ("tf32x3" by default); bf16/fp16 ignore it.
+    precision = search_precision(x.dtype, codebook.dtype)
     # Few row blocks for the SMs (ceil(N / 32) <= SMs / 2) and K >= 2048: split over codes too.
     if split.use_split(num_rows, num_codes, split.sm_count(x.device)):
         split.nearest_code_split(x, codebook, centre, codes, code_norms, indices, sqdist, quantized, range_check,
