@@ -378,8 +378,9 @@ def quantize_backward(
 
 
 def laplace_smoothed_counts(cluster_size: Tensor, eps: float) -> Tensor:
-    """ñ_k = (n_k + eps) / (Σn + K·eps) · Σn, which keeps every ñ_k > 0."""
-    total = cluster_size.sum()
+    """ñ_k = (n_k + eps) / (Σn + K·eps) · Σn, which keeps every ñ_k > 0. Σn is summed in float64 and
+    rounded once (a float32 sum's rounding depends on its order)."""
+    total = cluster_size.double().sum().to(cluster_size.dtype)
     return (cluster_size + eps) / (total + cluster_size.numel() * eps) * total
 
 
