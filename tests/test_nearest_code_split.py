@@ -17,6 +17,7 @@ triton = pytest.importorskip("triton")
 import fastvq  # noqa: E402
 from fastvq import reference  # noqa: E402
 from fastvq.triton import nearest_code_split as split  # noqa: E402
+from fastvq.triton import _score_tile  # noqa: E402
 
 from conftest import TOLERANCES, TRITON_PAIRS, _in_default_mode, non_contiguous_rows, randn, to_cpu  # noqa: E402
 from test_nearest_code import (  # noqa: E402,F401  (shared bodies, collected here with the forced split)
@@ -63,7 +64,7 @@ def test_rule_splits_only_when_row_blocks_cannot_fill_the_sms():
 
 
 def test_grid_fills_an_h200_at_256_rows_and_65536_codes():
-    for config in [*split._CONFIGS, split.DETERMINISTIC_CONFIG, split.DETERMINISTIC_CONFIG_FP32]:
+    for config in [*split._CONFIGS, _score_tile.DETERMINISTIC_CONFIG, _score_tile.DETERMINISTIC_CONFIG_FP32]:
         block_n, block_k = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
         ranges = split.code_ranges(256, 65536, H200_SMS, block_n, block_k)
         programs = triton.cdiv(256, block_n) * ranges
@@ -89,7 +90,7 @@ def test_launcher_takes_the_split_path_for_few_rows(monkeypatch, num_rows, kerne
     grid = launched.grid(launched.kwargs)
     if kernel_name == "_split_search_kernel":
         assert grid == (4, 66) and launched.args[4].dtype == torch.int64  # 264 programs; the keys
-        assert launched.kwargs["BLOCK_N"] == split.DETERMINISTIC_CONFIG.kwargs["BLOCK_N"]
+        assert launched.kwargs["BLOCK_N"] == _score_tile.DETERMINISTIC_CONFIG.kwargs["BLOCK_N"]
     else:
         assert len(grid) == 1
 

@@ -105,7 +105,7 @@ def test_launches_capture_what_runs_and_deterministic_mode_runs_the_fixed_config
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from fastvq.triton import _jit, ema_stats, nearest_code
+    from fastvq.triton import _jit, _score_tile, ema_stats, nearest_code
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
@@ -125,7 +125,7 @@ def test_launches_capture_what_runs_and_deterministic_mode_runs_the_fixed_config
     monkeypatch.setenv("FASTVQ_DETERMINISTIC", "1")
     fixed = captured(lambda: nearest_code.triton_nearest_code(x, codebook, True))
     assert isinstance(fixed.kernel, JITFunction)
-    assert fixed.kwargs == {**fixed.kwargs, **_jit.config_kwargs(nearest_code.DETERMINISTIC_CONFIG_FP32)}  # float32
+    assert fixed.kwargs == {**fixed.kwargs, **_jit.config_kwargs(_score_tile.DETERMINISTIC_CONFIG_FP32)}  # float32
     # ema_stats counts with int64 atomics (float32 ones stop at 2^24 per code) and sums in float64
     monkeypatch.setenv("FASTVQ_DETERMINISTIC", "0")
     stats = captured(lambda: ema_stats.triton_ema_stats(x, torch.zeros(300, dtype=torch.int64), 70))

@@ -7,9 +7,21 @@ sorted top-k list.
 """
 from __future__ import annotations
 
+import triton
 import triton.language as tl
 
 from ._jit import device_function
+
+# Deterministic mode (numerics.deterministic()) runs one fixed config of a search instead of the autotuner's
+# pick, so the result cannot depend on timing noise: 64 rows × 64 codes, 4 warps, 3 stages on tensor cores,
+# and 32 rows × 64 codes for float32 operands (fastvq.triton.compile_check: no spills on sm_80/sm_90). The
+# unsplit and the split nearest_code share it, as they share the main loop.
+DETERMINISTIC_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3)
+DETERMINISTIC_CONFIG_FP32 = triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3)
+
+
+def fixed_config(kwargs: dict) -> triton.Config:
+    return DETERMINISTIC_CONFIG_FP32 if kwargs["CAST_TO_FP32"] else DETERMINISTIC_CONFIG
 
 
 @device_function

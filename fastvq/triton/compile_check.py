@@ -67,7 +67,7 @@ def _randn(*shape, dtype=torch.float32):
 
 
 def default_cases() -> list[Case]:
-    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    bf16, fp16 = torch.bfloat16, torch.float16
     rows = torch.randint(0, 1024, (4096,), generator=torch.Generator().manual_seed(1))
     x16, x32 = _randn(4096, 128, dtype=fp16), _randn(4096, 128)
     return [

@@ -56,7 +56,7 @@ from ..numerics import MAX_CENTRED_SQUARED_NORM as _MAX_CENTRED_SQUARED_NORM
 from ..numerics import first_out_of_range_code, search_centre
 from . import nearest_code_split as split
 from ._jit import MAX_BLOCK_D, block_d_for, interpreting, kernel, launch, search_precision
-from ._score_tile import centred_x_tile, code_tile_dot, first_column, lowest_pair
+from ._score_tile import centred_x_tile, code_tile_dot, first_column, fixed_config, lowest_pair
 
 MAX_CENTRED_SQUARED_NORM = tl.constexpr(_MAX_CENTRED_SQUARED_NORM)
 EPILOGUE_D = tl.constexpr(32)
@@ -79,17 +79,6 @@ _CONFIGS = [
     ]
 ]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
-# Deterministic mode (numerics.deterministic()) runs one fixed config instead of the autotuner's pick,
-# so the result cannot depend on timing noise: 64 rows × 64 codes, 4 warps, 3 stages on tensor cores,
-# and 32 rows × 64 codes for float32 operands (fastvq.triton.compile_check: no spills on sm_80/sm_90).
-DETERMINISTIC_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3)
-DETERMINISTIC_CONFIG_FP32 = triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3)
-
-
-def fixed_config(kwargs: dict) -> triton.Config:
-    return DETERMINISTIC_CONFIG_FP32 if kwargs["CAST_TO_FP32"] else DETERMINISTIC_CONFIG
-
-
 def prune_configs(configs, named_args, **kwargs):
     """The configs that do not spill on this path (fastvq.triton.compile_check --all, sm_80/sm_90):
     float32 operands (the FMA dot) only at 32 rows per program; d-slices on tensor cores only with at

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..numerics import MAX_CENTRED_SQUARED_NORM as _MAX_CENTRED_SQUARED_NORM
 from ._jit import kernel, launch
-from ._score_tile import centred_x_tile, score_tile
+from ._score_tile import centred_x_tile, fixed_config, score_tile  # fixed_config: the unsplit kernel's, same main loop
 
 MAX_CENTRED_SQUARED_NORM = tl.constexpr(_MAX_CENTRED_SQUARED_NORM)
 EPILOGUE_D = tl.constexpr(32)
@@ -82,13 +82,6 @@ _CONFIGS = [
     ]
 ]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
-# Deterministic mode: the unsplit kernel's fixed configs (nearest_code.py), same main loop.
-DETERMINISTIC_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3)
-DETERMINISTIC_CONFIG_FP32 = triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3)
-
-
-def fixed_config(kwargs: dict) -> triton.Config:
-    return DETERMINISTIC_CONFIG_FP32 if kwargs["CAST_TO_FP32"] else DETERMINISTIC_CONFIG
 
 
 def prune_configs(configs, named_args, **kwargs):
