@@ -52,14 +52,12 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ..numerics import MAX_CENTRED_SQUARED_NORM as _MAX_CENTRED_SQUARED_NORM
 from ..numerics import first_out_of_range_code, search_centre
 from . import nearest_code_split as split
+from ._chosen_rows import write_chosen_rows
 from ._jit import MAX_BLOCK_D, block_d_for, interpreting, kernel, launch, search_precision
 from ._score_tile import centred_x_tile, code_tile_dot, first_column, fixed_config, lowest_pair
 
-MAX_CENTRED_SQUARED_NORM = tl.constexpr(_MAX_CENTRED_SQUARED_NORM)
-EPILOGUE_D = tl.constexpr(32)
 
 _TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -157,34 +155,9 @@ def _nearest_code_kernel(
     best, best_idx = tl.reduce((part, part_idx), 1, lowest_pair)
     best_idx = tl.where(tl.abs(best) < float("inf"), best_idx, 0)  # the non-finite rule
 
-    # Epilogue, in the original frame: gather e_idx, write it, and measure ‖x − e_idx‖² directly. Also
-    # ‖x − c‖² of each finite row, for the range check (numerics.MAX_CENTRED_SQUARED_NORM).
-    # In slices of at most 32 columns: (BLOCK_N, BLOCK_D) tiles of 64-bit pointers and float32 values
-    # spilled at BLOCK_D = 128 (compile_check).
-    chosen = codebook_ptr + best_idx[:, None].to(tl.int64) * stride_cn
-    sqdist = tl.zeros([BLOCK_N], tl.float32)
-    x_norm = tl.zeros([BLOCK_N], tl.float32)
-    non_finite = tl.zeros([BLOCK_N], tl.int32)
-    lanes_e = tl.arange(0, EPILOGUE_D).to(tl.int64)
-    for d0 in range(0, d, EPILOGUE_D):
-        cols = d0 + lanes_e
-        col_mask = cols < d
-        mask = row_mask[:, None] & col_mask[None, :]
-        x_f32 = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        e = tl.load(chosen + cols[None, :] * stride_cd, mask=mask, other=0.0)
-        diff = x_f32 - e.to(tl.float32)
-        sqdist += tl.sum(diff * diff, axis=1)
-        centred = x_f32 - tl.load(centre_ptr + cols, mask=col_mask, other=0.0)[None, :]
-        x_norm += tl.sum(centred * centred, axis=1)
-        non_finite += tl.sum((~(tl.abs(x_f32) < float("inf"))).to(tl.int32), axis=1)
-        if WRITE_QUANTIZED:
-            q_ptrs = quantized_ptr + rows[:, None] * d + cols[None, :]
-            tl.store(q_ptrs, e.to(quantized_ptr.dtype.element_ty), mask=mask)
-    tl.store(indices_ptr + rows, best_idx.to(tl.int64), mask=row_mask)
-    tl.store(sqdist_ptr + rows, sqdist, mask=row_mask)
-    out_of_range = row_mask & (non_finite == 0) & (x_norm > MAX_CENTRED_SQUARED_NORM)
-    first_bad = tl.min(tl.where(out_of_range, rows, N), axis=0)
-    tl.atomic_min(range_check_ptr + 1, first_bad, mask=first_bad < N, sem="relaxed")
+    write_chosen_rows(x_rows, stride_xd, rows, row_mask, best_idx.to(tl.int64), centre_ptr, codebook_ptr,
+                      stride_cn, stride_cd, indices_ptr, sqdist_ptr, quantized_ptr, range_check_ptr, N, d, BLOCK_N,
+                      WRITE_QUANTIZED)
 
 
 # The centred codes' rows are a multiple of this, and so of every BLOCK_K: whole tiles, no mask.

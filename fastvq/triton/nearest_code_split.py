@@ -34,12 +34,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..numerics import MAX_CENTRED_SQUARED_NORM as _MAX_CENTRED_SQUARED_NORM
+from ._chosen_rows import write_chosen_rows
 from ._jit import kernel, launch
 from ._score_tile import centred_x_tile, fixed_config, score_tile  # fixed_config: the unsplit kernel's, same main loop
 
-MAX_CENTRED_SQUARED_NORM = tl.constexpr(_MAX_CENTRED_SQUARED_NORM)
-EPILOGUE_D = tl.constexpr(32)
 
 # The dispatcher's rule (use_split) and the grid (code_ranges). MIN_CODES is a first guess, not
 # measured: below it each of the many programs would walk too few tiles to pay for the second launch.
@@ -164,30 +162,8 @@ def _split_epilogue_kernel(
     row_mask = rows < N
     x_rows = x_ptr + rows[:, None] * stride_xn
     best_idx = tl.load(keys_ptr + rows, mask=row_mask, other=0) & 0xFFFFFFFF
-    chosen = codebook_ptr + best_idx[:, None] * stride_cn
-    sqdist = tl.zeros([BLOCK_N], tl.float32)
-    x_norm = tl.zeros([BLOCK_N], tl.float32)
-    non_finite = tl.zeros([BLOCK_N], tl.int32)
-    lanes_e = tl.arange(0, EPILOGUE_D).to(tl.int64)
-    for d0 in range(0, d, EPILOGUE_D):
-        cols = d0 + lanes_e
-        col_mask = cols < d
-        mask = row_mask[:, None] & col_mask[None, :]
-        x_f32 = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        e = tl.load(chosen + cols[None, :] * stride_cd, mask=mask, other=0.0)
-        diff = x_f32 - e.to(tl.float32)
-        sqdist += tl.sum(diff * diff, axis=1)
-        centred = x_f32 - tl.load(centre_ptr + cols, mask=col_mask, other=0.0)[None, :]
-        x_norm += tl.sum(centred * centred, axis=1)
-        non_finite += tl.sum((~(tl.abs(x_f32) < float("inf"))).to(tl.int32), axis=1)
-        if WRITE_QUANTIZED:
-            q_ptrs = quantized_ptr + rows[:, None] * d + cols[None, :]
-            tl.store(q_ptrs, e.to(quantized_ptr.dtype.element_ty), mask=mask)
-    tl.store(indices_ptr + rows, best_idx, mask=row_mask)
-    tl.store(sqdist_ptr + rows, sqdist, mask=row_mask)
-    out_of_range = row_mask & (non_finite == 0) & (x_norm > MAX_CENTRED_SQUARED_NORM)
-    first_bad = tl.min(tl.where(out_of_range, rows, N), axis=0)
-    tl.atomic_min(range_check_ptr + 1, first_bad, mask=first_bad < N, sem="relaxed")
+    write_chosen_rows(x_rows, stride_xd, rows, row_mask, best_idx, centre_ptr, codebook_ptr, stride_cn, stride_cd,
+                      indices_ptr, sqdist_ptr, quantized_ptr, range_check_ptr, N, d, BLOCK_N, WRITE_QUANTIZED)
 
 
 def split_search(x: Tensor, centre: Tensor, codes: Tensor, code_norms: Tensor, *, cast_to_fp32: bool,

@@ -31,9 +31,10 @@ from torch import Tensor
 from torch.library import triton_op
 
 from ._bitonic import merge_ascending, smallest_descending
+from ._chosen_rows import MAX_CENTRED_SQUARED_NORM
 from ._jit import MAX_BLOCK_D, block_d_for, interpreting, kernel, launch, search_precision
 from ._score_tile import centred_x_tile, score_tile
-from .nearest_code import _TENSOR_CORE_DTYPES, MAX_CENTRED_SQUARED_NORM, centred_codebook
+from .nearest_code import _TENSOR_CORE_DTYPES, centred_codebook
 
 PADDING_KEY = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 
