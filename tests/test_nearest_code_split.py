@@ -59,7 +59,8 @@ def test_rule_splits_only_when_row_blocks_cannot_fill_the_sms():
     assert split.use_split(2112, 2048, H200_SMS)  # 66 blocks of 32 rows: half of 132 SMs
     assert not split.use_split(2113, 65536, H200_SMS)
     assert not split.use_split(256, 2047, H200_SMS)  # too few codes to share out
-    assert not split.use_split(256, 2**32 + 1, H200_SMS)  # an index must fit the key's low 32 bits
+    assert split.use_split(256, split.MAX_CODES, H200_SMS)
+    assert not split.use_split(256, split.MAX_CODES + 1, H200_SMS)  # int32 code offsets, K padded
     assert not split.use_split(65536, 65536, H200_SMS)
 
 

@@ -307,3 +307,66 @@ def test_float32_operands_reach_tl_dot_at_the_chosen_precision(monkeypatch):
                 assert precision_of(lambda: search(x, codebook)) == precision, name
             finally:
                 _jit.set_fp32_precision(None)
+
+
+def test_norm_pieces_sum_exactly_to_half_the_norm():
+    # bf16 searches start each score at ||e'||^2 / 2 from three bf16 pieces (_argmin_walk.py): their exact
+    # sum must be that float32 value, or the argmin would move by the norm's lost bits.
+    from fastvq.triton.nearest_code import norm_pieces
+
+    generator = torch.Generator().manual_seed(0)
+    scales = 10.0 ** torch.randint(-30, 30, (2000,), generator=generator).double()
+    finite = torch.cat([(torch.rand(2000, generator=generator, dtype=torch.float64) * scales).float(),
+                        torch.tensor([0.0, 1.0, 3.0, 2.0**24 - 1, 3.4e38, 2.0**-116])])
+    pieces = norm_pieces(torch.cat([finite, torch.tensor([torch.inf])]), torch.bfloat16)
+    assert pieces.dtype == torch.bfloat16 and pieces.shape == (len(finite) + 1, 16)
+    assert not pieces[:, 3:].any()
+    assert torch.equal(pieces[:-1].double().sum(1), finite.double() / 2)
+    assert pieces[-1, 0] == torch.inf and not pieces[-1, 1:].any()
+
+
+def test_bf16_searches_fold_the_norms_and_negate_the_codes(monkeypatch):
+    # Only a bf16 x against a bf16 codebook takes the folded walk; its codes go to the kernel as c - e.
+    from fastvq.triton import _jit, nearest_code
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def launch_of(x, codebook):
+        with _jit.capture_launches(), pytest.raises(_jit.Captured) as caught:
+            nearest_code.triton_nearest_code(x, codebook, True)
+        return caught.value
+
+    x, codebook = randn(300, 33, seed=0), randn(70, 33, seed=1)
+    folded = launch_of(x.bfloat16(), codebook.bfloat16())
+    assert folded.kwargs["FOLD_NORMS"]
+    centre, codes, pieces = folded.args[1], folded.args[2], folded.args[3]
+    assert pieces.shape == (128, 16)
+    assert torch.equal(codes[:70], (centre - codebook.bfloat16().float()).bfloat16())
+    for dtypes in [(torch.float16, torch.float16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)]:
+        assert not launch_of(x.to(dtypes[0]), codebook.to(dtypes[1])).kwargs["FOLD_NORMS"]
+
+
+def test_wide_x_stays_resident_on_tensor_cores_up_to_d_256(monkeypatch):
+    # Issue 14, item 5: bf16/fp16 x up to d = 256 is one resident tile (no d-slices draining the pipeline per
+    # code tile), searched at the configs that hold it without spilling; beyond 256, 64-wide d-slices.
+    from fastvq.triton import _jit, _score_tile, nearest_code
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def launch_of(dim, dtype=torch.bfloat16):
+        with _jit.capture_launches(), pytest.raises(_jit.Captured) as caught:
+            nearest_code.triton_nearest_code(randn(300, dim, seed=0).to(dtype), randn(70, dim, seed=1).to(dtype), True)
+        return caught.value
+
+    for dim, block_d, resident in [(129, 256, True), (256, 256, True), (257, 64, False), (64, 64, True)]:
+        launched = launch_of(dim)
+        assert (launched.kwargs["BLOCK_D"], launched.kwargs["X_RESIDENT"]) == (block_d, resident), dim
+    assert launch_of(200, torch.float32).kwargs["BLOCK_D"] == 32  # float32 operands: resident only to 64
+
+    spec = nearest_code._nearest_code_kernel._fastvq_spec
+    wide = launch_of(256)
+    kept = spec.prune(spec.configs, {}, **wide.kwargs)
+    assert {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in kept} == {
+        (32, 64, 4, 2), (32, 64, 4, 3), (128, 64, 8, 3)}
+    assert spec.fixed_config(wide.kwargs) is _score_tile.DETERMINISTIC_CONFIG_WIDE
+    assert spec.fixed_config(launch_of(64).kwargs) is _score_tile.DETERMINISTIC_CONFIG

@@ -2,8 +2,8 @@
 the centred x tile a program keeps, one (BLOCK_N, BLOCK_K) tile of x'·e' (code_tile_dot), and of scores
 ‖e'_k‖² − 2 x'_i·e'_k in the centred frame with the non-finite rule applied (score_tile; x' = x − c,
 e' = e − c; nearest_code.py's docstring has the derivation). The kernels differ in what they fold the
-scores into: a running argmin (nearest_code.py's lean fold uses first_column and lowest_pair), or a
-sorted top-k list.
+scores into: a running argmin (_argmin_walk.py, which starts code_tile_dot's accumulator at ‖e'‖²/2 for
+bf16), or a sorted top-k list (nearest_codes.py).
 """
 from __future__ import annotations
 
@@ -20,8 +20,29 @@ DETERMINISTIC_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4
 DETERMINISTIC_CONFIG_FP32 = triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3)
 
 
+# A resident x tile wider than 128 columns (nearest_code, d <= 256 on tensor cores) fits beside the rest
+# only at 64 codes and either 32 rows on 4 warps or 128 rows on 8 warps at 3 stages (compile_check over
+# every config, sm_80 and sm_90, bf16 d=256 and fp16 d=160/200: 64 rows on 4 warps spill at fp16 d=200,
+# 4 stages or 128 codes pass sm_80's shared memory); deterministic mode runs 32 rows.
+DETERMINISTIC_CONFIG_WIDE = triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3)
+WIDE_X_BLOCK_D = 128  # BLOCK_D above this is a wide x tile
+
+
 def fixed_config(kwargs: dict) -> triton.Config:
-    return DETERMINISTIC_CONFIG_FP32 if kwargs["CAST_TO_FP32"] else DETERMINISTIC_CONFIG
+    if kwargs["CAST_TO_FP32"]:
+        return DETERMINISTIC_CONFIG_FP32
+    return DETERMINISTIC_CONFIG_WIDE if kwargs["BLOCK_D"] > WIDE_X_BLOCK_D else DETERMINISTIC_CONFIG
+
+
+def wide_x_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """Of ``configs``, those that hold a wide resident x tile (above), 128-row ones at 3 stages."""
+    kept = []
+    for c in configs:
+        if c.kwargs["BLOCK_K"] == 64 and c.kwargs["BLOCK_N"] <= 32 and c.num_warps == 4:
+            kept.append(c)
+        elif c.kwargs["BLOCK_K"] == 64 and c.kwargs["BLOCK_N"] == 128 and c.num_warps == 8:
+            kept.append(triton.Config(c.kwargs, num_warps=8, num_stages=min(c.num_stages, 3)))
+    return kept
 
 
 @device_function
@@ -59,7 +80,7 @@ def score_tile(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_
     (fastvq/reference.py's non-finite rule)."""
     codes_t = codes_ptr + codes[None, :] * d  # tiles loaded transposed, (BLOCK_D, BLOCK_K), for x @ eᵀ
     xe = code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, codes_t, code_mask, lanes_d, d,
-                       BLOCK_N, BLOCK_K, BLOCK_D, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
+                       None, BLOCK_N, BLOCK_K, BLOCK_D, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
     norms = tl.load(code_norms_ptr + codes, mask=code_mask, other=0.0)
     score = tl.fma(xe, -2.0, norms[None, :])  # explicit: Triton's default FP fusion may change
     usable = (score == score) & (tl.abs(score) < float("inf")) & code_mask[None, :]
@@ -67,12 +88,13 @@ def score_tile(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_
 
 
 @device_function
-def code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, codes_t, code_mask, lanes_d, d,
+def code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, codes_t, code_mask, lanes_d, d, acc,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                   CAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, X_RESIDENT: tl.constexpr):
     """(BLOCK_N, BLOCK_K) float32 x'·e' of the program's rows and one tile of the centred codebook (rows of
     d entries): ``codes_t`` (1, BLOCK_K) points at the tile's code rows, ``code_mask`` (BLOCK_K,) says which
-    exist, or is None when all do (nearest_code's tiles of the padded codebook)."""
+    exist, or is None when all do (nearest_code's tiles of the padded codebook). The dot adds onto ``acc``
+(BLOCK_N, BLOCK_K) float32 when it is not None."""
     if X_RESIDENT:  # no inner loop, so Triton software-pipelines the caller's (innermost) loop's loads
         if code_mask is None:
             e_t = tl.load(codes_t + lanes_d[:, None], mask=lanes_d[:, None] < d, other=0.0)
@@ -80,9 +102,9 @@ def code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, co
             e_t = tl.load(codes_t + lanes_d[:, None], mask=(lanes_d[:, None] < d) & code_mask[None, :], other=0.0)
         if CAST_TO_FP32:
             e_t = e_t.to(tl.float32)
-        xe = tl.dot(x_tile, e_t, input_precision=INPUT_PRECISION)
+        xe = tl.dot(x_tile, e_t, acc, input_precision=INPUT_PRECISION)
     else:
-        xe = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        xe = tl.zeros([BLOCK_N, BLOCK_K], tl.float32) if acc is None else acc
         for d0 in range(0, d, BLOCK_D):
             cols = d0 + lanes_d
             col_mask = cols < d
@@ -95,19 +117,3 @@ def code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, co
             x_t = centred_x_slice(x_rows, stride_xd, row_mask, centre_ptr, cols, d, codes_ptr, CAST_TO_FP32)
             xe = tl.dot(x_t, e_t, xe, input_precision=INPUT_PRECISION)
     return xe
-
-
-@device_function
-def first_column(score, group_min, columns, BLOCK_K: tl.constexpr):
-    """(BLOCK_N, GROUPS) int32: in each column group of a (BLOCK_N, STRIDED, GROUPS, RUN) view of a score
-    tile (``columns``, (1, STRIDED, GROUPS, RUN), numbers its columns), the lowest column whose score
-    equals ``group_min`` (BLOCK_N, GROUPS); BLOCK_K where none does."""
-    first = tl.where(score == group_min[:, None, :, None], columns, BLOCK_K)
-    return tl.min(tl.min(first, axis=3), axis=1)
-
-
-@device_function
-def lowest_pair(score, index, other_score, other_index):
-    """tl.reduce's combine for a (score, index) argmin: the smaller score, on equal scores the lower index."""
-    take = (other_score < score) | ((other_score == score) & (other_index < index))
-    return tl.where(take, other_score, score), tl.where(take, other_index, index)

@@ -19,15 +19,17 @@ is finite or +inf (finite within the range check below) and never NaN. A row of 
 scores NaN or ±inf against every code, so its running minimum ends non-finite, as does that of a
 row with no finite score at all; after the loop every row whose minimum is not finite gets index 0.
 
-The fold, lean because it runs per score element. The kernel views a score tile as
+The fold (fastvq/triton/_argmin_walk.py, shared with the split search), lean because it runs per
+score element. The kernel views a score tile as
 (BLOCK_N, STRIDED, GROUPS, RUN), column a·GROUPS·RUN + g·RUN + r at [a, g, r], with a column group
 g being what one thread holds of a row (the tensor cores' accumulator: 4 lanes of a quad, each with
 pairs of columns 8 apart; the FMA dot: a pair), so the work per group stays in one thread. Per
 (row, group) it keeps the running minimum; a tile replaces it only when strictly smaller, so it is
 the first tile's. With resident x on tensor cores it also keeps the group's scores of that tile and
 finds the lowest column achieving the minimum once, after the loop: per score element an FFMA, an
-FMNMX and an FSEL. On the FMA dot and the d-slices, short of registers, it finds that column at
-once in each improving tile. After the loop the groups' (minimum, lowest index) pairs combine to
+FMNMX and an FSEL, and for bf16 no FFMA, as the tensor cores add ‖e'‖²/2 and return half the
+score (_argmin_walk.py's docstring). On the FMA dot and the d-slices, short of registers, it finds
+that column at once in each improving tile. After the loop the groups' (minimum, lowest index) pairs combine to
 the smallest score and, among equal scores, the lowest index: the reference's tie rule, exactly.
 
 The epilogue gathers e_idx for each row from the original codebook, writes it as the quantized
@@ -55,8 +57,9 @@ from torch.library import triton_op
 from ..numerics import first_out_of_range_code, search_centre
 from . import nearest_code_split as split
 from ._chosen_rows import write_chosen_rows
-from ._jit import MAX_BLOCK_D, block_d_for, interpreting, kernel, launch, search_precision
-from ._score_tile import centred_x_tile, code_tile_dot, first_column, fixed_config, lowest_pair
+from ._argmin_walk import NORM_PIECES, argmin_walk
+from ._jit import MAX_BLOCK_D, MAX_RESIDENT_D, block_d_for, interpreting, kernel, launch, search_precision
+from ._score_tile import WIDE_X_BLOCK_D, centred_x_tile, fixed_config, wide_x_configs
 
 
 _TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
@@ -79,19 +82,26 @@ _CONFIGS = [
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
 def prune_configs(configs, named_args, **kwargs):
     """The configs that do not spill on this path (fastvq.triton.compile_check --all, sm_80/sm_90):
-    float32 operands (the FMA dot) only at 32 rows per program; d-slices on tensor cores only with at
-    most 32 accumulators per thread."""
+    float32 operands only at 32 rows per program (and 64 codes for "ieee" d-slices); a wide resident x
+    (d > 128) as _score_tile.wide_x_configs says; d-slices on tensor cores only with at most 32
+    accumulators per thread."""
     def flag(name):
         return kwargs.get(name, named_args.get(name))
 
     if flag("CAST_TO_FP32"):
-        return [c for c in configs if c.kwargs["BLOCK_N"] <= 32]
+        # d-slices at "ieee": 32 x 32 spills 8 B on sm_90.
+        smallest_spills = not flag("X_RESIDENT") and flag("INPUT_PRECISION") == "ieee"
+        return [c for c in configs
+                if c.kwargs["BLOCK_N"] <= 32 and not (smallest_spills and c.kwargs["BLOCK_K"] < 64)]
+    if flag("BLOCK_D") > WIDE_X_BLOCK_D:
+        return wide_x_configs(configs)
     if not flag("X_RESIDENT"):
         return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps]
     return configs
 # Tuned once per (K, d, N_BUCKET = ceil(log2 N), every constexpr that changes the code) and the
 # tensors' dtypes (Triton adds those): the best tile for N = 256 is not the best for N = 65536.
-_AUTOTUNE_KEY = ["K", "d", "N_BUCKET", "WRITE_QUANTIZED", "CAST_TO_FP32", "INPUT_PRECISION", "BLOCK_D", "X_RESIDENT"]
+_AUTOTUNE_KEY = ["K", "d", "N_BUCKET", "WRITE_QUANTIZED", "CAST_TO_FP32", "INPUT_PRECISION", "BLOCK_D", "X_RESIDENT",
+                 "FOLD_NORMS"]
 
 
 @kernel(configs=_CONFIGS, interpreter_config=_INTERPRETER_CONFIG, key=_AUTOTUNE_KEY,
@@ -106,6 +116,7 @@ def _nearest_code_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
     X_RESIDENT: tl.constexpr,
+    FOLD_NORMS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -116,44 +127,10 @@ def _nearest_code_kernel(
 
     x_tile = centred_x_tile(x_rows, stride_xd, row_mask, centre_ptr, lanes_d, d, codes_ptr,
                             CAST_TO_FP32, X_RESIDENT)
-    # The fold (module docstring): column groups, and whether to save the improving tiles' scores.
-    GROUPS: tl.constexpr = BLOCK_K // 2 if CAST_TO_FP32 else 4
-    RUN: tl.constexpr = 2
-    STRIDED: tl.constexpr = BLOCK_K // (GROUPS * RUN)
-    SAVE_TILES: tl.constexpr = X_RESIDENT and not CAST_TO_FP32
-    strided = (tl.arange(0, STRIDED) * (GROUPS * RUN))[:, None, None] + tl.arange(0, RUN)[None, None, :]
-    group_start = (tl.arange(0, GROUPS) * RUN)[None, :, None]
-    columns = (strided + group_start)[None, :, :, :]
-    # Norms at a per-thread base (advanced per tile) + per-register constants: one address per tile.
-    norms = code_norms_ptr + group_start
-    lanes_k = tl.arange(0, BLOCK_K)[None, :]
-    tile = codes_ptr
-    part = tl.full([BLOCK_N, GROUPS], float("inf"), tl.float32)
-    part_idx = tl.zeros([BLOCK_N, GROUPS], tl.int32)
-    saved = tl.full([BLOCK_N, STRIDED, GROUPS, RUN], float("inf"), tl.float32)
     # Whole tiles: centred_codebook pads the codes to a multiple of every BLOCK_K.
-    for k0 in range(0, tl.cdiv(K, BLOCK_K) * BLOCK_K, BLOCK_K):
-        # The FMA dot spills when int32 row offsets are kept across the loop (compile_check), so it forms
-        # 64-bit ones per tile; tensor cores take one scalar base per tile.
-        code_rows = codes_ptr + (k0 + lanes_k).to(tl.int64) * d if CAST_TO_FP32 else tile + lanes_k * d
-        xe = code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_rows, None, lanes_d, d,
-                           BLOCK_N, BLOCK_K, BLOCK_D, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
-        xe = tl.reshape(xe, [BLOCK_N, STRIDED, GROUPS, RUN])
-        score = tl.fma(xe, -2.0, tl.load(norms + strided)[None, :, :, :])  # explicit: FP fusion may change
-        tile_min = tl.min(tl.min(score, axis=3), axis=1)
-        improved = tile_min < part
-        part = tl.where(improved, tile_min, part)
-        if SAVE_TILES:
-            part_idx = tl.where(improved, k0, part_idx)
-            saved = tl.where(improved[:, None, :, None], score, saved)
-        else:
-            part_idx = tl.where(improved, k0 + first_column(score, tile_min, columns, BLOCK_K), part_idx)
-        tile += BLOCK_K * d
-        norms += BLOCK_K
-    if SAVE_TILES:
-        part_idx += first_column(saved, part, columns, BLOCK_K)
-    best, best_idx = tl.reduce((part, part_idx), 1, lowest_pair)
-    best_idx = tl.where(tl.abs(best) < float("inf"), best_idx, 0)  # the non-finite rule
+    _, best_idx = argmin_walk(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_norms_ptr,
+                              0, tl.cdiv(K, BLOCK_K) * BLOCK_K, lanes_d, d, BLOCK_N, BLOCK_K, BLOCK_D,
+                              CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT, FOLD_NORMS)
 
     write_chosen_rows(x_rows, stride_xd, rows, row_mask, best_idx.to(tl.int64), centre_ptr, codebook_ptr,
                       stride_cn, stride_cd, indices_ptr, sqdist_ptr, quantized_ptr, range_check_ptr, N, d, BLOCK_N,
@@ -164,13 +141,17 @@ def _nearest_code_kernel(
 CODE_ROWS_MULTIPLE = 128
 
 
-def centred_codebook(codebook: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def centred_codebook(codebook: Tensor, dtype: torch.dtype,
+                     fold_norms: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """What every Triton search needs of the codebook, once per call (O(K·d)): the search centre c
     (d,) float32 (numerics.search_centre); the centred codes e − c as a contiguous (K', d) tensor of
     ``dtype`` (the tiles the search loads, so its inner loop stays a plain load and dot), K' being K
     rounded up to a multiple of CODE_ROWS_MULTIPLE; their squared norms (K',) float32 in that
     rounding; and the range check's first entry (numerics). A code with a NaN or ±inf entry, and
-    each padding row past K, is a zero row with norm +inf: it scores +inf against any finite x."""
+    each padding row past K, is a zero row with norm +inf: it scores +inf against any finite x.
+
+    With ``fold_norms`` (bf16 codes; _argmin_walk.py) the codes are negated, c − e, and the norms come
+    as norm_pieces of them."""
     centre = search_centre(codebook)
     num_codes, dim = codebook.shape
     padded = -(-num_codes // CODE_ROWS_MULTIPLE) * CODE_ROWS_MULTIPLE
@@ -179,7 +160,26 @@ def centred_codebook(codebook: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tens
     codes[:num_codes] = torch.where(finite[:, None], codebook.to(torch.float32) - centre, 0.0)
     norms = torch.full((padded,), torch.inf, device=codebook.device)
     norms[:num_codes] = torch.where(finite, codes[:num_codes].to(torch.float32).square().sum(dim=1), torch.inf)
-    return centre, codes, norms, first_out_of_range_code(codebook, norms[:num_codes])
+    first_bad_code = first_out_of_range_code(codebook, norms[:num_codes])
+    if fold_norms:
+        return centre, codes.neg_(), norm_pieces(norms, dtype), first_bad_code
+    return centre, codes, norms, first_bad_code
+
+
+def norm_pieces(norms: Tensor, dtype: torch.dtype) -> Tensor:
+    """(K', NORM_PIECES) of ``dtype``: per norm n, three pieces whose exact sum is n/2, then zeros; (+inf, 0, 0)
+    for n = +inf. Each piece is the rest rounded to ``dtype`` and the next rest is exact in float32 (a
+    number minus its own rounding), so for bfloat16 three pieces of 8 significant bits hold all 24 of n/2,
+    exactly for n/2 >= 2^-116 (the third piece then stays above bfloat16's subnormal grid, 2^-133)."""
+    half = norms / 2
+    finite = torch.isfinite(half)
+    rest = torch.where(finite, half, 0.0)
+    pieces = torch.zeros((norms.shape[0], NORM_PIECES.value), dtype=dtype, device=norms.device)
+    for column in range(3):
+        pieces[:, column] = rest.to(dtype)
+        rest = rest - pieces[:, column].to(torch.float32)
+    pieces[:, 0] = torch.where(finite, pieces[:, 0], torch.inf)
+    return pieces
 
 
 @triton_op("fastvq::triton_nearest_code", mutates_args={})
@@ -192,7 +192,7 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
     x (N, d) and codebook (K, d) in float32/bfloat16/float16, any strides, K >= 1.
 
     Grid: one program per row block (_nearest_code_kernel), unless the row blocks cannot fill the GPU:
-    when ceil(N / 32) <= SMs / 2 and 2048 <= K <= 2^32 (nearest_code_split.use_split), programs also
+    when ceil(N / 32) <= SMs / 2 and 2048 <= K < 2^31 - 128 (nearest_code_split.use_split), programs also
     take code ranges and merge by an atomic min of (score, index) keys, deterministic by construction.
     """
     num_rows, dim = x.shape
@@ -207,15 +207,16 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
     # The interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584,
     # "not supported yet"), so it gets float32 operands: exact, as bf16 products are exact in fp32.
     upcast = not tensor_cores or (interpreting() and x.dtype == torch.bfloat16)
-    # The x tile stays in registers for the whole codebook walk when d <= BLOCK_D; fp32 operands
-    # take twice the registers and shared memory, so their cap is half.
-    cap = MAX_BLOCK_D if not upcast else MAX_BLOCK_D // 2
-    block_d = block_d_for(dim, cap)
-    if dim > block_d:  # d-slices of half the width: the re-read (BLOCK_N, BLOCK_D) tiles spill otherwise
-        block_d = block_d_for(dim, cap // 2)
-    # Both operands are rounded to the codebook's dtype on tensor cores, else searched in float32.
+    # The x tile stays in registers for the whole codebook walk when d <= BLOCK_D: up to d = 256 on tensor
+    # cores; fp32 operands take twice the registers and shared memory, so up to 64.
+    block_d = block_d_for(dim, MAX_RESIDENT_D if not upcast else MAX_BLOCK_D // 2)
+    if dim > block_d:  # d-slices, 64 or 32 wide: the re-read (BLOCK_N, BLOCK_D) tiles spill otherwise
+        block_d = block_d_for(dim, MAX_BLOCK_D // 2 if not upcast else MAX_BLOCK_D // 4)
+    # Both operands are rounded to the codebook's dtype on tensor cores, else searched in float32. bf16 folds
+    # the norms into the dot (_argmin_walk.py); fp16's range could not hold them.
+    fold_norms = tensor_cores and x.dtype == torch.bfloat16
     centre, codes, code_norms, first_bad_code = centred_codebook(
-        codebook, codebook.dtype if tensor_cores else torch.float32)
+        codebook, codebook.dtype if tensor_cores else torch.float32, fold_norms)
     range_check = torch.stack([first_bad_code, torch.full_like(first_bad_code, num_rows)])
     resident = dim <= block_d
     write_quantized = want_quantized and same_dtype
@@ -225,7 +226,7 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
     if split.use_split(num_rows, num_codes, split.sm_count(x.device)):
         split.nearest_code_split(x, codebook, centre, codes, code_norms, indices, sqdist, quantized, range_check,
                                  write_quantized=write_quantized, cast_to_fp32=upcast, input_precision=precision,
-                                 block_d=block_d, resident=resident)
+                                 block_d=block_d, resident=resident, fold_norms=fold_norms)
     else:
         launch(
             _nearest_code_kernel, lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]),),
@@ -238,6 +239,7 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
             INPUT_PRECISION=precision,
             BLOCK_D=block_d,
             X_RESIDENT=resident,
+            FOLD_NORMS=fold_norms,
         )
     if want_quantized and not same_dtype:
         # Rounding codebook rows to x's dtype is left to torch (round-to-nearest-even), so the

@@ -3,19 +3,19 @@
 The unsplit kernel (nearest_code.py) gives each program BLOCK_N rows and the whole codebook, so
 N = 256 rows make 2-8 programs on an H200's 132 SMs whatever K is. The launcher comes here
 instead when ``use_split`` says so: ceil(N / 32) (the row programs at the smallest row tile) is
-at most half the SM count, K >= MIN_CODES and K <= 2^32. Program (i, j) of a
+at most half the SM count, K >= MIN_CODES and K < 2^31 - 128. Program (i, j) of a
 (row blocks, code ranges) grid scores row block i against the j-th of S ranges of whole BLOCK_K
-code tiles with the shared score_tile, folds them into a per-row (min score, lowest index) as the
-unsplit kernel does, and merges across ranges with a 64-bit atomic min on
+code tiles with the unsplit kernel's main loop (_argmin_walk.py), which gives a per-row (min score,
+lowest index), and merges across ranges with a 64-bit atomic min on
 
     key = order(score) << 32 | index,   order(s) = bits(s) ^ (s < 0 ? 0x7FFFFFFF : 0) as int32
 
 ``order`` is the usual order-preserving map of float32 bits (bits ^ (sign ? 0xFFFFFFFF : 0x80000000)
 as uint32) with the top bit flipped, so that signed int32, and so signed int64 keys, sort like the
 scores; -0.0 is made +0.0 first, as tl.min treats them as equal. The smallest key is the smallest
-score and, among equal scores, the lowest index: the unsplit walk's answer. Scores are finite or
-+inf (score_tile counts NaN/±inf as +inf), and every program starts from (+inf, index 0), so a row
-with no finite score gets index 0, as in the unsplit kernel. A min is commutative and
+score and, among equal scores, the lowest index: the unsplit walk's answer. Each range's minimum is
+finite or (+inf, index 0) (argmin_walk's non-finite rule), so a row with no finite score gets index
+0, as in the unsplit kernel. A min is commutative and
 associative, so the merge does not depend on the order the programs run in: with the fixed
 config of deterministic mode the result is bitwise reproducible, atomics notwithstanding.
 
@@ -35,8 +35,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ._chosen_rows import write_chosen_rows
+from ._argmin_walk import argmin_walk
 from ._jit import kernel, launch
-from ._score_tile import centred_x_tile, fixed_config, score_tile  # fixed_config: the unsplit kernel's, same main loop
+# fixed_config and the walk: the unsplit kernel's, same main loop
+from ._score_tile import WIDE_X_BLOCK_D, centred_x_tile, fixed_config, wide_x_configs
 
 
 # The dispatcher's rule (use_split) and the grid (code_ranges). MIN_CODES is a first guess, not
@@ -46,6 +48,7 @@ MIN_CODES = 2048
 PROGRAMS_PER_SM = 2
 STAND_IN_SM_COUNT = 132
 MAX_KEY = 2**63 - 1
+MAX_CODES = 2**31 - 1 - 128  # int32 code offsets in the walk, K padded to a multiple of 128
 EPILOGUE_BLOCK_N = 64
 
 
@@ -58,8 +61,8 @@ def sm_count(device: torch.device) -> int:
 
 def use_split(num_rows: int, num_codes: int, sms: int) -> bool:
     """Split over codes when even 32-row programs would leave half the SMs idle, and K is large
-    enough to share out (and small enough for a 32-bit index in the key)."""
-    return 2 * triton.cdiv(num_rows, SMALLEST_BLOCK_N) <= sms and MIN_CODES <= num_codes <= 2**32
+    enough to share out (and small enough for int32 code offsets)."""
+    return 2 * triton.cdiv(num_rows, SMALLEST_BLOCK_N) <= sms and MIN_CODES <= num_codes <= MAX_CODES
 
 
 def code_ranges(num_rows: int, num_codes: int, sms: int, block_n: int, block_k: int) -> int:
@@ -86,12 +89,15 @@ def prune_configs(configs, named_args, **kwargs):
     """The configs that do not spill on this path (compile_check, all configs, sm_80/sm_90; the d-slices
     on sm_90, as for the unsplit kernel): float32 operands only at 32 rows × 64 codes (the FMA dot at
     "ieee"; at "tf32x3" every larger tile spills on sm_80, while sm_90 holds them all at d = 33);
-    bf16/fp16 d-slices only at 64 codes and at most 32 accumulators per thread."""
+    a wide resident x (d > 128) as _score_tile.wide_x_configs says; bf16/fp16 d-slices only at 64 codes and
+    at most 32 accumulators per thread."""
     def flag(name):
         return kwargs.get(name, named_args.get(name))
 
     if flag("CAST_TO_FP32"):
         return [c for c in configs if c.kwargs["BLOCK_N"] <= 32 and c.kwargs["BLOCK_K"] <= 64]
+    if flag("BLOCK_D") > WIDE_X_BLOCK_D:
+        return wide_x_configs(configs)
     if not flag("X_RESIDENT"):
         return [c for c in configs if c.kwargs["BLOCK_K"] <= 64
                 and c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps]
@@ -99,7 +105,7 @@ def prune_configs(configs, named_args, **kwargs):
 
 
 # The unsplit kernel's key; the grid also follows the SM count, fixed per device.
-_AUTOTUNE_KEY = ["K", "d", "N_BUCKET", "CAST_TO_FP32", "INPUT_PRECISION", "BLOCK_D", "X_RESIDENT"]
+_AUTOTUNE_KEY = ["K", "d", "N_BUCKET", "CAST_TO_FP32", "INPUT_PRECISION", "BLOCK_D", "X_RESIDENT", "FOLD_NORMS"]
 
 
 # restore_value: the autotuner's trial runs would otherwise leave their keys in the buffer.
@@ -113,6 +119,7 @@ def _split_search_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
     X_RESIDENT: tl.constexpr,
+    FOLD_NORMS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -120,32 +127,23 @@ def _split_search_kernel(
     row_mask = rows < N
     x_rows = x_ptr + rows[:, None] * stride_xn
     lanes_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    lanes_k = tl.arange(0, BLOCK_K)
     # Range j of S: tiles [j·T/S, (j+1)·T/S) of the T code tiles, none empty while S <= T.
     tiles = tl.cdiv(K, BLOCK_K)  # a constant when K = 1 (Triton specialises it), hence no .to here
     ranges = tl.num_programs(1)
     j = tl.program_id(1).to(tl.int64)
-    first = j * tiles // ranges * BLOCK_K
-    end = (j + 1) * tiles // ranges * BLOCK_K
+    first = (j * tiles // ranges * BLOCK_K).to(tl.int32)  # K < 2^31 (use_split)
+    end = ((j + 1) * tiles // ranges * BLOCK_K).to(tl.int32)
 
     x_tile = centred_x_tile(x_rows, stride_xd, row_mask, centre_ptr, lanes_d, d, codes_ptr,
                             CAST_TO_FP32, X_RESIDENT)
-    best = tl.full([BLOCK_N], float("inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_N], tl.int64)
-    for k0 in range(first, end, BLOCK_K):
-        codes = k0 + lanes_k.to(tl.int64)
-        score = score_tile(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_norms_ptr,
-                           codes, codes < K, lanes_d, d,
-                           BLOCK_N, BLOCK_K, BLOCK_D, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
-        tile_best, tile_idx = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        better = tile_best < best
-        best = tl.where(better, tile_best, best)
-        best_idx = tl.where(better, k0 + tile_idx.to(tl.int64), best_idx)
+    best, best_idx = argmin_walk(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_norms_ptr,
+                                 first, end, lanes_d, d, BLOCK_N, BLOCK_K, BLOCK_D,
+                                 CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT, FOLD_NORMS)
 
     best = tl.where(best == 0.0, 0.0, best)  # -0.0 -> +0.0
     bits = best.to(tl.int32, bitcast=True)
     order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    key = (order.to(tl.int64) << 32) | best_idx
+    key = (order.to(tl.int64) << 32) | best_idx.to(tl.int64)
     tl.atomic_min(keys_ptr + rows, key, mask=row_mask, sem="relaxed")
 
 
@@ -167,7 +165,7 @@ def _split_epilogue_kernel(
 
 
 def split_search(x: Tensor, centre: Tensor, codes: Tensor, code_norms: Tensor, *, cast_to_fp32: bool,
-                 input_precision: str, block_d: int, resident: bool) -> Tensor:
+                 input_precision: str, block_d: int, resident: bool, fold_norms: bool) -> Tensor:
     """int64 (N,) keys, order(min score) << 32 | lowest index, of x against the centred codes
     (nearest_code.centred_codebook), over a (row blocks, code ranges) grid. Any rows of ``codes`` past
     the codebook's must score +inf (norm +inf), as they then do for every x."""
@@ -186,6 +184,7 @@ def split_search(x: Tensor, centre: Tensor, codes: Tensor, code_norms: Tensor, *
         num_rows, num_codes, dim, (num_rows - 1).bit_length(),
         x.stride(0), x.stride(1),
         CAST_TO_FP32=cast_to_fp32, INPUT_PRECISION=input_precision, BLOCK_D=block_d, X_RESIDENT=resident,
+        FOLD_NORMS=fold_norms,
     )
     return keys
 
@@ -206,8 +205,8 @@ def split_epilogue(x: Tensor, centre: Tensor, codebook: Tensor, keys: Tensor, in
 def nearest_code_split(x: Tensor, codebook: Tensor, centre: Tensor, codes: Tensor, code_norms: Tensor,
                        indices: Tensor, sqdist: Tensor, quantized: Tensor, range_check: Tensor, *,
                        write_quantized: bool, cast_to_fp32: bool, input_precision: str, block_d: int,
-                       resident: bool) -> None:
+                       resident: bool, fold_norms: bool) -> None:
     """What _nearest_code_kernel writes (indices, sqdist, quantized, range_check[1]), in two launches."""
     keys = split_search(x, centre, codes, code_norms, cast_to_fp32=cast_to_fp32, input_precision=input_precision,
-                        block_d=block_d, resident=resident)
+                        block_d=block_d, resident=resident, fold_norms=fold_norms)
     split_epilogue(x, centre, codebook, keys, indices, sqdist, quantized, range_check, write_quantized)
