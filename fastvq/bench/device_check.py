@@ -1,8 +1,10 @@
 """``python -m fastvq.bench --device D --check``: before any timing, every fastvq backend that runs on D, against
 fastvq.reference's one judge.
 
-- N, K, d from 1, 3, 33, 257, 1030; fp32 and bf16; random, small-integer (exact, with ties: the indices must be
-  argmin's) and non-contiguous x; indices, sqdist, quantize and ema_stats;
+- N, K, d from 1, 3, 33, 257, 1030, and two shapes for the Triton search's paths: 4099×1030×64 (whole tiles,
+  bf16 with the norms on the tensor cores) and 257×2048×200 (split over codes, a 256-wide resident x); fp32 and
+  bf16; random, small-integer (exact, with ties: the indices must be argmin's) and non-contiguous x; indices,
+  sqdist, quantize and ema_stats;
 - on CUDA, a side stream: inputs written there just before the call, behind a spin of the stream, so a kernel
   launched on the default stream instead of the current one reads them unwritten;
 - with a second CUDA device, the edge shapes again on it while the first stays current (the launch's device guard);
@@ -21,7 +23,8 @@ from fastvq.dispatch import explain, get_backend, resolve
 
 from .judge import Wrong, check_nearest, spread
 
-SHAPES = ((1, 1, 1), (3, 257, 33), (33, 3, 1030), (257, 1030, 3), (1030, 33, 257), (1030, 257, 1))
+SHAPES = ((1, 1, 1), (3, 257, 33), (33, 3, 1030), (257, 1030, 3), (1030, 33, 257), (1030, 257, 1),
+          (4099, 1030, 64), (257, 2048, 200))
 SPIN_CYCLES = 50_000_000  # tens of milliseconds of a busy side stream: far longer than a kernel launch
 
 
