@@ -272,6 +272,21 @@ def test_compile_check_finds_the_main_loop_in_sass():
     assert main_loop_instructions(sass, d_slices=3) == 3 + 3 * 4  # 0x10..0x70 with the inner loop thrice
 
 
+def test_compile_check_fails_spills_shared_memory_and_a_search_over_its_target():
+    from fastvq.triton.compile_check import SHARED_LIMIT, TARGET_PER_ELEMENT, Case, problems_of
+
+    search = Case("search", lambda: None, search=True, target=TARGET_PER_ELEMENT)
+    large = {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8}
+    assert problems_of(search, 90, large, 1024, 0, 4.8) == []
+    assert problems_of(search, 90, large, 1024, 0, 5.1)  # over the target
+    assert problems_of(search, 90, large, 1024, 0, None)  # no main loop found is no pass
+    assert problems_of(search, 80, large, 1024, 0, 5.1) == []  # the target is sm_90's
+    assert problems_of(search, 90, {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4}, 1024, 0, 9.2) == []  # half wgmma
+    assert problems_of(search, 90, large, 1024, 8, 4.8)  # a spill
+    assert problems_of(search, 80, large, SHARED_LIMIT[80] + 1, 0, 4.8)  # over the chip's shared memory
+    assert problems_of(Case("other", lambda: None), 90, {}, 1024, 0, None) == []
+
+
 def test_kernels_compile_for_gpus():
     # A fresh process: this one's triton library may be in interpreter mode.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -230,6 +230,18 @@ def full_wgmma_rows(config: dict) -> bool:
     return config["BLOCK_N"] >= WGMMA_ROWS * config["num_warps"] // 4
 
 
+def problems_of(case: Case, arch: int, config: dict, shared: int, stack: int, cost: float | None) -> list[str]:
+    """Why one compiled config fails the check (empty: it passes)."""
+    problems = []
+    if shared > SHARED_LIMIT[arch]:
+        problems.append(f"{shared} B shared memory > the {SHARED_LIMIT[arch]} B limit")
+    if stack:
+        problems.append(f"spills ({stack} B of stack)")
+    if case.target is not None and arch == 90 and full_wgmma_rows(config) and (cost is None or cost > case.target):
+        problems.append(f"main loop {cost} SASS/score element, target <= {case.target}")
+    return problems
+
+
 def search_cost(captured: _jit.Captured, config_kwargs: dict, sass: str) -> float | None:
     kwargs = {**captured.kwargs, **config_kwargs}
     fn = captured.kernel.fn if isinstance(captured.kernel, Autotuner) else captured.kernel
@@ -278,15 +290,8 @@ def main(argv=None) -> int:
                     print(f"FAIL {label}: {type(error).__name__}: {error}")
                     continue
                 shared, stack = compiled.metadata.shared, resources.get("STACK", 0) + resources.get("LOCAL", 0)
-                problems = []
-                if shared > SHARED_LIMIT[arch]:
-                    problems.append(f"{shared} B shared memory > the {SHARED_LIMIT[arch]} B limit")
-                if stack:
-                    problems.append(f"spills ({stack} B of stack)")
                 cost = search_cost(captured, config, sass) if case.search else None
-                if case.target is not None and arch == 90 and full_wgmma_rows(config) \
-                        and (cost is None or cost > case.target):
-                    problems.append(f"main loop {cost} SASS/score element, target <= {case.target}")
+                problems = problems_of(case, arch, config, shared, stack, cost)
                 per_element = f", {cost:.1f} SASS/score element in the main loop" if cost is not None else ""
                 failures += bool(problems)
                 print(f"{'FAIL' if problems else 'ok  '} {label}: {resources.get('REG')} registers, {stack} B stack, "
