@@ -100,7 +100,7 @@ def _short_repr(value, limit: int = 40) -> str:
 # BLOCK_D, the slice of d per tl.dot, is not tuned: it follows d up to a cap (tl.dot needs >= 16).
 MAX_BLOCK_D = 128
 # nearest_code keeps a 16-bit x tile resident up to d = 256 (issue 14, item 5): d-slices would drain the
-# pipeline on every code tile. Its prune_configs keep the configs that hold it without spilling.
+# pipeline on every code tile. _score_tile.prune_search_configs keeps the configs that hold it without spilling.
 MAX_RESIDENT_D = 256
 # Under the interpreter, a smaller cap makes d = 33 and d = 64 take the chunked-d path too.
 INTERPRETER_MAX_BLOCK_D = 32

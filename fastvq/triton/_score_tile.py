@@ -2,8 +2,9 @@
 the centred x tile a program keeps, one (BLOCK_N, BLOCK_K) tile of x'·e' (code_tile_dot), and of scores
 ‖e'_k‖² − 2 x'_i·e'_k in the centred frame with the non-finite rule applied (score_tile; x' = x − c,
 e' = e − c; nearest_code.py's docstring has the derivation). The kernels differ in what they fold the
-scores into: a running argmin (_argmin_walk.py, which starts code_tile_dot's accumulator at ‖e'‖²/2 for
-bf16), or a sorted top-k list (nearest_codes.py).
+scores into: a running argmin (_argmin_walk.py, which adds ‖e'‖²/2 onto code_tile_dot's accumulator for
+bf16), or a sorted top-k list (nearest_codes.py). The two argmin kernels also share their deterministic
+configs and the autotune pruning here (prune_search_configs).
 """
 from __future__ import annotations
 
@@ -117,3 +118,26 @@ def code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, co
             x_t = centred_x_slice(x_rows, stride_xd, row_mask, centre_ptr, cols, d, codes_ptr, CAST_TO_FP32)
             xe = tl.dot(x_t, e_t, xe, input_precision=INPUT_PRECISION)
     return xe
+
+
+def prune_search_configs(configs, named_args, **kwargs):
+    """The argmin searches' autotune configs (nearest_code.py, nearest_code_split.py) that do not spill on
+    this launch's path (compile_check --all, sm_80/sm_90): float32 operands only at 32 rows x 64 codes (the
+    FMA dot at "ieee"; at "tf32x3" every larger tile spills on sm_80), and not 32 x 32 on "ieee"
+    d-slices (8 B on sm_90); a wide resident x (d > 128) as wide_x_configs says; bf16/fp16 d-slices only
+    at 64 codes and at most 32 accumulators per thread."""
+    def flag(name):
+        return kwargs.get(name, named_args.get(name))
+
+    def shape(c):
+        return c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+
+    if flag("CAST_TO_FP32"):
+        smallest_spills = not flag("X_RESIDENT") and flag("INPUT_PRECISION") == "ieee"
+        return [c for c in configs if shape(c) in ((32, 64), (32, 32)) and not (smallest_spills and shape(c)[1] < 64)]
+    if flag("BLOCK_D") > WIDE_X_BLOCK_D:
+        return wide_x_configs(configs)
+    if not flag("X_RESIDENT"):
+        return [c for c in configs if shape(c)[1] <= 64 and shape(c)[0] * shape(c)[1] <= 32 * 32 * c.num_warps]
+    return configs
+

@@ -59,7 +59,7 @@ from . import nearest_code_split as split
 from ._chosen_rows import write_chosen_rows
 from ._argmin_walk import NORM_PIECES, argmin_walk
 from ._jit import MAX_BLOCK_D, MAX_RESIDENT_D, block_d_for, interpreting, kernel, launch, search_precision
-from ._score_tile import WIDE_X_BLOCK_D, centred_x_tile, fixed_config, wide_x_configs
+from ._score_tile import centred_x_tile, fixed_config, prune_search_configs
 
 
 _TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
@@ -80,32 +80,14 @@ _CONFIGS = [
     ]
 ]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
-def prune_configs(configs, named_args, **kwargs):
-    """The configs that do not spill on this path (fastvq.triton.compile_check --all, sm_80/sm_90):
-    float32 operands only at 32 rows per program (and 64 codes for "ieee" d-slices); a wide resident x
-    (d > 128) as _score_tile.wide_x_configs says; d-slices on tensor cores only with at most 32
-    accumulators per thread."""
-    def flag(name):
-        return kwargs.get(name, named_args.get(name))
-
-    if flag("CAST_TO_FP32"):
-        # d-slices at "ieee": 32 x 32 spills 8 B on sm_90.
-        smallest_spills = not flag("X_RESIDENT") and flag("INPUT_PRECISION") == "ieee"
-        return [c for c in configs
-                if c.kwargs["BLOCK_N"] <= 32 and not (smallest_spills and c.kwargs["BLOCK_K"] < 64)]
-    if flag("BLOCK_D") > WIDE_X_BLOCK_D:
-        return wide_x_configs(configs)
-    if not flag("X_RESIDENT"):
-        return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps]
-    return configs
-# Tuned once per (K, d, N_BUCKET = ceil(log2 N), every constexpr that changes the code) and the
+# Pruned per launch by _score_tile.prune_search_configs (no spills). Tuned once per (K, d, N_BUCKET = ceil(log2 N), every constexpr that changes the code) and the
 # tensors' dtypes (Triton adds those): the best tile for N = 256 is not the best for N = 65536.
 _AUTOTUNE_KEY = ["K", "d", "N_BUCKET", "WRITE_QUANTIZED", "CAST_TO_FP32", "INPUT_PRECISION", "BLOCK_D", "X_RESIDENT",
                  "FOLD_NORMS"]
 
 
 @kernel(configs=_CONFIGS, interpreter_config=_INTERPRETER_CONFIG, key=_AUTOTUNE_KEY,
-        fixed_config=fixed_config, prune=prune_configs, do_not_specialize=["N_BUCKET"])
+        fixed_config=fixed_config, prune=prune_search_configs, do_not_specialize=["N_BUCKET"])
 def _nearest_code_kernel(
     x_ptr, centre_ptr, codes_ptr, code_norms_ptr, codebook_ptr,
     indices_ptr, sqdist_ptr, quantized_ptr, range_check_ptr,

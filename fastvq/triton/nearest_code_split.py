@@ -38,7 +38,7 @@ from ._chosen_rows import write_chosen_rows
 from ._argmin_walk import argmin_walk
 from ._jit import kernel, launch
 # fixed_config and the walk: the unsplit kernel's, same main loop
-from ._score_tile import WIDE_X_BLOCK_D, centred_x_tile, fixed_config, wide_x_configs
+from ._score_tile import centred_x_tile, fixed_config, prune_search_configs
 
 
 # The dispatcher's rule (use_split) and the grid (code_ranges). MIN_CODES is a first guess, not
@@ -85,32 +85,13 @@ _CONFIGS = [
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
 
 
-def prune_configs(configs, named_args, **kwargs):
-    """The configs that do not spill on this path (compile_check, all configs, sm_80/sm_90; the d-slices
-    on sm_90, as for the unsplit kernel): float32 operands only at 32 rows × 64 codes (the FMA dot at
-    "ieee"; at "tf32x3" every larger tile spills on sm_80, while sm_90 holds them all at d = 33);
-    a wide resident x (d > 128) as _score_tile.wide_x_configs says; bf16/fp16 d-slices only at 64 codes and
-    at most 32 accumulators per thread."""
-    def flag(name):
-        return kwargs.get(name, named_args.get(name))
-
-    if flag("CAST_TO_FP32"):
-        return [c for c in configs if c.kwargs["BLOCK_N"] <= 32 and c.kwargs["BLOCK_K"] <= 64]
-    if flag("BLOCK_D") > WIDE_X_BLOCK_D:
-        return wide_x_configs(configs)
-    if not flag("X_RESIDENT"):
-        return [c for c in configs if c.kwargs["BLOCK_K"] <= 64
-                and c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps]
-    return configs
-
-
 # The unsplit kernel's key; the grid also follows the SM count, fixed per device.
 _AUTOTUNE_KEY = ["K", "d", "N_BUCKET", "CAST_TO_FP32", "INPUT_PRECISION", "BLOCK_D", "X_RESIDENT", "FOLD_NORMS"]
 
 
 # restore_value: the autotuner's trial runs would otherwise leave their keys in the buffer.
 @kernel(configs=_CONFIGS, interpreter_config=_INTERPRETER_CONFIG, key=_AUTOTUNE_KEY, fixed_config=fixed_config,
-        prune=prune_configs, do_not_specialize=["N_BUCKET"], restore_value=["keys_ptr"])
+        prune=prune_search_configs, do_not_specialize=["N_BUCKET"], restore_value=["keys_ptr"])
 def _split_search_kernel(
     x_ptr, centre_ptr, codes_ptr, code_norms_ptr, keys_ptr,
     N, K, d, N_BUCKET,
