@@ -63,8 +63,14 @@ def simd_level(request):
 
 # (N, K, d): N = 0, tails of the 6-row tile and 16-code panel, d = 1 and odd, small N with
 # many codes (codes split across threads when the work is big enough: 40 x 40000 x 16,
-# 150 x 2100 x 130), and several K blocks (d = 130 makes blocks of ~63 panels).
+# 150 x 2100 x 130), and several K blocks (d = 130 makes blocks of ~63 panels); three tiles at
+# once (13-18 rows, AVX-512: search_rows18_avx512.cpp) as a whole call, split over codes, and as
+# the last group of rows (113 = 96 + 17).
 SHAPES = [
+    (16, 1030, 64),
+    (13, 20000, 5),
+    (18, 40000, 16),
+    (113, 257, 130),
     (0, 3, 33),
     (1, 1, 1),
     (7, 257, 130),
@@ -92,7 +98,7 @@ def test_nearest_code_exact_inputs_match_argmin(n, k, d, simd_level):
 
 
 @pytest.mark.parametrize("period", [1, 3, 8, 16, 17, 32])
-@pytest.mark.parametrize("n,k", [(5, 1030), (600, 1030), (600, 45)])
+@pytest.mark.parametrize("n,k", [(5, 1030), (16, 1030), (600, 1030), (600, 45)])
 def test_nearest_code_periodic_codebook_picks_the_first_copy(n, k, period, simd_level):
     # codebook[k] == codebook[k % period]: every distance is tied with codes `period` apart,
     # i.e. in the same lane, the other half of a panel, or another panel.
@@ -107,7 +113,8 @@ def test_nearest_code_periodic_codebook_picks_the_first_copy(n, k, period, simd_
         assert torch.equal(idx, expected), f"threads={threads}"
 
 
-@pytest.mark.parametrize("n,k,d", [(1000, 1030, 33), (40, 40000, 16), (150, 2100, 130), (4099, 257, 3)])
+@pytest.mark.parametrize("n,k,d", [(1000, 1030, 33), (40, 40000, 16), (16, 40000, 16), (150, 2100, 130),
+                                   (4099, 257, 3)])
 def test_nearest_code_bitwise_identical_for_any_thread_count(n, k, d):
     g = torch.Generator().manual_seed(7)
     x, e = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
@@ -129,6 +136,22 @@ def test_simd_levels_agree_on_exact_inputs():
     assert _cpu.simd_level() == _cpu.best_simd_level()
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.skipif("avx512" not in SIMD_LEVELS, reason="three tiles at once is an AVX-512 kernel")
+@pytest.mark.parametrize("n,k,d", [(16, 4099, 64), (13, 20000, 5), (113, 1030, 33)])
+def test_three_tiles_at_once_give_the_tiles_bits(n, k, d):
+    # search_rows18_avx512 computes each (row, code) value as the tiles do (||e||^2, then one FMA per p
+    # in order) and selects the same way, so on random inputs its results are the AVX2 tiles' bit for bit.
+    g = torch.Generator().manual_seed(n)
+    x, e = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    results = []
+    for level in ("avx2", "avx512"):
+        _cpu.set_simd_level(level)
+        results.append(run_nearest_code(x, e, 2))
+    _cpu.set_simd_level("auto")
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @functools.lru_cache(maxsize=None)

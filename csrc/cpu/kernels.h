@@ -66,6 +66,16 @@ void search_few_rows_avx512(int rows, const float* xpack, int64_t d, const float
                             int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx);
 #endif
 
+// Three packed tiles at once (3 * kTileRows rows, best_val/best_idx of that many entries), each
+// panel used by all of them as it arrives: for calls of 13-18 rows, where 6-row tiles would stream
+// every K block from memory for the first tile and from L2 for the others. Same values and
+// selection as the tile. Null where a level has none.
+#ifdef FASTVQ_HAVE_AVX512_KERNEL
+void search_rows18_avx512(const float* xpack, int64_t d, const float* panels, const float* norms,
+                          int64_t npanels, int64_t code_base, float* best_val, int64_t* best_idx);
+#endif
+SearchTileFn current_search_rows18();
+
 // ---- the top-k variant (nearest_codes) ----
 // Same packing, tiles and accumulation as above (so a (row, code) value is bitwise the one
 // nearest_code computes); the epilogue keeps, per row, a list of the k smallest (value, code)

@@ -64,6 +64,7 @@ inline void finish_rows(const float* x, int64_t d, const float* codebook, int64_
 struct Search {
   SearchTileFn tile;
   SearchFewRowsFn few_rows;  // may be null
+  SearchTileFn rows18;       // three tiles at once; may be null
   int64_t d;
   const float* panels;
   const float* norms;
@@ -76,6 +77,11 @@ struct Search {
   void tiles(const float* xpack, int64_t nrows, int64_t q_begin, int64_t q_end, float* best_val,
              int64_t* best_idx) const {
     const int64_t ntiles = (nrows + kTileRows - 1) / kTileRows;
+    if (ntiles == 3 && rows18) {  // no K blocks: each panel is read once, by all the rows
+      rows18(xpack, d, panels + q_begin * d * kPanel, norms + q_begin * kPanel, q_end - q_begin, q_begin * kPanel,
+             best_val, best_idx);
+      return;
+    }
     const int last_rows = static_cast<int>(nrows - (ntiles - 1) * kTileRows);
     for (int64_t q0 = q_begin; q0 < q_end; q0 += block_panels) {
       const int64_t nq = std::min(block_panels, q_end - q0);
@@ -166,8 +172,8 @@ void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, i
   const std::shared_ptr<const PackedCodebook> pack = packed_codebook(codebook, k, d, cache_key, num_threads);
 
   const int64_t panel_bytes = d * kPanel * static_cast<int64_t>(sizeof(float));
-  const Search search{current_search_tile(), current_search_few_rows(), d, pack->panels, pack->norms, pack->centre, npanels,
-                      std::max<int64_t>(1, kBlockBytes / panel_bytes)};
+  const Search search{current_search_tile(), current_search_few_rows(), current_search_rows18(), d, pack->panels,
+                      pack->norms, pack->centre, npanels, std::max<int64_t>(1, kBlockBytes / panel_bytes)};
   const Outputs out{indices_out, sqdist_out, quantized_out};
   const int64_t nchunks = code_chunks(nt, n, npanels);
   if (nchunks == 1)

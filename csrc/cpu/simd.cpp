@@ -92,6 +92,13 @@ SearchTileFn current_search_tile() {
   }
 }
 
+SearchTileFn current_search_rows18() {
+#ifdef FASTVQ_HAVE_AVX512_KERNEL
+  if (current_simd_level() == SimdLevel::avx512) return &search_rows18_avx512;
+#endif
+  return nullptr;
+}
+
 SearchFewRowsFn current_search_few_rows() {
 #ifdef FASTVQ_HAVE_AVX512_KERNEL
   if (current_simd_level() == SimdLevel::avx512) return &search_few_rows_avx512;
