@@ -61,18 +61,16 @@ def argmin_walk(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code
         # The FMA dot spills when int32 row offsets are kept across the loop (compile_check), so it forms
         # 64-bit ones per tile; tensor cores take one scalar base per tile.
         code_rows = codes_ptr + (k0 + lanes_k).to(tl.int64) * d if CAST_TO_FP32 else tile + lanes_k * d
+        xe = code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_rows, None, lanes_d,
+                           d, None, BLOCK_N, BLOCK_K, BLOCK_D, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
         if FOLD_NORMS:
             pieces_t = tl.load(pieces + piece_offsets)
             if CAST_TO_FP32:
                 pieces_t = pieces_t.to(tl.float32)
-            xe = code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_rows, None, lanes_d,
-                               d, None, BLOCK_N, BLOCK_K, BLOCK_D, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
-            xe = tl.dot(ones, pieces_t, xe, input_precision=INPUT_PRECISION)
-            score = tl.reshape(xe, [BLOCK_N, STRIDED, GROUPS, RUN])
+            score = tl.reshape(tl.dot(ones, pieces_t, xe, input_precision=INPUT_PRECISION),
+                               [BLOCK_N, STRIDED, GROUPS, RUN])
             pieces += BLOCK_K * NORM_PIECES
         else:
-            xe = code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_rows, None, lanes_d,
-                               d, None, BLOCK_N, BLOCK_K, BLOCK_D, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
             xe = tl.reshape(xe, [BLOCK_N, STRIDED, GROUPS, RUN])
             score = tl.fma(xe, -2.0, tl.load(norms + strided)[None, :, :, :])  # explicit: FP fusion may change
             norms += BLOCK_K

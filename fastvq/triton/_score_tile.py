@@ -95,7 +95,7 @@ def code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, co
     """(BLOCK_N, BLOCK_K) float32 x'·e' of the program's rows and one tile of the centred codebook (rows of
     d entries): ``codes_t`` (1, BLOCK_K) points at the tile's code rows, ``code_mask`` (BLOCK_K,) says which
     exist, or is None when all do (nearest_code's tiles of the padded codebook). The dot adds onto ``acc``
-(BLOCK_N, BLOCK_K) float32 when it is not None."""
+    (BLOCK_N, BLOCK_K) float32 when it is not None."""
     if X_RESIDENT:  # no inner loop, so Triton software-pipelines the caller's (innermost) loop's loads
         if code_mask is None:
             e_t = tl.load(codes_t + lanes_d[:, None], mask=lanes_d[:, None] < d, other=0.0)
