@@ -97,6 +97,13 @@ def fma_peak(level: str = '', num_threads: int = 0, seconds: float = 0.2) -> flo
     Source: csrc/cpu/fma_peak.cpp (chains: csrc/cpu/fma_peak_avx2.cpp, fma_peak_avx512.cpp).
     """
 
+def fma_burst(level: str = '', num_threads: int = 0, rounds: int = 65536) -> float:
+    """
+    One burst of the same FMA chains as fma_peak, `rounds` rounds on each of num_threads threads, untimed:
+    returns the flops done (ValueError on a bad level or rounds outside [1, 2^40]). The benchmark times it
+    in each CPU case's alternating rounds. Source: csrc/cpu/fma_peak.cpp.
+    """
+
 def openmp_enabled() -> bool: ...
 
 def max_threads() -> int: ...

@@ -115,6 +115,9 @@ def test_run_case_times_the_right_providers_never_the_wrong_one_and_measures_mem
     assert "not a nearest code" in results["wrong"].reason
     assert (results["absent"].status, results["absent"].reason) == ("absent", "no such package")
     assert results["broken"].status == "error" and "cannot set up" in results["broken"].reason
+    # the FMA burst timed in the same rounds: the case's peak on every row, never a row of its own
+    assert set(results) == {"good", "wrong", "absent", "broken"}
+    assert len({r.peak_gflops for r in results.values()}) == 1 and 0.05 < results["good"].peak_gflops < 1e5
     memory = measure_memory("naive", Case("nearest_code", "m", 2048, 1024, 64), seed=0)  # in a child process
     assert "error" not in memory, memory
     assert memory["peak_rss_mb"] > memory["before_mb"] > 10 and 8 <= memory["delta_mb"] < 200  # cdist's N×K: 8 MiB
@@ -142,6 +145,13 @@ def test_derived_figures_tables_and_the_cli_end_to_end(tmp_path, capsys):
     torch.testing.assert_close(fast["gflops"], 1e7 / 3e-3 / 1e9)
     torch.testing.assert_close(fast["pct_sgemm"], 100.0 / 3.0)
     torch.testing.assert_close(fast["pct_peak"], 100.0 * (1e7 / 3e-3 / 1e9) / 20.0)
+    torch.testing.assert_close(fast["pct_best_peak"], fast["pct_peak"])
+    results[2].peak_gflops = 4.0  # the burst timed in the case's own rounds wins over the run's best reading
+    report.derive(results, peak_gflops=20.0)
+    torch.testing.assert_close(results[2].derived["pct_peak"], 100.0 * (1e7 / 3e-3 / 1e9) / 4.0)
+    torch.testing.assert_close(results[2].derived["pct_best_peak"], 100.0 * (1e7 / 3e-3 / 1e9) / 20.0)
+    results[2].peak_gflops = None
+    report.derive(results, peak_gflops=20.0)
     torch.testing.assert_close(fast["speedup"]["vector-quantize-pytorch"], 40.0 / 3.0)
     torch.testing.assert_close(fast["memory_ratio"]["vector-quantize-pytorch"], 0.05)
     headers, rows = report.table_rows(results, "train")

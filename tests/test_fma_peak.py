@@ -31,3 +31,21 @@ def test_fma_peak_argument_errors():
     for level in ALL_SIMD_LEVELS[len(SIMD_LEVELS):]:
         with pytest.raises(ValueError, match=f"level '{level}' is not supported here"):
             _cpu.fma_peak(level)
+
+
+FLOPS_PER_ROUND = {"portable": 2 * 4 * 8, "avx2": 2 * 8 * 12, "avx512": 2 * 16 * 16}  # fma_peak.h's chains
+
+
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_fma_burst_reports_the_flops_it_ran(level, num_threads):
+    assert _cpu.fma_burst(level, num_threads, 1000) == FLOPS_PER_ROUND[level] * 1000 * num_threads
+    assert _cpu.fma_burst("", 1, 3) == FLOPS_PER_ROUND[_cpu.simd_level()] * 3
+
+
+def test_fma_burst_argument_errors():
+    for rounds in (0, -5, (1 << 40) + 1):
+        with pytest.raises(ValueError, match=rf"rounds must be in \[1, 2\^40\], got {rounds}"):
+            _cpu.fma_burst("", 1, rounds)
+    with pytest.raises(ValueError, match="level must be '' .* got 'sse'"):
+        _cpu.fma_burst("sse", 1, 10)

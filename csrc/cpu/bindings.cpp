@@ -273,6 +273,15 @@ NB_MODULE(_cpu, m) {
         "OpenMP default) at `level` ('' = simd_level(), else 'portable', 'avx2' or 'avx512' if supported;\n"
         "ValueError otherwise), the best of 4 rounds of about seconds / 4. The benchmark's yardstick.\n"
         "Source: csrc/cpu/fma_peak.cpp (chains: csrc/cpu/fma_peak_avx2.cpp, fma_peak_avx512.cpp).");
+  m.def("fma_burst",
+        [](const std::string& level, int num_threads, int64_t rounds) {
+          nb::gil_scoped_release release;
+          return fastvq::cpu::fma_burst(level.c_str(), num_threads, rounds);
+        },
+        "level"_a = "", "num_threads"_a = 0, "rounds"_a = 1 << 16,
+        "One burst of the same FMA chains as fma_peak, `rounds` rounds on each of num_threads threads, untimed:\n"
+        "returns the flops done (ValueError on a bad level or rounds outside [1, 2^40]). The benchmark times it\n"
+        "in each CPU case's alternating rounds. Source: csrc/cpu/fma_peak.cpp.");
   m.def("openmp_enabled", &fastvq::cpu::openmp_enabled);
   m.def("max_threads", &fastvq::cpu::max_threads);
 }

@@ -111,4 +111,14 @@ double fma_peak(const char* level, int num_threads, double seconds) {
   return best;
 }
 
+double fma_burst(const char* level, int num_threads, int64_t rounds) {
+  const Chains chains = chains_for(parse_level(level));
+  if (rounds < 1 || rounds > (int64_t{1} << 40))
+    throw std::invalid_argument("rounds must be in [1, 2^40], got " + std::to_string(rounds));
+  const int threads = resolve_threads(num_threads);
+  volatile float sink = 0.0f;
+  timed(chains.fn, rounds, threads, &sink);
+  return chains.flops_per_round * static_cast<double>(rounds) * threads;
+}
+
 }  // namespace fastvq::cpu

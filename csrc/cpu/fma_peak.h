@@ -29,4 +29,9 @@ float fma_chains_avx512(int64_t iters, float a, float b);
 // std::invalid_argument otherwise). The best of a few timed rounds of about seconds / 4 each.
 double fma_peak(const char* level, int num_threads, double seconds);
 
+// One untimed burst: `rounds` rounds of every chain on each of num_threads threads at `level` (as
+// above); returns the flops done. The benchmark times it beside a case's providers, in the same
+// alternating rounds, so a row's share of the peak compares two medians taken under the same load.
+double fma_burst(const char* level, int num_threads, int64_t rounds);
+
 }  // namespace fastvq::cpu

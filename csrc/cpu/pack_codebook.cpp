@@ -13,6 +13,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#include "cpu/search_common.h"
 
 namespace fastvq::cpu {
 namespace {
@@ -273,13 +274,10 @@ int64_t pack_rows(const float* x, int64_t d, int64_t r0, int64_t r1, const float
       const int64_t row = t0 + r;
       if (row < r1) {
         const float* src = x + row * d;
-        float norm = 0.0f;
-        for (int64_t p = 0; p < d; ++p) {
-          const float v = src[p] - centre[p];
-          dst[p * kTileRows + r] = v;
-          norm += v * v;
-        }
-        // A float32 sum errs far less than the margin below FLT_MAX; inf is out of range too.
+        for (int64_t p = 0; p < d; ++p) dst[p * kTileRows + r] = src[p] - centre[p];
+        // A float32 sum errs far less than the margin below FLT_MAX; inf is out of range too. Eight
+        // partial sums, not one chain: one chain's add latency cost more than the row's search at small K.
+        const float norm = squared_l2(src, centre, d);
         if (first_bad < 0 && !(norm <= static_cast<float>(kMaxCentredSquaredNorm)) && !std::isnan(norm) &&
             all_finite(src, d))
           first_bad = row;

@@ -48,8 +48,9 @@ def fma_peak(threads: int) -> dict | None:
 
 
 def derive(results: list, peak_gflops: float | None = None) -> None:
-    """Fill each timed result's ``derived``: gflops, pct_sgemm, pct_peak (CPU rows, given the machine's FMA peak),
-    and speedup/memory/inertia ratios per baseline."""
+    """Fill each timed result's ``derived``: gflops, pct_sgemm, pct_peak (CPU rows: against the FMA burst timed in
+    the case's own rounds, ``Result.peak_gflops``, else ``peak_gflops``), pct_best_peak (against ``peak_gflops``,
+    the run's best reading), and speedup/memory/inertia ratios per baseline."""
     groups = defaultdict(dict)
     for result in results:
         groups[result.case][result.provider] = result
@@ -63,8 +64,11 @@ def derive(results: list, peak_gflops: float | None = None) -> None:
             derived = result.derived = {"gflops": _finite(gflops), "speedup": {}, "memory_ratio": {},
                                         "inertia_ratio": {}}
             derived["pct_sgemm"] = _finite(100 * gflops * seconds["sgemm"] * 1e9 / case.pass_flops)
-            on_cpu = peak_gflops and torch.device(case.device).type == "cpu"
-            derived["pct_peak"] = _finite(100 * gflops / peak_gflops) if on_cpu else None
+            on_cpu = torch.device(case.device).type == "cpu"
+            # %peak: against the FMA burst timed in this case's rounds; %best_peak: against the run's best reading
+            paired = result.peak_gflops or peak_gflops
+            derived["pct_peak"] = _finite(100 * gflops / paired) if on_cpu and paired else None
+            derived["pct_best_peak"] = _finite(100 * gflops / peak_gflops) if on_cpu and peak_gflops else None
             for name in BASELINES[case.workload] if result.role != "sgemm" else ():
                 derived["speedup"][name] = _finite(seconds[name] / seconds[result.provider])
                 derived["memory_ratio"][name] = _finite(run_mb[result.provider] / run_mb[name])
@@ -145,6 +149,11 @@ def render(results: list, machine_line: str) -> None:
 def markdown(results: list, machine_line: str, command: str) -> str:
     console = Console(file=io.StringIO(), width=100_000, color_system=None)
     console.print(f"Measured with `{command}` on {machine_line}.\n", markup=False, highlight=False)
+    if any(r.peak_gflops for r in results):
+        console.print("%peak: a row's median GFLOP/s over the median rate of an FMA burst timed in the same "
+                      "alternating rounds (the peak the machine gave during that case; the best reading of the "
+                      "run is in the line above, and each row's share of it is `pct_best_peak` in the JSON).\n",
+                      markup=False, highlight=False)
     for table in tables(results, machine_line, markdown=True):
         console.print(table, "")
     return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines()).strip() + "\n"

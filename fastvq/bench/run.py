@@ -2,7 +2,12 @@
 providers run by run, each round's order rotated, so drift on a shared machine hits every provider alike (slow ones
 do fewer rounds, never under ``min_repeats``); then peak memory, in a child process per provider (Linux /proc): all
 providers' libraries loaded (one baseline), a warm-up (not for slow ones), the high-water mark reset (clear_refs = 5),
-one run: VmHWM (``peak_rss_mb``), what it added to VmRSS (``delta_mb``; on CUDA also ``gpu_delta_mb``)."""
+one run: VmHWM (``peak_rss_mb``), what it added to VmRSS (``delta_mb``; on CUDA also ``gpu_delta_mb``).
+
+A CPU case also times a burst of FMA chains (``_cpu.fma_burst``, the yardstick of ``_cpu.fma_peak``) in the same
+rounds, as one more run: its median rate is the peak the machine gave during that case (``Result.peak_gflops``).
+On a shared machine the available peak drifts from minute to minute, so a row's %peak compares two medians taken
+under the same load rather than a median against one best-of reading taken at the start."""
 import contextlib
 import gc
 import json
@@ -24,6 +29,9 @@ from .judge import Wrong, check_output, check_rows, judge_precision
 from .providers import REGISTRY, Absent, Provider
 
 WARM_IF_UNDER_S = 1.0  # a provider whose checked run took longer gets no warm-up: one-time costs are lost in it
+PEAK_PROBE = "fma-peak probe"  # the FMA burst's name among a CPU case's runs (never a provider's name)
+PROBE_S = 0.02  # about how long one burst runs
+_probe_rounds: dict[tuple[str, int], int] = {}  # (SIMD level, threads) -> rounds of a PROBE_S burst
 
 
 @dataclass
@@ -51,6 +59,7 @@ class Result:
     times_ms: list = field(default_factory=list)
     memory: dict = field(default_factory=dict)
     derived: dict = field(default_factory=dict)  # filled by report.derive
+    peak_gflops: float | None = None  # CPU cases: the FMA burst's median rate in this case's rounds
 
     @property
     def timing(self) -> dict:
@@ -114,6 +123,23 @@ def time_alternating(runs: dict[str, Callable[[], object]], options: Options, es
     finally:
         gc.enable()
     return times
+
+
+def peak_probe(threads: int) -> tuple[Callable[[], float], float] | None:
+    """A burst of FMA chains on ``threads`` threads at the search's SIMD level lasting about PROBE_S: (run, flops),
+    or None without the extension."""
+    try:
+        from fastvq import _cpu
+    except ImportError:
+        return None
+    key = (_cpu.simd_level(), threads)
+    if key not in _probe_rounds:
+        rounds = 1 << 12
+        while (seconds := time_once(lambda: _cpu.fma_burst("", threads, rounds))) < PROBE_S / 8:
+            rounds *= 4
+        _probe_rounds[key] = max(1, int(rounds * PROBE_S / seconds))
+    rounds = _probe_rounds[key]
+    return (lambda: _cpu.fma_burst("", threads, rounds)), _cpu.fma_burst("", threads, rounds)
 
 
 def prepare(provider: Provider, case: Case, data: Data, rows, best, result: Result):
@@ -188,8 +214,17 @@ def run_case(case: Case, providers: list[Provider], options: Options) -> list[Re
     for provider in providers:
         if prepared := prepare(provider, case, data, rows, best, results[provider.name]):
             runs[provider.name], estimates[provider.name] = prepared
+    probe = peak_probe(torch.get_num_threads()) if runs and torch.device(case.device).type == "cpu" else None
+    if probe:
+        runs[PEAK_PROBE], estimates[PEAK_PROBE] = probe[0], PROBE_S
     try:
-        for name, values in time_alternating(runs, options, estimates, case.device).items():
+        times = time_alternating(runs, options, estimates, case.device)
+        if probe:
+            peak_gflops = probe[1] / statistics.median(times.pop(PEAK_PROBE)) / 1e6
+            runs.pop(PEAK_PROBE)
+            for result in results.values():
+                result.peak_gflops = peak_gflops
+        for name, values in times.items():
             results[name].times_ms = values
     except Exception as error:  # one provider failing mid-run fails the case's timing, reported
         for name in runs:
