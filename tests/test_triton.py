@@ -277,14 +277,31 @@ def test_compile_check_fails_spills_shared_memory_and_a_search_over_its_target()
 
     search = Case("search", lambda: None, search=True, target=TARGET_PER_ELEMENT)
     large = {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8}
-    assert problems_of(search, 90, large, 1024, 0, 4.8) == []
-    assert problems_of(search, 90, large, 1024, 0, 5.1)  # over the target
-    assert problems_of(search, 90, large, 1024, 0, None)  # no main loop found is no pass
-    assert problems_of(search, 80, large, 1024, 0, 5.1) == []  # the target is sm_90's
-    assert problems_of(search, 90, {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4}, 1024, 0, 9.2) == []  # half wgmma
-    assert problems_of(search, 90, large, 1024, 8, 4.8)  # a spill
-    assert problems_of(search, 80, large, SHARED_LIMIT[80] + 1, 0, 4.8)  # over the chip's shared memory
-    assert problems_of(Case("other", lambda: None), 90, {}, 1024, 0, None) == []
+    assert problems_of(search, 90, large, 1024, 0, 4.8, 2) == []
+    assert problems_of(search, 90, large, 1024, 0, 5.1, 2)  # over the target
+    assert problems_of(search, 90, large, 1024, 0, None, 2)  # no main loop found is no pass
+    assert problems_of(search, 90, large, 1024, 0, 4.8, 1) == []  # one program, but two warpgroups
+    one_warpgroup = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
+    assert problems_of(search, 90, one_warpgroup, 1024, 0, 4.8, 2) == []
+    assert problems_of(search, 90, one_warpgroup, 1024, 0, 4.8, 1)  # nothing to overlap its epilogue with
+    assert problems_of(search, 80, large, 1024, 0, 5.1, 1) == []  # the target is sm_90's
+    assert problems_of(search, 90, {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4}, 1024, 0, 9.2, 1) == []  # half wgmma
+    assert problems_of(search, 90, large, 1024, 8, 4.8, 2)  # a spill
+    assert problems_of(search, 80, large, SHARED_LIMIT[80] + 1, 0, 4.8, 2)  # over the chip's shared memory
+    assert problems_of(Case("other", lambda: None), 90, {}, 1024, 0, None, 1) == []
+
+
+def test_resident_programs_per_sm():
+    from fastvq.triton.compile_check import resident_programs
+
+    assert resident_programs(90, 128, 8, 57344) == 2  # 4096 registers a warp: 4 warps per sub-partition
+    assert resident_programs(90, 127, 8, 57344) == 2  # rounded up to the same 4096
+    assert resident_programs(90, 129, 8, 57344) == 1  # 4352 a warp: 3 per sub-partition, 12 warps
+    assert resident_programs(90, 123, 4, 38912) == 4  # registers: 16 warps; shared: 5 programs
+    assert resident_programs(90, 64, 4, 100 * 1024) == 2  # shared: 228 KiB / (100 KiB + 1 KiB reserved)
+    assert resident_programs(80, 64, 4, 100 * 1024) == 1  # sm_80 has 164 KiB
+    assert resident_programs(90, 32, 1, 0) == 32  # the cap on programs per SM
+    assert resident_programs(90, 16, 32, 0) == 2  # the cap of 64 warps
 
 
 def test_kernels_compile_for_gpus():

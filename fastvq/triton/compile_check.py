@@ -8,8 +8,8 @@ the compiled kernel has the runtime's specialisation (integers equal to 1 as con
 divisibility-by-16 hints on sizes, strides and pointers) and the launch's constexprs and options.
 
 Per compiled kernel it prints registers per thread, stack bytes (spills; ptxas's stack frame,
-read from the cubin with cuobjdump), shared memory, and for the searches the main loop's SASS
-instructions per score element:
+read from the cubin with cuobjdump), shared memory, the programs that fit on one SM at once
+(``resident_programs``), and for the searches the main loop's SASS instructions per score element:
 
     (instructions in the code-tile loop's body × threads per program) / (BLOCK_N · BLOCK_K)
 
@@ -21,7 +21,8 @@ fold (_argmin_walk.py) takes an FMNMX and an FSEL per element, Triton's per-tile
 descriptors and x-operand reloads from shared memory the rest.
 
 It exits non-zero on a compiler error, a kernel over the architecture's shared memory, any spill,
-or a search case over its target. By default the deterministic config and one large config of the
+or a search case over its target, or one of those configs with room for fewer than two warpgroups per
+SM (MIN_RESIDENT_WARPGROUPS: one warpgroup's wgmma runs while another's epilogue does). By default the deterministic config and one large config of the
 search are compiled (about a minute); ``--all`` compiles every autotune config. Run it where TRITON_INTERPRET is unset.
 """
 from __future__ import annotations
@@ -49,6 +50,18 @@ from ..numerics import sort_by_code
 
 # Largest dynamic shared memory per block, bytes (CUDA programming guide, compute capabilities).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# Per-SM resources (CUDA C++ Programming Guide, technical specifications per compute capability; the
+# occupancy calculator's granularities): registers go to warps in units of 256 from 4 sub-partitions of
+# 16K each, shared memory in units of 128 B plus 1 KiB the system reserves per program.
+SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
+SHARED_RESERVED, SHARED_UNIT = 1024, 128
+REGISTERS_PER_SUBPARTITION, SUBPARTITIONS, REGISTER_UNIT = 16384, 4, 256
+MAX_WARPS_PER_SM, MAX_PROGRAMS_PER_SM = 64, 32
+# Issue 14 asks the search to overlap a tile's MMA with an argmin epilogue. Triton 3.9 makes each
+# warpgroup wait on its own wgmma (README), so the overlap has to come from another warpgroup on the SM,
+# of the same program or of a second one: while one runs its epilogue, the other's wgmma keeps the tensor
+# cores busy. The configs under the SASS target must leave room for this many warpgroups per SM.
+MIN_RESIDENT_WARPGROUPS = 2
 # Main-loop SASS instructions per score element, bf16 d=64 on sm_90 (issue 14, item 3), for the configs
 # that give each warpgroup (4 warps) at least the 64 rows of one wgmma: 32-row tiles, autotuned for small
 # N, leave half of each wgmma idle and take 6.6-13 per element.
@@ -230,15 +243,30 @@ def full_wgmma_rows(config: dict) -> bool:
     return config["BLOCK_N"] >= WGMMA_ROWS * config["num_warps"] // 4
 
 
-def problems_of(case: Case, arch: int, config: dict, shared: int, stack: int, cost: float | None) -> list[str]:
-    """Why one compiled config fails the check (empty: it passes)."""
+def resident_programs(arch: int, registers: int, num_warps: int, shared: int) -> int:
+    """Programs (CTAs) of one kernel that fit on one SM at once, by registers, shared memory and warps."""
+    per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    warps_by_registers = SUBPARTITIONS * (REGISTERS_PER_SUBPARTITION // per_warp)
+    per_program_shared = -(-(shared + SHARED_RESERVED) // SHARED_UNIT) * SHARED_UNIT
+    return min(warps_by_registers // num_warps, SHARED_PER_SM[arch] // per_program_shared,
+               MAX_WARPS_PER_SM // num_warps, MAX_PROGRAMS_PER_SM)
+
+
+def problems_of(case: Case, arch: int, config: dict, shared: int, stack: int, cost: float | None,
+                resident: int) -> list[str]:
+    """Why one compiled config fails the check (empty: it passes); ``resident``: programs per SM."""
     problems = []
     if shared > SHARED_LIMIT[arch]:
         problems.append(f"{shared} B shared memory > the {SHARED_LIMIT[arch]} B limit")
     if stack:
         problems.append(f"spills ({stack} B of stack)")
-    if case.target is not None and arch == 90 and full_wgmma_rows(config) and (cost is None or cost > case.target):
-        problems.append(f"main loop {cost} SASS/score element, target <= {case.target}")
+    if case.target is not None and arch == 90 and full_wgmma_rows(config):
+        if cost is None or cost > case.target:
+            problems.append(f"main loop {cost} SASS/score element, target <= {case.target}")
+        warpgroups = resident * (config["num_warps"] // 4)
+        if warpgroups < MIN_RESIDENT_WARPGROUPS:
+            problems.append(f"{warpgroups} warpgroup(s) per SM ({resident} program(s)), need >= "
+                            f"{MIN_RESIDENT_WARPGROUPS} so one's wgmma overlaps another's epilogue")
     return problems
 
 
@@ -291,11 +319,12 @@ def main(argv=None) -> int:
                     continue
                 shared, stack = compiled.metadata.shared, resources.get("STACK", 0) + resources.get("LOCAL", 0)
                 cost = search_cost(captured, config, sass) if case.search else None
-                problems = problems_of(case, arch, config, shared, stack, cost)
+                resident = resident_programs(arch, resources.get("REG", 255), compiled.metadata.num_warps, shared)
+                problems = problems_of(case, arch, config, shared, stack, cost, resident)
                 per_element = f", {cost:.1f} SASS/score element in the main loop" if cost is not None else ""
                 failures += bool(problems)
                 print(f"{'FAIL' if problems else 'ok  '} {label}: {resources.get('REG')} registers, {stack} B stack, "
-                      f"{shared} B shared{per_element}, {time.perf_counter() - began:.1f} s"
+                      f"{shared} B shared, {resident} programs/SM{per_element}, {time.perf_counter() - began:.1f} s"
                       + (f" -- {'; '.join(problems)}" if problems else ""))
     print(f"{'FAILED' if failures else 'all compiled, no spills'} in {time.perf_counter() - start:.1f} s")
     return 1 if failures else 0
