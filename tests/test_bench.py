@@ -132,6 +132,23 @@ def test_run_case_times_the_right_providers_never_the_wrong_one_and_measures_mem
     assert absent.status == "absent" and absent.reason.startswith("not applicable")
 
 
+def test_a_provider_failing_while_timed_fails_the_case_timing_beside_the_peak_probe():
+    def setup(case, data):
+        calls = []
+
+        def run():
+            calls.append(1)
+            if len(calls) > 1:  # the checked run passes, the timed ones raise
+                raise RuntimeError("lost the device")
+            indices = reference.nearest_code(data.x, data.codebook)[0]
+            return data.codebook[indices], indices
+        return run
+    flaky = providers.Provider("flaky", "nearest_code", "baseline", "flaky", setup)
+    (result,) = run_case(Case("nearest_code", "t", 65, 9, 3), [flaky], TINY)
+    assert result.status == "error" and result.reason == "while timing: RuntimeError: lost the device"
+    assert result.peak_gflops is None and not result.times_ms
+
+
 def test_derived_figures_tables_and_the_cli_end_to_end(tmp_path, capsys):
     case = Case("train", "core-t", 1000, 500, 10)  # 1e7 FLOPs
     results = [Result(case, "sgemm", "sgemm", "", times_ms=[1.0]),

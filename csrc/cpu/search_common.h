@@ -1,5 +1,5 @@
-// Helpers shared by the search drivers nearest_code.cpp and nearest_codes.cpp, and by pack_codebook.cpp (never included by
-// the SIMD translation units: see the note in kernels.h about inline functions).
+// Helpers shared by the search drivers nearest_code.cpp and nearest_codes.cpp, and by pack_codebook.cpp
+// (never included by the SIMD translation units: see the note in kernels.h about inline functions).
 #pragma once
 
 #include <algorithm>

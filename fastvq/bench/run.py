@@ -31,7 +31,7 @@ from .providers import REGISTRY, Absent, Provider
 WARM_IF_UNDER_S = 1.0  # a provider whose checked run took longer gets no warm-up: one-time costs are lost in it
 PEAK_PROBE = "fma-peak probe"  # the FMA burst's name among a CPU case's runs (never a provider's name)
 PROBE_S = 0.02  # about how long one burst runs
-_probe_rounds: dict[tuple[str, int], int] = {}  # (SIMD level, threads) -> rounds of a PROBE_S burst
+_probes: dict[tuple[str, int], tuple[int, float]] = {}  # (SIMD level, threads) -> (rounds, flops) of a burst
 
 
 @dataclass
@@ -133,13 +133,14 @@ def peak_probe(threads: int) -> tuple[Callable[[], float], float] | None:
     except ImportError:
         return None
     key = (_cpu.simd_level(), threads)
-    if key not in _probe_rounds:
-        rounds = 1 << 12
-        while (seconds := time_once(lambda: _cpu.fma_burst("", threads, rounds))) < PROBE_S / 8:
+    if key not in _probes:
+        rounds, flops = 1 << 12, []
+        while (seconds := time_once(lambda: flops.append(_cpu.fma_burst("", threads, rounds)))) < PROBE_S / 8:
             rounds *= 4
-        _probe_rounds[key] = max(1, int(rounds * PROBE_S / seconds))
-    rounds = _probe_rounds[key]
-    return (lambda: _cpu.fma_burst("", threads, rounds)), _cpu.fma_burst("", threads, rounds)
+        scaled = max(1, int(rounds * PROBE_S / seconds))
+        _probes[key] = scaled, flops[-1] / rounds * scaled
+    rounds, flops = _probes[key]
+    return (lambda: _cpu.fma_burst("", threads, rounds)), flops
 
 
 def prepare(provider: Provider, case: Case, data: Data, rows, best, result: Result):
@@ -215,13 +216,11 @@ def run_case(case: Case, providers: list[Provider], options: Options) -> list[Re
         if prepared := prepare(provider, case, data, rows, best, results[provider.name]):
             runs[provider.name], estimates[provider.name] = prepared
     probe = peak_probe(torch.get_num_threads()) if runs and torch.device(case.device).type == "cpu" else None
-    if probe:
-        runs[PEAK_PROBE], estimates[PEAK_PROBE] = probe[0], PROBE_S
+    with_probe = {PEAK_PROBE: probe[0]} if probe else {}
     try:
-        times = time_alternating(runs, options, estimates, case.device)
+        times = time_alternating(runs | with_probe, options, estimates | {PEAK_PROBE: PROBE_S}, case.device)
         if probe:
             peak_gflops = probe[1] / statistics.median(times.pop(PEAK_PROBE)) / 1e6
-            runs.pop(PEAK_PROBE)
             for result in results.values():
                 result.peak_gflops = peak_gflops
         for name, values in times.items():

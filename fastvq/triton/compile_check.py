@@ -22,8 +22,9 @@ descriptors and x-operand reloads from shared memory the rest.
 
 It exits non-zero on a compiler error, a kernel over the architecture's shared memory, any spill,
 or a search case over its target, or one of those configs with room for fewer than two warpgroups per
-SM (MIN_RESIDENT_WARPGROUPS: one warpgroup's wgmma runs while another's epilogue does). By default the deterministic config and one large config of the
-search are compiled (about a minute); ``--all`` compiles every autotune config. Run it where TRITON_INTERPRET is unset.
+SM (MIN_RESIDENT_WARPGROUPS: one warpgroup's wgmma runs while another's epilogue does). By default the
+deterministic config and one large config of the search are compiled (about a minute); ``--all``
+compiles every autotune config. Run it where TRITON_INTERPRET is unset.
 """
 from __future__ import annotations
 
