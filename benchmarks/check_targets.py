@@ -1,5 +1,6 @@
 """The issues' performance targets, judged on a bench JSON file (never in the unit tests), for fastvq's
-performance backends on the "core-*" shapes (and "big" on CUDA, where the target is for bf16 on an H100):
+performance backends on the "core-*" shapes (and "big" on CUDA, where the target is for bf16 on an H100),
+and issue 13's streaming rows (N = 1 and N = 16 against K = 65536, d = 64):
 
     python -m fastvq.bench --json bench.json && python benchmarks/check_targets.py bench.json
 
@@ -21,17 +22,34 @@ TARGETS = (  # (workload, device, figure, baseline, sense, bound)
     ("nearest_code", "cuda", "pct_sgemm", None, ">=", 50.0), ("nearest_code", "cuda", "speedup", "naive", ">=", 3.0),
 )
 
+STREAM_TARGETS = (  # (case label, device, figure: a derived one or the median time, sense, bound); issue 13
+    ("stream-1", "cpu", "median_ms", "<=", 0.3), ("stream-16", "cpu", "pct_peak", ">=", 60.0),
+)
+
+
+def judge(met: bool, workload: str, r: dict, text: str) -> bool:
+    print(f"{'met   ' if met else 'MISSED'} {workload} {r['case']['shape']} {r['case']['device']} {r['provider']}: {text}")
+    return not met
+
+
 if __name__ == "__main__":
     missed = 0
     for r in json.load(open(sys.argv[1]))["results"]:
         case, derived = r["case"], r["derived"]
-        if r["role"] != "fastvq" or r["provider"] == "fastvq-torch" or not case["label"].startswith(("core", "big")):
+        if r["role"] != "fastvq" or r["provider"] == "fastvq-torch" or r["status"] != "ok":
+            continue
+        for label, device, figure, sense, bound in STREAM_TARGETS:
+            if case["label"] == label and case["device"].startswith(device):
+                value = r["timing"]["median_ms"] if figure == "median_ms" else derived.get(figure)
+                if value is not None:
+                    met = value >= bound if sense == ">=" else value <= bound
+                    missed += judge(met, case["workload"], r, f"{figure} {value:.3g} ({sense} {bound:g})")
+        if not case["label"].startswith(("core", "big")):
             continue
         for workload, device, figure, baseline, sense, bound in TARGETS:
             value = derived.get(figure, {}).get(baseline) if baseline else derived.get(figure)
             if workload == case["workload"] and case["device"].startswith(device) and value is not None:
                 met = value >= bound if sense == ">=" else value <= bound
-                missed += not met
-                print(f"{'met   ' if met else 'MISSED'} {workload} {case['shape']} {case['device']} {r['provider']}: "
-                      f"{figure}{' vs ' + baseline if baseline else ''} {value:.3g} ({sense} {bound:g})")
+                missed += judge(met, workload, r, f"{figure}{' vs ' + baseline if baseline else ''} {value:.3g} "
+                                                  f"({sense} {bound:g})")
     sys.exit(1 if missed else 0)
