@@ -27,8 +27,11 @@ STREAM_TARGETS = (  # (case label, device, figure: a derived one or the median t
 )
 
 
-def judge(met: bool, workload: str, r: dict, text: str) -> bool:
-    print(f"{'met   ' if met else 'MISSED'} {workload} {r['case']['shape']} {r['case']['device']} {r['provider']}: {text}")
+def missed_target(value: float, sense: str, bound: float, workload: str, r: dict, figure: str) -> bool:
+    """Print whether ``value`` meets ``sense bound``; True when it misses."""
+    met = value >= bound if sense == ">=" else value <= bound
+    print(f"{'met   ' if met else 'MISSED'} {workload} {r['case']['shape']} {r['case']['device']} {r['provider']}: "
+          f"{figure} {value:.3g} ({sense} {bound:g})")
     return not met
 
 
@@ -42,14 +45,12 @@ if __name__ == "__main__":
             if case["label"] == label and case["device"].startswith(device):
                 value = r["timing"]["median_ms"] if figure == "median_ms" else derived.get(figure)
                 if value is not None:
-                    met = value >= bound if sense == ">=" else value <= bound
-                    missed += judge(met, case["workload"], r, f"{figure} {value:.3g} ({sense} {bound:g})")
+                    missed += missed_target(value, sense, bound, case["workload"], r, figure)
         if not case["label"].startswith(("core", "big")):
             continue
         for workload, device, figure, baseline, sense, bound in TARGETS:
             value = derived.get(figure, {}).get(baseline) if baseline else derived.get(figure)
             if workload == case["workload"] and case["device"].startswith(device) and value is not None:
-                met = value >= bound if sense == ">=" else value <= bound
-                missed += judge(met, workload, r, f"{figure}{' vs ' + baseline if baseline else ''} {value:.3g} "
-                                                  f"({sense} {bound:g})")
+                missed += missed_target(value, sense, bound, workload, r,
+                                        f"{figure}{' vs ' + baseline if baseline else ''}")
     sys.exit(1 if missed else 0)
