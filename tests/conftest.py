@@ -64,9 +64,11 @@ INTERPRETER_TILE_BUDGET = 60
 class Pair:
     backend: str
     device: str
+    search_kernel: str = "triton"  # fastvq.triton.set_search_kernel, for the triton backend
 
     def __str__(self) -> str:
-        return f"{self.backend}-{self.device}"
+        kernel = "-gluon" if self.search_kernel == "gluon" else ""
+        return f"{self.backend}{kernel}-{self.device}"
 
     @property
     def interpreted(self) -> bool:
@@ -100,7 +102,10 @@ class Pair:
             pytest.skip(f"backend {self.backend!r} cannot run here: {'; '.join(reasons)}")
 
 
-PAIRS = (Pair("cpu", "cpu"), Pair("triton", "cuda"), Pair("cuda", "cuda"), Pair("triton", "cpu"))
+# triton-gluon-cuda: the triton backend with the Gluon bf16 search (Hopper only; every other input there runs
+# the Triton kernels, as for triton-cuda).
+PAIRS = (Pair("cpu", "cpu"), Pair("triton", "cuda"), Pair("triton", "cuda", "gluon"), Pair("cuda", "cuda"),
+         Pair("triton", "cpu"))
 TRITON_PAIRS = tuple(p for p in PAIRS if p.backend == "triton")
 
 
@@ -122,6 +127,13 @@ def _pair_or_skip(pair: Pair) -> Pair:
         pytest.skip(f"backend 'triton' cannot run here: {'; '.join(reasons)} "
                     f"({INTERPRETER_RUNNER} runs the triton-cpu cases in a fresh TRITON_INTERPRET=1 process)")
     pair.require(probe)
+    if pair.search_kernel == "gluon":
+        import fastvq.triton
+
+        half = probe.to(torch.bfloat16)
+        reason = fastvq.triton.gluon_search_reason(half, half)
+        if reason is not None:
+            pytest.skip(f"{pair} cannot run here: {reason}")
     if pair.interpreted and not _triton_library_interpreted():
         pytest.fail("started with TRITON_INTERPRET=1, yet triton's library was decorated without the "
                     "interpreter (something imported triton first with the variable unset)")
@@ -130,7 +142,8 @@ def _pair_or_skip(pair: Pair) -> Pair:
 
 # Environment variables that would change what a pair runs: a forced backend, TF32 searches,
 # deterministic reductions (tests that want those set them themselves).
-MODE_VARIABLES = ("FASTVQ_BACKEND", "FASTVQ_TRITON_TF32", "FASTVQ_TRITON_FP32_PRECISION", "FASTVQ_DETERMINISTIC")
+MODE_VARIABLES = ("FASTVQ_BACKEND", "FASTVQ_TRITON_TF32", "FASTVQ_TRITON_FP32_PRECISION", "FASTVQ_DETERMINISTIC",
+                  "FASTVQ_TRITON_SEARCH_KERNEL")
 
 
 def _in_default_mode(request):
@@ -138,6 +151,8 @@ def _in_default_mode(request):
     with pytest.MonkeyPatch.context() as patch:
         for name in MODE_VARIABLES:
             patch.delenv(name, raising=False)
+        if pair.search_kernel == "gluon":
+            patch.setenv("FASTVQ_TRITON_SEARCH_KERNEL", "gluon")
         yield pair
 
 

@@ -272,6 +272,29 @@ def test_compile_check_finds_the_main_loop_in_sass():
     assert main_loop_instructions(sass, d_slices=3) == 3 + 3 * 4  # 0x10..0x70 with the inner loop thrice
 
 
+def test_compile_check_reads_the_wgmma_waits_of_the_main_loop():
+    # An unconditional backward branch (an mbarrier wait's out-of-line retry jumping back) is not a loop, even
+    # around more dots than the loop has; the waits counted are the loop's own.
+    from fastvq.triton.compile_check import main_loop, main_loop_instructions, main_loop_wgmma_waits
+
+    sass = """
+        /*0000*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16], RZ, !UPT ;
+        /*0010*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16], RZ, !UPT ;
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R88, gdesc[UR16], RZ, !UPT ;
+        /*0040*/                   WARPGROUP.DEPBAR.LE gsb0, 0x2 ;
+        /*0050*/                   FMNMX R6, R4, R5, PT ;
+        /*0060*/               @P1 BRA 0x20 ;
+        /*0070*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x0 ;
+    """
+    assert main_loop(sass) == (0x20, 0x60)
+    assert main_loop_instructions(sass, d_slices=1) == 5
+    assert main_loop_wgmma_waits(sass) == [2]
+    assert main_loop_wgmma_waits(sass.replace("gsb0, 0x2", "gsb0, 0x0")) == [0]
+
+
 def test_compile_check_fails_spills_shared_memory_and_a_search_over_its_target():
     from fastvq.triton.compile_check import SHARED_LIMIT, TARGET_PER_ELEMENT, Case, problems_of
 
@@ -289,6 +312,10 @@ def test_compile_check_fails_spills_shared_memory_and_a_search_over_its_target()
     assert problems_of(search, 90, large, 1024, 8, 4.8, 2)  # a spill
     assert problems_of(search, 80, large, SHARED_LIMIT[80] + 1, 0, 4.8, 2)  # over the chip's shared memory
     assert problems_of(Case("other", lambda: None), 90, {}, 1024, 0, None, 1) == []
+    pipelined = Case("gluon", lambda: None, search=True, target=TARGET_PER_ELEMENT, overlap=True)
+    assert problems_of(pipelined, 90, one_warpgroup, 1024, 0, 3.5, 2, [2]) == []
+    assert problems_of(pipelined, 90, one_warpgroup, 1024, 0, 3.5, 2, [2, 0])  # one wait drains the wgmma
+    assert problems_of(pipelined, 90, one_warpgroup, 1024, 0, 3.5, 2, [])  # no wait found is no pass
 
 
 def test_resident_programs_per_sm():
@@ -402,3 +429,88 @@ def test_wide_x_stays_resident_on_tensor_cores_up_to_d_256(monkeypatch):
         (32, 64, 4, 2), (32, 64, 4, 3), (128, 64, 8, 3)}
     assert spec.fixed_config(wide.kwargs) is _score_tile.DETERMINISTIC_CONFIG_WIDE
     assert spec.fixed_config(launch_of(64).kwargs) is _score_tile.DETERMINISTIC_CONFIG
+
+
+# ---- the opt-in Gluon search (nearest_code_gluon.py; runs on Hopper only) --------------------
+def test_search_kernel_option(monkeypatch):
+    from fastvq import triton as fvt
+
+    monkeypatch.delenv("FASTVQ_TRITON_SEARCH_KERNEL", raising=False)
+    assert fvt.search_kernel() == "triton"
+    monkeypatch.setenv("FASTVQ_TRITON_SEARCH_KERNEL", "Gluon")
+    assert fvt.search_kernel() == "gluon"
+    monkeypatch.setenv("FASTVQ_TRITON_SEARCH_KERNEL", "cutlass")
+    with pytest.raises(ValueError, match="FASTVQ_TRITON_SEARCH_KERNEL must be one of .*'cutlass'"):
+        fvt.search_kernel()
+    fvt.set_search_kernel("triton")  # a call beats the environment
+    try:
+        assert fvt.search_kernel() == "triton"
+        with pytest.raises(ValueError, match="name must be one of .*'wgmma'"):
+            fvt.set_search_kernel("wgmma")
+    finally:
+        fvt.set_search_kernel(None)
+    x = torch.zeros(4, 64, dtype=torch.bfloat16)
+    assert "CUDA device" in fvt.gluon_search_reason(x, x)
+    assert "bfloat16" in fvt.gluon_search_reason(x.float(), x.float())
+    assert "d = 65 > 64" in fvt.gluon_search_reason(torch.zeros(4, 65, dtype=torch.bfloat16),
+                                                    torch.zeros(4, 65, dtype=torch.bfloat16))
+
+
+def _gluon_launch(monkeypatch, num_rows, num_codes, dim):
+    """The Gluon search's launch for bf16 inputs, as if on a Hopper GPU (captured, not run)."""
+    from fastvq.triton import _jit, nearest_code, nearest_code_gluon
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("FASTVQ_TRITON_SEARCH_KERNEL", "gluon")
+    monkeypatch.setattr(nearest_code_gluon, "supports", lambda x, codebook: None)
+    x, codebook = randn(num_rows, dim, seed=0).bfloat16(), randn(num_codes, dim, seed=1).bfloat16()
+    with _jit.capture_launches(), pytest.raises(_jit.Captured) as caught:
+        nearest_code.triton_nearest_code(x, codebook, True)
+    return caught.value, codebook
+
+
+def test_gluon_search_gets_padded_codes_norm_pieces_and_a_grid_that_fills_the_gpu(monkeypatch):
+    from fastvq.triton import nearest_code_gluon, nearest_code_split
+
+    launched, codebook = _gluon_launch(monkeypatch, 300, 70, 33)
+    assert launched.kernel is nearest_code_gluon._nearest_code_keys_kernel
+    centre, codes_desc, pieces_desc = launched.args[1], launched.args[2], launched.args[3]
+    assert codes_desc.block_shape == [nearest_code_gluon.BLOCK_K, 64]  # d = 33 padded to 64 columns (TMA rows)
+    padded = codes_desc.base
+    assert padded.shape == (128, 64) and padded.stride() == (64, 1)
+    assert torch.equal(padded[:70, :33], (centre - codebook.float()).bfloat16())  # negated, centred codes
+    assert not padded[:, 33:].any() and not padded[70:].any()
+    assert torch.isinf(pieces_desc.base[70:, 0].float()).all()  # padding codes: half-norm +inf
+    assert launched.grid == (5, 1)  # 300 rows in 64-row programs, one code range
+
+    # N = 256, K = 65536: 4 row programs alone would leave an H200 idle; code ranges fill its 132 SMs.
+    launched, _ = _gluon_launch(monkeypatch, 256, 65536, 64)
+    rows, ranges = launched.grid
+    assert rows == 4 and rows * ranges >= nearest_code_split.PROGRAMS_PER_SM * nearest_code_split.STAND_IN_SM_COUNT
+    assert launched.args[-1] == 65536 // nearest_code_gluon.BLOCK_K  # num_tiles
+
+
+def test_gluon_search_keys_reach_the_split_epilogue(triton_pair, monkeypatch):
+    # The host side of the Gluon path, with the Gluon kernel (which only a Hopper GPU runs) replaced by the
+    # Triton split search, whose keys share its contract: the outputs must be the reference's.
+    from fastvq.triton import nearest_code_gluon, nearest_code_split
+
+    calls = []
+
+    def keys_by_triton(x, centre, codes, pieces, num_codes, sms):
+        calls.append(codes.shape)
+        return nearest_code_split.split_search(x, centre, codes, pieces, cast_to_fp32=triton_pair.interpreted,
+                                               input_precision="tf32", block_d=64, resident=True, fold_norms=True)
+
+    monkeypatch.setenv("FASTVQ_TRITON_SEARCH_KERNEL", "gluon")
+    monkeypatch.setattr(nearest_code_gluon, "supports", lambda x, codebook: None)
+    monkeypatch.setattr(nearest_code_gluon, "search_keys", keys_by_triton)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(-3, 4, (97, 33), generator=g).bfloat16()
+    codebook = torch.randint(-3, 4, (70, 33), generator=g).bfloat16()
+    indices, sqdist, quantized, _ = run(triton_pair, torch.ops.fastvq.triton_nearest_code, x, codebook, True)
+    assert calls == [(128, 33)]
+    want, want_sqdist = reference.nearest_code(x.float(), codebook.float())
+    assert torch.equal(indices, want)  # small integers: exact distances, ties to the lowest index
+    torch.testing.assert_close(sqdist, want_sqdist, **TOLERANCES["sqdist"])
+    assert torch.equal(quantized, codebook[want])

@@ -53,6 +53,7 @@ class TritonBackend(Backend):
         else:
             where = "no CUDA device here; CPU tensors only with TRITON_INTERPRET=1"
         modes = [f"float32 operands at input_precision {kernels.fp32_precision()!r}",
+                 f"bf16 search kernel {kernels.search_kernel()!r}",
                  "deterministic reductions" if kernels.deterministic() else "atomic reductions"]
         return f"triton {triton.__version__}; {where}; {', '.join(modes)}"
 

@@ -26,10 +26,12 @@ from ..numerics import deterministic  # noqa: F401  (re-exported: fastvq.triton.
 
 _TF32_ENV = "FASTVQ_TRITON_TF32"
 _PRECISION_ENV = "FASTVQ_TRITON_FP32_PRECISION"
+_SEARCH_KERNEL_ENV = "FASTVQ_TRITON_SEARCH_KERNEL"
+SEARCH_KERNELS = ("triton", "gluon")
 _TRUE = ("1", "true", "yes", "on")
 FP32_PRECISIONS = ("tf32x3", "tf32", "ieee")
 
-_options = {"fp32_precision": None}
+_options = {"fp32_precision": None, "search_kernel": None}
 
 
 def interpreting() -> bool:
@@ -55,16 +57,20 @@ def set_fp32_precision(precision: str | None) -> None:
     _options["fp32_precision"] = precision
 
 
+def _option(name: str, variable: str, choices: tuple[str, ...], default: str) -> str:
+    """An option's value: set by its call, else the environment variable's (validated), else the default."""
+    if _options[name] is not None:
+        return _options[name]
+    value = os.environ.get(variable, "").strip().lower()
+    if value and value not in choices:
+        raise ValueError(f"{variable} must be one of {choices}, got {_short_repr(value)}")
+    return value or default
+
+
 def fp32_precision() -> str:
     """The ``input_precision`` float32 operands get now (set_fp32_precision)."""
-    if _options["fp32_precision"] is not None:
-        return _options["fp32_precision"]
-    value = os.environ.get(_PRECISION_ENV, "").strip().lower()
-    if value:
-        if value not in FP32_PRECISIONS:
-            raise ValueError(f"{_PRECISION_ENV} must be one of {FP32_PRECISIONS}, got {_short_repr(value)}")
-        return value
-    return "tf32" if os.environ.get(_TF32_ENV, "").strip().lower() in _TRUE else "tf32x3"
+    tf32 = os.environ.get(_TF32_ENV, "").strip().lower() in _TRUE
+    return _option("fp32_precision", _PRECISION_ENV, FP32_PRECISIONS, "tf32" if tf32 else "tf32x3")
 
 
 def set_allow_tf32(allow: bool | None) -> None:
@@ -78,6 +84,22 @@ def set_allow_tf32(allow: bool | None) -> None:
 def allow_tf32() -> bool:
     """True when float32 operands take single TF32 products (fp32_precision() == "tf32")."""
     return fp32_precision() == "tf32"
+
+
+def set_search_kernel(name: str | None) -> None:
+    """Which kernel runs nearest_code's bf16 search on Hopper: ``"triton"`` (default), or ``"gluon"``, the
+    hand-scheduled one whose next tile's wgmma overlaps the current tile's argmin (nearest_code_gluon.py;
+    bf16 x and codebook, d <= 64, compute capability 9.x; other inputs keep the Triton kernel, and
+    ``gluon_search_reason(x, codebook)`` says why). ``None`` returns to FASTVQ_TRITON_SEARCH_KERNEL, else "triton".
+    "gluon" is opt-in until a GPU run of the device check has measured it (README)."""
+    if name is not None and name not in SEARCH_KERNELS:
+        raise ValueError(f"name must be one of {SEARCH_KERNELS} or None, got {_short_repr(name)}")
+    _options["search_kernel"] = name
+
+
+def search_kernel() -> str:
+    """The search kernel asked for now (set_search_kernel)."""
+    return _option("search_kernel", _SEARCH_KERNEL_ENV, SEARCH_KERNELS, "triton")
 
 
 def search_precision(x_dtype, codebook_dtype) -> str:
@@ -269,3 +291,20 @@ def launch(decorated, grid, *args, **kwargs):
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
         wrap_triton(built)[grid](*args, **kwargs)
+
+
+def launch_gluon(gluon_kernel, grid, *args, **kwargs):
+    """``launch`` for a Gluon kernel: no autotuning and no interpreter (Gluon has none), the same device
+    guard and capture hook. Launched directly, not through ``wrap_triton``: torch.compile does not analyse
+    Gluon kernels, and the caller (nearest_code's triton_op) runs it only in eager mode (torch.compile
+    traces triton_nearest_code with the Triton kernel)."""
+    import contextlib
+
+    import torch
+
+    if _capturing["on"]:
+        raise Captured(gluon_kernel, grid, args, kwargs)
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        gluon_kernel[grid](*args, **kwargs)

@@ -20,9 +20,16 @@ that name it, the unsplit and the split search, at every config with 64 rows per
 fold (_argmin_walk.py) takes an FMNMX and an FSEL per element, Triton's per-tile loads, wgmma
 descriptors and x-operand reloads from shared memory the rest.
 
+The opt-in Gluon search (nearest_code_gluon.py) is compiled for sm_90 the same way (GluonASTSource); its
+main loop steps two tiles, so its count is per 2 · BLOCK_N · BLOCK_K, and its point, the next tile's wgmma
+running while the current tile is folded, is checked in the SASS: every ``WARPGROUP.DEPBAR.LE gsb0, n``
+in its main loop must leave n > 0 groups in flight (ptxas serialises the wgmma, waiting at 0 after each,
+when it cannot keep an accumulator in flight; a loop-carried copy of one does that).
+
 It exits non-zero on a compiler error, a kernel over the architecture's shared memory, any spill,
 or a search case over its target, or one of those configs with room for fewer than two warpgroups per
-SM (MIN_RESIDENT_WARPGROUPS: one warpgroup's wgmma runs while another's epilogue does). By default the
+SM (MIN_RESIDENT_WARPGROUPS: one warpgroup's wgmma runs while another's epilogue does), or a Gluon
+main loop that waits for all its wgmma. By default the
 deterministic config and one large config of the search are compiled (about a minute); ``--all``
 compiles every autotune config. Run it where TRITON_INTERPRET is unset.
 """
@@ -43,10 +50,12 @@ import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
+from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import create_function_from_signature
 
-from . import _jit, ema_stats, nearest_code, nearest_code_split, nearest_codes, quantize_backward, segment_sum
+from . import (_jit, ema_stats, nearest_code, nearest_code_gluon, nearest_code_split, nearest_codes, quantize_backward,
+               segment_sum)
 from ..numerics import sort_by_code
 
 # Largest dynamic shared memory per block, bytes (CUDA programming guide, compute capabilities).
@@ -71,7 +80,8 @@ WGMMA_ROWS = 64
 # The dot's instructions, by which the main loop is found in the SASS.
 _DOT = re.compile(r"\b(HGMMA|HMMA|FFMA)\b")
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
-_BRANCH = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
+_BRANCH = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
+_WGMMA_WAIT = re.compile(r"/\*([0-9a-f]{4,})\*/\s+WARPGROUP\.DEPBAR\.LE\s+gsb0,\s+0x([0-9a-f]+)")
 
 
 @dataclass
@@ -81,6 +91,7 @@ class Case:
     archs: tuple[int, ...] = (80, 90)
     search: bool = False  # report main-loop instructions per score element
     target: float | None = None  # and fail above this many on sm_90
+    overlap: bool = False  # and fail on sm_90 unless the main loop keeps a wgmma group in flight at every wait
 
 
 def _randn(*shape, dtype=torch.float32):
@@ -125,6 +136,11 @@ def default_cases() -> list[Case]:
         Case("nearest_code split fp32 d=33 N=256 K=8192 ieee", at_precision(
             "ieee", lambda: nearest_code.triton_nearest_code(_randn(256, 33), _randn(8192, 33), True)), (90,),
             search=True),
+        # The opt-in Gluon search (nearest_code_gluon.py): its point is the overlap, so the check asks for it.
+        Case("nearest_code gluon bf16 d=64 (pipelined wgmma)", lambda: _gluon_search(4096, 1024, 64), (90,),
+             search=True, target=TARGET_PER_ELEMENT, overlap=True),
+        Case("nearest_code gluon bf16 d=33 N=256 K=65536 (split)", lambda: _gluon_search(256, 65536, 33), (90,),
+             search=True, target=TARGET_PER_ELEMENT, overlap=True),
         Case("nearest_code split epilogue bf16 d=64", lambda: nearest_code_split.split_epilogue(
             *_split_epilogue_args(bf16))),
         Case("nearest_codes bf16 d=64 k=8", lambda: nearest_codes.triton_nearest_codes(
@@ -157,6 +173,12 @@ def at_precision(precision: str, call: Callable[[], object]) -> Callable[[], obj
     return run
 
 
+def _gluon_search(num_rows: int, num_codes: int, dim: int):
+    x, codebook = _randn(num_rows, dim, dtype=torch.bfloat16), _randn(num_codes, dim, dtype=torch.bfloat16)
+    centre, codes, pieces, _ = nearest_code.centred_codebook(codebook, torch.bfloat16, fold_norms=True)
+    return nearest_code_gluon.search_keys(x, centre, codes, pieces, num_codes, nearest_code_split.STAND_IN_SM_COUNT)
+
+
 def _split_epilogue_args(dtype):
     x, codebook = _randn(256, 64, dtype=dtype), _randn(65536, 64, dtype=dtype)
     keys = torch.zeros(256, dtype=torch.int64)
@@ -184,7 +206,8 @@ def compile_launch(captured: _jit.Captured, arch: int, config_kwargs: dict):
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*captured.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
+    return triton.compile(source(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 def _cuobjdump() -> str:
@@ -207,11 +230,17 @@ def cubin_report(cubin: bytes) -> tuple[dict[str, int], str]:
     return resources, sass
 
 
-def main_loop_instructions(sass: str, d_slices: int) -> int | None:
-    """Instructions per iteration of the code-tile loop (module docstring), or None if not found."""
-    addresses = [int(m.group(1), 16) for m in _INSTRUCTION.finditer(sass)]
-    loops = [(int(m.group(2), 16), int(m.group(1), 16)) for m in _BRANCH.finditer(sass)
-             if m.group(2) and int(m.group(2), 16) < int(m.group(1), 16)]
+def _loops(sass: str) -> list[tuple[int, int]]:
+    """(target, branch) addresses of the conditional backward branches."""
+    return [(int(m.group(3), 16), int(m.group(1), 16)) for m in _BRANCH.finditer(sass)
+            if m.group(2) and m.group(3) and int(m.group(3), 16) < int(m.group(1), 16)]
+
+
+def main_loop(sass: str) -> tuple[int, int] | None:
+    """(first, last) address of the code-tile loop's body: the innermost loop around the most dot
+    instructions, a loop being a conditional backward branch (an unconditional one jumps back from an
+    out-of-line path, such as an mbarrier wait's retry); None if there is none."""
+    loops = _loops(sass)
     found = {}
     for line in sass.splitlines():
         dot, instruction = _DOT.search(line), _INSTRUCTION.search(line)
@@ -219,11 +248,8 @@ def main_loop_instructions(sass: str, d_slices: int) -> int | None:
             found.setdefault(dot.group(1), []).append(int(instruction.group(1), 16))
     # The tensor-core dot when there is one (FFMA also appear in its epilogues), else FFMA.
     dots = next((found[name] for name in ("HGMMA", "HMMA", "FFMA") if name in found), None)
-    if not dots or not addresses:
+    if not dots:
         return None
-
-    def size(loop):
-        return sum(loop[0] <= a <= loop[1] for a in addresses)
 
     def dot_count(loop):
         return sum(loop[0] <= a <= loop[1] for a in dots)
@@ -232,12 +258,32 @@ def main_loop_instructions(sass: str, d_slices: int) -> int | None:
     if not with_dots:
         return None
     most = max(dot_count(loop) for loop in with_dots)
-    inner = min((loop for loop in with_dots if dot_count(loop) == most), key=size)
-    outer = [loop for loop in loops if loop[0] <= inner[0] and inner[1] <= loop[1] and loop != inner]
+    return min((loop for loop in with_dots if dot_count(loop) == most), key=lambda loop: loop[1] - loop[0])
+
+
+def main_loop_instructions(sass: str, d_slices: int) -> int | None:
+    """Instructions per iteration of the code-tile loop (module docstring), or None if not found."""
+    addresses = [int(m.group(1), 16) for m in _INSTRUCTION.finditer(sass)]
+    inner = main_loop(sass)
+    if inner is None:
+        return None
+
+    def size(loop):
+        return sum(loop[0] <= a <= loop[1] for a in addresses)
+
+    outer = [loop for loop in _loops(sass) if loop[0] <= inner[0] and inner[1] <= loop[1] and loop != inner]
     if d_slices > 1 and outer:
         enclosing = min(outer, key=size)
         return size(enclosing) - size(inner) + d_slices * size(inner)
     return size(inner)
+
+
+def main_loop_wgmma_waits(sass: str) -> list[int]:
+    """The wgmma groups each ``WARPGROUP.DEPBAR.LE gsb0, n`` in the main loop leaves in flight (its n)."""
+    loop = main_loop(sass)
+    if loop is None:
+        return []
+    return [int(m.group(2), 16) for m in _WGMMA_WAIT.finditer(sass) if loop[0] <= int(m.group(1), 16) <= loop[1]]
 
 
 def full_wgmma_rows(config: dict) -> bool:
@@ -254,9 +300,12 @@ def resident_programs(arch: int, registers: int, num_warps: int, shared: int) ->
 
 
 def problems_of(case: Case, arch: int, config: dict, shared: int, stack: int, cost: float | None,
-                resident: int) -> list[str]:
-    """Why one compiled config fails the check (empty: it passes); ``resident``: programs per SM."""
+                resident: int, wgmma_waits: list[int] | None = None) -> list[str]:
+    """Why one compiled config fails the check (empty: it passes); ``resident``: programs per SM;
+    ``wgmma_waits``: main_loop_wgmma_waits of the SASS."""
     problems = []
+    if case.overlap and arch == 90 and (not wgmma_waits or min(wgmma_waits) == 0):
+        problems.append(f"main loop waits for every wgmma group (DEPBAR levels {wgmma_waits}): no overlap")
     if shared > SHARED_LIMIT[arch]:
         problems.append(f"{shared} B shared memory > the {SHARED_LIMIT[arch]} B limit")
     if stack:
@@ -274,6 +323,12 @@ def problems_of(case: Case, arch: int, config: dict, shared: int, stack: int, co
 def search_cost(captured: _jit.Captured, config_kwargs: dict, sass: str) -> float | None:
     kwargs = {**captured.kwargs, **config_kwargs}
     fn = captured.kernel.fn if isinstance(captured.kernel, Autotuner) else captured.kernel
+    if isinstance(fn, GluonJITFunction):  # nearest_code_gluon: two whole tiles a loop step, x resident
+        body = main_loop_instructions(sass, 1)
+        if body is None:
+            return None
+        return body * kwargs["num_warps"] * 32 / (nearest_code_gluon.TILES_PER_STEP * kwargs["BLOCK_N"]
+                                                  * nearest_code_gluon.BLOCK_K)
     dim = captured.args[fn.arg_names.index("d")]
     body = main_loop_instructions(sass, -(-dim // kwargs["BLOCK_D"]) if not kwargs["X_RESIDENT"] else 1)
     if body is None:
@@ -307,7 +362,9 @@ def main(argv=None) -> int:
     for case in default_cases():
         captured = capture(case.call)
         for config in configs_for(captured, args.all):
-            shown = {k: v for k, v in config.items() if k in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
+            launch_config = {**captured.kwargs, **config}
+            shown = {k: v for k, v in launch_config.items()
+                     if k in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "STAGES")}
             for arch in case.archs:
                 began = time.perf_counter()
                 label = f"sm_{arch} {case.label} {shown or ''}".rstrip()
@@ -321,8 +378,11 @@ def main(argv=None) -> int:
                 shared, stack = compiled.metadata.shared, resources.get("STACK", 0) + resources.get("LOCAL", 0)
                 cost = search_cost(captured, config, sass) if case.search else None
                 resident = resident_programs(arch, resources.get("REG", 255), compiled.metadata.num_warps, shared)
-                problems = problems_of(case, arch, config, shared, stack, cost, resident)
-                per_element = f", {cost:.1f} SASS/score element in the main loop" if cost is not None else ""
+                waits = main_loop_wgmma_waits(sass) if case.overlap else None
+                problems = problems_of(case, arch, launch_config, shared, stack, cost, resident, waits)
+                per_element = f", {cost:.2f} SASS/score element in the main loop" if cost is not None else ""
+                if waits:
+                    per_element += f", wgmma waits leave {sorted(set(waits))} groups in flight"
                 failures += bool(problems)
                 print(f"{'FAIL' if problems else 'ok  '} {label}: {resources.get('REG')} registers, {stack} B stack, "
                       f"{shared} B shared, {resident} programs/SM{per_element}, {time.perf_counter() - began:.1f} s"

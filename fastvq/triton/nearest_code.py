@@ -58,8 +58,15 @@ from ..numerics import first_out_of_range_code, search_centre
 from . import nearest_code_split as split
 from ._chosen_rows import write_chosen_rows
 from ._argmin_walk import NORM_PIECES, argmin_walk
-from ._jit import MAX_BLOCK_D, MAX_RESIDENT_D, block_d_for, interpreting, kernel, launch, search_precision
+from ._jit import (MAX_BLOCK_D, MAX_RESIDENT_D, block_d_for, interpreting, kernel, launch, search_kernel,
+                   search_precision)
 from ._score_tile import centred_x_tile, fixed_config, prune_search_configs
+
+try:  # Gluon (triton.experimental) comes with Triton >= 3.5; without it the Triton kernel runs
+    from . import nearest_code_gluon
+    _GLUON_IMPORT_ERROR = None
+except ImportError as error:
+    nearest_code_gluon, _GLUON_IMPORT_ERROR = None, error
 
 
 _TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
@@ -148,6 +155,19 @@ def centred_codebook(codebook: Tensor, dtype: torch.dtype,
     return centre, codes, norms, first_bad_code
 
 
+def gluon_search_reason(x: Tensor, codebook: Tensor) -> str | None:
+    """Why the search of x against codebook could not run the Gluon kernel (None: with
+    set_search_kernel("gluon") it does)."""
+    if nearest_code_gluon is None:
+        return f"Gluon is not importable ({_GLUON_IMPORT_ERROR})"
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if torch.compiler.is_compiling() or isinstance(x, (FakeTensor, FunctionalTensor)):
+        return "traced by torch.compile, which sees Triton kernels only"
+    return nearest_code_gluon.supports(x, codebook)
+
+
 def norm_pieces(norms: Tensor, dtype: torch.dtype) -> Tensor:
     """(K', NORM_PIECES) of ``dtype``: per norm n, three pieces whose exact sum is n/2, then zeros; (+inf, 0, 0)
     for n = +inf. Each piece is the rest rounded to ``dtype`` and the next rest is exact in float32 (a
@@ -173,7 +193,8 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
 
     x (N, d) and codebook (K, d) in float32/bfloat16/float16, any strides, K >= 1.
 
-    Grid: one program per row block (_nearest_code_kernel), unless the row blocks cannot fill the GPU:
+    bf16 on Hopper with set_search_kernel("gluon") (and d <= 64): nearest_code_gluon's kernel, then the
+    split epilogue. Otherwise, grid: one program per row block (_nearest_code_kernel), unless the row blocks cannot fill the GPU:
     when ceil(N / 32) <= SMs / 2 and 2048 <= K < 2^31 - 128 (nearest_code_split.use_split), programs also
     take code ranges and merge by an atomic min of (score, index) keys, deterministic by construction.
     """
@@ -204,8 +225,11 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
     write_quantized = want_quantized and same_dtype
     # Float32 operands at fastvq.triton.fp32_precision() ("tf32x3" by default); bf16/fp16 ignore it.
     precision = search_precision(x.dtype, codebook.dtype)
+    if fold_norms and search_kernel() == "gluon" and gluon_search_reason(x, codebook) is None:
+        keys = nearest_code_gluon.search_keys(x, centre, codes, code_norms, num_codes, split.sm_count(x.device))
+        split.split_epilogue(x, centre, codebook, keys, indices, sqdist, quantized, range_check, write_quantized)
     # Few row blocks for the SMs (ceil(N / 32) <= SMs / 2) and K >= 2048: split over codes too.
-    if split.use_split(num_rows, num_codes, split.sm_count(x.device)):
+    elif split.use_split(num_rows, num_codes, split.sm_count(x.device)):
         split.nearest_code_split(x, codebook, centre, codes, code_norms, indices, sqdist, quantized, range_check,
                                  write_quantized=write_quantized, cast_to_fp32=upcast, input_precision=precision,
                                  block_d=block_d, resident=resident, fold_norms=fold_norms)
