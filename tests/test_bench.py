@@ -82,6 +82,25 @@ def test_judge_and_check_pass_the_right_answers_and_reject_the_wrong_ones(monkey
     assert any("chose code" in failure for failure in device_check.check_backend("cpu", torch.device("cpu")))
 
 
+def test_the_gluon_search_is_checked_where_it_runs_and_its_failures_say_so(monkeypatch):
+    pytest.importorskip("triton")
+    import fastvq.triton as kernels
+
+    lines = []
+    assert device_check.check_gluon_search(torch.device("cpu"), lines.append) == []
+    assert lines == ["check triton with set_search_kernel('gluon'): skipped: Gluon kernels need a CUDA device "
+                     "(no interpreter)"]
+    seen = []
+    monkeypatch.setattr(kernels, "gluon_search_reason", lambda x, codebook: None)
+    monkeypatch.setattr(device_check, "check_backend", lambda backend, device: seen.append(kernels.search_kernel())
+                        or [f"{backend} wrong"])
+    monkeypatch.setattr(device_check, "check_side_stream", lambda backend, device, dtype: [f"{dtype} stream"])
+    monkeypatch.setattr(device_check, "check_second_device", lambda backend, device: [])
+    assert device_check.check_gluon_search(torch.device("cpu"), lines.append) == [
+        "(gluon search) triton wrong", "(gluon search) torch.bfloat16 stream"]
+    assert seen == ["gluon"] and kernels.search_kernel() == "triton"  # asked for while checking, then reset
+
+
 def test_the_autocast_check_catches_a_wrong_loss_and_a_wrong_code(monkeypatch):
     right = fastvq.FastVectorQuantizer.forward
 

@@ -1,14 +1,16 @@
 """``python -m fastvq.bench --device D --check``: before any timing, every fastvq backend that runs on D, against
 fastvq.reference's one judge.
 
-- N, K, d from 1, 3, 33, 257, 1030, and two shapes for the Triton search's paths: 4099×1030×64 (whole tiles,
-  bf16 with the norms on the tensor cores) and 257×2048×200 (split over codes, a 256-wide resident x); fp32 and
-  bf16; random, small-integer (exact, with ties: the indices must be argmin's) and non-contiguous x; indices,
+- N, K, d from 1, 3, 33, 257, 1030, and three shapes for the Triton search's paths: 4099×1030×64 (whole tiles,
+  bf16 with the norms on the tensor cores), 257×2048×200 (split over codes, a 256-wide resident x) and
+  257×4096×33 (split, narrow); fp32 and bf16; random, small-integer (exact, with ties: the indices must be argmin's) and non-contiguous x; indices,
   sqdist, quantize and ema_stats;
 - on CUDA, a side stream: inputs written there just before the call, behind a spin of the stream, so a kernel
   launched on the default stream instead of the current one reads them unwritten;
 - with a second CUDA device, the edge shapes again on it while the first stays current (the launch's device guard);
-- FastVectorQuantizer's training step under bf16 autocast: nearest codes, loss and a finite input gradient.
+- FastVectorQuantizer's training step under bf16 autocast: nearest codes, loss and a finite input gradient;
+- on Hopper, the triton backend again with fastvq.triton.set_search_kernel("gluon"), whose bf16 searches with
+  d <= 64 run the pipelined-wgmma Gluon kernel (nearest_code_gluon.py), so one run validates it.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from fastvq.dispatch import explain, get_backend, resolve
 from .judge import Wrong, check_nearest, spread
 
 SHAPES = ((1, 1, 1), (3, 257, 33), (33, 3, 1030), (257, 1030, 3), (1030, 33, 257), (1030, 257, 1),
-          (4099, 1030, 64), (257, 2048, 200))
+          (4099, 1030, 64), (257, 2048, 200), (257, 4096, 33))
 SPIN_CYCLES = 50_000_000  # tens of milliseconds of a busy side stream: far longer than a kernel launch
 
 
@@ -64,14 +66,14 @@ def check_backend(backend: str, device: torch.device) -> list[str]:
     return failures
 
 
-def check_side_stream(backend: str, device: torch.device) -> list[str]:
+def check_side_stream(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> list[str]:
     """nearest_code and quantize on a CUDA side stream give the reference's indices (small-integer data, exact)."""
     if device.type != "cuda":
         return []
     g = torch.Generator().manual_seed(5)
     x, e = torch.randint(-3, 4, (1030, 33), generator=g).float(), torch.randint(-3, 4, (257, 33), generator=g).float()
     want = reference.nearest_code(x, e)[0]
-    x_here, e_here = x.to(device), e.to(device)
+    x_here, e_here = x.to(device, dtype), e.to(device, dtype)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     try:
@@ -83,7 +85,7 @@ def check_side_stream(backend: str, device: torch.device) -> list[str]:
         side.synchronize()
         torch.testing.assert_close(indices.cpu(), want, rtol=0, atol=0, msg=lambda m: f"nearest_code: {m}")
         torch.testing.assert_close(again.cpu(), want, rtol=0, atol=0, msg=lambda m: f"quantize: {m}")
-        torch.testing.assert_close(quantized.cpu(), e[want], rtol=0, atol=0, msg=lambda m: f"quantized: {m}")
+        torch.testing.assert_close(quantized.cpu().float(), e[want], rtol=0, atol=0, msg=lambda m: f"quantized: {m}")
     except Exception as error:
         return [f"{backend} on a side stream of {device}: {type(error).__name__}: {error}"]
     return []
@@ -125,6 +127,24 @@ def check_autocast_module(device: torch.device) -> list[str]:
     return []
 
 
+def check_gluon_search(device: torch.device, out=print) -> list[str]:
+    """The triton backend's checks with the Gluon bf16 search, where it runs (Hopper)."""
+    import fastvq.triton as kernels
+
+    probe = torch.zeros(1, 1, device=device, dtype=torch.bfloat16)
+    why = kernels.gluon_search_reason(probe, probe)
+    out("check triton with set_search_kernel('gluon'): " + (f"skipped: {why}" if why else "checking"))
+    if why:
+        return []
+    kernels.set_search_kernel("gluon")
+    try:
+        failures = check_backend("triton", device) + check_side_stream("triton", device, torch.bfloat16)
+        failures += check_second_device("triton", device)
+    finally:
+        kernels.set_search_kernel(None)
+    return [f"(gluon search) {failure}" for failure in failures]
+
+
 def check_device(device: torch.device, out=print) -> int:
     """0 if every backend but the oracle ("torch") that runs on ``device`` is right; 1 if one is wrong or none runs."""
     reasons = {b: "; ".join(why) for b, why in explain(torch.zeros(1, 1, device=device)).items() if b != "torch"}
@@ -134,6 +154,8 @@ def check_device(device: torch.device, out=print) -> int:
         if not why:
             failures += check_backend(backend, device) + check_side_stream(backend, device)
             failures += check_second_device(backend, device)
+    if "triton" in checked:
+        failures += check_gluon_search(device, out)
     if checked:
         out("check FastVectorQuantizer under bf16 autocast")
         failures += check_autocast_module(device)

@@ -204,6 +204,23 @@ for backend in [*fastvq.available_backends(), *fastvq.unavailable_reasons()]:
             partial(fastvq_setup, backend=backend))
 
 
+@provider(("nearest_code",), "fastvq-triton-gluon", "fastvq.quantize(x, codebook, backend='triton') with "
+          "fastvq.triton.set_search_kernel('gluon'): the pipelined-wgmma bf16 search (Hopper, d <= 64)", "fastvq")
+def fastvq_triton_gluon(case: Case, data: Data):
+    kernels = _import("fastvq.triton")
+    why = kernels.gluon_search_reason(data.x, data.codebook)
+    if why is not None:
+        raise Absent(why)
+
+    def run():
+        kernels.set_search_kernel("gluon")
+        try:
+            return fastvq.quantize(data.x, data.codebook, backend="triton")
+        finally:
+            kernels.set_search_kernel(None)
+    return run
+
+
 RESIDUAL = ("rvq_train", "rvq_beam")
 
 
