@@ -90,14 +90,23 @@ def test_the_gluon_search_is_checked_where_it_runs_and_its_failures_say_so(monke
     assert device_check.check_gluon_search(torch.device("cpu"), lines.append) == []
     assert lines == ["check triton with set_search_kernel('gluon'): skipped: Gluon kernels need a CUDA device "
                      "(no interpreter)"]
+    searched = []
+    right = fastvq.nearest_code
+
+    def recorded(x, codebook, backend):
+        searched.append((x.dtype, x.shape[1]))
+        return right(x, codebook, backend=backend)
+    monkeypatch.setattr(fastvq, "nearest_code", recorded)
+    assert device_check.check_backend("cpu", torch.device("cpu"), (torch.bfloat16,), 33) == []
+    assert searched and {dtype for dtype, _ in searched} == {torch.bfloat16} and max(d for _, d in searched) == 33
+    monkeypatch.setattr(fastvq, "nearest_code", right)
     seen = []
     monkeypatch.setattr(kernels, "gluon_search_reason", lambda x, codebook: None)
-    monkeypatch.setattr(device_check, "check_backend", lambda backend, device: seen.append(kernels.search_kernel())
-                        or [f"{backend} wrong"])
+    monkeypatch.setattr(device_check, "check_backend", lambda backend, device, dtypes, max_dim: seen.append(
+        kernels.search_kernel()) or [f"{backend} {dtypes} d <= {max_dim} wrong"])
     monkeypatch.setattr(device_check, "check_side_stream", lambda backend, device, dtype: [f"{dtype} stream"])
-    monkeypatch.setattr(device_check, "check_second_device", lambda backend, device: [])
     assert device_check.check_gluon_search(torch.device("cpu"), lines.append) == [
-        "(gluon search) triton wrong", "(gluon search) torch.bfloat16 stream"]
+        "(gluon search) triton (torch.bfloat16,) d <= 64 wrong", "(gluon search) torch.bfloat16 stream"]
     assert seen == ["gluon"] and kernels.search_kernel() == "triton"  # asked for while checking, then reset
 
 

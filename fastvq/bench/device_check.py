@@ -9,8 +9,8 @@ fastvq.reference's one judge.
   launched on the default stream instead of the current one reads them unwritten;
 - with a second CUDA device, the edge shapes again on it while the first stays current (the launch's device guard);
 - FastVectorQuantizer's training step under bf16 autocast: nearest codes, loss and a finite input gradient;
-- on Hopper, the triton backend again with fastvq.triton.set_search_kernel("gluon"), whose bf16 searches with
-  d <= 64 run the pipelined-wgmma Gluon kernel (nearest_code_gluon.py), so one run validates it.
+- on Hopper, the triton backend's bf16 cases with d <= 64 again with fastvq.triton.set_search_kernel("gluon"),
+  which runs them on the pipelined-wgmma Gluon kernel (nearest_code_gluon.py), so one run validates it.
 """
 from __future__ import annotations
 
@@ -30,12 +30,14 @@ SHAPES = ((1, 1, 1), (3, 257, 33), (33, 3, 1030), (257, 1030, 3), (1030, 33, 257
 SPIN_CYCLES = 50_000_000  # tens of milliseconds of a busy side stream: far longer than a kernel launch
 
 
-def check_backend(backend: str, device: torch.device) -> list[str]:
-    """What is wrong with one backend over every shape, dtype and kind of input (empty: nothing), as judged by
-    reference.assert_nearest (at the backend's search precision) and torch.testing (not assert statements: python -O
-    must not skip the check)."""
+def check_backend(backend: str, device: torch.device, dtypes=(torch.float32, torch.bfloat16),
+                  max_dim: int | None = None) -> list[str]:
+    """What is wrong with one backend over every shape (d <= max_dim, when given), dtype and kind of input (empty:
+    nothing), as judged by reference.assert_nearest (at the backend's search precision) and torch.testing (not
+    assert statements: python -O must not skip the check)."""
     failures, same = [], partial(torch.testing.assert_close, rtol=0, atol=0)
-    for (n, k, d), dtype in itertools.product(SHAPES, (torch.float32, torch.bfloat16)):
+    shapes = [shape for shape in SHAPES if max_dim is None or shape[2] <= max_dim]
+    for (n, k, d), dtype in itertools.product(shapes, dtypes):
         g = torch.Generator().manual_seed(n * k + d)
         codes = torch.randint(-3, 4, (k, d), generator=g).float()
         codes[1::2] = codes[0:k - 1:2]  # duplicate codes: exact ties
@@ -128,7 +130,8 @@ def check_autocast_module(device: torch.device) -> list[str]:
 
 
 def check_gluon_search(device: torch.device, out=print) -> list[str]:
-    """The triton backend's checks with the Gluon bf16 search, where it runs (Hopper)."""
+    """The triton backend's checks with the Gluon search, where it runs (Hopper), on the inputs it takes: bf16,
+    d <= its MAX_D (every other input runs the Triton kernels, checked already)."""
     import fastvq.triton as kernels
 
     probe = torch.zeros(1, 1, device=device, dtype=torch.bfloat16)
@@ -138,8 +141,10 @@ def check_gluon_search(device: torch.device, out=print) -> list[str]:
         return []
     kernels.set_search_kernel("gluon")
     try:
-        failures = check_backend("triton", device) + check_side_stream("triton", device, torch.bfloat16)
-        failures += check_second_device("triton", device)
+        from fastvq.triton.nearest_code_gluon import MAX_D
+
+        failures = check_backend("triton", device, (torch.bfloat16,), MAX_D)
+        failures += check_side_stream("triton", device, torch.bfloat16)
     finally:
         kernels.set_search_kernel(None)
     return [f"(gluon search) {failure}" for failure in failures]
