@@ -90,10 +90,11 @@ def nearest_code_slack(x: Tensor, codebook: Tensor, precision: str = "ieee") -> 
     about (d+2)·u·(‖x‖² + 2‖e‖²) (u = 2⁻²⁴); two codes can swap only when their exact distances
     differ by less than twice that. Anything further apart is a wrong answer.
 
-    "tf32x3" (Triton's default for float32 operands on CUDA: its F32DotTC pass, per tl.dot over a
-    d-slice): a = A + α with A = tf32(a) (nearest, 11 significant bits: |α| <= 2⁻¹¹|a|) and α = a − A
-    exact in float32; the tensor cores read α as TF32, α̃, off by at most 2⁻¹⁰|α| <= 2⁻²¹|a| (the low
-    13 bits dropped; half that if rounded); products of TF32 numbers are exact in float32. The sum
+    "tf32x3" (the Triton searches' default for float32 operands: Triton's F32DotTC pass per tl.dot over
+    a d-slice, or with x resident fastvq's own split, _score_tile.tf32x3_dot, in the same order): a = A + α
+    with A = tf32(a) (nearest, 11 significant bits: |α| <= 2⁻¹¹|a|) and α = a − A exact in float32; the
+    tensor cores read α as TF32, α̃, off by at most 2⁻¹⁰|α| <= 2⁻²¹|a| (the low 13 bits dropped; half that
+    if rounded, as tf32x3_dot does); products of TF32 numbers are exact in float32. The sum
     α̃B + Aβ̃ + AB misses ab by αβ + (α − α̃)B + A(β − β̃): at most (2⁻²² + 2·2⁻²¹(1 + 2⁻¹¹))|ab|,
     under 21u|ab|. Accumulation: the two small dots start from zero, so their partial sums stay below
     2⁻¹⁰·Σ|ab| and their 2d roundings are negligible (2d·2⁻¹⁰·u·Σ|ab|); the big dot adds d products
@@ -106,7 +107,8 @@ def nearest_code_slack(x: Tensor, codebook: Tensor, precision: str = "ieee") -> 
     "tf32" (one TF32 product, set_fp32_precision("tf32")): A·B misses ab by up to (2⁻¹⁰ + 2⁻²²)|ab|,
     2¹⁴ + 4 u-terms instead of 21: tf32x3's terms plus 2¹⁴ (~1e-3 relative).
 
-    The default stays "ieee": every other kernel, and Triton's interpreter, multiplies in float32.
+    The default stays "ieee": every other kernel multiplies in float32, as does Triton's interpreter except
+    where fastvq splits the operands itself (then "tf32x3" applies there too).
     """
     terms = slack_terms(x.shape[-1], precision)
     x64, e64 = x.detach().double(), codebook.detach().double()

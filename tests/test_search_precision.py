@@ -1,13 +1,14 @@
 """The judge's slack at each precision a float32 search can run (reference.nearest_code_slack) against a CPU
 emulation of what the Triton searches compute on CUDA: the centred frame (numerics.search_centre), the
 centred codes and their float32 norms (nearest_code.centred_codebook), and per d-slice a tl.dot at
-"ieee", "tf32" or "tf32x3", the last as Triton's F32DotTC pass rewrites it:
+"ieee", "tf32" or "tf32x3", the last as Triton's F32DotTC pass rewrites it (d-slices) or as
+_score_tile.tf32x3_dot computes it (x resident: the codes split once on the host, x once per program):
 
     A = tf32(a), α = a − A;  dot(α, B, 0) → dot(A, β, ·) → dot(A, B, ·) → + running sum
 
-with tf32() rounding float32 to 11 significant bits (Triton's cvt.rna: nearest, ties away; also tried
-with ties to even) and the tensor cores reading the small parts α, β as TF32 (their low 13 bits dropped;
-also tried rounded). Products of TF32 numbers are exact in float32; every sum is a float32 addition.
+with tf32() rounding float32 to 11 significant bits (cvt.rna: nearest, ties away; also tried with ties
+to even) and the tensor cores reading the small parts α, β as TF32: their low 13 bits dropped (Triton's
+pass), or rounded first (tf32x3_dot). Products of TF32 numbers are exact in float32; every sum is a float32 addition.
 The emulated choice must pass its precision's slack on adversarial data, and plain TF32 must fail the
 tf32x3 slack on that data (so the test can fail).
 """
@@ -115,7 +116,7 @@ def test_tf32x3_search_passes_its_slack_and_tf32_does_not(dim, offset):
     for seed in range(2):
         x, codebook = adversarial(dim, offset, seed)
         for precision, modes in (("ieee", {}), ("tf32x3", {}), ("tf32x3", {"split": "rne", "small": "rne"}),
-                                 ("tf32", {})):
+                                 ("tf32x3", {"split": "rna", "small": "rna"}), ("tf32", {})):
             indices, x_c, e_c = emulated_search(x, codebook, precision, **modes)
             for judged_at in {precision, "tf32x3"}:
                 key = (precision, judged_at, tuple(modes.values()))
@@ -136,7 +137,7 @@ def test_tf32x3_dot_error_within_the_derived_bound(dim):
     exact = x.double() @ codebook.double().T
     size = x.double().abs() @ codebook.double().abs().T * 2.0**-24
     bound = 2.2 * dim + 23
-    for modes in ({}, {"split": "rne", "small": "rne"}):
+    for modes in ({}, {"split": "rne", "small": "rne"}, {"split": "rna", "small": "rna"}):
         error = (emulated_dot(x, codebook, "tf32x3", **modes).double() - exact).abs() / size
         assert float(error.max()) <= bound, (modes, float(error.max()))
     assert float(((emulated_dot(x, codebook, "tf32").double() - exact).abs() / size).max()) > bound
@@ -154,6 +155,19 @@ def test_tf32_split_of_small_integers_is_exact():
     indices, _, _ = emulated_search(x, codebook, "tf32x3")
     expected, _ = reference.nearest_code(x.double(), codebook.double())
     assert torch.equal(indices, expected)
+
+
+def test_the_kernels_tf32_split_of_the_codes_is_the_emulated_one():
+    # nearest_code.tf32_split_codes (what the resident-x searches load at "tf32x3") is E = tf32(e) by cvt.rna
+    # and ε = tf32(e − E) by cvt.rna, each row E then ε.
+    from fastvq.triton.nearest_code import tf32_split_codes
+
+    codes = adversarial(33, 0.0, seed=1)[1]
+    split = tf32_split_codes(codes)
+    big, small = to_tf32(codes, "rna"), to_tf32(codes - to_tf32(codes, "rna"), "rna")
+    assert split.shape == (64, 66) and torch.equal(split[:, :33], big) and torch.equal(split[:, 33:], small)
+    assert torch.equal(to_tf32(small, "truncate"), small)  # both parts are TF32: nothing for the cores to drop
+    assert bool(((big.double() + small.double() - codes.double()).abs() <= 2.0**-22 * codes.double().abs()).all())
 
 
 def test_to_tf32_rounds_as_documented():

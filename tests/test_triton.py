@@ -514,3 +514,17 @@ def test_gluon_search_keys_reach_the_split_epilogue(triton_pair, monkeypatch):
     assert torch.equal(indices, want)  # small integers: exact distances, ties to the lowest index
     torch.testing.assert_close(sqdist, want_sqdist, **TOLERANCES["sqdist"])
     assert torch.equal(quantized, codebook[want])
+
+
+def test_float32_search_passes_the_tf32x3_slack_on_adversarial_data(triton_pair):
+    # x resident at "tf32x3" (the default): the kernels split x and the codes into TF32 parts themselves
+    # (_score_tile.tf32x3_dot), so even the interpreter, whose dots are float32 products, is judged at that
+    # slack. Dropping one of the three dots fails this on the near-ties of test_search_precision's data.
+    from test_search_precision import adversarial
+
+    for dim in (3, 17):
+        for seed in range(2):
+            x, codebook = adversarial(dim, 0.0, seed)
+            indices = run(triton_pair, torch.ops.fastvq.triton_nearest_code, x, codebook, False)[0]
+            assert triton_pair.precision(x, codebook) == "tf32x3"
+            triton_pair.assert_nearest(x, codebook, indices)

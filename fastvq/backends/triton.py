@@ -83,12 +83,17 @@ class TritonBackend(Backend):
 
     def search_precision(self, device, x_dtype, codebook_dtype) -> str:
         # On CUDA, float32 operands (float32 or mixed inputs) multiply at fastvq.triton.fp32_precision();
-        # bf16/fp16 of one dtype have exact products; the interpreter's tl.dot is a float32 numpy matmul.
+        # bf16/fp16 of one dtype have exact products. The interpreter's tl.dot is a float32 numpy matmul
+        # whatever its input_precision, but at "tf32x3" the kernels split x and the codes into TF32 parts
+        # themselves (_score_tile.tf32x3_dot), so that bound applies there too.
         kernels = self._load()
         one_half_dtype = x_dtype == codebook_dtype and x_dtype in (torch.bfloat16, torch.float16)
-        if kernels is None or torch.device(device).type != "cuda" or one_half_dtype:
+        if kernels is None or one_half_dtype:
             return "ieee"
-        return kernels.fp32_precision()
+        precision = kernels.fp32_precision()
+        if torch.device(device).type != "cuda" and precision != "tf32x3":
+            return "ieee"
+        return precision
 
     def nearest_code(self, x, codebook, want_quantized):
         indices, sqdist, quantized, range_check = self._load().triton_nearest_code(x, codebook, want_quantized)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton.language as tl
 
 from ._jit import device_function
-from ._score_tile import code_tile_dot
+from ._score_tile import code_row_length, code_tile_dot
 
 # Columns of the norm pieces' matrix (K', NORM_PIECES): the smallest k-extent of a bf16 dot; the
 # three pieces, then zeros.
@@ -50,7 +50,8 @@ def argmin_walk(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code
     # Norms at a per-thread base (advanced per tile) + per-register constants: one address per tile.
     start = tl.cast(first, tl.int64)  # int64: first·d can pass 2^31
     norms = code_norms_ptr + start + group_start
-    tile = codes_ptr + start * d
+    row = code_row_length(d, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
+    tile = codes_ptr + start * row
     if FOLD_NORMS:
         ones = tl.full([BLOCK_N, NORM_PIECES], 1.0, tl.float32 if CAST_TO_FP32 else codes_ptr.dtype.element_ty)
         piece_offsets = lanes_k * NORM_PIECES + tl.arange(0, NORM_PIECES)[:, None]  # a tile's, transposed
@@ -62,7 +63,7 @@ def argmin_walk(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code
         # The FMA dot ("ieee") spills when int32 row offsets are kept across the loop (compile_check), so it
         # forms 64-bit ones per tile; tensor cores (3xTF32 included) take one scalar base per tile: fp32 d=33
         # tf32x3 went from 48.4 to 39.9 SASS per element on sm_90 with it, no spills at any config.
-        code_rows = codes_ptr + (k0 + lanes_k).to(tl.int64) * d if FMA_DOT else tile + lanes_k * d
+        code_rows = codes_ptr + (k0 + lanes_k).to(tl.int64) * row if FMA_DOT else tile + lanes_k * row
         xe = code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_rows, None, lanes_d,
                            d, None, BLOCK_N, BLOCK_K, BLOCK_D, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
         if FOLD_NORMS:
@@ -84,7 +85,7 @@ def argmin_walk(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code
             saved = tl.where(improved[:, None, :, None], score, saved)
         else:
             part_idx = tl.where(improved, k0 + first_column(score, tile_min, columns, BLOCK_K), part_idx)
-        tile += BLOCK_K * d
+        tile += BLOCK_K * row
     if SAVE_TILES:
         part_idx += first_column(saved, part, columns, BLOCK_K)
     # The groups' pairs: the smallest minimum, and the lowest index among the groups that reach it

@@ -79,7 +79,8 @@ def score_tile(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_
     """(BLOCK_N, BLOCK_K) float32 scores of the program's rows against the codes ``codes`` (int64, BLOCK_K)
     of the centred codebook (contiguous (K, d)). A NaN or ±inf score, and a code past K, score +inf
     (fastvq/reference.py's non-finite rule)."""
-    codes_t = codes_ptr + codes[None, :] * d  # tiles loaded transposed, (BLOCK_D, BLOCK_K), for x @ eᵀ
+    row = code_row_length(d, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
+    codes_t = codes_ptr + codes[None, :] * row  # tiles loaded transposed, (BLOCK_D, BLOCK_K), for x @ eᵀ
     xe = code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, codes_t, code_mask, lanes_d, d,
                        None, BLOCK_N, BLOCK_K, BLOCK_D, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
     norms = tl.load(code_norms_ptr + codes, mask=code_mask, other=0.0)
@@ -92,32 +93,70 @@ def score_tile(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_
 def code_tile_dot(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, codes_t, code_mask, lanes_d, d, acc,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                   CAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, X_RESIDENT: tl.constexpr):
-    """(BLOCK_N, BLOCK_K) float32 x'·e' of the program's rows and one tile of the centred codebook (rows of
-    d entries): ``codes_t`` (1, BLOCK_K) points at the tile's code rows, ``code_mask`` (BLOCK_K,) says which
-    exist, or is None when all do (nearest_code's tiles of the padded codebook). The dot adds onto ``acc``
-    (BLOCK_N, BLOCK_K) float32 when it is not None."""
+    """(BLOCK_N, BLOCK_K) float32 x'·e' of the program's rows and one tile of the centred codebook:
+    ``codes_t`` (1, BLOCK_K) points at the tile's code rows (code_row_length entries each), ``code_mask``
+    (BLOCK_K,) says which exist, or is None when all do (nearest_code's tiles of the padded codebook). The dot
+    adds onto ``acc`` (BLOCK_N, BLOCK_K) float32 when it is not None.
+
+    With x resident at "tf32x3" (float32 operands) each code row holds e's TF32 split, E then ε
+    (nearest_code.tf32_split_codes), and the dot is tf32x3_dot's; d-slices keep Triton's own "tf32x3" (the
+    explicit split there took fp32 d=130 from 31 to 149 SASS per element)."""
+    SPLIT: tl.constexpr = CAST_TO_FP32 and INPUT_PRECISION == "tf32x3" and X_RESIDENT
     if X_RESIDENT:  # no inner loop, so Triton software-pipelines the caller's (innermost) loop's loads
-        if code_mask is None:
-            e_t = tl.load(codes_t + lanes_d[:, None], mask=lanes_d[:, None] < d, other=0.0)
-        else:
-            e_t = tl.load(codes_t + lanes_d[:, None], mask=(lanes_d[:, None] < d) & code_mask[None, :], other=0.0)
+        e_mask = lanes_d[:, None] < d if code_mask is None else (lanes_d[:, None] < d) & code_mask[None, :]
+        e_t = tl.load(codes_t + lanes_d[:, None], mask=e_mask, other=0.0)
         if CAST_TO_FP32:
             e_t = e_t.to(tl.float32)
-        xe = tl.dot(x_tile, e_t, acc, input_precision=INPUT_PRECISION)
+        if SPLIT:
+            xe = tf32x3_dot(x_tile, e_t, tl.load(codes_t + d + lanes_d[:, None], mask=e_mask, other=0.0))
+            if acc is not None:
+                xe += acc
+        else:
+            xe = tl.dot(x_tile, e_t, acc, input_precision=INPUT_PRECISION)
     else:
         xe = tl.zeros([BLOCK_N, BLOCK_K], tl.float32) if acc is None else acc
         for d0 in range(0, d, BLOCK_D):
             cols = d0 + lanes_d
-            col_mask = cols < d
-            if code_mask is None:
-                e_t = tl.load(codes_t + cols[:, None], mask=col_mask[:, None], other=0.0)
-            else:
-                e_t = tl.load(codes_t + cols[:, None], mask=col_mask[:, None] & code_mask[None, :], other=0.0)
+            e_mask = cols[:, None] < d if code_mask is None else (cols[:, None] < d) & code_mask[None, :]
+            e_t = tl.load(codes_t + cols[:, None], mask=e_mask, other=0.0)
             if CAST_TO_FP32:
                 e_t = e_t.to(tl.float32)
             x_t = centred_x_slice(x_rows, stride_xd, row_mask, centre_ptr, cols, d, codes_ptr, CAST_TO_FP32)
             xe = tl.dot(x_t, e_t, xe, input_precision=INPUT_PRECISION)
     return xe
+
+
+@device_function
+def code_row_length(d, CAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, X_RESIDENT: tl.constexpr):
+    """Entries per row of the centred codes: d, or 2d for the TF32 split (E then ε) with x resident at
+    "tf32x3" (code_tile_dot)."""
+    if CAST_TO_FP32 and INPUT_PRECISION == "tf32x3" and X_RESIDENT:
+        return 2 * d
+    else:
+        return d
+
+
+@device_function
+def tf32_rounded(v):
+    """float32 ``v`` rounded to TF32 (11 significant bits), to nearest with ties away from zero, as PTX's
+    cvt.rna.tf32.f32 (bits are sign-magnitude: adding half a unit rounds |v|). Not for |v| near FLT_MAX
+    (the range check keeps the searches' operands far below); a NaN stays non-finite in v − tf32_rounded(v)."""
+    bits = v.to(tl.int32, bitcast=True)
+    return ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+
+
+@device_function
+def tf32x3_dot(x, e_big, e_small):
+    """x·e for float32 x (BLOCK_N, BLOCK_D) and e = e_big + e_small (BLOCK_D, BLOCK_K), both TF32 (the host
+    split the codes once, tf32_split_codes): three TF32 tensor-core dots, the two small ones from zero, then
+    the big one onto them; x splits here as X + ξ. reference.nearest_code_slack("tf32x3") derives the bound.
+    Splitting the codes once per call instead of per tile in every program (Triton's own "tf32x3") takes
+    fp32 d=64 from 31.8 to 19.9 SASS per score element on sm_90."""
+    x_big = tf32_rounded(x)
+    x_small = tf32_rounded(x - x_big)
+    xe = tl.dot(x_small, e_big, input_precision="tf32")
+    xe = tl.dot(x_big, e_small, xe, input_precision="tf32")
+    return tl.dot(x_big, e_big, xe, input_precision="tf32")
 
 
 def prune_search_configs(configs, named_args, **kwargs):

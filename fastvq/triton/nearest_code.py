@@ -130,8 +130,8 @@ def _nearest_code_kernel(
 CODE_ROWS_MULTIPLE = 128
 
 
-def centred_codebook(codebook: Tensor, dtype: torch.dtype,
-                     fold_norms: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def centred_codebook(codebook: Tensor, dtype: torch.dtype, fold_norms: bool = False,
+                     tf32_split: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """What every Triton search needs of the codebook, once per call (O(K·d)): the search centre c
     (d,) float32 (numerics.search_centre); the centred codes e − c as a contiguous (K', d) tensor of
     ``dtype`` (the tiles the search loads, so its inner loop stays a plain load and dot), K' being K
@@ -140,7 +140,8 @@ def centred_codebook(codebook: Tensor, dtype: torch.dtype,
     each padding row past K, is a zero row with norm +inf: it scores +inf against any finite x.
 
     With ``fold_norms`` (bf16 codes; _argmin_walk.py) the codes are negated, c − e, and the norms come
-    as norm_pieces of them."""
+    as norm_pieces of them. With ``tf32_split`` each row holds the codes' TF32 split instead
+    (tf32_split_codes), (K', 2d): for float32 operands at "tf32x3" with x resident (_score_tile.code_tile_dot)."""
     centre = search_centre(codebook)
     num_codes, dim = codebook.shape
     padded = -(-num_codes // CODE_ROWS_MULTIPLE) * CODE_ROWS_MULTIPLE
@@ -152,7 +153,32 @@ def centred_codebook(codebook: Tensor, dtype: torch.dtype,
     first_bad_code = first_out_of_range_code(codebook, norms[:num_codes])
     if fold_norms:
         return centre, codes.neg_(), norm_pieces(norms, dtype), first_bad_code
+    if tf32_split:
+        return centre, tf32_split_codes(codes), norms, first_bad_code
     return centre, codes, norms, first_bad_code
+
+
+def rows_as_searched(x: Tensor, codebook: Tensor, precision: str) -> Tensor:
+    """x as the searches read it: a 16-bit x against a float32 codebook (autocast) is converted to float32
+    first when the float32 operands go to tensor cores. Converting in the kernel gives the same numbers, but
+    Triton then lays the operand out for a 16-bit mma (kWidth 2) and reshuffles it every code tile: 55 SASS
+    instructions per score element at d=64 on sm_90 instead of float32 x's 19.5 (compile_check)."""
+    if x.dtype != codebook.dtype and x.dtype != torch.float32 and precision != "ieee":
+        return x.float()
+    return x
+
+
+def tf32_rounded(v: Tensor) -> Tensor:
+    """Finite float32 ``v`` rounded to TF32 (11 significant bits), to nearest, ties away from zero: PTX's
+    cvt.rna.tf32.f32, and _score_tile.tf32_rounded's bit arithmetic."""
+    return ((v.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+
+
+def tf32_split_codes(codes: Tensor) -> Tensor:
+    """(K', 2d) float32: per row of the finite (K', d) float32 ``codes`` e, E = tf32(e) and then
+    ε = tf32(e − E), the two parts _score_tile.tf32x3_dot multiplies (e − E is exact in float32)."""
+    big = tf32_rounded(codes)
+    return torch.cat([big, tf32_rounded(codes - big)], dim=1)
 
 
 def gluon_search_reason(x: Tensor, codebook: Tensor) -> str | None:
@@ -218,28 +244,30 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
     # Both operands are rounded to the codebook's dtype on tensor cores, else searched in float32. bf16 folds
     # the norms into the dot (_argmin_walk.py); fp16's range could not hold them.
     fold_norms = tensor_cores and x.dtype == torch.bfloat16
+    # Float32 operands at fastvq.triton.fp32_precision() ("tf32x3" by default); bf16/fp16 ignore it.
+    precision = search_precision(x.dtype, codebook.dtype)
     centre, codes, code_norms, first_bad_code = centred_codebook(
-        codebook, codebook.dtype if tensor_cores else torch.float32, fold_norms)
+        codebook, codebook.dtype if tensor_cores else torch.float32, fold_norms,
+        tf32_split=upcast and precision == "tf32x3" and dim <= block_d)
     range_check = torch.stack([first_bad_code, torch.full_like(first_bad_code, num_rows)])
     resident = dim <= block_d
     write_quantized = want_quantized and same_dtype
-    # Float32 operands at fastvq.triton.fp32_precision() ("tf32x3" by default); bf16/fp16 ignore it.
-    precision = search_precision(x.dtype, codebook.dtype)
+    searched = rows_as_searched(x, codebook, precision)
     if fold_norms and search_kernel() == "gluon" and gluon_search_reason(x, codebook) is None:
         keys = nearest_code_gluon.search_keys(x, centre, codes, code_norms, num_codes, split.sm_count(x.device))
         split.split_epilogue(x, centre, codebook, keys, indices, sqdist, quantized, range_check, write_quantized)
     # Few row blocks for the SMs (ceil(N / 32) <= SMs / 2) and K >= 2048: split over codes too.
     elif split.use_split(num_rows, num_codes, split.sm_count(x.device)):
-        split.nearest_code_split(x, codebook, centre, codes, code_norms, indices, sqdist, quantized, range_check,
+        split.nearest_code_split(searched, codebook, centre, codes, code_norms, indices, sqdist, quantized, range_check,
                                  write_quantized=write_quantized, cast_to_fp32=upcast, input_precision=precision,
                                  block_d=block_d, resident=resident, fold_norms=fold_norms)
     else:
         launch(
             _nearest_code_kernel, lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]),),
-            x, centre, codes, code_norms, codebook,
+            searched, centre, codes, code_norms, codebook,
             indices, sqdist, quantized, range_check,
             num_rows, num_codes, dim, (num_rows - 1).bit_length(),
-            x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
+            searched.stride(0), searched.stride(1), codebook.stride(0), codebook.stride(1),
             WRITE_QUANTIZED=write_quantized,
             CAST_TO_FP32=upcast,
             INPUT_PRECISION=precision,

@@ -34,7 +34,7 @@ from ._bitonic import merge_ascending, smallest_descending
 from ._chosen_rows import MAX_CENTRED_SQUARED_NORM
 from ._jit import MAX_BLOCK_D, block_d_for, interpreting, kernel, launch, search_precision
 from ._score_tile import centred_x_tile, score_tile
-from .nearest_code import _TENSOR_CORE_DTYPES, centred_codebook
+from .nearest_code import _TENSOR_CORE_DTYPES, centred_codebook, rows_as_searched
 
 PADDING_KEY = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 
@@ -139,19 +139,22 @@ def triton_nearest_codes(x: Tensor, codebook: Tensor, k: int) -> tuple[Tensor, T
     block_d = block_d_for(dim, cap)
     if dim > block_d:  # as nearest_code: half-width d-slices
         block_d = block_d_for(dim, cap // 2)
+    precision = search_precision(x.dtype, codebook.dtype)
     centre, codes, code_norms, first_bad_code = centred_codebook(
-        codebook, codebook.dtype if tensor_cores else torch.float32)
+        codebook, codebook.dtype if tensor_cores else torch.float32,
+        tf32_split=upcast and precision == "tf32x3" and dim <= block_d)
     range_check = torch.stack([first_bad_code, torch.full_like(first_bad_code, num_rows)])
+    searched = rows_as_searched(x, codebook, precision)
     kpad = triton.next_power_of_2(k)
     block_n, block_k, num_warps = launch_config(kpad)
     launch(
         _nearest_codes_kernel, (triton.cdiv(num_rows, block_n),),
-        x, centre, codes, code_norms, codebook,
+        searched, centre, codes, code_norms, codebook,
         indices, sqdist, range_check,
         num_rows, num_codes, dim, k,
-        x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
+        searched.stride(0), searched.stride(1), codebook.stride(0), codebook.stride(1),
         CAST_TO_FP32=upcast,
-        INPUT_PRECISION=search_precision(x.dtype, codebook.dtype),
+        INPUT_PRECISION=precision,
         BLOCK_D=block_d,
         X_RESIDENT=dim <= block_d,
         BLOCK_N=block_n,
