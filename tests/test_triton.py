@@ -251,7 +251,7 @@ def test_options(monkeypatch):
 def test_compile_check_finds_the_main_loop_in_sass():
     # The innermost backward branch around the most dot instructions (tensor-core ones first); a
     # loop around it (the d-slices inside a code-tile loop) counts its body once per slice.
-    from fastvq.triton.compile_check import main_loop_instructions
+    from fastvq.triton._sass import main_loop_instructions
 
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -275,7 +275,7 @@ def test_compile_check_finds_the_main_loop_in_sass():
 def test_compile_check_reads_the_wgmma_waits_of_the_main_loop():
     # An unconditional backward branch (an mbarrier wait's out-of-line retry jumping back) is not a loop, even
     # around more dots than the loop has; the waits counted are the loop's own.
-    from fastvq.triton.compile_check import main_loop, main_loop_instructions, main_loop_wgmma_waits
+    from fastvq.triton._sass import main_loop, main_loop_instructions, main_loop_wgmma_waits
 
     sass = """
         /*0000*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16], RZ, !UPT ;
@@ -293,6 +293,25 @@ def test_compile_check_reads_the_wgmma_waits_of_the_main_loop():
     assert main_loop_instructions(sass, d_slices=1) == 5
     assert main_loop_wgmma_waits(sass) == [2]
     assert main_loop_wgmma_waits(sass.replace("gsb0, 0x2", "gsb0, 0x0")) == [0]
+
+
+def test_compile_check_counts_the_path_that_skips_a_block():
+    # nearest_codes: a tile that enters no row's list branches over its top-k and merge.
+    from fastvq.triton._sass import main_loop_instructions
+
+    sass = """
+        /*0000*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0010*/                   FMNMX R6, R4, R5, PT ;
+        /*0020*/              @!P2 BRA 0x60 ;
+        /*0030*/                   SHFL.BFLY PT, R7, R6, 0x1, 0x1f ;
+        /*0040*/                   IMNMX R6, R6, R7, PT ;
+        /*0050*/                   SHFL.BFLY PT, R7, R6, 0x2, 0x1f ;
+        /*0060*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0070*/               @P0 BRA 0x0 ;
+        /*0080*/                   EXIT ;
+    """
+    assert main_loop_instructions(sass, d_slices=1) == 8
+    assert main_loop_instructions(sass, d_slices=1, skipping=True) == 5  # 0x30..0x50 skipped
 
 
 def test_compile_check_fails_spills_shared_memory_and_a_search_over_its_target():

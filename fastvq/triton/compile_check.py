@@ -20,6 +20,9 @@ that name it, the unsplit and the split search, at every config with 64 rows per
 fold (_argmin_walk.py) takes an FMNMX and an FSEL per element, Triton's per-tile loads, wgmma
 descriptors and x-operand reloads from shared memory the rest.
 
+For nearest_codes it also prints the count on the path that skips a tile's top-k and merge (a tile
+that enters no row's list branches over them; _sass.main_loop_instructions with ``skipping``).
+
 The opt-in Gluon search (nearest_code_gluon.py) is compiled for sm_90 the same way (GluonASTSource); its
 main loop steps two tiles, so its count is per 2 · BLOCK_N · BLOCK_K, and its point, the next tile's wgmma
 running while the current tile is folded, is checked in the SASS: every ``WARPGROUP.DEPBAR.LE gsb0, n``
@@ -56,6 +59,7 @@ from triton.runtime.jit import create_function_from_signature
 
 from . import (_jit, ema_stats, nearest_code, nearest_code_gluon, nearest_code_split, nearest_codes, quantize_backward,
                segment_sum)
+from ._sass import main_loop_instructions, main_loop_wgmma_waits
 from ..numerics import sort_by_code
 
 # Largest dynamic shared memory per block, bytes (CUDA programming guide, compute capabilities).
@@ -77,11 +81,6 @@ MIN_RESIDENT_WARPGROUPS = 2
 # N, leave half of each wgmma idle and take 6.6-13 per element.
 TARGET_PER_ELEMENT = 5.0
 WGMMA_ROWS = 64
-# The dot's instructions, by which the main loop is found in the SASS.
-_DOT = re.compile(r"\b(HGMMA|HMMA|FFMA)\b")
-_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
-_BRANCH = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
-_WGMMA_WAIT = re.compile(r"/\*([0-9a-f]{4,})\*/\s+WARPGROUP\.DEPBAR\.LE\s+gsb0,\s+0x([0-9a-f]+)")
 
 
 @dataclass
@@ -92,6 +91,7 @@ class Case:
     search: bool = False  # report main-loop instructions per score element
     target: float | None = None  # and fail above this many on sm_90
     overlap: bool = False  # and fail on sm_90 unless the main loop keeps a wgmma group in flight at every wait
+    skip_path: bool = False  # and report the main loop's path that skips the top-k merge (nearest_codes)
 
 
 def _randn(*shape, dtype=torch.float32):
@@ -144,11 +144,11 @@ def default_cases() -> list[Case]:
         Case("nearest_code split epilogue bf16 d=64", lambda: nearest_code_split.split_epilogue(
             *_split_epilogue_args(bf16))),
         Case("nearest_codes bf16 d=64 k=8", lambda: nearest_codes.triton_nearest_codes(
-            _randn(4096, 64, dtype=bf16), _randn(1024, 64, dtype=bf16), 8), search=True),
+            _randn(4096, 64, dtype=bf16), _randn(1024, 64, dtype=bf16), 8), search=True, skip_path=True),
         Case("nearest_codes fp32 d=33 k=64 tf32x3", lambda: nearest_codes.triton_nearest_codes(
-            _randn(4096, 33), _randn(1024, 33), 64), search=True),
+            _randn(4096, 33), _randn(1024, 33), 64), search=True, skip_path=True),
         Case("nearest_codes fp32 d=33 k=64 ieee", at_precision("ieee", lambda: nearest_codes.triton_nearest_codes(
-            _randn(4096, 33), _randn(1024, 33), 64)), (90,), search=True),
+            _randn(4096, 33), _randn(1024, 33), 64)), (90,), search=True, skip_path=True),
         Case("ema_stats bf16 d=64", lambda: ema_stats.triton_ema_stats(
             _randn(4096, 64, dtype=bf16), rows, 1024)),
         Case("quantize_backward fp16 d=128", lambda: quantize_backward.triton_quantize_backward(
@@ -230,62 +230,6 @@ def cubin_report(cubin: bytes) -> tuple[dict[str, int], str]:
     return resources, sass
 
 
-def _loops(sass: str) -> list[tuple[int, int]]:
-    """(target, branch) addresses of the conditional backward branches."""
-    return [(int(m.group(3), 16), int(m.group(1), 16)) for m in _BRANCH.finditer(sass)
-            if m.group(2) and m.group(3) and int(m.group(3), 16) < int(m.group(1), 16)]
-
-
-def main_loop(sass: str) -> tuple[int, int] | None:
-    """(first, last) address of the code-tile loop's body: the innermost loop around the most dot
-    instructions, a loop being a conditional backward branch (an unconditional one jumps back from an
-    out-of-line path, such as an mbarrier wait's retry); None if there is none."""
-    loops = _loops(sass)
-    found = {}
-    for line in sass.splitlines():
-        dot, instruction = _DOT.search(line), _INSTRUCTION.search(line)
-        if dot and instruction:
-            found.setdefault(dot.group(1), []).append(int(instruction.group(1), 16))
-    # The tensor-core dot when there is one (FFMA also appear in its epilogues), else FFMA.
-    dots = next((found[name] for name in ("HGMMA", "HMMA", "FFMA") if name in found), None)
-    if not dots:
-        return None
-
-    def dot_count(loop):
-        return sum(loop[0] <= a <= loop[1] for a in dots)
-
-    with_dots = [loop for loop in loops if dot_count(loop)]
-    if not with_dots:
-        return None
-    most = max(dot_count(loop) for loop in with_dots)
-    return min((loop for loop in with_dots if dot_count(loop) == most), key=lambda loop: loop[1] - loop[0])
-
-
-def main_loop_instructions(sass: str, d_slices: int) -> int | None:
-    """Instructions per iteration of the code-tile loop (module docstring), or None if not found."""
-    addresses = [int(m.group(1), 16) for m in _INSTRUCTION.finditer(sass)]
-    inner = main_loop(sass)
-    if inner is None:
-        return None
-
-    def size(loop):
-        return sum(loop[0] <= a <= loop[1] for a in addresses)
-
-    outer = [loop for loop in _loops(sass) if loop[0] <= inner[0] and inner[1] <= loop[1] and loop != inner]
-    if d_slices > 1 and outer:
-        enclosing = min(outer, key=size)
-        return size(enclosing) - size(inner) + d_slices * size(inner)
-    return size(inner)
-
-
-def main_loop_wgmma_waits(sass: str) -> list[int]:
-    """The wgmma groups each ``WARPGROUP.DEPBAR.LE gsb0, n`` in the main loop leaves in flight (its n)."""
-    loop = main_loop(sass)
-    if loop is None:
-        return []
-    return [int(m.group(2), 16) for m in _WGMMA_WAIT.finditer(sass) if loop[0] <= int(m.group(1), 16) <= loop[1]]
-
-
 def full_wgmma_rows(config: dict) -> bool:
     return config["BLOCK_N"] >= WGMMA_ROWS * config["num_warps"] // 4
 
@@ -320,7 +264,7 @@ def problems_of(case: Case, arch: int, config: dict, shared: int, stack: int, co
     return problems
 
 
-def search_cost(captured: _jit.Captured, config_kwargs: dict, sass: str) -> float | None:
+def search_cost(captured: _jit.Captured, config_kwargs: dict, sass: str, skipping: bool = False) -> float | None:
     kwargs = {**captured.kwargs, **config_kwargs}
     fn = captured.kernel.fn if isinstance(captured.kernel, Autotuner) else captured.kernel
     if isinstance(fn, GluonJITFunction):  # nearest_code_gluon: two whole tiles a loop step, x resident
@@ -330,7 +274,7 @@ def search_cost(captured: _jit.Captured, config_kwargs: dict, sass: str) -> floa
         return body * kwargs["num_warps"] * 32 / (nearest_code_gluon.TILES_PER_STEP * kwargs["BLOCK_N"]
                                                   * nearest_code_gluon.BLOCK_K)
     dim = captured.args[fn.arg_names.index("d")]
-    body = main_loop_instructions(sass, -(-dim // kwargs["BLOCK_D"]) if not kwargs["X_RESIDENT"] else 1)
+    body = main_loop_instructions(sass, -(-dim // kwargs["BLOCK_D"]) if not kwargs["X_RESIDENT"] else 1, skipping)
     if body is None:
         return None
     return body * kwargs["num_warps"] * 32 / (kwargs["BLOCK_N"] * kwargs["BLOCK_K"])
@@ -383,6 +327,9 @@ def main(argv=None) -> int:
                 per_element = f", {cost:.2f} SASS/score element in the main loop" if cost is not None else ""
                 if waits:
                     per_element += f", wgmma waits leave {sorted(set(waits))} groups in flight"
+                skip_cost = search_cost(captured, config, sass, skipping=True) if case.skip_path else None
+                if skip_cost is not None:
+                    per_element += f" ({skip_cost:.2f} when a tile enters no row's list)"
                 failures += bool(problems)
                 print(f"{'FAIL' if problems else 'ok  '} {label}: {resources.get('REG')} registers, {stack} B stack, "
                       f"{shared} B shared, {resident} programs/SM{per_element}, {time.perf_counter() - began:.1f} s"

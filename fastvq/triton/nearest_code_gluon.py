@@ -95,7 +95,7 @@ def _finish_tile(scores, codes_desc, pieces_desc, codes_smem, pieces_smem, ready
 @gluon.jit
 def _fold(score, tile, best, best_tile, saved):
     tile_min = gl.min(score, axis=1)
-    improved = tile_min < best  # strictly: the first tile reaching the minimum keeps it; never NaN
+    improved = tile_min < best  # strictly: the first tile reaching the minimum keeps it; a NaN row never improves
     best = gl.where(improved, tile_min, best)
     best_tile = gl.where(improved, tile, best_tile)
     saved = gl.where(gl.expand_dims(improved, 1), score, saved)
@@ -139,9 +139,9 @@ def _nearest_code_keys_kernel(x_ptr, centre_ptr, codes_desc, pieces_desc, keys_p
 
     # Code range j of S: tiles [j·T/S, (j+1)·T/S), never empty while S <= T (split.code_ranges).
     ranges = gl.num_programs(1)
-    j = gl.program_id(1)
-    first = j * num_tiles // ranges
-    count = (j + 1) * num_tiles // ranges - first
+    j = gl.program_id(1).to(gl.int64)  # int64: j·T can pass 2^31
+    first = (j * num_tiles // ranges).to(gl.int32)
+    count = ((j + 1) * num_tiles // ranges).to(gl.int32) - first
     for stage in gl.static_range(STAGES):
         _load_code_tile(codes_desc, pieces_desc, codes_smem, pieces_smem, ready, stage, first + stage,
                         stage < count)

@@ -12,7 +12,9 @@ so that comparing keys compares scores and, on equal scores, indices: ties go to
 and the order is exact and deterministic. Per code tile the tile's KPAD smallest keys
 (a bitonic top-k, fastvq/triton/_bitonic.py), in descending order T, are merged into the running
 list L by the bitonic rule: the KPAD smallest of L ∪ T are min(L_j, T_j), a bitonic sequence that
-one bitonic merge sorts.
+one bitonic merge sorts. A tile whose smallest score is above every row's last listed score cannot
+enter (its indices are higher than the listed ones), so its top-k and merge are skipped: with the
+lists full, that is most tiles of a large codebook.
 Padding (codes past K, the initial list) is the largest int64 key, so it sorts after every real
 code, +inf scores included; k <= K means it never reaches the output.
 
@@ -32,7 +34,7 @@ from torch.library import triton_op
 
 from ._bitonic import merge_ascending, smallest_descending
 from ._chosen_rows import MAX_CENTRED_SQUARED_NORM
-from ._jit import MAX_BLOCK_D, block_d_for, interpreting, kernel, launch, search_precision
+from ._jit import MAX_BLOCK_D, block_d_for, device_function, interpreting, kernel, launch, search_precision
 from ._score_tile import centred_x_tile, score_tile
 from .nearest_code import _TENSOR_CORE_DTYPES, centred_codebook, rows_as_searched
 
@@ -62,21 +64,23 @@ def _nearest_codes_kernel(
     x_tile = centred_x_tile(x_rows, stride_xd, row_mask, centre_ptr, lanes_d, d, codes_ptr,
                             CAST_TO_FP32, X_RESIDENT)
     best = tl.full([BLOCK_N, KPAD], PADDING_KEY, tl.int64)  # ascending keys
+    worst_kept = tl.full([BLOCK_N], PADDING_KEY >> 32, tl.int32)  # each row's last key's score part
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + lanes_k.to(tl.int64)
         code_mask = codes < K
         score = score_tile(x_tile, x_rows, stride_xd, row_mask, centre_ptr, codes_ptr, code_norms_ptr,
                            codes, code_mask, lanes_d, d,
                            BLOCK_N, BLOCK_K, BLOCK_D, CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT)
-        score = tl.where(score == 0.0, 0.0, score)  # −0 → +0: equal scores must have equal keys
-        bits = score.to(tl.int32, bitcast=True)
-        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed int32 in the floats' order
-        keys = (ordered.to(tl.int64) << 32) | codes[None, :]
-        keys = tl.where(code_mask[None, :], keys, PADDING_KEY)
         if KPAD == 1:
-            best = tl.minimum(best, tl.min(keys, axis=1, keep_dims=True))
+            best = tl.minimum(best, tl.min(keys_of(score, codes, code_mask), axis=1, keep_dims=True))
         else:
-            best = merge_ascending(best, smallest_descending(keys, KPAD))
+            # A tile enters a row's list only if its smallest score is at most the list's last one (its codes'
+            # indices are all higher, so an equal score does not enter either; merging it anyway is exact).
+            # Once the lists fill, most tiles of a large codebook enter none: skip their top-k and merge.
+            entering = ordered_score(tl.min(score, axis=1)) <= worst_kept
+            if tl.max(entering.to(tl.int32), axis=0) > 0:
+                best = merge_ascending(best, smallest_descending(keys_of(score, codes, code_mask), KPAD))
+                worst_kept = (tl.max(best, axis=1) >> 32).to(tl.int32)
 
     # Epilogue, in the original frame: the range check's ‖x − c‖², then each listed code's sqdist.
     x_norm = tl.zeros([BLOCK_N], tl.float32)
@@ -108,6 +112,21 @@ def _nearest_codes_kernel(
             sqdist += tl.sum(diff * diff, axis=1)
         tl.store(indices_ptr + rows * k + j, code, mask=row_mask)
         tl.store(sqdist_ptr + rows * k + j, sqdist, mask=row_mask)
+
+
+@device_function
+def ordered_score(score):
+    """The signed int32 whose order is the float32 scores' order (−0 made +0 first, so equal scores are
+    equal keys)."""
+    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@device_function
+def keys_of(score, codes, code_mask):
+    """(BLOCK_N, BLOCK_K) int64 keys ordered_score << 32 | index of a score tile; PADDING_KEY past K."""
+    keys = (ordered_score(score).to(tl.int64) << 32) | codes[None, :]
+    return tl.where(code_mask[None, :], keys, PADDING_KEY)
 
 
 def launch_config(kpad: int) -> tuple[int, int, int]:
