@@ -168,6 +168,12 @@ def rows_as_searched(x: Tensor, codebook: Tensor, precision: str) -> Tensor:
     return x
 
 
+def splits_tf32(cast_to_fp32: bool, precision: str, resident: bool) -> bool:
+    """Whether a search launched with these settings reads the codes' TF32 split (centred_codebook's
+    ``tf32_split``): its kernels decide the same in _score_tile.code_row_length."""
+    return cast_to_fp32 and precision == "tf32x3" and resident
+
+
 def tf32_rounded(v: Tensor) -> Tensor:
     """Finite float32 ``v`` rounded to TF32 (11 significant bits), to nearest, ties away from zero: PTX's
     cvt.rna.tf32.f32, and _score_tile.tf32_rounded's bit arithmetic."""
@@ -220,8 +226,8 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
     x (N, d) and codebook (K, d) in float32/bfloat16/float16, any strides, K >= 1.
 
     bf16 on Hopper with set_search_kernel("gluon") (and d <= 64): nearest_code_gluon's kernel, then the
-    split epilogue. Otherwise, grid: one program per row block (_nearest_code_kernel), unless the row blocks cannot fill the GPU:
-    when ceil(N / 32) <= SMs / 2 and 2048 <= K < 2^31 - 128 (nearest_code_split.use_split), programs also
+    split epilogue. Otherwise, grid: one program per row block (_nearest_code_kernel), unless the row
+    blocks cannot fill the GPU: when ceil(N / 32) <= SMs / 2 and 2048 <= K < 2^31 - 128 (nearest_code_split.use_split), programs also
     take code ranges and merge by an atomic min of (score, index) keys, deterministic by construction.
     """
     num_rows, dim = x.shape
@@ -248,7 +254,7 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
     precision = search_precision(x.dtype, codebook.dtype)
     centre, codes, code_norms, first_bad_code = centred_codebook(
         codebook, codebook.dtype if tensor_cores else torch.float32, fold_norms,
-        tf32_split=upcast and precision == "tf32x3" and dim <= block_d)
+        tf32_split=splits_tf32(upcast, precision, dim <= block_d))
     range_check = torch.stack([first_bad_code, torch.full_like(first_bad_code, num_rows)])
     resident = dim <= block_d
     write_quantized = want_quantized and same_dtype

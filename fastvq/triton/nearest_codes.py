@@ -36,7 +36,7 @@ from ._bitonic import merge_ascending, smallest_descending
 from ._chosen_rows import MAX_CENTRED_SQUARED_NORM
 from ._jit import MAX_BLOCK_D, block_d_for, device_function, interpreting, kernel, launch, search_precision
 from ._score_tile import centred_x_tile, score_tile
-from .nearest_code import _TENSOR_CORE_DTYPES, centred_codebook, rows_as_searched
+from .nearest_code import _TENSOR_CORE_DTYPES, centred_codebook, rows_as_searched, splits_tf32
 
 PADDING_KEY = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 
@@ -161,7 +161,7 @@ def triton_nearest_codes(x: Tensor, codebook: Tensor, k: int) -> tuple[Tensor, T
     precision = search_precision(x.dtype, codebook.dtype)
     centre, codes, code_norms, first_bad_code = centred_codebook(
         codebook, codebook.dtype if tensor_cores else torch.float32,
-        tf32_split=upcast and precision == "tf32x3" and dim <= block_d)
+        tf32_split=splits_tf32(upcast, precision, dim <= block_d))
     range_check = torch.stack([first_bad_code, torch.full_like(first_bad_code, num_rows)])
     searched = rows_as_searched(x, codebook, precision)
     kpad = triton.next_power_of_2(k)
