@@ -3,8 +3,8 @@ fastvq.reference's one judge.
 
 - N, K, d from 1, 3, 33, 257, 1030, and three shapes for the Triton search's paths: 4099×1030×64 (whole tiles,
   bf16 with the norms on the tensor cores), 257×2048×200 (split over codes, a 256-wide resident x) and
-  257×4096×33 (split, narrow); fp32 and bf16; random, small-integer (exact, with ties: the indices must be argmin's) and non-contiguous x; indices,
-  sqdist, quantize and ema_stats;
+  257×4096×33 (split, narrow); fp32 and bf16; random, small-integer (exact, with ties: the indices must be
+  argmin's) and non-contiguous x; indices, sqdist, quantize and ema_stats;
 - on CUDA, a side stream: inputs written there just before the call, behind a spin of the stream, so a kernel
   launched on the default stream instead of the current one reads them unwritten;
 - with a second CUDA device, the edge shapes again on it while the first stays current (the launch's device guard);

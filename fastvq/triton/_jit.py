@@ -90,8 +90,8 @@ def set_search_kernel(name: str | None) -> None:
     """Which kernel runs nearest_code's bf16 search on Hopper: ``"triton"`` (default), or ``"gluon"``, the
     hand-scheduled one whose next tile's wgmma overlaps the current tile's argmin (nearest_code_gluon.py;
     bf16 x and codebook, d <= 64, compute capability 9.x; other inputs keep the Triton kernel, and
-    ``gluon_search_reason(x, codebook)`` says why). ``None`` returns to FASTVQ_TRITON_SEARCH_KERNEL, else "triton".
-    "gluon" is opt-in until a GPU run of the device check has measured it (README)."""
+    ``gluon_search_reason(x, codebook)`` says why). ``None`` returns to FASTVQ_TRITON_SEARCH_KERNEL, else
+    "triton". "gluon" is opt-in until a GPU run of the device check has measured it (README)."""
     if name is not None and name not in SEARCH_KERNELS:
         raise ValueError(f"name must be one of {SEARCH_KERNELS} or None, got {_short_repr(name)}")
     _options["search_kernel"] = name
@@ -270,9 +270,6 @@ def launch(decorated, grid, *args, **kwargs):
     current stream (Triton launches on the current device's current stream otherwise: a tensor on
     cuda:1 would be read from cuda:0's context). An autotuned kernel runs its ``fixed_config`` in
     deterministic mode (numerics.deterministic()), so results do not hang on the autotuner's pick."""
-    import contextlib
-
-    import torch
     from torch.library import wrap_triton
 
     from ..numerics import deterministic
@@ -287,10 +284,18 @@ def launch(decorated, grid, *args, **kwargs):
     built = spec.build(interpret, tuned)
     if _capturing["on"]:
         raise Captured(built, grid, args, kwargs)
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with _device_of(args):
         wrap_triton(built)[grid](*args, **kwargs)
+
+
+def _device_of(args):
+    """A context in which the first tensor argument's CUDA device is current (nothing for CPU tensors)."""
+    import contextlib
+
+    import torch
+
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def launch_gluon(gluon_kernel, grid, *args, **kwargs):
@@ -298,13 +303,7 @@ def launch_gluon(gluon_kernel, grid, *args, **kwargs):
     guard and capture hook. Launched directly, not through ``wrap_triton``: torch.compile does not analyse
     Gluon kernels, and the caller (nearest_code's triton_op) runs it only in eager mode (torch.compile
     traces triton_nearest_code with the Triton kernel)."""
-    import contextlib
-
-    import torch
-
     if _capturing["on"]:
         raise Captured(gluon_kernel, grid, args, kwargs)
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with _device_of(args):
         gluon_kernel[grid](*args, **kwargs)

@@ -227,8 +227,9 @@ def triton_nearest_code(x: Tensor, codebook: Tensor,
 
     bf16 on Hopper with set_search_kernel("gluon") (and d <= 64): nearest_code_gluon's kernel, then the
     split epilogue. Otherwise, grid: one program per row block (_nearest_code_kernel), unless the row
-    blocks cannot fill the GPU: when ceil(N / 32) <= SMs / 2 and 2048 <= K < 2^31 - 128 (nearest_code_split.use_split), programs also
-    take code ranges and merge by an atomic min of (score, index) keys, deterministic by construction.
+    blocks cannot fill the GPU: when ceil(N / 32) <= SMs / 2 and 2048 <= K < 2^31 - 128
+    (nearest_code_split.use_split), programs also take code ranges and merge by an atomic min of (score,
+    index) keys, deterministic by construction.
     """
     num_rows, dim = x.shape
     num_codes = codebook.shape[0]
