@@ -159,6 +159,15 @@ def tf32x3_dot(x, e_big, e_small):
     return tl.dot(x_big, e_big, xe, input_precision="tf32")
 
 
+@device_function
+def ordered_score(score):
+    """The signed int32 whose order is the float32 scores' order (−0 made +0 first, so equal scores are
+    equal keys): the high half of the searches' (score, index) keys, in the split merge
+    (nearest_code_split.py) and the top-k lists (nearest_codes.py)."""
+    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
 def prune_search_configs(configs, named_args, **kwargs):
     """The argmin searches' autotune configs (nearest_code.py, nearest_code_split.py) that do not spill on
     this launch's path (compile_check --all, sm_80/sm_90): float32 operands only at 32 rows x 64 codes (the

@@ -182,6 +182,7 @@ def _nearest_code_keys_kernel(x_ptr, centre_ptr, codes_desc, pieces_desc, keys_p
     finite = gl.abs(best) < float("inf")
     best = gl.where(finite, best, float("inf"))
     best_idx = gl.where(finite, best_idx, 0)
+    # _score_tile.ordered_score, in Gluon (a Gluon kernel cannot call Triton device functions)
     best = gl.where(best == 0.0, 0.0, best)  # -0.0 -> +0.0
     bits = best.to(gl.int32, bitcast=True)
     order = gl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)

@@ -38,7 +38,7 @@ from ._chosen_rows import write_chosen_rows
 from ._argmin_walk import argmin_walk
 from ._jit import kernel, launch
 # fixed_config and the walk: the unsplit kernel's, same main loop
-from ._score_tile import centred_x_tile, fixed_config, prune_search_configs
+from ._score_tile import centred_x_tile, fixed_config, ordered_score, prune_search_configs
 
 
 # The dispatcher's rule (use_split) and the grid (code_ranges). MIN_CODES is a first guess, not
@@ -121,10 +121,7 @@ def _split_search_kernel(
                                  first, end, lanes_d, d, BLOCK_N, BLOCK_K, BLOCK_D,
                                  CAST_TO_FP32, INPUT_PRECISION, X_RESIDENT, FOLD_NORMS)
 
-    best = tl.where(best == 0.0, 0.0, best)  # -0.0 -> +0.0
-    bits = best.to(tl.int32, bitcast=True)
-    order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    key = (order.to(tl.int64) << 32) | best_idx.to(tl.int64)
+    key = (ordered_score(best).to(tl.int64) << 32) | best_idx.to(tl.int64)
     tl.atomic_min(keys_ptr + rows, key, mask=row_mask, sem="relaxed")
 
 

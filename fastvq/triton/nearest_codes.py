@@ -35,7 +35,7 @@ from torch.library import triton_op
 from ._bitonic import merge_ascending, smallest_descending
 from ._chosen_rows import MAX_CENTRED_SQUARED_NORM
 from ._jit import MAX_BLOCK_D, block_d_for, device_function, interpreting, kernel, launch, search_precision
-from ._score_tile import centred_x_tile, score_tile
+from ._score_tile import centred_x_tile, ordered_score, score_tile
 from .nearest_code import _TENSOR_CORE_DTYPES, centred_codebook, rows_as_searched, splits_tf32
 
 PADDING_KEY = tl.constexpr(0x7FFFFFFFFFFFFFFF)
@@ -112,14 +112,6 @@ def _nearest_codes_kernel(
             sqdist += tl.sum(diff * diff, axis=1)
         tl.store(indices_ptr + rows * k + j, code, mask=row_mask)
         tl.store(sqdist_ptr + rows * k + j, sqdist, mask=row_mask)
-
-
-@device_function
-def ordered_score(score):
-    """The signed int32 whose order is the float32 scores' order (−0 made +0 first, so equal scores are
-    equal keys)."""
-    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @device_function
