@@ -104,6 +104,30 @@ def fma_burst(level: str = '', num_threads: int = 0, rounds: int = 65536) -> flo
     in each CPU case's alternating rounds. Source: csrc/cpu/fma_peak.cpp.
     """
 
+def set_prefilter(mode: str) -> None:
+    """
+    nearest_code's int8 prefilter (AVX-512 VNNI; exact: bitwise the float32 search's outputs): 'auto'
+    (default: where prefilter_reason is empty), 'always' (any shape the kernel takes), or 'off'.
+    ValueError otherwise. Source: csrc/cpu/nearest_code_prefilter.cpp.
+    """
+
+def prefilter_mode() -> str:
+    """The mode set_prefilter set: 'auto', 'always' or 'off'."""
+
+def prefilter_reason(n: int, k: int, d: int) -> str:
+    """
+    Why nearest_code of n rows against K codes of dimension d runs without the prefilter now; '' when
+    it tries it (a call can still decline at run time: prefilter_stats).
+    """
+
+def prefilter_stats() -> dict:
+    """
+    Counts since import: calls answered through the prefilter, rows of those searched over every panel
+    (their candidates overflowed), and calls that declined it at run time (a non-finite or out-of-range
+    row, or scales out of float32's normal range) and ran the full search, and the candidates scored again in
+    float32.
+    """
+
 def openmp_enabled() -> bool: ...
 
 def max_threads() -> int: ...

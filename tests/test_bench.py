@@ -110,6 +110,24 @@ def test_the_gluon_search_is_checked_where_it_runs_and_its_failures_say_so(monke
     assert seen == ["gluon"] and kernels.search_kernel() == "triton"  # asked for while checking, then reset
 
 
+def test_the_float32_only_provider_turns_the_prefilter_off_for_its_runs_only():
+    case = Case("nearest_code", "k", 16, 8192, 64)
+    data = make_data(case)
+    assert judge.judge_precision("fastvq-cpu-float32", data) == judge.judge_precision("fastvq-cpu", data) == "ieee"
+    setup = providers.REGISTRY[("nearest_code", "fastvq-cpu-float32")].setup
+    if _cpu.prefilter_reason(case.n, case.k, case.d):
+        with pytest.raises(providers.Absent, match="fastvq-cpu runs without the prefilter here already"):
+            setup(case, data)
+        return
+    run = setup(case, data)
+    before = _cpu.prefilter_stats()["calls"]
+    quantized, indices = run()[:2]
+    assert _cpu.prefilter_stats()["calls"] == before and _cpu.prefilter_mode() == "auto"
+    want = fastvq.quantize(data.x, data.codebook, backend="cpu")
+    assert _cpu.prefilter_stats()["calls"] == before + 1  # the default does use it at this shape
+    assert torch.equal(indices, want[1]) and torch.equal(quantized, want[0])
+
+
 def test_the_autocast_check_catches_a_wrong_loss_and_a_wrong_code(monkeypatch):
     right = fastvq.FastVectorQuantizer.forward
 

@@ -21,6 +21,7 @@
 #include "common/nb_args.h"
 #include "cpu/fma_peak.h"
 #include "cpu/kernels.h"
+#include "cpu/nearest_code_prefilter.h"
 #include "cpu/pack_codebook.h"
 
 namespace nb = nanobind;
@@ -282,6 +283,28 @@ NB_MODULE(_cpu, m) {
         "One burst of the same FMA chains as fma_peak, `rounds` rounds on each of num_threads threads, untimed:\n"
         "returns the flops done (ValueError on a bad level or rounds outside [1, 2^40]). The benchmark times it\n"
         "in each CPU case's alternating rounds. Source: csrc/cpu/fma_peak.cpp.");
+  m.def("set_prefilter", &fastvq::cpu::set_prefilter_mode, "mode"_a,
+        "nearest_code's int8 prefilter (AVX-512 VNNI; exact: bitwise the float32 search's outputs): 'auto'\n"
+        "(default: where prefilter_reason is empty), 'always' (any shape the kernel takes), or 'off'.\n"
+        "ValueError otherwise. Source: csrc/cpu/nearest_code_prefilter.cpp.");
+  m.def("prefilter_mode", &fastvq::cpu::prefilter_mode, "The mode set_prefilter set: 'auto', 'always' or 'off'.");
+  m.def("prefilter_reason", &fastvq::cpu::prefilter_reason, "n"_a, "k"_a, "d"_a,
+        "Why nearest_code of n rows against K codes of dimension d runs without the prefilter now; '' when\n"
+        "it tries it (a call can still decline at run time: prefilter_stats).");
+  m.def("prefilter_stats",
+        [] {
+          const fastvq::cpu::PrefilterStats s = fastvq::cpu::prefilter_stats();
+          nb::dict out;
+          out["calls"] = s.calls;
+          out["rows_in_full"] = s.rows_in_full;
+          out["declined"] = s.declined;
+          out["codes_rescored"] = s.codes_rescored;
+          return out;
+        },
+        "Counts since import: calls answered through the prefilter, rows of those searched over every panel\n"
+        "(their candidates overflowed), and calls that declined it at run time (a non-finite or out-of-range\n"
+        "row, or scales out of float32's normal range) and ran the full search, and the candidates scored again in\n"
+        "float32.");
   m.def("openmp_enabled", &fastvq::cpu::openmp_enabled);
   m.def("max_threads", &fastvq::cpu::max_threads);
 }

@@ -29,37 +29,12 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/nearest_code_prefilter.h"
 #include "cpu/pack_codebook.h"
 #include "cpu/search_common.h"
 
 namespace fastvq::cpu {
 namespace {
-
-struct Outputs {
-  int64_t* indices;
-  float* sqdist;
-  float* quantized;  // may be null
-};
-
-// Rows [r0, r1): turn the running best into outputs. best_idx < 0 means no code had a
-// finite distance (see the NaN note above): report code 0.
-inline void finish_rows(const float* x, int64_t d, const float* codebook, int64_t r0, int64_t r1,
-                        const int64_t* best_idx, const Outputs& out) {
-  for (int64_t i = r0; i < r1; ++i) {
-    int64_t idx = best_idx[i - r0] < 0 ? 0 : best_idx[i - r0];
-    float sqdist = squared_l2(x + i * d, codebook + idx * d, d);
-    // A row of x holding +-inf can make the expansion -inf for some code, which then "wins".
-    // Its true distance to every code is non-finite, so the rule gives it code 0.
-    if (!std::isfinite(sqdist) && idx != 0) {
-      idx = 0;
-      sqdist = squared_l2(x + i * d, codebook, d);
-    }
-    const float* e = codebook + idx * d;
-    out.indices[i] = idx;
-    out.sqdist[i] = sqdist;
-    if (out.quantized) std::copy(e, e + d, out.quantized + i * d);
-  }
-}
 
 struct Search {
   SearchTileFn tile;
@@ -103,7 +78,7 @@ struct Search {
 
 // One work item per group of rows: search all codes, then finish the group's rows.
 void search_by_row_groups(const Search& search, const float* x, int64_t n, const float* codebook,
-                          const Outputs& out, int nt) {
+                          const NearestCodeOutputs& out, int nt) {
   const int64_t d = search.d;
   const int64_t ngroups = (n + kGroupRows - 1) / kGroupRows;
   AlignedFloats xpack(static_cast<int64_t>(nt) * kGroupRows * d);
@@ -129,7 +104,7 @@ void search_by_row_groups(const Search& search, const float* x, int64_t n, const
 // chunks. Each chunk keeps its own running best per row; the chunks are merged afterwards in
 // code order with the same strict rule, so ties still go to the lowest index.
 void search_by_code_chunks(const Search& search, const float* x, int64_t n, const float* codebook,
-                           int64_t nchunks, const Outputs& out, int nt) {
+                           int64_t nchunks, const NearestCodeOutputs& out, int nt) {
   const int64_t d = search.d, npanels = search.npanels;
   const int64_t ngroups = (n + kGroupRows - 1) / kGroupRows;
   const int64_t npad = ngroups * kGroupRows;  // few rows here: pack them all once
@@ -174,7 +149,8 @@ void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, i
   const int64_t panel_bytes = d * kPanel * static_cast<int64_t>(sizeof(float));
   const Search search{current_search_tile(), current_search_few_rows(), current_search_rows18(), d, pack->panels,
                       pack->norms, pack->centre, npanels, std::max<int64_t>(1, kBlockBytes / panel_bytes)};
-  const Outputs out{indices_out, sqdist_out, quantized_out};
+  const NearestCodeOutputs out{indices_out, sqdist_out, quantized_out};
+  if (prefilter_reason(n, k, d).empty() && nearest_code_prefiltered(x, n, codebook, *pack, out, nt)) return;
   const int64_t nchunks = code_chunks(nt, n, npanels);
   if (nchunks == 1)
     search_by_row_groups(search, x, n, codebook, out, nt);

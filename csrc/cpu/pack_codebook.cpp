@@ -156,9 +156,29 @@ struct PackCache {
   std::mutex mutex;
   std::list<std::shared_ptr<PackedCodebook>> entries;
 
+  // Evict idle entries after the first, least recently used first, down to the bounds (entries in
+  // use by a running call count towards the bytes but stay until that call ends), and any older
+  // entry with the first one's `key` (the same key packed by a concurrent call).
+  void evict_locked(const std::vector<int64_t>* key) {
+    size_t total = bytes_locked();
+    size_t count = entries.size();
+    std::vector<std::list<std::shared_ptr<PackedCodebook>>::iterator> older;
+    for (auto it = std::next(entries.begin()); it != entries.end(); ++it) older.push_back(it);
+    for (auto r = older.rbegin(); r != older.rend(); ++r) {
+      const auto it = *r;
+      const bool over = total > kPackCacheBytes || count > kPackCacheEntries;
+      const bool stale_twin = key && !key->empty() && (*it)->key == *key;
+      if ((over || stale_twin) && it->use_count() == 1) {
+        total -= (*it)->capacity_bytes + (*it)->quantized_bytes.load();
+        --count;
+        entries.erase(it);
+      }
+    }
+  }
+
   size_t bytes_locked() const {
     size_t total = 0;
-    for (const auto& e : entries) total += e->capacity_bytes;
+    for (const auto& e : entries) total += e->capacity_bytes + e->quantized_bytes.load();
     return total;
   }
 };
@@ -219,6 +239,11 @@ std::shared_ptr<const PackedCodebook> packed_codebook(const float* codebook, int
   }
   if (!pack) pack = allocate(bytes);
   pack->key.clear();
+  {  // a reused buffer drops the int8 copy of what it held
+    std::lock_guard<std::mutex> lock(pack->quantized_mutex);
+    pack->quantized.reset();
+    pack->quantized_bytes.store(0);
+  }
   pack->k = k;
   pack->d = d;
   pack->npanels = npanels;
@@ -229,23 +254,14 @@ std::shared_ptr<const PackedCodebook> packed_codebook(const float* codebook, int
   if (pack->capacity_bytes > kPackCacheBytes) return pack;  // too large to keep
   std::lock_guard<std::mutex> lock(c.mutex);
   c.entries.push_front(pack);
-  // Evict idle entries, least recently used first, down to the bounds (entries in use by a
-  // running call count towards the bytes but stay until that call ends).
-  size_t total = c.bytes_locked();
-  size_t count = c.entries.size();
-  std::vector<std::list<std::shared_ptr<PackedCodebook>>::iterator> older;
-  for (auto it = std::next(c.entries.begin()); it != c.entries.end(); ++it) older.push_back(it);
-  for (auto r = older.rbegin(); r != older.rend(); ++r) {
-    const auto it = *r;
-    const bool over = total > kPackCacheBytes || count > kPackCacheEntries;
-    const bool stale_twin = !key.empty() && (*it)->key == key;  // the same key packed by a concurrent call
-    if ((over || stale_twin) && it->use_count() == 1) {
-      total -= (*it)->capacity_bytes;
-      --count;
-      c.entries.erase(it);
-    }
-  }
+  c.evict_locked(&key);
   return pack;
+}
+
+void trim_pack_cache() {
+  PackCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.evict_locked(nullptr);
 }
 
 size_t empty_pack_cache() {
@@ -255,7 +271,7 @@ size_t empty_pack_cache() {
   {
     std::lock_guard<std::mutex> lock(c.mutex);
     for (const auto& e : c.entries)
-      if (e.use_count() == 1) released += e->capacity_bytes;
+      if (e.use_count() == 1) released += e->capacity_bytes + e->quantized_bytes.load();
     dropped.swap(c.entries);
   }
   return released;  // `dropped` frees the idle buffers here, outside the lock

@@ -12,9 +12,11 @@
 // ||x - e||^2 <= (||x'|| + ||e'||)^2 <= FLT_MAX / 2. Beyond it the kernels refuse (ValueError).
 #pragma once
 
+#include <atomic>
 #include <cfloat>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -28,6 +30,8 @@ constexpr double kMaxCentredSquaredNorm = FLT_MAX / 8.0;  // about 4.25e37, i.e.
 // 0 when no code is finite. Deterministic for any thread count (fixed chunking).
 void search_centre(const float* codebook, int64_t k, int64_t d, float* centre, int num_threads);
 
+struct QuantizedCodes;  // prefilter.h
+
 // panels[q][p][j] = -2 (e_{16q+j,p} - c_p), norms[16q+j] = ||e - c||^2 (+inf past K), centre.
 struct PackedCodebook {
   int64_t k = 0, d = 0, npanels = 0;
@@ -36,6 +40,11 @@ struct PackedCodebook {
   float* centre = nullptr;  // d
   size_t capacity_bytes = 0;
   std::vector<int64_t> key;  // empty: not reusable as a result, only as a buffer
+  // The int8 prefilter's copy (prefilter_codes.h: quantized_codes), built on first use; its bytes
+  // count towards the cache's bound.
+  mutable std::mutex quantized_mutex;
+  mutable std::shared_ptr<const QuantizedCodes> quantized;
+  mutable std::atomic<size_t> quantized_bytes{0};
   PackedCodebook() = default;
   ~PackedCodebook();
   PackedCodebook(const PackedCodebook&) = delete;
@@ -48,6 +57,10 @@ struct PackedCodebook {
 // std::invalid_argument naming `codebook` when a finite code is outside the supported range.
 std::shared_ptr<const PackedCodebook> packed_codebook(const float* codebook, int64_t k, int64_t d,
                                                       CacheKey key, int num_threads);
+
+// Evict idle packs, least recently used first, until the cache is within its bounds again (after a
+// pack grew: quantized_codes).
+void trim_pack_cache();
 
 // Drop every cached pack (packs in use stay alive until their call ends); returns bytes released.
 size_t empty_pack_cache();

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <new>
@@ -52,6 +53,32 @@ inline float squared_l2(const float* a, const float* b, int64_t d) {
     acc[j] += t * t;
   }
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+struct NearestCodeOutputs {
+  int64_t* indices;
+  float* sqdist;
+  float* quantized;  // may be null
+};
+
+// Rows [r0, r1) of nearest_code: turn the running best into outputs. best_idx < 0 means no code
+// had a finite distance (see the NaN note in nearest_code.cpp): report code 0.
+inline void finish_rows(const float* x, int64_t d, const float* codebook, int64_t r0, int64_t r1,
+                        const int64_t* best_idx, const NearestCodeOutputs& out) {
+  for (int64_t i = r0; i < r1; ++i) {
+    int64_t idx = best_idx[i - r0] < 0 ? 0 : best_idx[i - r0];
+    float sqdist = squared_l2(x + i * d, codebook + idx * d, d);
+    // A row of x holding +-inf can make the expansion -inf for some code, which then "wins".
+    // Its true distance to every code is non-finite, so the rule gives it code 0.
+    if (!std::isfinite(sqdist) && idx != 0) {
+      idx = 0;
+      sqdist = squared_l2(x + i * d, codebook, d);
+    }
+    const float* e = codebook + idx * d;
+    out.indices[i] = idx;
+    out.sqdist[i] = sqdist;
+    if (out.quantized) std::copy(e, e + d, out.quantized + i * d);
+  }
 }
 
 inline int thread_id() {

@@ -20,6 +20,8 @@ from .base import Backend
 # Caps the SIMD level the kernels use (portable, avx2, avx512); for benchmarks that must run
 # as on an older CPU. Unset: the best level this CPU supports.
 SIMD_ENV_VAR = "FASTVQ_CPU_SIMD"
+# nearest_code's int8 prefilter (exact; AVX-512 VNNI): auto (default), always or off (_cpu.set_prefilter).
+PREFILTER_ENV_VAR = "FASTVQ_CPU_PREFILTER"
 
 try:
     from .. import _cpu
@@ -28,11 +30,12 @@ except ImportError as error:  # surfaced by unavailable_reason(), fastvq.info an
     _IMPORT_ERROR: str | None = f"fastvq._cpu failed to import ({error}); build it with `pip install -e .`"
 else:
     _IMPORT_ERROR = None
-    if os.environ.get(SIMD_ENV_VAR):
-        try:
-            _cpu.set_simd_level(os.environ[SIMD_ENV_VAR])
-        except ValueError as error:
-            _IMPORT_ERROR = f"${SIMD_ENV_VAR}={os.environ[SIMD_ENV_VAR]!r}: {error}"
+    for _variable, _setter in ((SIMD_ENV_VAR, _cpu.set_simd_level), (PREFILTER_ENV_VAR, _cpu.set_prefilter)):
+        if os.environ.get(_variable):
+            try:
+                _setter(os.environ[_variable])
+            except ValueError as error:
+                _IMPORT_ERROR = f"${_variable}={os.environ[_variable]!r}: {error}"
 
 # Index dtype the kernels read without conversion.
 INDEX_DTYPE = torch.int64
@@ -107,8 +110,11 @@ class CpuBackend(Backend):
         if _IMPORT_ERROR is not None:
             return ""
         capped = f", capped by ${SIMD_ENV_VAR}" if os.environ.get(SIMD_ENV_VAR) else ""
+        # the prefilter's reason at a shape it takes in "auto", so only the machine and the switches show
+        why_not = _cpu.prefilter_reason(1, 1 << 16, 64)
         return (f"simd {_cpu.simd_level()} (best here: {_cpu.best_simd_level()}{capped}), "
-                f"OpenMP {'on' if _cpu.openmp_enabled() else 'off'}")
+                f"OpenMP {'on' if _cpu.openmp_enabled() else 'off'}, "
+                f"int8 prefilter {_cpu.prefilter_mode() + ' (AVX-512 VNNI)' if not why_not else 'unused: ' + why_not}")
 
     def not_supported_reasons(self, *tensors: Tensor) -> list[str]:
         reasons = []

@@ -29,10 +29,10 @@ def check_rows(case: Case, data: Data) -> tuple[Tensor, Tensor | None]:
 
 def judge_precision(provider: str, data: Data) -> str:
     """The precision (reference.nearest_code_slack) a provider's search is judged at: a fastvq-<backend> provider's
-    backend's search_precision, "ieee" for the others."""
+    (or a variant's, fastvq-<backend>-<variant>) backend's search_precision, "ieee" for the others."""
     if not provider.startswith("fastvq-"):
         return "ieee"
-    backend = get_backend(provider.removeprefix("fastvq-"))
+    backend = get_backend(provider.removeprefix("fastvq-").split("-")[0])
     return backend.search_precision(data.x.device, data.x.dtype, data.codebook.dtype)
 
 

@@ -221,6 +221,24 @@ def fastvq_triton_gluon(case: Case, data: Data):
     return run
 
 
+@provider(("nearest_code",), "fastvq-cpu-float32", "fastvq.quantize(x, codebook, backend='cpu') with "
+          "fastvq._cpu.set_prefilter('off'): the float32 search alone, without the int8 prefilter", "fastvq")
+def fastvq_cpu_float32(case: Case, data: Data):
+    if data.x.device.type != "cpu":
+        raise Absent("the cpu backend's prefilter switch: CPU tensors only")
+    cpu = _import("fastvq._cpu")
+    if cpu.prefilter_reason(case.n, case.k, case.d) != "":
+        raise Absent("fastvq-cpu runs without the prefilter here already: " + cpu.prefilter_reason(case.n, case.k, case.d))
+
+    def run():
+        cpu.set_prefilter("off")
+        try:
+            return fastvq.quantize(data.x, data.codebook, backend="cpu")
+        finally:
+            cpu.set_prefilter("auto")
+    return run
+
+
 RESIDUAL = ("rvq_train", "rvq_beam")
 
 

@@ -1,0 +1,248 @@
+// nearest_code through the int8 prefilter (prefilter.h): quantize the rows, scan the int8 codes for
+// candidates, then score only the candidates' panels with the float32 micro-kernel itself and finish
+// the rows as the full search does. The outputs are bitwise the full search's.
+//
+// Work items as in nearest_code.cpp: groups of kPrefilterRows rows, and for few groups the codes in
+// chunks too (each chunk keeps its own running minima and candidates; the rows are finished after,
+// taking the chunks in code order). A row whose candidates overflow is scored over every panel.
+#include "cpu/nearest_code_prefilter.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/prefilter_codes.h"
+#include "cpu/search_common.h"
+
+namespace fastvq::cpu {
+namespace {
+
+// Candidates one row may collect in one chunk before it is searched in full instead. Random data
+// keeps a handful once the warm-up has set the running minimum.
+constexpr int64_t kCandidateCap = 256;
+// Panels scanned for the minimum alone before a row's first candidates (prefilter.h: warmup).
+constexpr int64_t kWarmupPanels = 4;
+// An item's groups scan one block of panels after another, so a block read from memory serves
+// every group of the item from L2 (~128 KiB of int8 codes).
+constexpr int64_t kBlockBytes8 = 128 * 1024;
+// Groups of kPrefilterRows rows per work item when the codes are not split (64 rows).
+constexpr int64_t kGroupsPerItem = 8;
+
+enum class Mode : int { automatic = 0, always = 1, off = 2 };
+std::atomic<int>& mode_state() {
+  static std::atomic<int> mode{static_cast<int>(Mode::automatic)};
+  return mode;
+}
+
+std::atomic<int64_t> calls_prefiltered{0}, rows_in_full{0}, calls_declined{0}, codes_rescored{0};
+
+bool cpu_has_vnni() {
+#if defined(FASTVQ_HAVE_AVX512_VNNI_KERNEL) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+PrefilterScanFn scan_fn() {
+#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
+  static const bool vnni = cpu_has_vnni();
+  if (vnni && current_simd_level() == SimdLevel::avx512) return &prefilter_scan_avx512;
+#endif
+  return nullptr;
+}
+
+// One (row group, code chunk) scan: its rows' running minima, candidate counts and candidates.
+struct ScanSlot {
+  float running[kPrefilterRows * 16];
+  int64_t count[kPrefilterRows];
+  std::vector<int32_t> cand = std::vector<int32_t>(static_cast<size_t>(kPrefilterRows * kCandidateCap));
+  std::vector<float> cand_val = std::vector<float>(static_cast<size_t>(kPrefilterRows * kCandidateCap));
+  void reset() {
+    std::fill(running, running + kPrefilterRows * 16, std::numeric_limits<float>::infinity());
+    std::fill(count, count + kPrefilterRows, int64_t{0});
+  }
+};
+
+struct Prefiltered {
+  const float* x;
+  const float* codebook;
+  const PackedCodebook& pack;
+  const QuantizedCodes& codes;
+  const std::vector<int32_t>& xq;
+  const std::vector<QuantizedRow>& qrows;
+  int64_t n;
+  SearchFewRowsFn few_rows;
+  PrefilterScanFn scan;
+  PrefilterRescoreFn rescore;
+
+  int64_t group_rows(int64_t g) const { return std::min<int64_t>(kPrefilterRows, n - g * kPrefilterRows); }
+
+  // Groups [g0, g1) against panels [q_begin, q_end), block by block; slot(g) is group g's state.
+  template <typename SlotOf>
+  void scan_groups(int64_t g0, int64_t g1, int64_t q_begin, int64_t q_end, SlotOf slot) const {
+    for (int64_t g = g0; g < g1; ++g) slot(g).reset();
+    const int64_t block = std::max<int64_t>(kWarmupPanels, kBlockBytes8 / (codes.d4 * kQuantGroupBytes));
+    for (int64_t q0 = q_begin; q0 < q_end; q0 += block) {
+      const int64_t q1 = std::min(q_end, q0 + block);
+      for (int64_t g = g0; g < g1; ++g) {
+        ScanSlot& s = slot(g);
+        const int64_t r0 = g * kPrefilterRows;
+        scan(static_cast<int>(group_rows(g)), xq.data() + r0 * codes.d4, qrows.data() + r0, codes, q0, q1,
+             q0 == q_begin ? std::min(kWarmupPanels, q1 - q0) : 0, s.running, s.cand.data(), s.cand_val.data(),
+             kCandidateCap, s.count);
+      }
+    }
+  }
+
+  // Score row i's candidates (chunks in code order, those within the slack of the row's minimum) with
+  // the search kernels' float32 arithmetic, then finish the row. (quantize_row has checked its range.)
+  void finish_row(int64_t i, const ScanSlot* const* slots, int64_t nchunks, float* centred,
+                  std::vector<int32_t>& passed, const NearestCodeOutputs& out) const {
+    const int64_t d = pack.d, r = i % kPrefilterRows;
+    for (int64_t p = 0; p < d; ++p) centred[p] = x[i * d + p] - pack.centre[p];  // pack_rows' values
+    float minimum = std::numeric_limits<float>::infinity();
+    bool overflow = false;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      for (int lane = 0; lane < 16; ++lane) minimum = std::min(minimum, slots[c]->running[r * 16 + lane]);
+      overflow |= slots[c]->count[r] > kCandidateCap;
+    }
+    float best_val = std::numeric_limits<float>::infinity();
+    int64_t best_idx = -1;
+    if (overflow) {  // the float32 kernel over every panel (it reads the row as a packed tile)
+      rows_in_full.fetch_add(1, std::memory_order_relaxed);
+      AlignedFloats tile(d * kTileRows);
+      for (int64_t p = 0; p < d; ++p) tile.ptr[p * kTileRows] = centred[p];
+      few_rows(1, tile.ptr, d, pack.panels, pack.norms, pack.npanels, 0, &best_val, &best_idx);
+    } else {
+      const float threshold = minimum + qrows[static_cast<size_t>(i)].slack;  // the scan's float32 add
+      passed.clear();
+      for (int64_t c = 0; c < nchunks; ++c)
+        for (int64_t t = 0; t < slots[c]->count[r]; ++t) {
+          const size_t at = static_cast<size_t>(r * kCandidateCap + t);
+          if (slots[c]->cand_val[at] <= threshold) passed.push_back(slots[c]->cand[at]);
+        }
+      rescore(centred, d, pack.panels, pack.norms, passed.data(), static_cast<int64_t>(passed.size()), &best_val,
+              &best_idx);
+      codes_rescored.fetch_add(static_cast<int64_t>(passed.size()), std::memory_order_relaxed);
+    }
+    finish_rows(x, d, codebook, i, i + 1, &best_idx, out);
+  }
+};
+
+}  // namespace
+
+void set_prefilter_mode(const std::string& mode) {
+  Mode m;
+  if (mode == "auto") m = Mode::automatic;
+  else if (mode == "always") m = Mode::always;
+  else if (mode == "off") m = Mode::off;
+  else throw std::invalid_argument("mode must be one of 'auto', 'always', 'off', got '" + mode.substr(0, 40) + "'");
+  mode_state().store(static_cast<int>(m));
+}
+
+std::string prefilter_mode() {
+  switch (static_cast<Mode>(mode_state().load())) {
+    case Mode::always: return "always";
+    case Mode::off: return "off";
+    default: return "auto";
+  }
+}
+
+PrefilterStats prefilter_stats() {
+  return {calls_prefiltered.load(), rows_in_full.load(), calls_declined.load(), codes_rescored.load()};
+}
+
+std::string prefilter_reason(int64_t n, int64_t k, int64_t d) {
+  const Mode mode = static_cast<Mode>(mode_state().load());
+  if (mode == Mode::off) return "the prefilter is off (set_prefilter('off'))";
+  if (!cpu_has_vnni()) return "this CPU or build has no AVX-512 VNNI (vpdpbusd)";
+  if (!scan_fn()) return std::string("the SIMD level is '") + simd_level_name(current_simd_level()) + "', not 'avx512'";
+  if (d > kPrefilterMaxDim) return "d = " + std::to_string(d) + " > " + std::to_string(kPrefilterMaxDim);
+  if (n == 0) return "no rows";
+  if (mode == Mode::always) return "";
+  if (d < kPrefilterMinDim)
+    return "d = " + std::to_string(d) + " < " + std::to_string(kPrefilterMinDim) + ": float32 products are cheaper";
+  if (k < kPrefilterMinCodes || k * d < kPrefilterMinCodeFloats)
+    return "K = " + std::to_string(k) + ", K d = " + std::to_string(k * d) + ": too few codes to pay back (auto needs K >= " +
+           std::to_string(kPrefilterMinCodes) + " and K d >= " + std::to_string(kPrefilterMinCodeFloats) + ")";
+  return "";
+}
+
+bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, const PackedCodebook& pack,
+                              const NearestCodeOutputs& out, int nt) {
+  const PrefilterScanFn scan = scan_fn();
+  const SearchFewRowsFn few_rows = current_search_few_rows();
+  if (!scan || !few_rows || n == 0) return false;
+  const std::shared_ptr<const QuantizedCodes> codes_ptr = quantized_codes(pack, nt);
+  const QuantizedCodes& codes = *codes_ptr;
+  const int64_t ngroups = (n + kPrefilterRows - 1) / kPrefilterRows, npanels = pack.npanels;
+  std::vector<int32_t> xq(static_cast<size_t>(ngroups * codes.d4 * kPrefilterRows), 0);  // rows interleaved by group
+  std::vector<QuantizedRow> qrows(static_cast<size_t>(n));
+  int64_t declined = 0;
+#pragma omp parallel for schedule(static) num_threads(nt) reduction(+ : declined) if (n >= 64)
+  for (int64_t i = 0; i < n; ++i)
+    declined += !quantize_row(x + i * pack.d, pack.centre, codes,
+                              xq.data() + (i / kPrefilterRows) * codes.d4 * kPrefilterRows + i % kPrefilterRows,
+                              kPrefilterRows, qrows[static_cast<size_t>(i)]);
+  if (declined > 0) {
+    calls_declined.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  calls_prefiltered.fetch_add(1, std::memory_order_relaxed);
+#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
+  const PrefilterRescoreFn rescore = &prefilter_rescore_avx512;
+#else
+  const PrefilterRescoreFn rescore = nullptr;  // unreachable: scan_fn() is null without the kernel
+#endif
+  const Prefiltered run{x, codebook, pack, codes, xq, qrows, n, few_rows, scan, rescore};
+  const int64_t want_items = 4 * static_cast<int64_t>(nt);
+  const int64_t nchunks = (nt <= 1 || ngroups >= want_items)
+                              ? 1
+                              : std::max<int64_t>(1, std::min((want_items + ngroups - 1) / ngroups,
+                                                              npanels / kMinChunkPanels));
+  if (nchunks == 1) {  // items of kGroupsPerItem groups: scan every panel, then finish their rows
+    const int64_t nitems = (ngroups + kGroupsPerItem - 1) / kGroupsPerItem;
+#pragma omp parallel num_threads(nt)
+    {
+      std::vector<ScanSlot> slots(static_cast<size_t>(kGroupsPerItem));
+      std::vector<float> centred(static_cast<size_t>(pack.d));
+      std::vector<int32_t> passed;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t item = 0; item < nitems; ++item) {
+        const int64_t g0 = item * kGroupsPerItem, g1 = std::min(ngroups, g0 + kGroupsPerItem);
+        run.scan_groups(g0, g1, 0, npanels, [&](int64_t g) -> ScanSlot& { return slots[static_cast<size_t>(g - g0)]; });
+        for (int64_t g = g0; g < g1; ++g) {
+          const ScanSlot* slot = &slots[static_cast<size_t>(g - g0)];
+          for (int64_t i = g * kPrefilterRows; i < g * kPrefilterRows + run.group_rows(g); ++i)
+            run.finish_row(i, &slot, 1, centred.data(), passed, out);
+        }
+      }
+    }
+  } else {  // few rows: one item per code chunk, every group in it; then the rows, chunks in order
+    std::vector<ScanSlot> slots(static_cast<size_t>(ngroups * nchunks));
+    const auto slot_of = [&](int64_t g, int64_t c) -> ScanSlot& { return slots[static_cast<size_t>(c * ngroups + g)]; };
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t c = 0; c < nchunks; ++c)
+      run.scan_groups(0, ngroups, npanels * c / nchunks, npanels * (c + 1) / nchunks,
+                      [&](int64_t g) -> ScanSlot& { return slot_of(g, c); });
+    std::vector<float> centred(static_cast<size_t>(pack.d));
+    std::vector<int32_t> passed;
+    std::vector<const ScanSlot*> row_slots(static_cast<size_t>(nchunks));
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t g = i / kPrefilterRows;
+      for (int64_t c = 0; c < nchunks; ++c) row_slots[static_cast<size_t>(c)] = &slot_of(g, c);
+      run.finish_row(i, row_slots.data(), nchunks, centred.data(), passed, out);
+    }
+  }
+  return true;
+}
+
+}  // namespace fastvq::cpu

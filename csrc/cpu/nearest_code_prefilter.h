@@ -1,0 +1,45 @@
+// nearest_code through the int8 prefilter (prefilter.h), its switch and its reasons.
+// Source: nearest_code_prefilter.cpp.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "cpu/pack_codebook.h"
+#include "cpu/search_common.h"
+
+namespace fastvq::cpu {
+
+// Below these the float32 search alone is as fast or faster ("auto"): each row's fixed costs (quantize,
+// warm-up, the candidates' float32 scores) need enough codes to pay back, and at small d the scan's
+// per-panel epilogue outweighs its int8 products. Measured on a 2-core Xeon (model 207), 2 threads:
+// K d = 2^16 (1024 x 64) 0.91x, 2^17 (2048 x 64, 1024 x 128, 4096 x 32) 1.08-1.16x; 512 x 256 0.98x;
+// d = 16 at K = 16384 1.03x, d = 24 1.24x.
+constexpr int64_t kPrefilterMinDim = 24;
+constexpr int64_t kPrefilterMinCodes = 1024;
+constexpr int64_t kPrefilterMinCodeFloats = int64_t{1} << 17;  // K d
+
+// "auto" (default: where prefilter_reason allows), "always" (any shape the kernel supports: tests),
+// or "off". Throws std::invalid_argument for another name.
+void set_prefilter_mode(const std::string& mode);
+std::string prefilter_mode();
+
+// Why a call of n rows, K codes, dimension d runs the full search without the prefilter; empty when
+// it tries the prefilter. (A call that tries it can still decline at run time, e.g. for a row with a
+// non-finite entry: prefilter_stats counts those.)
+std::string prefilter_reason(int64_t n, int64_t k, int64_t d);
+
+struct PrefilterStats {
+  int64_t calls = 0;         // calls answered through the prefilter
+  int64_t rows_in_full = 0;  // rows of those calls whose candidates overflowed: scored over every panel
+  int64_t declined = 0;      // calls that tried it and ran the full search instead
+  int64_t codes_rescored = 0;  // candidates scored again in float32 (rows not in full)
+};
+PrefilterStats prefilter_stats();
+
+// Writes nearest_code's outputs for these rows and returns true, or returns false having written
+// nothing (the caller runs the full search, which also raises for a row out of range).
+bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, const PackedCodebook& pack,
+                              const NearestCodeOutputs& out, int num_threads);
+
+}  // namespace fastvq::cpu

@@ -1,0 +1,88 @@
+// The int8 prefilter of nearest_code (AVX-512 VNNI): an exact search that reads the codes as bytes.
+//
+// Each code of the pack (pack_codebook.h: panel values e'' = -2 (e - c)) is also kept as int8 with a
+// scale per code, and each row x' = x - c is quantized the same way per row. One int8
+// dot per (row, code) gives an approximate score S~ = ||e'||^2 + s_x s_e (r . q); the float32 score
+// S that the search kernels compute (norm, then one FMA per p) lies within a per-row bound R of it
+// (prefilter_codes.cpp: row_slack derives R). So the code the full search picks, and every code tied
+// with it, has S~ <= min S~ + 2R: the scan keeps those codes as candidates, and only their panels are
+// scored again by the float32 kernel itself. Result: bitwise the full search's (indices, sqdist),
+// reading a quarter of the bytes and doing the bulk of the products 64 to an instruction.
+//
+// A row whose candidates overflow their buffer (near-duplicate codes, a constant codebook), or inputs
+// outside the bound's assumptions, make the call run the full search instead; nothing is approximate.
+//
+// This header is included by prefilter_scan_avx512.cpp (compiled with AVX-512 flags): declarations
+// and constants only (see kernels.h).
+#pragma once
+
+#include <cstdint>
+
+namespace fastvq::cpu {
+
+// Bytes of one panel group: 16 codes x 4 consecutive dimensions, code-major (vpdpbusd's layout).
+constexpr int kQuantGroupBytes = 64;
+// d above this could overflow the int32 dot's exact float conversion (|r . q| <= 127^2 d < 2^24).
+constexpr int64_t kPrefilterMaxDim = 1024;
+// Rows scanned together against each panel (their accumulators and the panel's bytes in registers).
+constexpr int kPrefilterRows = 8;
+
+// The int8 copy of a packed codebook (built once per pack: prefilter_codes.cpp).
+//   bytes[q][g][j][b] = q_{16q+j, 4g+b} + 128 (unsigned: vpdpbusd's first operand), 128 past d;
+//   scale[16q+j]      = s_e = max_p |e''_p| / 127 (rounded to float32), |q| <= 127;
+//   norm[16q+j]       = the pack's ||e - c||^2, NaN for a code that can never win (non-finite
+//                        entries, or padding past K): no comparison lets NaN through.
+struct QuantizedCodes {
+  int64_t npanels = 0, d = 0, d4 = 0;  // d4 = ceil(d / 4) groups of 4 dimensions
+  uint8_t* bytes = nullptr;
+  float* scale = nullptr;
+  float* norm = nullptr;
+  // Over the codes that can win, for the bound: max ||e''||, max ||e'' - s_e q||, max ||s_e q||,
+  // max ||e - c||^2, and the smallest and largest scale.
+  double max_panel_norm = 0, max_error_norm = 0, max_quant_norm = 0, max_norm = 0;
+  double min_scale = 0, max_scale = 0;
+  bool any_code = false;  // some code can win
+  size_t nbytes = 0;
+  QuantizedCodes() = default;
+  ~QuantizedCodes();
+  QuantizedCodes(const QuantizedCodes&) = delete;
+  QuantizedCodes& operator=(const QuantizedCodes&) = delete;
+};
+
+// One row of x quantized for the scan (its int8 levels r, 4 to an int32: r_{4g..4g+3}), its scale s_x, the offset
+// correction 128 * sum(r) (the codes are stored + 128), and its slack 2R + margin as float32.
+struct QuantizedRow {
+  float scale = 0.0f;
+  int32_t correction = 0;
+  float slack = 0.0f;
+};
+
+// Scan panels [q_begin, q_end) for `rows` (1..kPrefilterRows) quantized rows. Row r's 4-byte group g
+// is xq[g * kPrefilterRows + r] (the group's rows interleaved); running[r * 16 + lane] is its running minimum of S~ per lane (in/out,
+// start at +inf); every code with S~ <= (running minimum so far) + slack is appended, in increasing
+// order, with its S~, to cand / cand_val + r * cap (count[r] entries so far). The first `warmup`
+// panels are scanned once before, for the minimum only, so that they do not all pass. A row that
+// would pass `cap` gets count[r] = cap + 1 and no more candidates (the driver searches it in full).
+using PrefilterScanFn = void (*)(int rows, const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes,
+                                 int64_t q_begin, int64_t q_end, int64_t warmup, float* running, int32_t* cand,
+                                 float* cand_val, int64_t cap, int64_t* count);
+using PrefilterRescoreFn = void (*)(const float* xc, int64_t d, const float* panels, const float* norms,
+                                    const int32_t* codes, int64_t count, float* best_val, int64_t* best_idx);
+#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
+// max_p |x_p - c_p| over d entries.
+float prefilter_max_abs_avx512(const float* x, const float* centre, int64_t d);
+// The levels r_p = round((x_p - c_p) / scale), clamped to [-127, 127] and 0 past d, 4 to an int32 at
+// xq[g * stride] (g < d4); returns sum_p r_p, and in double sums[0..2] = ||x - c||^2, ||x - c - scale r||^2
+// and ||scale r||^2.
+int32_t prefilter_levels_avx512(const float* x, const float* centre, int64_t d, int64_t d4, float scale, int32_t* xq,
+                                int64_t stride, double* sums);
+// The float32 score of each listed code (increasing) for one centred row xc: bitwise the search
+// kernels' (norm, then one FMA per p), merged into best_* as they do (strictly smaller replaces).
+void prefilter_rescore_avx512(const float* xc, int64_t d, const float* panels, const float* norms,
+                              const int32_t* codes, int64_t count, float* best_val, int64_t* best_idx);
+void prefilter_scan_avx512(int rows, const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes,
+                           int64_t q_begin, int64_t q_end, int64_t warmup, float* running, int32_t* cand,
+                           float* cand_val, int64_t cap, int64_t* count);
+#endif
+
+}  // namespace fastvq::cpu

@@ -1,0 +1,195 @@
+// The int8 prefilter's kernels (prefilter.h), AVX-512 VNNI: the scan, the rows' quantization and the
+// candidates' float32 scores. The only file compiled with -mavx512vnni; called through
+// nearest_code_prefilter.cpp only after the CPU check there. Free of the C++ standard library (see
+// kernels.h).
+//
+// Per panel of 16 codes and each of up to kPrefilterRows rows: d4 vpdpbusd (16 codes x 4 dims
+// each, the panel's 64-byte group loaded once for all the rows, the row's 4 bytes broadcast), then
+// S~ = norm + (s_e s_x) * (dot - correction) in one FMA, a running minimum per lane, and a compress-store of the codes within the row's slack of
+// it. Candidates are rare after the first panels, so the store sits behind a branch.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/prefilter.h"
+
+namespace fastvq::cpu {
+namespace {
+
+// Every this many panels a row's per-lane minima become the row's minimum, so the threshold
+// follows the row's best code rather than each lane's (fewer early candidates).
+constexpr int64_t kReduceEvery = 4;
+
+// acc += the 16 codes' 4-byte groups (c, unsigned) times the row's 4 bytes (*x, signed, broadcast).
+// Inline asm: GCC 12 copies every accumulator of _mm512_dpbusd_epi32 through another register
+// each iteration (2 moves per vpdpbusd), which halved the scan's speed.
+inline void dot4(__m512i& acc, __m512i c, const int32_t* x) {
+  __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(c), "m"(*x));
+}
+
+template <bool kEmit>
+inline void fold_row(__m512i acc, const QuantizedRow& qrow, __m512 code_scale, __m512 norm, __m512i ids,
+                     __m512& run, int32_t* cand, float* cand_val, int64_t cap, int64_t& count) {
+  const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_set1_epi32(qrow.correction)));
+  const __m512 s = _mm512_fmadd_ps(dot, _mm512_mul_ps(code_scale, _mm512_set1_ps(qrow.scale)), norm);
+  run = _mm512_min_ps(s, run);  // a NaN s (a code that cannot win) keeps run
+  if (!kEmit) return;
+  const __mmask16 m = _mm512_cmp_ps_mask(s, _mm512_add_ps(run, _mm512_set1_ps(qrow.slack)), _CMP_LE_OQ);
+  if (!m) return;
+  const int passed = __builtin_popcount(static_cast<unsigned>(m));
+  if (count + passed > cap) {  // overflowed (now or before): the driver searches this row in full
+    count = cap + 1;
+    return;
+  }
+  _mm512_mask_compressstoreu_epi32(cand + count, m, ids);
+  _mm512_mask_compressstoreu_ps(cand_val + count, m, s);
+  count += passed;
+}
+
+// xq: the group's rows interleaved, xq[g * kPrefilterRows + r].
+template <int R, bool kEmit>
+void scan_panels(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes, int64_t q_begin,
+                 int64_t q_end, __m512 (&run)[R], int32_t* cand, float* cand_val, int64_t cap, int64_t* count) {
+  const int64_t d4 = codes.d4;
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t q = q_begin; q < q_end; ++q) {
+    const uint8_t* b = codes.bytes + q * d4 * kQuantGroupBytes;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    const int32_t* x = xq;
+    for (int64_t g = 0; g < d4; ++g, x += kPrefilterRows) {
+      const __m512i c = _mm512_load_si512(b + g * kQuantGroupBytes);
+      dot4(a0, c, x);
+      if constexpr (R > 1) dot4(a1, c, x + 1);
+      if constexpr (R > 2) dot4(a2, c, x + 2);
+      if constexpr (R > 3) dot4(a3, c, x + 3);
+      if constexpr (R > 4) dot4(a4, c, x + 4);
+      if constexpr (R > 5) dot4(a5, c, x + 5);
+      if constexpr (R > 6) dot4(a6, c, x + 6);
+      if constexpr (R > 7) dot4(a7, c, x + 7);
+    }
+    const __m512 code_scale = _mm512_load_ps(codes.scale + q * 16);
+    const __m512 norm = _mm512_load_ps(codes.norm + q * 16);
+    const __m512i ids = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(q * 16)));
+    const __m512i accs[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+    for (int r = 0; r < R; ++r)
+      fold_row<kEmit>(accs[r], qrows[r], code_scale, norm, ids, run[r], cand + r * cap, cand_val + r * cap, cap,
+                      count[r]);
+    if ((q - q_begin) % kReduceEvery == kReduceEvery - 1)
+      for (int r = 0; r < R; ++r) run[r] = _mm512_set1_ps(_mm512_reduce_min_ps(run[r]));
+  }
+}
+
+template <int R>
+void scan(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes, int64_t q_begin, int64_t q_end,
+          int64_t warmup, float* running, int32_t* cand, float* cand_val, int64_t cap, int64_t* count) {
+  __m512 run[R];
+  for (int r = 0; r < R; ++r) run[r] = _mm512_loadu_ps(running + 16 * r);
+  if (warmup > 0) {  // the minimum of the first panels first, so that they do not all pass
+    scan_panels<R, false>(xq, qrows, codes, q_begin, q_begin + warmup, run, cand, cand_val, cap, count);
+    for (int r = 0; r < R; ++r) run[r] = _mm512_set1_ps(_mm512_reduce_min_ps(run[r]));
+  }
+  scan_panels<R, true>(xq, qrows, codes, q_begin, q_end, run, cand, cand_val, cap, count);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(running + 16 * r, run[r]);
+}
+
+}  // namespace
+
+void prefilter_scan_avx512(int rows, const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes,
+                           int64_t q_begin, int64_t q_end, int64_t warmup, float* running, int32_t* cand,
+                           float* cand_val, int64_t cap, int64_t* count) {
+  switch (rows) {
+#define FASTVQ_SCAN_CASE(R) \
+  case R: return scan<R>(xq, qrows, codes, q_begin, q_end, warmup, running, cand, cand_val, cap, count);
+    FASTVQ_SCAN_CASE(1) FASTVQ_SCAN_CASE(2) FASTVQ_SCAN_CASE(3) FASTVQ_SCAN_CASE(4)
+    FASTVQ_SCAN_CASE(5) FASTVQ_SCAN_CASE(6) FASTVQ_SCAN_CASE(7)
+#undef FASTVQ_SCAN_CASE
+    default: return scan<8>(xq, qrows, codes, q_begin, q_end, warmup, running, cand, cand_val, cap, count);
+  }
+}
+
+}  // namespace fastvq::cpu
+
+// ---- the rows' quantization and the candidates' float32 scores (prefilter.h) ----
+namespace fastvq::cpu {
+namespace {
+
+__mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1);
+}
+
+}  // namespace
+
+float prefilter_max_abs_avx512(const float* x, const float* centre, int64_t d) {
+  __m512 largest = _mm512_setzero_ps();
+  for (int64_t p = 0; p < d; p += 16) {
+    const __mmask16 m = tail_mask(d - p);
+    const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + p), _mm512_maskz_loadu_ps(m, centre + p));
+    largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
+  }
+  return _mm512_reduce_max_ps(largest);
+}
+
+int32_t prefilter_levels_avx512(const float* x, const float* centre, int64_t d, int64_t d4, float scale, int32_t* xq,
+                                int64_t stride, double* sums) {
+  const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+  const __m512d scale_d = _mm512_set1_pd(scale);
+  const __m512i low = _mm512_set1_epi32(-127), high = _mm512_set1_epi32(127);
+  __m512d norm_sq = _mm512_setzero_pd(), error_sq = norm_sq, quant_sq = norm_sq;
+  __m512i level_sum = _mm512_setzero_si512();
+  alignas(16) int8_t bytes[16];
+  for (int64_t p = 0; p < 4 * d4; p += 16) {
+    const __mmask16 m = tail_mask(d - p);  // zero levels past d
+    const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + p), _mm512_maskz_loadu_ps(m, centre + p));
+    const __m512i level = _mm512_max_epi32(
+        low, _mm512_min_epi32(high, _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, inverse),
+                                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    level_sum = _mm512_add_epi32(level_sum, level);
+    _mm_store_si128(reinterpret_cast<__m128i*>(bytes), _mm512_cvtepi32_epi8(level));
+    for (int64_t g = p / 4; g < d4 && g < p / 4 + 4; ++g)
+      __builtin_memcpy(xq + g * stride, bytes + 4 * (g - p / 4), 4);
+    // In double, exactly: the error v - s r of each entry, and the three squared norms.
+    const __m256 halves[2] = {_mm512_castps512_ps256(v), _mm512_castps512_ps256(_mm512_shuffle_f32x4(v, v, 0x4E))};
+    const __m256i level_halves[2] = {_mm512_castsi512_si256(level), _mm512_extracti64x4_epi64(level, 1)};
+    for (int h = 0; h < 2; ++h) {
+      const __m512d vd = _mm512_cvtps_pd(halves[h]);
+      const __m512d rebuilt = _mm512_mul_pd(scale_d, _mm512_cvtepi32_pd(level_halves[h]));
+      const __m512d error = _mm512_sub_pd(vd, rebuilt);
+      norm_sq = _mm512_fmadd_pd(vd, vd, norm_sq);
+      error_sq = _mm512_fmadd_pd(error, error, error_sq);
+      quant_sq = _mm512_fmadd_pd(rebuilt, rebuilt, quant_sq);
+    }
+  }
+  sums[0] = _mm512_reduce_add_pd(norm_sq);
+  sums[1] = _mm512_reduce_add_pd(error_sq);
+  sums[2] = _mm512_reduce_add_pd(quant_sq);
+  return _mm512_reduce_add_epi32(level_sum);
+}
+
+void prefilter_rescore_avx512(const float* xc, int64_t d, const float* panels, const float* norms,
+                              const int32_t* codes, int64_t count, float* best_val, int64_t* best_idx) {
+  // Eight codes at a time, eight FMA chains in flight (one chain's latency would dominate otherwise);
+  // the last group repeats its last code in the unused chains, whose results are not read.
+  for (int64_t t0 = 0; t0 < count; t0 += 8) {
+    const float* e[8];
+    __m128 acc[8];
+    for (int c = 0; c < 8; ++c) {
+      const int64_t code = codes[t0 + c < count ? t0 + c : count - 1];
+      e[c] = panels + (code / 16) * d * 16 + code % 16;
+      acc[c] = _mm_set_ss(norms[code]);
+    }
+    for (int64_t p = 0; p < d; ++p) {
+      const __m128 xp = _mm_set_ss(xc[p]);
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) acc[c] = _mm_fmadd_ss(xp, _mm_set_ss(e[c][p * 16]), acc[c]);
+    }
+    for (int c = 0; c < 8 && t0 + c < count; ++c) {
+      const float score = _mm_cvtss_f32(acc[c]);
+      if (score < *best_val) {  // candidates in increasing order: a tie keeps the lower code
+        *best_val = score;
+        *best_idx = codes[t0 + c];
+      }
+    }
+  }
+}
+
+}  // namespace fastvq::cpu

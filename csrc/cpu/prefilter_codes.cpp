@@ -1,0 +1,185 @@
+// The int8 prefilter's host side (prefilter_codes.h): quantizing codes and rows, and the bound.
+//
+// The bound (per row; u = 2^-24, e'' = the pack's panel values -2(e - c), x' = x - c in float32,
+// e^ = s_e q and x^ = s_x r the quantized vectors, n = the pack's ||e - c||^2):
+//   the kernels' score S = n + sum_p x'_p e''_p with one FMA per p from n: d roundings, so
+//       |S - (n + x'.e'')| <= gamma_d (n + ||x'|| ||e''||),   gamma_d = d u / (1 - d u);
+//   x'.e'' - x^.e^ = x'.(e'' - e^) + (x' - x^).e^, so
+//       |x'.e'' - x^.e^| <= ||x'|| ||e'' - e^|| + ||x' - x^|| ||e^||;
+//   the scan's S~ = fl(n + T fl(s_x s_e)) with T = r.q (an exact integer, exactly converted for
+//   d <= 1024): the scale product errs by u relative, the FMA rounds once, so
+//       |S~ - (n + x^.e^)| <= u (n + ||x^|| ||e^||) + u ||x^|| ||e^|| (to first order in u).
+// With the maxima over the codes, R = gamma_d (N + ||x'|| E) + ||x'|| D + ||x' - x^|| H + u (N + 2 ||x^|| H)
+// bounds |S - S~| for every code. The full search's choice e* (and any code tied with it) then has
+// S~(e*) <= S(e*) + R <= S(e) + R <= S~(e) + 2R for every e: within 2R of the smallest S~. The slack
+// handed to the scan adds the float32 rounding of (running minimum + slack) on top of 2R.
+#include "cpu/prefilter_codes.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <new>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/search_common.h"
+
+namespace fastvq::cpu {
+namespace {
+
+constexpr double kUnitRoundoff = 1.0 / (1 << 24);
+// Products of scales outside these (not normal float32 numbers, or near overflow) decline the row.
+const double kMinScaleProduct = std::ldexp(1.0, -126);
+const double kMaxScaleProduct = std::ldexp(1.0, 100);
+
+// The scale of a vector whose largest magnitude is max_abs: its levels fill [-127, 127] (1 for zeros).
+float quant_scale(double max_abs) {
+  const float s = static_cast<float>(max_abs / 127.0);
+  return s > 0.0f ? s : 1.0f;
+}
+
+// v's level at scale s, clamped (s may round below max_abs / 127).
+int quant_level(double v, double s) { return static_cast<int>(std::max(-127.0, std::min(127.0, std::nearbyint(v / s)))); }
+
+size_t round_up64(size_t bytes) { return ((bytes + 63) / 64) * 64; }
+
+struct Maxima {
+  double panel_norm = 0, error_norm = 0, quant_norm = 0, norm = 0;
+  double min_scale = std::numeric_limits<double>::infinity(), max_scale = 0;
+  bool any = false;
+  void add(const Maxima& o) {
+    panel_norm = std::max(panel_norm, o.panel_norm);
+    error_norm = std::max(error_norm, o.error_norm);
+    quant_norm = std::max(quant_norm, o.quant_norm);
+    norm = std::max(norm, o.norm);
+    min_scale = std::min(min_scale, o.min_scale);
+    max_scale = std::max(max_scale, o.max_scale);
+    any |= o.any;
+  }
+};
+
+// Quantize code j of panel q into `codes`, returning its contribution to the maxima.
+Maxima quantize_code(const PackedCodebook& pack, QuantizedCodes& codes, int64_t q, int j) {
+  const int64_t d = pack.d, code = q * kPanel + j;
+  uint8_t* bytes = codes.bytes + q * codes.d4 * kQuantGroupBytes + j * 4;
+  const float norm = pack.norms[code];
+  Maxima m;
+  if (code >= pack.k || !std::isfinite(norm)) {  // never wins: NaN passes no comparison
+    for (int64_t g = 0; g < codes.d4; ++g) std::fill(bytes + g * kQuantGroupBytes, bytes + g * kQuantGroupBytes + 4, 128);
+    codes.scale[code] = 1.0f;
+    codes.norm[code] = std::numeric_limits<float>::quiet_NaN();
+    return m;
+  }
+  const float* panel = pack.panels + q * d * kPanel;
+  double max_abs = 0.0;
+  for (int64_t p = 0; p < d; ++p) max_abs = std::max(max_abs, std::fabs(static_cast<double>(panel[p * kPanel + j])));
+  const double s = quant_scale(max_abs);
+  double panel_sq = 0, error_sq = 0, quant_sq = 0;
+  for (int64_t p = 0; p < 4 * codes.d4; ++p) {
+    int level = 0;
+    if (p < d) {
+      const double v = panel[p * kPanel + j];
+      level = quant_level(v, s);
+      const double rebuilt = s * level;
+      panel_sq += v * v;
+      error_sq += (v - rebuilt) * (v - rebuilt);
+      quant_sq += rebuilt * rebuilt;
+    }
+    bytes[(p / 4) * kQuantGroupBytes + (p % 4)] = static_cast<uint8_t>(level + 128);
+  }
+  codes.scale[code] = static_cast<float>(s);
+  codes.norm[code] = norm;
+  m.panel_norm = std::sqrt(panel_sq);
+  m.error_norm = std::sqrt(error_sq);
+  m.quant_norm = std::sqrt(quant_sq);
+  m.norm = norm;
+  m.min_scale = m.max_scale = s;
+  m.any = true;
+  return m;
+}
+
+std::shared_ptr<const QuantizedCodes> build(const PackedCodebook& pack, int nt) {
+  auto codes = std::make_shared<QuantizedCodes>();
+  codes->npanels = pack.npanels;
+  codes->d = pack.d;
+  codes->d4 = (pack.d + 3) / 4;
+  const size_t byte_count = round_up64(static_cast<size_t>(pack.npanels * codes->d4 * kQuantGroupBytes));
+  const size_t float_bytes = round_up64(static_cast<size_t>(pack.npanels * kPanel) * sizeof(float));
+  codes->nbytes = byte_count + 2 * float_bytes;
+  char* base = static_cast<char*>(std::aligned_alloc(64, codes->nbytes));
+  if (!base) throw std::bad_alloc();
+  codes->bytes = reinterpret_cast<uint8_t*>(base);
+  codes->scale = reinterpret_cast<float*>(base + byte_count);
+  codes->norm = reinterpret_cast<float*>(base + byte_count + float_bytes);
+  std::vector<Maxima> per_panel(static_cast<size_t>(pack.npanels));
+#pragma omp parallel for schedule(static) num_threads(nt) if (pack.npanels * pack.d >= (int64_t{1} << 16))
+  for (int64_t q = 0; q < pack.npanels; ++q)
+    for (int j = 0; j < kPanel; ++j) per_panel[static_cast<size_t>(q)].add(quantize_code(pack, *codes, q, j));
+  Maxima all;
+  for (const Maxima& m : per_panel) all.add(m);
+  codes->max_panel_norm = all.panel_norm;
+  codes->max_error_norm = all.error_norm;
+  codes->max_quant_norm = all.quant_norm;
+  codes->max_norm = all.norm;
+  codes->min_scale = all.any ? all.min_scale : 1.0;
+  codes->max_scale = all.any ? all.max_scale : 1.0;
+  codes->any_code = all.any;
+  return codes;
+}
+
+}  // namespace
+
+QuantizedCodes::~QuantizedCodes() { std::free(bytes); }
+
+std::shared_ptr<const QuantizedCodes> quantized_codes(const PackedCodebook& pack, int num_threads) {
+  std::shared_ptr<const QuantizedCodes> codes;
+  {
+    std::lock_guard<std::mutex> lock(pack.quantized_mutex);
+    if (!pack.quantized) {
+      pack.quantized = build(pack, resolve_threads(num_threads));
+      pack.quantized_bytes.store(pack.quantized->nbytes);
+    }
+    codes = pack.quantized;
+  }
+  trim_pack_cache();  // the copy's bytes count towards the cache's bound
+  return codes;
+}
+
+bool quantize_row(const float* x, const float* centre, const QuantizedCodes& codes, int32_t* xq, int64_t stride,
+                  QuantizedRow& qrow) {
+  const int64_t d = codes.d;
+  // pack_rows' range check, bitwise: the prefilter declines exactly the rows the full search refuses,
+  // and every non-finite row (an inf or NaN entry makes the sum inf or NaN).
+  if (!(squared_l2(x, centre, d) <= static_cast<float>(kMaxCentredSquaredNorm))) return false;
+#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
+  const float s = quant_scale(prefilter_max_abs_avx512(x, centre, d));
+  if (codes.any_code && !(s * codes.min_scale >= kMinScaleProduct && s * codes.max_scale <= kMaxScaleProduct))
+    return false;
+  double sums[3];
+  const int32_t sum = prefilter_levels_avx512(x, centre, d, codes.d4, s, xq, stride, sums);
+  const double norm_total = sums[0], error_total = sums[1], quant_total = sums[2];
+  const double u = kUnitRoundoff, dim = static_cast<double>(d);
+  const double gamma = dim * u / (1.0 - dim * u);
+  const double x_norm = std::sqrt(norm_total), x_error = std::sqrt(error_total), x_quant = std::sqrt(quant_total);
+  const double largest = codes.max_norm + x_quant * codes.max_quant_norm;  // bounds |S~|
+  const double r = gamma * (codes.max_norm + x_norm * codes.max_panel_norm) + x_norm * codes.max_error_norm +
+                   x_error * codes.max_quant_norm + u * (largest + x_quant * codes.max_quant_norm);
+  // fl(minimum + slack) >= minimum + 2R needs slack >= 2R + u (|minimum| + slack); 2^-20 covers the
+  // double-precision rounding of everything above.
+  const double slack = (2.0 * r + u * (largest * (1.0 + u) + 2.0 * r)) / (1.0 - u) * (1.0 + std::ldexp(1.0, -20));
+  float slack_f = static_cast<float>(slack);
+  if (static_cast<double>(slack_f) < slack) slack_f = std::nextafter(slack_f, std::numeric_limits<float>::infinity());
+  qrow.scale = static_cast<float>(s);
+  qrow.correction = 128 * sum;
+  qrow.slack = slack_f;
+  return std::isfinite(slack_f);
+#else
+  (void)xq, (void)stride, (void)qrow;
+  return false;  // no scan to feed
+#endif
+}
+
+}  // namespace fastvq::cpu

@@ -1,0 +1,185 @@
+"""nearest_code's int8 prefilter on the cpu backend (csrc/cpu/nearest_code_prefilter.cpp): exact, so every
+test compares it bitwise with the float32 search on the same inputs (and with fastvq.reference where the
+inputs make the answer exact), and checks through prefilter_stats that the prefilter really answered.
+
+The prefilter needs AVX-512 VNNI; on a CPU without it these tests skip, and the float32 search they compare
+against is tested everywhere by test_cpu_extension.py and test_nearest_code.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastvq import _cpu
+from fastvq import reference
+
+from test_cpu_extension import SHAPES, run_nearest_code, small_int_inputs
+
+NO_VNNI = "no AVX-512 VNNI" in _cpu.prefilter_reason(1, 4096, 64)
+pytestmark = pytest.mark.skipif(NO_VNNI, reason="this CPU or build has no AVX-512 VNNI: no prefilter to test")
+
+
+@pytest.fixture
+def prefilter_mode():
+    """Restores the default mode and SIMD level after a test that changes them."""
+    yield _cpu.set_prefilter
+    _cpu.set_prefilter("auto")
+    _cpu.set_simd_level("auto")
+
+
+def both_ways(x, e, threads, set_mode):
+    """(float32 search outputs, prefilter outputs, prefilter_stats delta) on the same inputs."""
+    set_mode("off")
+    full = run_nearest_code(x, e, threads)
+    set_mode("always")
+    before = _cpu.prefilter_stats()
+    filtered = run_nearest_code(x, e, threads)
+    after = _cpu.prefilter_stats()
+    return full, filtered, {key: after[key] - before[key] for key in after}
+
+
+def assert_same(full, filtered):
+    """Bitwise equal (a NaN distance, for a row with a non-finite entry, equals NaN)."""
+    for name, a, b in zip(("indices", "sqdist", "quantized"), full, filtered):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("n,k,d", SHAPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bitwise_the_float32_search_on_random_inputs(n, k, d, threads, prefilter_mode):
+    g = torch.Generator().manual_seed(n + 3 * k + 7 * d)
+    x, e = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    full, filtered, stats = both_ways(x, e, threads, prefilter_mode)
+    assert_same(full, filtered)
+    assert stats["calls"] == (1 if n > 0 else 0)
+    assert stats["declined"] == 0 and stats["rows_in_full"] == 0
+    if n > 0:  # candidates are a few per row, not the codebook
+        assert 1 <= stats["codes_rescored"] / n <= 64
+
+
+@pytest.mark.parametrize("n,k,d", [(16, 1030, 64), (3, 20000, 5), (1000, 1030, 33), (7, 257, 130), (1, 1, 1)])
+def test_exact_inputs_match_the_reference_with_ties_to_the_lowest_index(n, k, d, prefilter_mode):
+    x, e = small_int_inputs(n, k, d, seed=5 * n + k + d)
+    want_idx, want_sq = reference.nearest_code(x.double(), e.double())
+    prefilter_mode("always")
+    idx, sq, q = run_nearest_code(x, e, 2)
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(sq, want_sq.float())
+    assert torch.equal(q, e[idx])
+
+
+def test_near_ties_below_the_int8_resolution_keep_the_float32_answer(prefilter_mode):
+    # 64 copies of each of 64 codes, each copy moved by ~1e-4 of its size: every copy quantizes alike, so
+    # the int8 scores cannot order them; only the bound lets all of them through to the float32 score.
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 48, generator=g)
+    e = (base.repeat_interleave(64, 0) * (1 + 1e-4 * torch.randn(4096, 48, generator=g))).contiguous()
+    x = (base[torch.randint(0, 64, (300,), generator=g)] + 1e-3 * torch.randn(300, 48, generator=g)).contiguous()
+    full, filtered, stats = both_ways(x, e, 2, prefilter_mode)
+    assert_same(full, filtered)
+    assert stats["calls"] == 1
+    assert stats["codes_rescored"] >= 300 * 8  # the near-duplicates of each row's code passed
+
+
+def test_rows_whose_candidates_overflow_are_searched_in_full(prefilter_mode):
+    # A constant codebook: every code ties, every code is a candidate, far past the per-row cap.
+    e = torch.full((5000, 40), 0.5)
+    x = torch.randn(20, 40, generator=torch.Generator().manual_seed(1))
+    full, filtered, stats = both_ways(x, e, 2, prefilter_mode)
+    assert_same(full, filtered)
+    assert torch.equal(filtered[0], torch.zeros(20, dtype=torch.int64))
+    assert stats["rows_in_full"] == 20
+
+
+def test_non_finite_codes_never_win_and_non_finite_rows_decline(prefilter_mode):
+    g = torch.Generator().manual_seed(2)
+    x, e = torch.randn(50, 36, generator=g), torch.randn(3000, 36, generator=g)
+    e[::7, 3] = float("nan")
+    e[1::11, 0] = float("inf")
+    full, filtered, stats = both_ways(x, e, 2, prefilter_mode)
+    assert_same(full, filtered)
+    assert stats["calls"] == 1 and stats["declined"] == 0
+    x[4, 2] = float("inf")
+    full, filtered, stats = both_ways(x, e, 2, prefilter_mode)
+    assert_same(full, filtered)
+    assert stats["calls"] == 0 and stats["declined"] == 1
+
+
+def test_non_contiguous_and_offset_codebook_views(prefilter_mode):
+    g = torch.Generator().manual_seed(4)
+    big = torch.randn(6000, 80, generator=g)
+    e = big[100:5100, 10:74].contiguous()  # the binding takes C-contiguous arrays: the backend copies views
+    x = torch.randn(33, 64, generator=g) * 3 + 100.0  # far from the origin: the search's centred frame
+    full, filtered, stats = both_ways(x, e, 2, prefilter_mode)
+    assert_same(full, filtered)
+    assert stats["calls"] == 1
+
+
+def test_a_row_out_of_range_raises_as_the_float32_search_does(prefilter_mode):
+    x = torch.randn(5, 64)
+    x[3] = 1e19
+    e = torch.randn(4096, 64)
+    prefilter_mode("always")
+    with pytest.raises(ValueError, match="x row 3 is too far from the search centre"):
+        run_nearest_code(x, e, 1)
+
+
+def test_mode_and_reasons(prefilter_mode):
+    assert _cpu.prefilter_mode() == "auto"
+    assert _cpu.prefilter_reason(16, 65536, 64) == ""
+    assert _cpu.prefilter_reason(32768, 2048, 64) == ""
+    assert "K = 1024, K d = 65536: too few codes" in _cpu.prefilter_reason(32768, 1024, 64)
+    assert "K = 512, K d = 131072: too few codes" in _cpu.prefilter_reason(32768, 512, 256)
+    assert "d = 16 < 24" in _cpu.prefilter_reason(16, 65536, 16)
+    assert "d = 1025 > 1024" in _cpu.prefilter_reason(16, 65536, 1025)
+    prefilter_mode("always")
+    assert _cpu.prefilter_mode() == "always"
+    assert _cpu.prefilter_reason(32768, 1024, 8) == ""
+    assert _cpu.prefilter_reason(0, 1024, 8) == "no rows"
+    _cpu.set_simd_level("avx2")
+    assert "not 'avx512'" in _cpu.prefilter_reason(16, 65536, 64)
+    x, e = torch.randn(4, 64), torch.randn(4096, 64)
+    before = _cpu.prefilter_stats()["calls"]
+    run_nearest_code(x, e, 1)
+    assert _cpu.prefilter_stats()["calls"] == before  # the avx2 level searches without it
+    _cpu.set_simd_level("auto")
+    prefilter_mode("off")
+    assert "off" in _cpu.prefilter_reason(16, 65536, 64)
+    with pytest.raises(ValueError, match="mode must be one of 'auto', 'always', 'off', got 'sometimes'"):
+        _cpu.set_prefilter("sometimes")
+    assert _cpu.prefilter_mode() == "off"
+
+
+def test_the_int8_copy_is_cached_with_its_pack_and_counted(prefilter_mode):
+    _cpu.empty_cache()
+    g = torch.Generator().manual_seed(6)
+    x, e = torch.randn(4, 64, generator=g), torch.randn(8192, 64, generator=g)
+    key = [1234, 5678]
+    prefilter_mode("off")
+    idx = torch.empty(4, dtype=torch.int64)
+    sq = torch.empty(4)
+    _cpu.nearest_code(x, e, idx, sq, None, 1, cache_key=key)
+    pack_only = _cpu.pack_cache_bytes()
+    prefilter_mode("always")
+    _cpu.nearest_code(x, e, idx, sq, None, 1, cache_key=key)
+    with_copy = _cpu.pack_cache_bytes()
+    # the int8 codes (K d bytes) and a scale and a norm per code
+    assert with_copy - pack_only >= 8192 * 64 + 2 * 8192 * 4
+    _cpu.nearest_code(x, e, idx, sq, None, 1, cache_key=key)
+    assert _cpu.pack_cache_bytes() == with_copy  # reused, not rebuilt
+    assert _cpu.empty_cache() == with_copy
+    assert _cpu.pack_cache_bytes() == 0
+
+
+@pytest.mark.parametrize("value,expected", [("off", "int8 prefilter unused: the prefilter is off"),
+                                            ("always", "int8 prefilter always (AVX-512 VNNI)"),
+                                            ("often", "$FASTVQ_CPU_PREFILTER='often': mode must be one of")])
+def test_the_environment_variable_sets_the_mode_and_info_reports_it(value, expected):
+    import os
+    import subprocess
+    import sys
+
+    code = "from fastvq.backends.cpu import CpuBackend as B; b = B(); print(b.unavailable_reason() or b.describe())"
+    env = dict(os.environ, FASTVQ_CPU_PREFILTER=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert expected in out
