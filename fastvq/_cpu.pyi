@@ -114,6 +114,17 @@ def set_prefilter(mode: str) -> None:
 def prefilter_mode() -> str:
     """The mode set_prefilter set: 'auto', 'always' or 'off'."""
 
+def set_prefilter_kernel(kernel: str) -> None:
+    """
+    The prefilter scan's kernel: 'auto' (AMX-INT8 tiles where the CPU and OS allow, else AVX-512 VNNI),
+    'vnni' or 'amx' (ValueError where unavailable). Same candidates, same outputs.
+    """
+
+def prefilter_kernel() -> str:
+    """
+    The scan kernel the prefilter uses now: 'amx', 'vnni', or '' (no AVX-512 VNNI here).
+    """
+
 def prefilter_reason(n: int, k: int, d: int) -> str:
     """
     Why nearest_code of n rows against K codes of dimension d runs without the prefilter now; '' when
@@ -124,8 +135,8 @@ def prefilter_stats() -> dict:
     """
     Counts since import: calls answered through the prefilter, rows of those searched over every panel
     (their candidates overflowed), and calls that declined it at run time (a non-finite or out-of-range
-    row, or scales out of float32's normal range) and ran the full search, and the candidates scored again in
-    float32.
+    row, or scales out of float32's normal range) and ran the full search, the codes the scan listed as
+    candidates, and those scored again in float32 (within the final threshold).
     """
 
 def openmp_enabled() -> bool: ...

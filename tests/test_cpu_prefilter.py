@@ -21,10 +21,21 @@ pytestmark = pytest.mark.skipif(NO_VNNI, reason="this CPU or build has no AVX-51
 
 @pytest.fixture
 def prefilter_mode():
-    """Restores the default mode and SIMD level after a test that changes them."""
+    """Restores the default mode, kernel and SIMD level after a test that changes them."""
     yield _cpu.set_prefilter
     _cpu.set_prefilter("auto")
+    _cpu.set_prefilter_kernel("auto")
     _cpu.set_simd_level("auto")
+
+
+# The scan's kernels here: AVX-512 VNNI always, AMX-INT8 tiles where the CPU and OS allow them.
+KERNELS = ["vnni"] + (["amx"] if not NO_VNNI and _cpu.prefilter_kernel() == "amx" else [])
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request, prefilter_mode):
+    _cpu.set_prefilter_kernel(request.param)
+    yield request.param
 
 
 def both_ways(x, e, threads, set_mode):
@@ -46,7 +57,7 @@ def assert_same(full, filtered):
 
 @pytest.mark.parametrize("n,k,d", SHAPES)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_bitwise_the_float32_search_on_random_inputs(n, k, d, threads, prefilter_mode):
+def test_bitwise_the_float32_search_on_random_inputs(n, k, d, threads, prefilter_mode, kernel):
     g = torch.Generator().manual_seed(n + 3 * k + 7 * d)
     x, e = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
     full, filtered, stats = both_ways(x, e, threads, prefilter_mode)
@@ -58,7 +69,7 @@ def test_bitwise_the_float32_search_on_random_inputs(n, k, d, threads, prefilter
 
 
 @pytest.mark.parametrize("n,k,d", [(16, 1030, 64), (3, 20000, 5), (1000, 1030, 33), (7, 257, 130), (1, 1, 1)])
-def test_exact_inputs_match_the_reference_with_ties_to_the_lowest_index(n, k, d, prefilter_mode):
+def test_exact_inputs_match_the_reference_with_ties_to_the_lowest_index(n, k, d, prefilter_mode, kernel):
     x, e = small_int_inputs(n, k, d, seed=5 * n + k + d)
     want_idx, want_sq = reference.nearest_code(x.double(), e.double())
     prefilter_mode("always")
@@ -68,7 +79,7 @@ def test_exact_inputs_match_the_reference_with_ties_to_the_lowest_index(n, k, d,
     assert torch.equal(q, e[idx])
 
 
-def test_near_ties_below_the_int8_resolution_keep_the_float32_answer(prefilter_mode):
+def test_near_ties_below_the_int8_resolution_keep_the_float32_answer(prefilter_mode, kernel):
     # 64 copies of each of 64 codes, each copy moved by ~1e-4 of its size: every copy quantizes alike, so
     # the int8 scores cannot order them; only the bound lets all of them through to the float32 score.
     g = torch.Generator().manual_seed(3)
@@ -81,7 +92,7 @@ def test_near_ties_below_the_int8_resolution_keep_the_float32_answer(prefilter_m
     assert stats["codes_rescored"] >= 300 * 8  # the near-duplicates of each row's code passed
 
 
-def test_rows_whose_candidates_overflow_are_searched_in_full(prefilter_mode):
+def test_rows_whose_candidates_overflow_are_searched_in_full(prefilter_mode, kernel):
     # A constant codebook: every code ties, every code is a candidate, far past the per-row cap.
     e = torch.full((5000, 40), 0.5)
     x = torch.randn(20, 40, generator=torch.Generator().manual_seed(1))
@@ -91,7 +102,7 @@ def test_rows_whose_candidates_overflow_are_searched_in_full(prefilter_mode):
     assert stats["rows_in_full"] == 20
 
 
-def test_non_finite_codes_never_win_and_non_finite_rows_decline(prefilter_mode):
+def test_non_finite_codes_never_win_and_non_finite_rows_decline(prefilter_mode, kernel):
     g = torch.Generator().manual_seed(2)
     x, e = torch.randn(50, 36, generator=g), torch.randn(3000, 36, generator=g)
     e[::7, 3] = float("nan")
@@ -105,7 +116,7 @@ def test_non_finite_codes_never_win_and_non_finite_rows_decline(prefilter_mode):
     assert stats["calls"] == 0 and stats["declined"] == 1
 
 
-def test_non_contiguous_and_offset_codebook_views(prefilter_mode):
+def test_non_contiguous_and_offset_codebook_views(prefilter_mode, kernel):
     g = torch.Generator().manual_seed(4)
     big = torch.randn(6000, 80, generator=g)
     e = big[100:5100, 10:74].contiguous()  # the binding takes C-contiguous arrays: the backend copies views
@@ -122,6 +133,36 @@ def test_a_row_out_of_range_raises_as_the_float32_search_does(prefilter_mode):
     prefilter_mode("always")
     with pytest.raises(ValueError, match="x row 3 is too far from the search centre"):
         run_nearest_code(x, e, 1)
+
+
+def test_the_kernels_list_the_same_candidates(prefilter_mode):
+    if len(KERNELS) < 2:
+        pytest.skip("no AMX-INT8 here: one scan kernel")
+    g = torch.Generator().manual_seed(9)
+    x, e = torch.randn(77, 100, generator=g), torch.randn(5000, 100, generator=g)  # d: two 64-dim chunks, a tail
+    prefilter_mode("always")
+    listed = {}
+    for name in KERNELS:
+        _cpu.set_prefilter_kernel(name)
+        before = _cpu.prefilter_stats()
+        run_nearest_code(x, e, 2)
+        after = _cpu.prefilter_stats()
+        listed[name] = (after["candidates"] - before["candidates"], after["codes_rescored"] - before["codes_rescored"])
+    assert listed["vnni"] == listed["amx"] and listed["vnni"][1] >= 77
+
+
+def test_kernel_choice_and_its_errors(prefilter_mode):
+    assert _cpu.prefilter_kernel() in ("vnni", "amx")
+    _cpu.set_prefilter_kernel("vnni")
+    assert _cpu.prefilter_kernel() == "vnni"
+    with pytest.raises(ValueError, match="kernel must be one of 'auto', 'vnni', 'amx', got 'tpu'"):
+        _cpu.set_prefilter_kernel("tpu")
+    if "amx" in KERNELS:
+        _cpu.set_prefilter_kernel("amx")
+        assert _cpu.prefilter_kernel() == "amx"
+    else:
+        with pytest.raises(ValueError, match="kernel 'amx' is not available here"):
+            _cpu.set_prefilter_kernel("amx")
 
 
 def test_mode_and_reasons(prefilter_mode):

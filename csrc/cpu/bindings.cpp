@@ -288,6 +288,11 @@ NB_MODULE(_cpu, m) {
         "(default: where prefilter_reason is empty), 'always' (any shape the kernel takes), or 'off'.\n"
         "ValueError otherwise. Source: csrc/cpu/nearest_code_prefilter.cpp.");
   m.def("prefilter_mode", &fastvq::cpu::prefilter_mode, "The mode set_prefilter set: 'auto', 'always' or 'off'.");
+  m.def("set_prefilter_kernel", &fastvq::cpu::set_prefilter_kernel, "kernel"_a,
+        "The prefilter scan's kernel: 'auto' (AMX-INT8 tiles where the CPU and OS allow, else AVX-512 VNNI),\n"
+        "'vnni' or 'amx' (ValueError where unavailable). Same candidates, same outputs.");
+  m.def("prefilter_kernel", &fastvq::cpu::prefilter_kernel,
+        "The scan kernel the prefilter uses now: 'amx', 'vnni', or '' (no AVX-512 VNNI here).");
   m.def("prefilter_reason", &fastvq::cpu::prefilter_reason, "n"_a, "k"_a, "d"_a,
         "Why nearest_code of n rows against K codes of dimension d runs without the prefilter now; '' when\n"
         "it tries it (a call can still decline at run time: prefilter_stats).");
@@ -299,12 +304,13 @@ NB_MODULE(_cpu, m) {
           out["rows_in_full"] = s.rows_in_full;
           out["declined"] = s.declined;
           out["codes_rescored"] = s.codes_rescored;
+          out["candidates"] = s.candidates;
           return out;
         },
         "Counts since import: calls answered through the prefilter, rows of those searched over every panel\n"
         "(their candidates overflowed), and calls that declined it at run time (a non-finite or out-of-range\n"
-        "row, or scales out of float32's normal range) and ran the full search, and the candidates scored again in\n"
-        "float32.");
+        "row, or scales out of float32's normal range) and ran the full search, the codes the scan listed as\n"
+        "candidates, and those scored again in float32 (within the final threshold).");
   m.def("openmp_enabled", &fastvq::cpu::openmp_enabled);
   m.def("max_threads", &fastvq::cpu::max_threads);
 }

@@ -16,6 +16,11 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "cpu/kernels.h"
 #include "cpu/prefilter_codes.h"
 #include "cpu/search_common.h"
@@ -31,8 +36,10 @@ constexpr int64_t kWarmupPanels = 4;
 // An item's groups scan one block of panels after another, so a block read from memory serves
 // every group of the item from L2 (~128 KiB of int8 codes).
 constexpr int64_t kBlockBytes8 = 128 * 1024;
-// Groups of kPrefilterRows rows per work item when the codes are not split (64 rows).
-constexpr int64_t kGroupsPerItem = 8;
+// The driver's groups of rows: what one AMX scan call takes, four VNNI scan calls.
+constexpr int64_t kScanGroupRows = kAmxRows;
+// Groups per work item when the codes are not split (64 rows).
+constexpr int64_t kGroupsPerItem = 2;
 
 enum class Mode : int { automatic = 0, always = 1, off = 2 };
 std::atomic<int>& mode_state() {
@@ -40,7 +47,28 @@ std::atomic<int>& mode_state() {
   return mode;
 }
 
-std::atomic<int64_t> calls_prefiltered{0}, rows_in_full{0}, calls_declined{0}, codes_rescored{0};
+enum class Kernel : int { automatic = 0, vnni = 1, amx = 2 };
+std::atomic<int>& kernel_state() {
+  static std::atomic<int> kernel{static_cast<int>(Kernel::automatic)};
+  return kernel;
+}
+
+// AMX-INT8 usable: the CPU has it and Linux granted this process the tile data state.
+bool amx_ready() {
+#if defined(FASTVQ_HAVE_AMX_KERNEL) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool ready = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8")) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, ...)
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ready;
+#else
+  return false;
+#endif
+}
+
+std::atomic<int64_t> calls_prefiltered{0}, rows_in_full{0}, calls_declined{0}, codes_rescored{0}, candidates{0};
 
 bool cpu_has_vnni() {
 #if defined(FASTVQ_HAVE_AVX512_VNNI_KERNEL) && (defined(__GNUC__) || defined(__clang__))
@@ -61,14 +89,38 @@ PrefilterScanFn scan_fn() {
 
 // One (row group, code chunk) scan: its rows' running minima, candidate counts and candidates.
 struct ScanSlot {
-  float running[kPrefilterRows * 16];
-  int64_t count[kPrefilterRows];
-  std::vector<int32_t> cand = std::vector<int32_t>(static_cast<size_t>(kPrefilterRows * kCandidateCap));
-  std::vector<float> cand_val = std::vector<float>(static_cast<size_t>(kPrefilterRows * kCandidateCap));
+  float running[kScanGroupRows * 16];
+  int64_t count[kScanGroupRows];
+  std::vector<int32_t> cand = std::vector<int32_t>(static_cast<size_t>(kScanGroupRows * kCandidateCap));
+  std::vector<float> cand_val = std::vector<float>(static_cast<size_t>(kScanGroupRows * kCandidateCap));
   void reset() {
-    std::fill(running, running + kPrefilterRows * 16, std::numeric_limits<float>::infinity());
-    std::fill(count, count + kPrefilterRows, int64_t{0});
+    std::fill(running, running + kScanGroupRows * 16, std::numeric_limits<float>::infinity());
+    std::fill(count, count + kScanGroupRows, int64_t{0});
   }
+};
+
+// Where row i's 4-byte group g lives in the quantized rows: the VNNI scan reads each 8-row subgroup
+// interleaved (xq[g * 8 + r]), the AMX scan reads rows as tile rows (row_words int32 each).
+struct RowLayout {
+  bool amx;
+  int64_t d4, row_words;
+  int64_t offset(int64_t i) const {
+    return amx ? i * row_words : (i / kPrefilterRows) * d4 * kPrefilterRows + i % kPrefilterRows;
+  }
+  int64_t stride() const { return amx ? 1 : kPrefilterRows; }
+  int64_t words(int64_t ngroups) const { return ngroups * kScanGroupRows * (amx ? row_words : d4); }
+};
+
+// A thread's buffers for finishing a group.
+struct GroupScratch {
+  std::vector<float> centred;  // the group's rows, x - c
+  std::vector<float> best_val;
+  std::vector<int64_t> best_idx;
+  std::vector<int32_t> rows, codes;  // the candidates to score: (row in the group, code)
+  AlignedFloats tile;                // one row as a packed tile, for a row searched in full
+  explicit GroupScratch(int64_t d)
+      : centred(static_cast<size_t>(kScanGroupRows * d)), best_val(kScanGroupRows), best_idx(kScanGroupRows),
+        tile(d * kTileRows) {}
 };
 
 struct Prefiltered {
@@ -77,13 +129,14 @@ struct Prefiltered {
   const PackedCodebook& pack;
   const QuantizedCodes& codes;
   const std::vector<int32_t>& xq;
+  const RowLayout& layout;
   const std::vector<QuantizedRow>& qrows;
   int64_t n;
   SearchFewRowsFn few_rows;
   PrefilterScanFn scan;
   PrefilterRescoreFn rescore;
 
-  int64_t group_rows(int64_t g) const { return std::min<int64_t>(kPrefilterRows, n - g * kPrefilterRows); }
+  int64_t group_rows(int64_t g) const { return std::min<int64_t>(kScanGroupRows, n - g * kScanGroupRows); }
 
   // Groups [g0, g1) against panels [q_begin, q_end), block by block; slot(g) is group g's state.
   template <typename SlotOf>
@@ -92,48 +145,67 @@ struct Prefiltered {
     const int64_t block = std::max<int64_t>(kWarmupPanels, kBlockBytes8 / (codes.d4 * kQuantGroupBytes));
     for (int64_t q0 = q_begin; q0 < q_end; q0 += block) {
       const int64_t q1 = std::min(q_end, q0 + block);
+      const int64_t warmup = q0 == q_begin ? std::min(kWarmupPanels, q1 - q0) : 0;
       for (int64_t g = g0; g < g1; ++g) {
         ScanSlot& s = slot(g);
-        const int64_t r0 = g * kPrefilterRows;
-        scan(static_cast<int>(group_rows(g)), xq.data() + r0 * codes.d4, qrows.data() + r0, codes, q0, q1,
-             q0 == q_begin ? std::min(kWarmupPanels, q1 - q0) : 0, s.running, s.cand.data(), s.cand_val.data(),
-             kCandidateCap, s.count);
+        const int64_t r0 = g * kScanGroupRows, rows = group_rows(g);
+        if (layout.amx) {
+#ifdef FASTVQ_HAVE_AMX_KERNEL
+          prefilter_scan_amx(static_cast<int>(rows), xq.data() + layout.offset(r0), layout.row_words, qrows.data() + r0,
+                             codes, q0, q1, warmup, s.running, s.cand.data(), s.cand_val.data(), kCandidateCap, s.count);
+#endif
+          continue;
+        }
+        for (int64_t r = 0; r < rows; r += kPrefilterRows)
+          scan(static_cast<int>(std::min<int64_t>(kPrefilterRows, rows - r)), xq.data() + layout.offset(r0 + r),
+               qrows.data() + r0 + r, codes, q0, q1, warmup, s.running + r * 16, s.cand.data() + r * kCandidateCap,
+               s.cand_val.data() + r * kCandidateCap, kCandidateCap, s.count + r);
       }
     }
   }
 
-  // Score row i's candidates (chunks in code order, those within the slack of the row's minimum) with
-  // the search kernels' float32 arithmetic, then finish the row. (quantize_row has checked its range.)
-  void finish_row(int64_t i, const ScanSlot* const* slots, int64_t nchunks, float* centred,
-                  std::vector<int32_t>& passed, const NearestCodeOutputs& out) const {
-    const int64_t d = pack.d, r = i % kPrefilterRows;
-    for (int64_t p = 0; p < d; ++p) centred[p] = x[i * d + p] - pack.centre[p];  // pack_rows' values
-    float minimum = std::numeric_limits<float>::infinity();
-    bool overflow = false;
-    for (int64_t c = 0; c < nchunks; ++c) {
-      for (int lane = 0; lane < 16; ++lane) minimum = std::min(minimum, slots[c]->running[r * 16 + lane]);
-      overflow |= slots[c]->count[r] > kCandidateCap;
-    }
-    float best_val = std::numeric_limits<float>::infinity();
-    int64_t best_idx = -1;
-    if (overflow) {  // the float32 kernel over every panel (it reads the row as a packed tile)
-      rows_in_full.fetch_add(1, std::memory_order_relaxed);
-      AlignedFloats tile(d * kTileRows);
-      for (int64_t p = 0; p < d; ++p) tile.ptr[p * kTileRows] = centred[p];
-      few_rows(1, tile.ptr, d, pack.panels, pack.norms, pack.npanels, 0, &best_val, &best_idx);
-    } else {
-      const float threshold = minimum + qrows[static_cast<size_t>(i)].slack;  // the scan's float32 add
-      passed.clear();
+  // Finish group g: each row's candidates (chunks in code order, those within the slack of the row's
+  // minimum) scored with the search kernels' float32 arithmetic, all rows' candidates in one batch so
+  // that several FMA chains are in flight; then the outputs. (quantize_row has checked the ranges.)
+  void finish_group(int64_t g, const ScanSlot* const* slots, int64_t nchunks, GroupScratch& scratch,
+                    const NearestCodeOutputs& out) const {
+    const int64_t d = pack.d, r0 = g * kScanGroupRows, rows = group_rows(g);
+    scratch.rows.clear();
+    scratch.codes.clear();
+    int64_t listed = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* centred = scratch.centred.data() + r * d;
+      for (int64_t p = 0; p < d; ++p) centred[p] = x[(r0 + r) * d + p] - pack.centre[p];  // pack_rows' values
+      scratch.best_val[static_cast<size_t>(r)] = std::numeric_limits<float>::infinity();
+      scratch.best_idx[static_cast<size_t>(r)] = -1;
+      float minimum = std::numeric_limits<float>::infinity();
+      bool overflow = false;
+      for (int64_t c = 0; c < nchunks; ++c) {
+        for (int lane = 0; lane < 16; ++lane) minimum = std::min(minimum, slots[c]->running[r * 16 + lane]);
+        overflow |= slots[c]->count[r] > kCandidateCap;
+      }
+      if (overflow) {  // the float32 kernel over every panel (it reads the row as a packed tile)
+        rows_in_full.fetch_add(1, std::memory_order_relaxed);
+        for (int64_t p = 0; p < d; ++p) scratch.tile.ptr[p * kTileRows] = centred[p];
+        few_rows(1, scratch.tile.ptr, d, pack.panels, pack.norms, pack.npanels, 0, &scratch.best_val[static_cast<size_t>(r)],
+                 &scratch.best_idx[static_cast<size_t>(r)]);
+        continue;
+      }
+      const float threshold = minimum + qrows[static_cast<size_t>(r0 + r)].slack;  // the scan's float32 add
       for (int64_t c = 0; c < nchunks; ++c)
-        for (int64_t t = 0; t < slots[c]->count[r]; ++t) {
+        for (int64_t t = 0; t < slots[c]->count[r]; ++t, ++listed) {
           const size_t at = static_cast<size_t>(r * kCandidateCap + t);
-          if (slots[c]->cand_val[at] <= threshold) passed.push_back(slots[c]->cand[at]);
+          if (slots[c]->cand_val[at] <= threshold) {
+            scratch.rows.push_back(static_cast<int32_t>(r));
+            scratch.codes.push_back(slots[c]->cand[at]);
+          }
         }
-      rescore(centred, d, pack.panels, pack.norms, passed.data(), static_cast<int64_t>(passed.size()), &best_val,
-              &best_idx);
-      codes_rescored.fetch_add(static_cast<int64_t>(passed.size()), std::memory_order_relaxed);
     }
-    finish_rows(x, d, codebook, i, i + 1, &best_idx, out);
+    rescore(scratch.centred.data(), d, pack.panels, pack.norms, scratch.rows.data(), scratch.codes.data(),
+            static_cast<int64_t>(scratch.codes.size()), scratch.best_val.data(), scratch.best_idx.data());
+    codes_rescored.fetch_add(static_cast<int64_t>(scratch.codes.size()), std::memory_order_relaxed);
+    candidates.fetch_add(listed, std::memory_order_relaxed);
+    finish_rows(x, d, codebook, r0, r0 + rows, scratch.best_idx.data(), out);
   }
 };
 
@@ -156,8 +228,30 @@ std::string prefilter_mode() {
   }
 }
 
+namespace {
+// The AMX scan when the kernel choice allows it and the machine has it.
+bool use_amx() {
+  const Kernel kernel = static_cast<Kernel>(kernel_state().load());
+  return kernel != Kernel::vnni && amx_ready();
+}
+}  // namespace
+
+void set_prefilter_kernel(const std::string& kernel) {
+  Kernel k;
+  if (kernel == "auto") k = Kernel::automatic;
+  else if (kernel == "vnni") k = Kernel::vnni;
+  else if (kernel == "amx") k = Kernel::amx;
+  else throw std::invalid_argument("kernel must be one of 'auto', 'vnni', 'amx', got '" + kernel.substr(0, 40) + "'");
+  if (k == Kernel::amx && !amx_ready())
+    throw std::invalid_argument("kernel 'amx' is not available here (the CPU or build lacks AMX-INT8, or the OS "
+                                "refused the tile state)");
+  kernel_state().store(static_cast<int>(k));
+}
+
+std::string prefilter_kernel() { return cpu_has_vnni() ? (use_amx() ? "amx" : "vnni") : ""; }
+
 PrefilterStats prefilter_stats() {
-  return {calls_prefiltered.load(), rows_in_full.load(), calls_declined.load(), codes_rescored.load()};
+  return {calls_prefiltered.load(), rows_in_full.load(), calls_declined.load(), codes_rescored.load(), candidates.load()};
 }
 
 std::string prefilter_reason(int64_t n, int64_t k, int64_t d) {
@@ -183,15 +277,15 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
   if (!scan || !few_rows || n == 0) return false;
   const std::shared_ptr<const QuantizedCodes> codes_ptr = quantized_codes(pack, nt);
   const QuantizedCodes& codes = *codes_ptr;
-  const int64_t ngroups = (n + kPrefilterRows - 1) / kPrefilterRows, npanels = pack.npanels;
-  std::vector<int32_t> xq(static_cast<size_t>(ngroups * codes.d4 * kPrefilterRows), 0);  // rows interleaved by group
+  const int64_t ngroups = (n + kScanGroupRows - 1) / kScanGroupRows, npanels = pack.npanels;
+  const RowLayout layout{use_amx(), codes.d4, (codes.d4 + 15) / 16 * 16};
+  std::vector<int32_t> xq(static_cast<size_t>(layout.words(ngroups)), 0);  // zero past d and past n
   std::vector<QuantizedRow> qrows(static_cast<size_t>(n));
   int64_t declined = 0;
 #pragma omp parallel for schedule(static) num_threads(nt) reduction(+ : declined) if (n >= 64)
   for (int64_t i = 0; i < n; ++i)
-    declined += !quantize_row(x + i * pack.d, pack.centre, codes,
-                              xq.data() + (i / kPrefilterRows) * codes.d4 * kPrefilterRows + i % kPrefilterRows,
-                              kPrefilterRows, qrows[static_cast<size_t>(i)]);
+    declined += !quantize_row(x + i * pack.d, pack.centre, codes, xq.data() + layout.offset(i), layout.stride(),
+                              qrows[static_cast<size_t>(i)]);
   if (declined > 0) {
     calls_declined.fetch_add(1, std::memory_order_relaxed);
     return false;
@@ -202,7 +296,7 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
 #else
   const PrefilterRescoreFn rescore = nullptr;  // unreachable: scan_fn() is null without the kernel
 #endif
-  const Prefiltered run{x, codebook, pack, codes, xq, qrows, n, few_rows, scan, rescore};
+  const Prefiltered run{x, codebook, pack, codes, xq, layout, qrows, n, few_rows, scan, rescore};
   const int64_t want_items = 4 * static_cast<int64_t>(nt);
   const int64_t nchunks = (nt <= 1 || ngroups >= want_items)
                               ? 1
@@ -213,16 +307,14 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
 #pragma omp parallel num_threads(nt)
     {
       std::vector<ScanSlot> slots(static_cast<size_t>(kGroupsPerItem));
-      std::vector<float> centred(static_cast<size_t>(pack.d));
-      std::vector<int32_t> passed;
+      GroupScratch scratch(pack.d);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t item = 0; item < nitems; ++item) {
         const int64_t g0 = item * kGroupsPerItem, g1 = std::min(ngroups, g0 + kGroupsPerItem);
         run.scan_groups(g0, g1, 0, npanels, [&](int64_t g) -> ScanSlot& { return slots[static_cast<size_t>(g - g0)]; });
         for (int64_t g = g0; g < g1; ++g) {
           const ScanSlot* slot = &slots[static_cast<size_t>(g - g0)];
-          for (int64_t i = g * kPrefilterRows; i < g * kPrefilterRows + run.group_rows(g); ++i)
-            run.finish_row(i, &slot, 1, centred.data(), passed, out);
+          run.finish_group(g, &slot, 1, scratch, out);
         }
       }
     }
@@ -233,13 +325,11 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
     for (int64_t c = 0; c < nchunks; ++c)
       run.scan_groups(0, ngroups, npanels * c / nchunks, npanels * (c + 1) / nchunks,
                       [&](int64_t g) -> ScanSlot& { return slot_of(g, c); });
-    std::vector<float> centred(static_cast<size_t>(pack.d));
-    std::vector<int32_t> passed;
-    std::vector<const ScanSlot*> row_slots(static_cast<size_t>(nchunks));
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t g = i / kPrefilterRows;
-      for (int64_t c = 0; c < nchunks; ++c) row_slots[static_cast<size_t>(c)] = &slot_of(g, c);
-      run.finish_row(i, row_slots.data(), nchunks, centred.data(), passed, out);
+    GroupScratch scratch(pack.d);
+    std::vector<const ScanSlot*> group_slots(static_cast<size_t>(nchunks));
+    for (int64_t g = 0; g < ngroups; ++g) {
+      for (int64_t c = 0; c < nchunks; ++c) group_slots[static_cast<size_t>(c)] = &slot_of(g, c);
+      run.finish_group(g, group_slots.data(), nchunks, scratch, out);
     }
   }
   return true;

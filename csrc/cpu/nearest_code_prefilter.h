@@ -24,6 +24,12 @@ constexpr int64_t kPrefilterMinCodeFloats = int64_t{1} << 17;  // K d
 void set_prefilter_mode(const std::string& mode);
 std::string prefilter_mode();
 
+// The scan's kernel: "auto" (default: AMX-INT8 tiles where the CPU and OS allow, else AVX-512 VNNI),
+// "vnni", or "amx" (std::invalid_argument where unavailable). prefilter_kernel() names the one in use
+// ("" without VNNI). Both give the same candidates, so the same outputs.
+void set_prefilter_kernel(const std::string& kernel);
+std::string prefilter_kernel();
+
 // Why a call of n rows, K codes, dimension d runs the full search without the prefilter; empty when
 // it tries the prefilter. (A call that tries it can still decline at run time, e.g. for a row with a
 // non-finite entry: prefilter_stats counts those.)
@@ -34,6 +40,7 @@ struct PrefilterStats {
   int64_t rows_in_full = 0;  // rows of those calls whose candidates overflowed: scored over every panel
   int64_t declined = 0;      // calls that tried it and ran the full search instead
   int64_t codes_rescored = 0;  // candidates scored again in float32 (rows not in full)
+  int64_t candidates = 0;      // codes the scan listed for those rows (before the final threshold)
 };
 PrefilterStats prefilter_stats();
 

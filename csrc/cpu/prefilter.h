@@ -24,8 +24,13 @@ namespace fastvq::cpu {
 constexpr int kQuantGroupBytes = 64;
 // d above this could overflow the int32 dot's exact float conversion (|r . q| <= 127^2 d < 2^24).
 constexpr int64_t kPrefilterMaxDim = 1024;
-// Rows scanned together against each panel (their accumulators and the panel's bytes in registers).
+// Rows scanned together against each panel by the VNNI scan (their accumulators and the panel's bytes in
+// registers), and by the AMX scan (two 16-row tiles); the driver's groups are kAmxRows rows.
 constexpr int kPrefilterRows = 8;
+constexpr int kAmxRows = 32;
+// The AMX scan's tiles read whole 64-dimension chunks: a panel's last chunk may run past its d4 groups
+// (those bytes meet zero levels of x) and, for the last panel, past the codes: this many bytes of slack.
+constexpr int64_t kAmxChunkBytes = 1024;
 
 // The int8 copy of a packed codebook (built once per pack: prefilter_codes.cpp).
 //   bytes[q][g][j][b] = q_{16q+j, 4g+b} + 128 (unsigned: vpdpbusd's first operand), 128 past d;
@@ -67,7 +72,8 @@ using PrefilterScanFn = void (*)(int rows, const int32_t* xq, const QuantizedRow
                                  int64_t q_begin, int64_t q_end, int64_t warmup, float* running, int32_t* cand,
                                  float* cand_val, int64_t cap, int64_t* count);
 using PrefilterRescoreFn = void (*)(const float* xc, int64_t d, const float* panels, const float* norms,
-                                    const int32_t* codes, int64_t count, float* best_val, int64_t* best_idx);
+                                    const int32_t* rows, const int32_t* codes, int64_t count, float* best_val,
+                                    int64_t* best_idx);
 #ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
 // max_p |x_p - c_p| over d entries.
 float prefilter_max_abs_avx512(const float* x, const float* centre, int64_t d);
@@ -76,10 +82,18 @@ float prefilter_max_abs_avx512(const float* x, const float* centre, int64_t d);
 // and ||scale r||^2.
 int32_t prefilter_levels_avx512(const float* x, const float* centre, int64_t d, int64_t d4, float scale, int32_t* xq,
                                 int64_t stride, double* sums);
-// The float32 score of each listed code (increasing) for one centred row xc: bitwise the search
-// kernels' (norm, then one FMA per p), merged into best_* as they do (strictly smaller replaces).
+// The float32 score of each listed (row, code) pair, row r's centred values at xc + r * d: bitwise the
+// search kernels' (norm, then one FMA per p), merged into best_*[row] in list order as they do (strictly
+// smaller replaces; each row's codes are listed in increasing order).
 void prefilter_rescore_avx512(const float* xc, int64_t d, const float* panels, const float* norms,
-                              const int32_t* codes, int64_t count, float* best_val, int64_t* best_idx);
+                              const int32_t* rows, const int32_t* codes, int64_t count, float* best_val,
+                              int64_t* best_idx);
+// The same scan on AMX-INT8 tiles (prefilter_avx512.cpp), for up to kAmxRows rows: xq row-major here,
+// row r's 4-byte groups at xq + r * row_words (row_words a multiple of 16, zero past d4; rows past
+// `rows` zero). The caller has requested the tile state from the OS (amx_ready in the driver).
+void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const QuantizedRow* qrows,
+                        const QuantizedCodes& codes, int64_t q_begin, int64_t q_end, int64_t warmup, float* running,
+                        int32_t* cand, float* cand_val, int64_t cap, int64_t* count);
 void prefilter_scan_avx512(int rows, const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes,
                            int64_t q_begin, int64_t q_end, int64_t warmup, float* running, int32_t* cand,
                            float* cand_val, int64_t cap, int64_t* count);

@@ -1,6 +1,6 @@
-// The int8 prefilter's kernels (prefilter.h), AVX-512 VNNI: the scan, the rows' quantization and the
-// candidates' float32 scores. The only file compiled with -mavx512vnni; called through
-// nearest_code_prefilter.cpp only after the CPU check there. Free of the C++ standard library (see
+// The int8 prefilter's kernels (prefilter.h), AVX-512 VNNI: the scan (and its AMX-INT8 twin), the rows'
+// quantization and the candidates' float32 scores. The only file compiled with -mavx512vnni and
+// -mamx-int8; called through nearest_code_prefilter.cpp only after the CPU checks there. Free of the C++ standard library (see
 // kernels.h).
 //
 // Per panel of 16 codes and each of up to kPrefilterRows rows: d4 vpdpbusd (16 codes x 4 dims
@@ -109,6 +109,142 @@ void prefilter_scan_avx512(int rows, const int32_t* xq, const QuantizedRow* qrow
 
 }  // namespace fastvq::cpu
 
+// ---- the scan on AMX-INT8 tiles (prefilter.h: prefilter_scan_amx) ----
+// Work comes in units of 16 rows (one half of the group) x 2 panels: tiles 4 and 5 hold the two halves'
+// int8 levels (16 rows x 64 dimensions), 6 and 7 two panels' bytes for the same 64 dimensions (the
+// panels' own layout: 16 groups of 16 codes x 4 bytes), and units alternate between accumulator pairs
+// (0, 1) and (2, 3): the tile unit multiplies one unit (TDPBSUD, 16 x 16 x 64 each) while the vector
+// units fold the previous one's stored dot products into the rows' minima and candidates (the VNNI
+// scan's epilogue).
+#ifdef FASTVQ_HAVE_AMX_KERNEL
+namespace fastvq::cpu {
+namespace {
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+struct AmxUnit {
+  int64_t q;  // first panel
+  int half;   // rows 16 * half .. 16 * half + 15
+  bool pair, emit;
+};
+
+}  // namespace
+
+void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const QuantizedRow* qrows,
+                        const QuantizedCodes& codes, int64_t q_begin, int64_t q_end, int64_t warmup, float* running,
+                        int32_t* cand, float* cand_val, int64_t cap, int64_t* count) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = 16;
+  }
+  _tile_loadconfig(&config);
+  const int64_t d4 = codes.d4, chunks = row_words / 16, x_stride = row_words * 4, panel_bytes = d4 * kQuantGroupBytes;
+  const int halves = rows > 16 ? 2 : 1;
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  alignas(64) int32_t dots[2][2][16][16];  // [accumulator pair][panel][row][code]
+  if (chunks == 1) {  // the rows' levels stay in tiles 4 and 5 for the whole call
+    _tile_loadd(4, xq, x_stride);
+    if (halves == 2) _tile_loadd(5, xq + 16 * row_words, x_stride);
+  }
+  // Multiply unit u into accumulator pair `set` (tile numbers must be constants: one branch per set).
+  const auto issue = [&](const AmxUnit& u, int set) {
+    const uint8_t* b = codes.bytes + u.q * panel_bytes;
+    const int32_t* x = xq + 16 * u.half * row_words;
+    if (set == 0) {
+      _tile_zero(0);
+      _tile_zero(1);
+    } else {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (chunks > 1) _tile_loadd(4, x + c * 16, x_stride);
+      if (u.half == 0 || chunks > 1) {  // the second half reuses the first half's panel tiles
+        _tile_loadd(6, b + c * kAmxChunkBytes, kQuantGroupBytes);
+        if (u.pair) _tile_loadd(7, b + panel_bytes + c * kAmxChunkBytes, kQuantGroupBytes);
+      }
+      const bool second = chunks == 1 && u.half == 1;  // levels in tile 5
+      if (set == 0) {
+        if (second) _tile_dpbsud(0, 5, 6); else _tile_dpbsud(0, 4, 6);
+        if (u.pair) { if (second) _tile_dpbsud(1, 5, 7); else _tile_dpbsud(1, 4, 7); }
+      } else {
+        if (second) _tile_dpbsud(2, 5, 6); else _tile_dpbsud(2, 4, 6);
+        if (u.pair) { if (second) _tile_dpbsud(3, 5, 7); else _tile_dpbsud(3, 4, 7); }
+      }
+    }
+  };
+  const auto store = [&](int set) {
+    if (set == 0) {
+      _tile_stored(0, dots[0][0], 64);
+      _tile_stored(1, dots[0][1], 64);
+    } else {
+      _tile_stored(2, dots[1][0], 64);
+      _tile_stored(3, dots[1][1], 64);
+    }
+  };
+  const auto fold = [&](const AmxUnit& u, int set) {
+    const int r0 = 16 * u.half, r1 = r0 + 16 < rows ? r0 + 16 : rows;
+    for (int j = 0; j < (u.pair ? 2 : 1); ++j) {
+      const int64_t panel = u.q + j;
+      const __m512 code_scale = _mm512_load_ps(codes.scale + panel * 16);
+      const __m512 norm = _mm512_load_ps(codes.norm + panel * 16);
+      const __m512i ids = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(panel * 16)));
+      for (int r = r0; r < r1; ++r) {
+        __m512 run = _mm512_loadu_ps(running + 16 * r);
+        const __m512i acc = _mm512_load_si512(dots[set][j][r - r0]);
+        if (u.emit)
+          fold_row<true>(acc, qrows[r], code_scale, norm, ids, run, cand + r * cap, cand_val + r * cap, cap, count[r]);
+        else
+          fold_row<false>(acc, qrows[r], code_scale, norm, ids, run, cand + r * cap, cand_val + r * cap, cap, count[r]);
+        _mm512_storeu_ps(running + 16 * r, run);
+      }
+    }
+  };
+  const auto reduce = [&] {
+    for (int r = 0; r < rows; ++r)
+      _mm512_storeu_ps(running + 16 * r, _mm512_set1_ps(_mm512_reduce_min_ps(_mm512_loadu_ps(running + 16 * r))));
+  };
+  // Panels [a, b), both halves, pipelined: issue unit i, then store and fold unit i - 1.
+  const auto sweep = [&](int64_t a, int64_t b, bool emit) {
+    AmxUnit previous{};
+    int64_t issued = 0, since_reduce = 0;
+    for (int64_t q = a; q < b; q += 2)
+      for (int h = 0; h < halves; ++h) {
+        const AmxUnit unit{q, h, q + 1 < b, emit};
+        issue(unit, static_cast<int>(issued % 2));
+        if (issued > 0) {
+          store(static_cast<int>((issued - 1) % 2));
+          fold(previous, static_cast<int>((issued - 1) % 2));
+          if (emit && previous.half == halves - 1 && (since_reduce += previous.pair ? 2 : 1) >= kReduceEvery) {
+            reduce();
+            since_reduce = 0;
+          }
+        }
+        previous = unit;
+        ++issued;
+      }
+    if (issued > 0) {
+      store(static_cast<int>((issued - 1) % 2));
+      fold(previous, static_cast<int>((issued - 1) % 2));
+    }
+  };
+  if (warmup > 0) {
+    sweep(q_begin, q_begin + warmup, false);
+    reduce();
+  }
+  sweep(q_begin, q_end, true);
+  _tile_release();
+}
+
+}  // namespace fastvq::cpu
+#endif  // FASTVQ_HAVE_AMX_KERNEL
+
 // ---- the rows' quantization and the candidates' float32 scores (prefilter.h) ----
 namespace fastvq::cpu {
 namespace {
@@ -166,27 +302,30 @@ int32_t prefilter_levels_avx512(const float* x, const float* centre, int64_t d, 
 }
 
 void prefilter_rescore_avx512(const float* xc, int64_t d, const float* panels, const float* norms,
-                              const int32_t* codes, int64_t count, float* best_val, int64_t* best_idx) {
-  // Eight codes at a time, eight FMA chains in flight (one chain's latency would dominate otherwise);
-  // the last group repeats its last code in the unused chains, whose results are not read.
+                              const int32_t* rows, const int32_t* codes, int64_t count, float* best_val,
+                              int64_t* best_idx) {
+  // Eight pairs at a time, eight FMA chains in flight (one chain's latency would dominate otherwise);
+  // the last group repeats its last pair in the unused chains, whose results are not read.
   for (int64_t t0 = 0; t0 < count; t0 += 8) {
     const float* e[8];
+    const float* x[8];
     __m128 acc[8];
     for (int c = 0; c < 8; ++c) {
-      const int64_t code = codes[t0 + c < count ? t0 + c : count - 1];
+      const int64_t t = t0 + c < count ? t0 + c : count - 1, code = codes[t];
       e[c] = panels + (code / 16) * d * 16 + code % 16;
+      x[c] = xc + rows[t] * d;
       acc[c] = _mm_set_ss(norms[code]);
     }
     for (int64_t p = 0; p < d; ++p) {
-      const __m128 xp = _mm_set_ss(xc[p]);
 #pragma GCC unroll 8
-      for (int c = 0; c < 8; ++c) acc[c] = _mm_fmadd_ss(xp, _mm_set_ss(e[c][p * 16]), acc[c]);
+      for (int c = 0; c < 8; ++c) acc[c] = _mm_fmadd_ss(_mm_set_ss(x[c][p]), _mm_set_ss(e[c][p * 16]), acc[c]);
     }
     for (int c = 0; c < 8 && t0 + c < count; ++c) {
       const float score = _mm_cvtss_f32(acc[c]);
-      if (score < *best_val) {  // candidates in increasing order: a tie keeps the lower code
-        *best_val = score;
-        *best_idx = codes[t0 + c];
+      const int32_t row = rows[t0 + c];
+      if (score < best_val[row]) {  // a row's candidates in increasing order: a tie keeps the lower code
+        best_val[row] = score;
+        best_idx[row] = codes[t0 + c];
       }
     }
   }

@@ -106,7 +106,7 @@ std::shared_ptr<const QuantizedCodes> build(const PackedCodebook& pack, int nt) 
   codes->npanels = pack.npanels;
   codes->d = pack.d;
   codes->d4 = (pack.d + 3) / 4;
-  const size_t byte_count = round_up64(static_cast<size_t>(pack.npanels * codes->d4 * kQuantGroupBytes));
+  const size_t byte_count = round_up64(static_cast<size_t>(pack.npanels * codes->d4 * kQuantGroupBytes + kAmxChunkBytes));
   const size_t float_bytes = round_up64(static_cast<size_t>(pack.npanels * kPanel) * sizeof(float));
   codes->nbytes = byte_count + 2 * float_bytes;
   char* base = static_cast<char*>(std::aligned_alloc(64, codes->nbytes));
@@ -114,6 +114,7 @@ std::shared_ptr<const QuantizedCodes> build(const PackedCodebook& pack, int nt) 
   codes->bytes = reinterpret_cast<uint8_t*>(base);
   codes->scale = reinterpret_cast<float*>(base + byte_count);
   codes->norm = reinterpret_cast<float*>(base + byte_count + float_bytes);
+  std::fill(codes->bytes + pack.npanels * codes->d4 * kQuantGroupBytes, codes->bytes + byte_count, uint8_t{0});
   std::vector<Maxima> per_panel(static_cast<size_t>(pack.npanels));
 #pragma omp parallel for schedule(static) num_threads(nt) if (pack.npanels * pack.d >= (int64_t{1} << 16))
   for (int64_t q = 0; q < pack.npanels; ++q)
