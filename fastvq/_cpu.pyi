@@ -136,7 +136,8 @@ def prefilter_stats() -> dict:
     Counts since import: calls answered through the prefilter, rows of those searched over every panel
     (their candidates overflowed), and calls that declined it at run time (a non-finite or out-of-range
     row, or scales out of float32's normal range) and ran the full search, the codes the scan listed as
-    candidates, and those scored again in float32 (within the final threshold).
+    candidates, those scored again in float32 (within the final threshold), and 'auto' calls that ran the
+    float32 search rather than build a fresh codebook's int8 copy for fewer than 256 rows.
     """
 
 def openmp_enabled() -> bool: ...

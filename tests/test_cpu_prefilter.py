@@ -224,3 +224,26 @@ def test_the_environment_variable_sets_the_mode_and_info_reports_it(value, expec
     env = dict(os.environ, FASTVQ_CPU_PREFILTER=value)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert expected in out
+
+
+def test_auto_builds_the_int8_copy_only_where_it_pays_back(prefilter_mode):
+    # A fresh codebook's int8 copy costs about a pass over the pack: "auto" builds it for >= 256 rows, or
+    # for a pack taken from the cache (the codebook is searched again); otherwise the float32 search runs.
+    _cpu.empty_cache()
+    g = torch.Generator().manual_seed(8)
+    e = torch.randn(8192, 64, generator=g)
+    idx, sq = torch.empty(300, dtype=torch.int64), torch.empty(300)
+
+    def counts(n, key):
+        before = _cpu.prefilter_stats()
+        _cpu.nearest_code(torch.randn(n, 64, generator=g), e, idx[:n], sq[:n], None, 2, cache_key=key)
+        after = _cpu.prefilter_stats()
+        return after["calls"] - before["calls"], after["deferred"] - before["deferred"]
+
+    assert counts(16, []) == (0, 1)  # fresh, few rows
+    assert counts(300, []) == (1, 0)  # fresh, enough rows
+    assert counts(16, [77]) == (0, 1)  # first use of a cached pack
+    assert counts(16, [77]) == (1, 0)  # searched again: built now
+    assert counts(16, [77]) == (1, 0)  # and kept
+    prefilter_mode("always")
+    assert counts(16, []) == (1, 0)

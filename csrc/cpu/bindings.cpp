@@ -305,12 +305,14 @@ NB_MODULE(_cpu, m) {
           out["declined"] = s.declined;
           out["codes_rescored"] = s.codes_rescored;
           out["candidates"] = s.candidates;
+          out["deferred"] = s.deferred;
           return out;
         },
         "Counts since import: calls answered through the prefilter, rows of those searched over every panel\n"
         "(their candidates overflowed), and calls that declined it at run time (a non-finite or out-of-range\n"
         "row, or scales out of float32's normal range) and ran the full search, the codes the scan listed as\n"
-        "candidates, and those scored again in float32 (within the final threshold).");
+        "candidates, those scored again in float32 (within the final threshold), and 'auto' calls that ran the\n"
+        "float32 search rather than build a fresh codebook's int8 copy for fewer than 256 rows.");
   m.def("openmp_enabled", &fastvq::cpu::openmp_enabled);
   m.def("max_threads", &fastvq::cpu::max_threads);
 }

@@ -68,7 +68,8 @@ bool amx_ready() {
 #endif
 }
 
-std::atomic<int64_t> calls_prefiltered{0}, rows_in_full{0}, calls_declined{0}, codes_rescored{0}, candidates{0};
+std::atomic<int64_t> calls_prefiltered{0}, rows_in_full{0}, calls_declined{0}, codes_rescored{0}, candidates{0},
+    calls_deferred{0};
 
 bool cpu_has_vnni() {
 #if defined(FASTVQ_HAVE_AVX512_VNNI_KERNEL) && (defined(__GNUC__) || defined(__clang__))
@@ -251,7 +252,8 @@ void set_prefilter_kernel(const std::string& kernel) {
 std::string prefilter_kernel() { return cpu_has_vnni() ? (use_amx() ? "amx" : "vnni") : ""; }
 
 PrefilterStats prefilter_stats() {
-  return {calls_prefiltered.load(), rows_in_full.load(), calls_declined.load(), codes_rescored.load(), candidates.load()};
+  return {calls_prefiltered.load(), rows_in_full.load(), calls_declined.load(), codes_rescored.load(), candidates.load(),
+          calls_deferred.load()};
 }
 
 std::string prefilter_reason(int64_t n, int64_t k, int64_t d) {
@@ -275,6 +277,11 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
   const PrefilterScanFn scan = scan_fn();
   const SearchFewRowsFn few_rows = current_search_few_rows();
   if (!scan || !few_rows || n == 0) return false;
+  if (static_cast<Mode>(mode_state().load()) == Mode::automatic && n < kPrefilterMinRowsToBuild &&
+      pack.cache_hits.load() == 0 && !has_quantized_codes(pack)) {
+    calls_deferred.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
   const std::shared_ptr<const QuantizedCodes> codes_ptr = quantized_codes(pack, nt);
   const QuantizedCodes& codes = *codes_ptr;
   const int64_t ngroups = (n + kScanGroupRows - 1) / kScanGroupRows, npanels = pack.npanels;

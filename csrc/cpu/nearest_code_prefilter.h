@@ -18,6 +18,11 @@ namespace fastvq::cpu {
 constexpr int64_t kPrefilterMinDim = 24;
 constexpr int64_t kPrefilterMinCodes = 1024;
 constexpr int64_t kPrefilterMinCodeFloats = int64_t{1} << 17;  // K d
+// Building a codebook's int8 copy costs about one more pass over the pack (~3 ms at K = 65536, d = 64
+// here), which the scan repays from about 128-256 rows on. So "auto" builds it for a call of at least
+// this many rows, or for a pack taken from the cache (a codebook searched again: streaming); a smaller
+// call on a fresh codebook runs the float32 search (prefilter_stats: deferred).
+constexpr int64_t kPrefilterMinRowsToBuild = 256;
 
 // "auto" (default: where prefilter_reason allows), "always" (any shape the kernel supports: tests),
 // or "off". Throws std::invalid_argument for another name.
@@ -41,6 +46,7 @@ struct PrefilterStats {
   int64_t declined = 0;      // calls that tried it and ran the full search instead
   int64_t codes_rescored = 0;  // candidates scored again in float32 (rows not in full)
   int64_t candidates = 0;      // codes the scan listed for those rows (before the final threshold)
+  int64_t deferred = 0;        // "auto" calls that ran the float32 search rather than build the int8 copy
 };
 PrefilterStats prefilter_stats();
 

@@ -220,6 +220,7 @@ std::shared_ptr<const PackedCodebook> packed_codebook(const float* codebook, int
       for (auto it = c.entries.begin(); it != c.entries.end(); ++it)
         if ((*it)->key == key && (*it)->k == k && (*it)->d == d) {
           c.entries.splice(c.entries.begin(), c.entries, it);
+          c.entries.front()->cache_hits.fetch_add(1, std::memory_order_relaxed);
           return c.entries.front();
         }
     // Reuse an idle buffer that fits (no fresh mapping and page faults per call): the smallest one
@@ -243,6 +244,7 @@ std::shared_ptr<const PackedCodebook> packed_codebook(const float* codebook, int
     std::lock_guard<std::mutex> lock(pack->quantized_mutex);
     pack->quantized.reset();
     pack->quantized_bytes.store(0);
+    pack->cache_hits.store(0);
   }
   pack->k = k;
   pack->d = d;

@@ -45,6 +45,8 @@ struct PackedCodebook {
   mutable std::mutex quantized_mutex;
   mutable std::shared_ptr<const QuantizedCodes> quantized;
   mutable std::atomic<size_t> quantized_bytes{0};
+  // How many calls took this pack from the cache (0 for a pack built by this call).
+  mutable std::atomic<int64_t> cache_hits{0};
   PackedCodebook() = default;
   ~PackedCodebook();
   PackedCodebook(const PackedCodebook&) = delete;

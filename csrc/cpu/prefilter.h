@@ -75,6 +75,12 @@ using PrefilterRescoreFn = void (*)(const float* xc, int64_t d, const float* pan
                                     const int32_t* rows, const int32_t* codes, int64_t count, float* best_val,
                                     int64_t* best_idx);
 #ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
+// One panel of the pack (16 codes: panel[p * 16 + j]) quantized: bytes (d4 groups of 64, the layout of
+// QuantizedCodes::bytes), scale[j] = max_p |e_jp| / 127 (1 for a zero code), and in double the squared
+// norms[16 k + j] of e, of e - s q and of s q (k = 0, 1, 2). Codes with non-finite entries get
+// meaningless values here; the caller overwrites them.
+void prefilter_quantize_panel_avx512(const float* panel, int64_t d, int64_t d4, uint8_t* bytes, float* scale,
+                                     double* norms);
 // max_p |x_p - c_p| over d entries.
 float prefilter_max_abs_avx512(const float* x, const float* centre, int64_t d);
 // The levels r_p = round((x_p - c_p) / scale), clamped to [-127, 127] and 0 past d, 4 to an int32 at

@@ -255,6 +255,59 @@ __mmask16 tail_mask(int64_t remaining) {
 
 }  // namespace
 
+void prefilter_quantize_panel_avx512(const float* panel, int64_t d, int64_t d4, uint8_t* bytes, float* scale,
+                                     double* norms) {
+  __m512 largest = _mm512_setzero_ps();
+  for (int64_t p = 0; p < d; ++p) largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_load_ps(panel + p * 16)));
+  const __mmask16 zero = _mm512_cmp_ps_mask(largest, _mm512_setzero_ps(), _CMP_EQ_OQ);
+  const __m512 s = _mm512_mask_blend_ps(zero, _mm512_div_ps(largest, _mm512_set1_ps(127.0f)), _mm512_set1_ps(1.0f));
+  _mm512_storeu_ps(scale, s);
+  const __m512 inverse = _mm512_div_ps(_mm512_set1_ps(1.0f), s);
+  const __m512d s_lo = _mm512_cvtps_pd(_mm512_castps512_ps256(s));
+  const __m512d s_hi = _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_shuffle_f32x4(s, s, 0x4E)));
+  const __m512i low = _mm512_set1_epi32(-127), high = _mm512_set1_epi32(127), offset = _mm512_set1_epi32(128);
+  __m512d sums[3][2];
+  for (auto& pair : sums) pair[0] = pair[1] = _mm512_setzero_pd();
+  for (int64_t g = 0; g < d4; ++g) {
+    __m128i b[4];
+    for (int k = 0; k < 4; ++k) {
+      const int64_t p = 4 * g + k;
+      if (p >= d) {
+        b[k] = _mm_set1_epi8(static_cast<char>(128));  // level 0 past d
+        continue;
+      }
+      const __m512 v = _mm512_load_ps(panel + p * 16);
+      const __m512i level = _mm512_max_epi32(
+          low, _mm512_min_epi32(high, _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, inverse),
+                                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+      b[k] = _mm512_cvtepi32_epi8(_mm512_add_epi32(level, offset));
+      // In double, exactly: v, s r and v - s r of each code's entry.
+      const __m256 halves[2] = {_mm512_castps512_ps256(v), _mm512_castps512_ps256(_mm512_shuffle_f32x4(v, v, 0x4E))};
+      const __m256i level_halves[2] = {_mm512_castsi512_si256(level), _mm512_extracti64x4_epi64(level, 1)};
+      for (int h = 0; h < 2; ++h) {
+        const __m512d vd = _mm512_cvtps_pd(halves[h]);
+        const __m512d rebuilt = _mm512_mul_pd(h ? s_hi : s_lo, _mm512_cvtepi32_pd(level_halves[h]));
+        const __m512d error = _mm512_sub_pd(vd, rebuilt);
+        sums[0][h] = _mm512_fmadd_pd(vd, vd, sums[0][h]);
+        sums[1][h] = _mm512_fmadd_pd(error, error, sums[1][h]);
+        sums[2][h] = _mm512_fmadd_pd(rebuilt, rebuilt, sums[2][h]);
+      }
+    }
+    // bytes[g][j][k] = b[k][j]: interleave the four 16-byte rows into 16 groups of 4
+    const __m128i b01_lo = _mm_unpacklo_epi8(b[0], b[1]), b01_hi = _mm_unpackhi_epi8(b[0], b[1]);
+    const __m128i b23_lo = _mm_unpacklo_epi8(b[2], b[3]), b23_hi = _mm_unpackhi_epi8(b[2], b[3]);
+    __m128i* out = reinterpret_cast<__m128i*>(bytes + g * 64);
+    _mm_storeu_si128(out + 0, _mm_unpacklo_epi16(b01_lo, b23_lo));
+    _mm_storeu_si128(out + 1, _mm_unpackhi_epi16(b01_lo, b23_lo));
+    _mm_storeu_si128(out + 2, _mm_unpacklo_epi16(b01_hi, b23_hi));
+    _mm_storeu_si128(out + 3, _mm_unpackhi_epi16(b01_hi, b23_hi));
+  }
+  for (int k = 0; k < 3; ++k) {
+    _mm512_storeu_pd(norms + 16 * k, sums[k][0]);
+    _mm512_storeu_pd(norms + 16 * k + 8, sums[k][1]);
+  }
+}
+
 float prefilter_max_abs_avx512(const float* x, const float* centre, int64_t d) {
   __m512 largest = _mm512_setzero_ps();
   for (int64_t p = 0; p < d; p += 16) {

@@ -22,6 +22,7 @@
 #include <limits>
 #include <mutex>
 #include <new>
+#include <stdexcept>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -41,9 +42,6 @@ float quant_scale(double max_abs) {
   return s > 0.0f ? s : 1.0f;
 }
 
-// v's level at scale s, clamped (s may round below max_abs / 127).
-int quant_level(double v, double s) { return static_cast<int>(std::max(-127.0, std::min(127.0, std::nearbyint(v / s)))); }
-
 size_t round_up64(size_t bytes) { return ((bytes + 63) / 64) * 64; }
 
 struct Maxima {
@@ -61,43 +59,37 @@ struct Maxima {
   }
 };
 
-// Quantize code j of panel q into `codes`, returning its contribution to the maxima.
-Maxima quantize_code(const PackedCodebook& pack, QuantizedCodes& codes, int64_t q, int j) {
-  const int64_t d = pack.d, code = q * kPanel + j;
-  uint8_t* bytes = codes.bytes + q * codes.d4 * kQuantGroupBytes + j * 4;
-  const float norm = pack.norms[code];
+// Quantize panel q into `codes`, returning its contribution to the maxima. A code that can never win
+// (padding past K, non-finite entries) gets level 0, scale 1 and a NaN norm.
+Maxima quantize_panel(const PackedCodebook& pack, QuantizedCodes& codes, int64_t q) {
+  uint8_t* bytes = codes.bytes + q * codes.d4 * kQuantGroupBytes;
+  double norms[3 * kPanel];
+#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
+  prefilter_quantize_panel_avx512(pack.panels + q * pack.d * kPanel, pack.d, codes.d4, bytes,
+                                  codes.scale + q * kPanel, norms);
+#else
+  (void)bytes, (void)norms;
+  throw std::logic_error("the int8 prefilter needs the AVX-512 VNNI kernel");  // unreachable: no scan to feed
+#endif
   Maxima m;
-  if (code >= pack.k || !std::isfinite(norm)) {  // never wins: NaN passes no comparison
-    for (int64_t g = 0; g < codes.d4; ++g) std::fill(bytes + g * kQuantGroupBytes, bytes + g * kQuantGroupBytes + 4, 128);
-    codes.scale[code] = 1.0f;
-    codes.norm[code] = std::numeric_limits<float>::quiet_NaN();
-    return m;
-  }
-  const float* panel = pack.panels + q * d * kPanel;
-  double max_abs = 0.0;
-  for (int64_t p = 0; p < d; ++p) max_abs = std::max(max_abs, std::fabs(static_cast<double>(panel[p * kPanel + j])));
-  const double s = quant_scale(max_abs);
-  double panel_sq = 0, error_sq = 0, quant_sq = 0;
-  for (int64_t p = 0; p < 4 * codes.d4; ++p) {
-    int level = 0;
-    if (p < d) {
-      const double v = panel[p * kPanel + j];
-      level = quant_level(v, s);
-      const double rebuilt = s * level;
-      panel_sq += v * v;
-      error_sq += (v - rebuilt) * (v - rebuilt);
-      quant_sq += rebuilt * rebuilt;
+  for (int j = 0; j < kPanel; ++j) {
+    const int64_t code = q * kPanel + j;
+    const float norm = pack.norms[code];
+    if (code >= pack.k || !std::isfinite(norm)) {  // never wins: NaN passes no comparison
+      for (int64_t g = 0; g < codes.d4; ++g) std::fill(bytes + g * kQuantGroupBytes + j * 4, bytes + g * kQuantGroupBytes + j * 4 + 4, 128);
+      codes.scale[code] = 1.0f;
+      codes.norm[code] = std::numeric_limits<float>::quiet_NaN();
+      continue;
     }
-    bytes[(p / 4) * kQuantGroupBytes + (p % 4)] = static_cast<uint8_t>(level + 128);
+    codes.norm[code] = norm;
+    m.panel_norm = std::max(m.panel_norm, std::sqrt(norms[j]));
+    m.error_norm = std::max(m.error_norm, std::sqrt(norms[kPanel + j]));
+    m.quant_norm = std::max(m.quant_norm, std::sqrt(norms[2 * kPanel + j]));
+    m.norm = std::max(m.norm, static_cast<double>(norm));
+    m.min_scale = std::min(m.min_scale, static_cast<double>(codes.scale[code]));
+    m.max_scale = std::max(m.max_scale, static_cast<double>(codes.scale[code]));
+    m.any = true;
   }
-  codes.scale[code] = static_cast<float>(s);
-  codes.norm[code] = norm;
-  m.panel_norm = std::sqrt(panel_sq);
-  m.error_norm = std::sqrt(error_sq);
-  m.quant_norm = std::sqrt(quant_sq);
-  m.norm = norm;
-  m.min_scale = m.max_scale = s;
-  m.any = true;
   return m;
 }
 
@@ -117,8 +109,7 @@ std::shared_ptr<const QuantizedCodes> build(const PackedCodebook& pack, int nt) 
   std::fill(codes->bytes + pack.npanels * codes->d4 * kQuantGroupBytes, codes->bytes + byte_count, uint8_t{0});
   std::vector<Maxima> per_panel(static_cast<size_t>(pack.npanels));
 #pragma omp parallel for schedule(static) num_threads(nt) if (pack.npanels * pack.d >= (int64_t{1} << 16))
-  for (int64_t q = 0; q < pack.npanels; ++q)
-    for (int j = 0; j < kPanel; ++j) per_panel[static_cast<size_t>(q)].add(quantize_code(pack, *codes, q, j));
+  for (int64_t q = 0; q < pack.npanels; ++q) per_panel[static_cast<size_t>(q)] = quantize_panel(pack, *codes, q);
   Maxima all;
   for (const Maxima& m : per_panel) all.add(m);
   codes->max_panel_norm = all.panel_norm;
@@ -147,6 +138,11 @@ std::shared_ptr<const QuantizedCodes> quantized_codes(const PackedCodebook& pack
   }
   trim_pack_cache();  // the copy's bytes count towards the cache's bound
   return codes;
+}
+
+bool has_quantized_codes(const PackedCodebook& pack) {
+  std::lock_guard<std::mutex> lock(pack.quantized_mutex);
+  return pack.quantized != nullptr;
 }
 
 bool quantize_row(const float* x, const float* centre, const QuantizedCodes& codes, int32_t* xq, int64_t stride,

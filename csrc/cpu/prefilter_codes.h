@@ -14,6 +14,9 @@ namespace fastvq::cpu {
 // pack cache counts its bytes). Thread-safe.
 std::shared_ptr<const QuantizedCodes> quantized_codes(const PackedCodebook& pack, int num_threads);
 
+// Whether `pack` holds its int8 copy already.
+bool has_quantized_codes(const PackedCodebook& pack);
+
 // Quantize row x (d floats) around the pack's centre into xq (codes.d4 int32) and qrow, with the
 // slack that bounds the float32 kernels' score against S~. False when the row cannot be prefiltered:
 // a non-finite entry, a centred norm outside the supported range, or scales whose product is not a
