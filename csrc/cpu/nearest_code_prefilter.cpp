@@ -165,8 +165,8 @@ struct Prefiltered {
     }
   }
 
-  // Finish group g: each row's candidates (chunks in code order, those within the slack of the row's
-  // minimum) scored with the search kernels' float32 arithmetic, all rows' candidates in one batch so
+  // Finish group g: each row's candidates (chunks in code order, those whose lower bound is within the
+  // row's smallest upper bound) scored with the search kernels' float32 arithmetic, all rows' candidates in one batch so
   // that several FMA chains are in flight; then the outputs. (quantize_row has checked the ranges.)
   void finish_group(int64_t g, const ScanSlot* const* slots, int64_t nchunks, GroupScratch& scratch,
                     const NearestCodeOutputs& out) const {
@@ -192,7 +192,7 @@ struct Prefiltered {
                  &scratch.best_idx[static_cast<size_t>(r)]);
         continue;
       }
-      const float threshold = minimum + qrows[static_cast<size_t>(r0 + r)].slack;  // the scan's float32 add
+      const float threshold = minimum;  // the smallest upper bound: candidates whose lower bound is within it
       for (int64_t c = 0; c < nchunks; ++c)
         for (int64_t t = 0; t < slots[c]->count[r]; ++t, ++listed) {
           const size_t at = static_cast<size_t>(r * kCandidateCap + t);
@@ -202,7 +202,7 @@ struct Prefiltered {
           }
         }
     }
-    rescore(scratch.centred.data(), d, pack.panels, pack.norms, scratch.rows.data(), scratch.codes.data(),
+    rescore(scratch.centred.data(), d, codebook, pack.centre, pack.norms, scratch.rows.data(), scratch.codes.data(),
             static_cast<int64_t>(scratch.codes.size()), scratch.best_val.data(), scratch.best_idx.data());
     codes_rescored.fetch_add(static_cast<int64_t>(scratch.codes.size()), std::memory_order_relaxed);
     candidates.fetch_add(listed, std::memory_order_relaxed);

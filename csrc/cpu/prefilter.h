@@ -3,10 +3,10 @@
 // Each code of the pack (pack_codebook.h: panel values e'' = -2 (e - c)) is also kept as int8 with a
 // scale per code, and each row x' = x - c is quantized the same way per row. One int8
 // dot per (row, code) gives an approximate score S~ = ||e'||^2 + s_x s_e (r . q); the float32 score
-// S that the search kernels compute (norm, then one FMA per p) lies within a per-row bound R of it
-// (prefilter_codes.cpp: row_slack derives R). So the code the full search picks, and every code tied
-// with it, has S~ <= min S~ + 2R: the scan keeps those codes as candidates, and only their panels are
-// scored again by the float32 kernel itself. Result: bitwise the full search's (indices, sqdist),
+// S that the search kernels compute (norm, then one FMA per p) lies within a bound R(e) of it
+// (prefilter_codes.cpp derives it). So the code the full search picks, and every code tied with it,
+// has S~ - R <= min (S~ + R): the scan keeps those codes as candidates, and only they are scored again
+// with the search kernels' float32 arithmetic. Result: bitwise the full search's (indices, sqdist),
 // reading a quarter of the bytes and doing the bulk of the products 64 to an instruction.
 //
 // A row whose candidates overflow their buffer (near-duplicate codes, a constant codebook), or inputs
@@ -36,12 +36,16 @@ constexpr int64_t kAmxChunkBytes = 1024;
 //   bytes[q][g][j][b] = q_{16q+j, 4g+b} + 128 (unsigned: vpdpbusd's first operand), 128 past d;
 //   scale[16q+j]      = s_e = max_p |e''_p| / 127 (rounded to float32), |q| <= 127;
 //   norm[16q+j]       = the pack's ||e - c||^2, NaN for a code that can never win (non-finite
-//                        entries, or padding past K): no comparison lets NaN through.
+//                        entries, or padding past K): no comparison lets NaN through;
+//   error_norm[16q+j] = ||e'' - s_e q||, quant_norm[16q+j] = ||s_e q|| (rounded up; 0 for those codes):
+//                        the code's terms of the bound (prefilter_codes.cpp).
 struct QuantizedCodes {
   int64_t npanels = 0, d = 0, d4 = 0;  // d4 = ceil(d / 4) groups of 4 dimensions
   uint8_t* bytes = nullptr;
   float* scale = nullptr;
   float* norm = nullptr;
+  float* error_norm = nullptr;
+  float* quant_norm = nullptr;
   // Over the codes that can win, for the bound: max ||e''||, max ||e'' - s_e q||, max ||s_e q||,
   // max ||e - c||^2, and the smallest and largest scale.
   double max_panel_norm = 0, max_error_norm = 0, max_quant_norm = 0, max_norm = 0;
@@ -54,26 +58,31 @@ struct QuantizedCodes {
   QuantizedCodes& operator=(const QuantizedCodes&) = delete;
 };
 
-// One row of x quantized for the scan (its int8 levels r, 4 to an int32: r_{4g..4g+3}), its scale s_x, the offset
-// correction 128 * sum(r) (the codes are stored + 128), and its slack 2R + margin as float32.
+// One row of x quantized for the scan (its int8 levels r, 4 to an int32: r_{4g..4g+3}), its scale s_x,
+// the offset correction 128 * sum(r) (the codes are stored + 128), and its terms of the bound: code e's
+// S~ is within R(e) = alpha * error_norm[e] + beta * quant_norm[e] + rho of the float32 kernels' score
+// (alpha = ||x - c||, beta = ||x - c - s_x r||, rho the rest and every float32 rounding of the scan's
+// own arithmetic; prefilter_codes.cpp derives them).
 struct QuantizedRow {
   float scale = 0.0f;
   int32_t correction = 0;
-  float slack = 0.0f;
+  float alpha = 0.0f, beta = 0.0f, rho = 0.0f;
 };
 
 // Scan panels [q_begin, q_end) for `rows` (1..kPrefilterRows) quantized rows. Row r's 4-byte group g
-// is xq[g * kPrefilterRows + r] (the group's rows interleaved); running[r * 16 + lane] is its running minimum of S~ per lane (in/out,
-// start at +inf); every code with S~ <= (running minimum so far) + slack is appended, in increasing
-// order, with its S~, to cand / cand_val + r * cap (count[r] entries so far). The first `warmup`
-// panels are scanned once before, for the minimum only, so that they do not all pass. A row that
-// would pass `cap` gets count[r] = cap + 1 and no more candidates (the driver searches it in full).
+// is xq[g * kPrefilterRows + r] (the group's rows interleaved). Per code, the upper bound U = S~ + R(e)
+// and the lower bound L = S~ - R(e) of the float32 score; running[r * 16 + lane] is row r's running
+// minimum of U per lane (in/out, start at +inf), and every code with L <= (running minimum so far) is
+// appended, in increasing order, with its L, to cand / cand_val + r * cap (count[r] entries so far):
+// the float32 search's choice, and any code tied with it, has L <= min U, so it is listed. The first
+// `warmup` panels are scanned once before, for the minimum only, so that they do not all pass. A row
+// that would pass `cap` gets count[r] = cap + 1 and no more candidates (the driver searches it in full).
 using PrefilterScanFn = void (*)(int rows, const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes,
                                  int64_t q_begin, int64_t q_end, int64_t warmup, float* running, int32_t* cand,
                                  float* cand_val, int64_t cap, int64_t* count);
-using PrefilterRescoreFn = void (*)(const float* xc, int64_t d, const float* panels, const float* norms,
-                                    const int32_t* rows, const int32_t* codes, int64_t count, float* best_val,
-                                    int64_t* best_idx);
+using PrefilterRescoreFn = void (*)(const float* xc, int64_t d, const float* codebook, const float* centre,
+                                    const float* norms, const int32_t* rows, const int32_t* codes, int64_t count,
+                                    float* best_val, int64_t* best_idx);
 #ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
 // One panel of the pack (16 codes: panel[p * 16 + j]) quantized: bytes (d4 groups of 64, the layout of
 // QuantizedCodes::bytes), scale[j] = max_p |e_jp| / 127 (1 for a zero code), and in double the squared
@@ -88,12 +97,13 @@ float prefilter_max_abs_avx512(const float* x, const float* centre, int64_t d);
 // and ||scale r||^2.
 int32_t prefilter_levels_avx512(const float* x, const float* centre, int64_t d, int64_t d4, float scale, int32_t* xq,
                                 int64_t stride, double* sums);
-// The float32 score of each listed (row, code) pair, row r's centred values at xc + r * d: bitwise the
-// search kernels' (norm, then one FMA per p), merged into best_*[row] in list order as they do (strictly
-// smaller replaces; each row's codes are listed in increasing order).
-void prefilter_rescore_avx512(const float* xc, int64_t d, const float* panels, const float* norms,
-                              const int32_t* rows, const int32_t* codes, int64_t count, float* best_val,
-                              int64_t* best_idx);
+// The float32 score of each listed (row, code) pair, row r's centred values at xc + r * d, the code's
+// from its codebook row (the pack's -2 (e - c), rebuilt bitwise): the search kernels' value (norm, then
+// one FMA per p), merged into best_*[row] in list order as they do (strictly smaller replaces; each
+// row's codes are listed in increasing order).
+void prefilter_rescore_avx512(const float* xc, int64_t d, const float* codebook, const float* centre,
+                              const float* norms, const int32_t* rows, const int32_t* codes, int64_t count,
+                              float* best_val, int64_t* best_idx);
 // The same scan on AMX-INT8 tiles (prefilter_avx512.cpp), for up to kAmxRows rows: xq row-major here,
 // row r's 4-byte groups at xq + r * row_words (row_words a multiple of 16, zero past d4; rows past
 // `rows` zero). The caller has requested the tile state from the OS (amx_ready in the driver).

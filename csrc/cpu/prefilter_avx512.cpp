@@ -1,12 +1,13 @@
 // The int8 prefilter's kernels (prefilter.h), AVX-512 VNNI: the scan (and its AMX-INT8 twin), the rows'
 // quantization and the candidates' float32 scores. The only file compiled with -mavx512vnni and
-// -mamx-int8; called through nearest_code_prefilter.cpp only after the CPU checks there. Free of the C++ standard library (see
-// kernels.h).
+// -mamx-int8; called through nearest_code_prefilter.cpp only after the CPU checks there. Free of the
+// C++ standard library (see kernels.h).
 //
-// Per panel of 16 codes and each of up to kPrefilterRows rows: d4 vpdpbusd (16 codes x 4 dims
-// each, the panel's 64-byte group loaded once for all the rows, the row's 4 bytes broadcast), then
-// S~ = norm + (s_e s_x) * (dot - correction) in one FMA, a running minimum per lane, and a compress-store of the codes within the row's slack of
-// it. Candidates are rare after the first panels, so the store sits behind a branch.
+// Per panel of 16 codes and each of up to kPrefilterRows rows: d4 vpdpbusd (16 codes x 4 dims each,
+// the panel's 64-byte group loaded once for all the rows, the row's 4 bytes broadcast), then
+// S~ = norm + (s_e s_x) * (dot - correction) in one FMA, its bounds S~ +- R(e), a running minimum of
+// the upper bound per lane, and a compress-store of the codes whose lower bound is within it.
+// Candidates are rare after the first panels, so the store sits behind a branch.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -27,22 +28,41 @@ inline void dot4(__m512i& acc, __m512i c, const int32_t* x) {
   __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(c), "m"(*x));
 }
 
+// One panel's per-code values for the epilogue, loaded once for all the rows.
+struct PanelTerms {
+  __m512 scale, norm, error_norm, quant_norm;
+  __m512i ids;
+  PanelTerms(const QuantizedCodes& codes, int64_t q)
+      : scale(_mm512_load_ps(codes.scale + q * 16)),
+        norm(_mm512_load_ps(codes.norm + q * 16)),
+        error_norm(_mm512_load_ps(codes.error_norm + q * 16)),
+        quant_norm(_mm512_load_ps(codes.quant_norm + q * 16)),
+        ids(_mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                             _mm512_set1_epi32(static_cast<int32_t>(q * 16)))) {}
+};
+
+// The epilogue of one row and one panel: S~, the bounds U and L (prefilter.h), the running minimum of
+// U, and the codes whose L is within it listed with their L.
 template <bool kEmit>
-inline void fold_row(__m512i acc, const QuantizedRow& qrow, __m512 code_scale, __m512 norm, __m512i ids,
-                     __m512& run, int32_t* cand, float* cand_val, int64_t cap, int64_t& count) {
+inline void fold_row(__m512i acc, const QuantizedRow& qrow, const PanelTerms& panel, __m512& run, int32_t* cand,
+                     float* cand_val, int64_t cap, int64_t& count) {
   const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_set1_epi32(qrow.correction)));
-  const __m512 s = _mm512_fmadd_ps(dot, _mm512_mul_ps(code_scale, _mm512_set1_ps(qrow.scale)), norm);
-  run = _mm512_min_ps(s, run);  // a NaN s (a code that cannot win) keeps run
+  const __m512 s = _mm512_fmadd_ps(dot, _mm512_mul_ps(panel.scale, _mm512_set1_ps(qrow.scale)), panel.norm);
+  const __m512 radius = _mm512_fmadd_ps(_mm512_set1_ps(qrow.alpha), panel.error_norm,
+                                        _mm512_fmadd_ps(_mm512_set1_ps(qrow.beta), panel.quant_norm,
+                                                        _mm512_set1_ps(qrow.rho)));
+  run = _mm512_min_ps(_mm512_add_ps(s, radius), run);  // a NaN s (a code that cannot win) keeps run
   if (!kEmit) return;
-  const __mmask16 m = _mm512_cmp_ps_mask(s, _mm512_add_ps(run, _mm512_set1_ps(qrow.slack)), _CMP_LE_OQ);
+  const __m512 lower = _mm512_sub_ps(s, radius);
+  const __mmask16 m = _mm512_cmp_ps_mask(lower, run, _CMP_LE_OQ);
   if (!m) return;
   const int passed = __builtin_popcount(static_cast<unsigned>(m));
   if (count + passed > cap) {  // overflowed (now or before): the driver searches this row in full
     count = cap + 1;
     return;
   }
-  _mm512_mask_compressstoreu_epi32(cand + count, m, ids);
-  _mm512_mask_compressstoreu_ps(cand_val + count, m, s);
+  _mm512_mask_compressstoreu_epi32(cand + count, m, panel.ids);
+  _mm512_mask_compressstoreu_ps(cand_val + count, m, lower);
   count += passed;
 }
 
@@ -51,7 +71,6 @@ template <int R, bool kEmit>
 void scan_panels(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes, int64_t q_begin,
                  int64_t q_end, __m512 (&run)[R], int32_t* cand, float* cand_val, int64_t cap, int64_t* count) {
   const int64_t d4 = codes.d4;
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t q = q_begin; q < q_end; ++q) {
     const uint8_t* b = codes.bytes + q * d4 * kQuantGroupBytes;
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
@@ -67,13 +86,10 @@ void scan_panels(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCo
       if constexpr (R > 6) dot4(a6, c, x + 6);
       if constexpr (R > 7) dot4(a7, c, x + 7);
     }
-    const __m512 code_scale = _mm512_load_ps(codes.scale + q * 16);
-    const __m512 norm = _mm512_load_ps(codes.norm + q * 16);
-    const __m512i ids = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(q * 16)));
+    const PanelTerms panel(codes, q);
     const __m512i accs[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
     for (int r = 0; r < R; ++r)
-      fold_row<kEmit>(accs[r], qrows[r], code_scale, norm, ids, run[r], cand + r * cap, cand_val + r * cap, cap,
-                      count[r]);
+      fold_row<kEmit>(accs[r], qrows[r], panel, run[r], cand + r * cap, cand_val + r * cap, cap, count[r]);
     if ((q - q_begin) % kReduceEvery == kReduceEvery - 1)
       for (int r = 0; r < R; ++r) run[r] = _mm512_set1_ps(_mm512_reduce_min_ps(run[r]));
   }
@@ -146,7 +162,6 @@ void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const Qu
   _tile_loadconfig(&config);
   const int64_t d4 = codes.d4, chunks = row_words / 16, x_stride = row_words * 4, panel_bytes = d4 * kQuantGroupBytes;
   const int halves = rows > 16 ? 2 : 1;
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   alignas(64) int32_t dots[2][2][16][16];  // [accumulator pair][panel][row][code]
   if (chunks == 1) {  // the rows' levels stay in tiles 4 and 5 for the whole call
     _tile_loadd(4, xq, x_stride);
@@ -191,17 +206,14 @@ void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const Qu
   const auto fold = [&](const AmxUnit& u, int set) {
     const int r0 = 16 * u.half, r1 = r0 + 16 < rows ? r0 + 16 : rows;
     for (int j = 0; j < (u.pair ? 2 : 1); ++j) {
-      const int64_t panel = u.q + j;
-      const __m512 code_scale = _mm512_load_ps(codes.scale + panel * 16);
-      const __m512 norm = _mm512_load_ps(codes.norm + panel * 16);
-      const __m512i ids = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(panel * 16)));
+      const PanelTerms panel(codes, u.q + j);
       for (int r = r0; r < r1; ++r) {
         __m512 run = _mm512_loadu_ps(running + 16 * r);
         const __m512i acc = _mm512_load_si512(dots[set][j][r - r0]);
         if (u.emit)
-          fold_row<true>(acc, qrows[r], code_scale, norm, ids, run, cand + r * cap, cand_val + r * cap, cap, count[r]);
+          fold_row<true>(acc, qrows[r], panel, run, cand + r * cap, cand_val + r * cap, cap, count[r]);
         else
-          fold_row<false>(acc, qrows[r], code_scale, norm, ids, run, cand + r * cap, cand_val + r * cap, cap, count[r]);
+          fold_row<false>(acc, qrows[r], panel, run, cand + r * cap, cand_val + r * cap, cap, count[r]);
         _mm512_storeu_ps(running + 16 * r, run);
       }
     }
@@ -354,24 +366,32 @@ int32_t prefilter_levels_avx512(const float* x, const float* centre, int64_t d, 
   return _mm512_reduce_add_epi32(level_sum);
 }
 
-void prefilter_rescore_avx512(const float* xc, int64_t d, const float* panels, const float* norms,
-                              const int32_t* rows, const int32_t* codes, int64_t count, float* best_val,
-                              int64_t* best_idx) {
+void prefilter_rescore_avx512(const float* xc, int64_t d, const float* codebook, const float* centre,
+                              const float* norms, const int32_t* rows, const int32_t* codes, int64_t count,
+                              float* best_val, int64_t* best_idx) {
   // Eight pairs at a time, eight FMA chains in flight (one chain's latency would dominate otherwise);
-  // the last group repeats its last pair in the unused chains, whose results are not read.
+  // the last group repeats its last pair in the unused chains, whose results are not read. Each code's
+  // packed values -2 (e - c) are rebuilt from its contiguous row (pack_codebook.cpp's two roundings,
+  // bitwise): a panel column would cost a cache line per dimension.
+  alignas(64) float values[8][kPrefilterMaxDim];
+  const __m512 minus_two = _mm512_set1_ps(-2.0f);
   for (int64_t t0 = 0; t0 < count; t0 += 8) {
-    const float* e[8];
     const float* x[8];
     __m128 acc[8];
     for (int c = 0; c < 8; ++c) {
       const int64_t t = t0 + c < count ? t0 + c : count - 1, code = codes[t];
-      e[c] = panels + (code / 16) * d * 16 + code % 16;
+      const float* e = codebook + code * d;
+      for (int64_t p = 0; p < d; p += 16) {
+        const __mmask16 m = tail_mask(d - p);
+        const __m512 diff = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, e + p), _mm512_maskz_loadu_ps(m, centre + p));
+        _mm512_mask_storeu_ps(values[c] + p, m, _mm512_mul_ps(minus_two, diff));
+      }
       x[c] = xc + rows[t] * d;
       acc[c] = _mm_set_ss(norms[code]);
     }
     for (int64_t p = 0; p < d; ++p) {
 #pragma GCC unroll 8
-      for (int c = 0; c < 8; ++c) acc[c] = _mm_fmadd_ss(_mm_set_ss(x[c][p]), _mm_set_ss(e[c][p * 16]), acc[c]);
+      for (int c = 0; c < 8; ++c) acc[c] = _mm_fmadd_ss(_mm_set_ss(x[c][p]), _mm_set_ss(values[c][p]), acc[c]);
     }
     for (int c = 0; c < 8 && t0 + c < count; ++c) {
       const float score = _mm_cvtss_f32(acc[c]);

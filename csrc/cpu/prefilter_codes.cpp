@@ -1,7 +1,7 @@
 // The int8 prefilter's host side (prefilter_codes.h): quantizing codes and rows, and the bound.
 //
-// The bound (per row; u = 2^-24, e'' = the pack's panel values -2(e - c), x' = x - c in float32,
-// e^ = s_e q and x^ = s_x r the quantized vectors, n = the pack's ||e - c||^2):
+// The bound (u = 2^-24, e'' = the pack's panel values -2(e - c), x' = x - c in float32, e^ = s_e q and
+// x^ = s_x r the quantized vectors, n = the pack's ||e - c||^2):
 //   the kernels' score S = n + sum_p x'_p e''_p with one FMA per p from n: d roundings, so
 //       |S - (n + x'.e'')| <= gamma_d (n + ||x'|| ||e''||),   gamma_d = d u / (1 - d u);
 //   x'.e'' - x^.e^ = x'.(e'' - e^) + (x' - x^).e^, so
@@ -9,10 +9,12 @@
 //   the scan's S~ = fl(n + T fl(s_x s_e)) with T = r.q (an exact integer, exactly converted for
 //   d <= 1024): the scale product errs by u relative, the FMA rounds once, so
 //       |S~ - (n + x^.e^)| <= u (n + ||x^|| ||e^||) + u ||x^|| ||e^|| (to first order in u).
-// With the maxima over the codes, R = gamma_d (N + ||x'|| E) + ||x'|| D + ||x' - x^|| H + u (N + 2 ||x^|| H)
-// bounds |S - S~| for every code. The full search's choice e* (and any code tied with it) then has
-// S~(e*) <= S(e*) + R <= S(e) + R <= S~(e) + 2R for every e: within 2R of the smallest S~. The slack
-// handed to the scan adds the float32 rounding of (running minimum + slack) on top of 2R.
+// So |S - S~| <= R(e) = alpha a_e + beta b_e + rho0 with alpha = ||x'||, beta = ||x' - x^||, the code's
+// a_e = ||e'' - e^|| and b_e = ||e^||, and rho0 = gamma_d (N + ||x'|| E) + u (N + 2 ||x^|| H) over the
+// codes' maxima N, E, H of n, ||e''||, ||e^||. The full search's choice e* (and any code tied with it)
+// then has L(e*) = S~(e*) - R(e*) <= S(e*) <= S(e) <= S~(e) + R(e) = U(e) for every e. The scan computes
+// R, U and L in float32 (two FMAs, an add, a subtract): each rounding errs by at most u M, with M a
+// bound on |S~| + R; rho = rho0 + 4 u M makes the computed L(e*) stay below every computed U(e).
 #include "cpu/prefilter_codes.h"
 
 #include <algorithm>
@@ -43,6 +45,13 @@ float quant_scale(double max_abs) {
 }
 
 size_t round_up64(size_t bytes) { return ((bytes + 63) / 64) * 64; }
+
+// The smallest float32 >= v (v >= 0, with 2^-20 relative on top for the double arithmetic before).
+float round_up(double v) {
+  v *= 1.0 + std::ldexp(1.0, -20);
+  const float f = static_cast<float>(v);
+  return static_cast<double>(f) < v ? std::nextafter(f, std::numeric_limits<float>::infinity()) : f;
+}
 
 struct Maxima {
   double panel_norm = 0, error_norm = 0, quant_norm = 0, norm = 0;
@@ -79,9 +88,12 @@ Maxima quantize_panel(const PackedCodebook& pack, QuantizedCodes& codes, int64_t
       for (int64_t g = 0; g < codes.d4; ++g) std::fill(bytes + g * kQuantGroupBytes + j * 4, bytes + g * kQuantGroupBytes + j * 4 + 4, 128);
       codes.scale[code] = 1.0f;
       codes.norm[code] = std::numeric_limits<float>::quiet_NaN();
+      codes.error_norm[code] = codes.quant_norm[code] = 0.0f;
       continue;
     }
     codes.norm[code] = norm;
+    codes.error_norm[code] = round_up(std::sqrt(norms[kPanel + j]));
+    codes.quant_norm[code] = round_up(std::sqrt(norms[2 * kPanel + j]));
     m.panel_norm = std::max(m.panel_norm, std::sqrt(norms[j]));
     m.error_norm = std::max(m.error_norm, std::sqrt(norms[kPanel + j]));
     m.quant_norm = std::max(m.quant_norm, std::sqrt(norms[2 * kPanel + j]));
@@ -100,12 +112,14 @@ std::shared_ptr<const QuantizedCodes> build(const PackedCodebook& pack, int nt) 
   codes->d4 = (pack.d + 3) / 4;
   const size_t byte_count = round_up64(static_cast<size_t>(pack.npanels * codes->d4 * kQuantGroupBytes + kAmxChunkBytes));
   const size_t float_bytes = round_up64(static_cast<size_t>(pack.npanels * kPanel) * sizeof(float));
-  codes->nbytes = byte_count + 2 * float_bytes;
+  codes->nbytes = byte_count + 4 * float_bytes;
   char* base = static_cast<char*>(std::aligned_alloc(64, codes->nbytes));
   if (!base) throw std::bad_alloc();
   codes->bytes = reinterpret_cast<uint8_t*>(base);
   codes->scale = reinterpret_cast<float*>(base + byte_count);
   codes->norm = reinterpret_cast<float*>(base + byte_count + float_bytes);
+  codes->error_norm = reinterpret_cast<float*>(base + byte_count + 2 * float_bytes);
+  codes->quant_norm = reinterpret_cast<float*>(base + byte_count + 3 * float_bytes);
   std::fill(codes->bytes + pack.npanels * codes->d4 * kQuantGroupBytes, codes->bytes + byte_count, uint8_t{0});
   std::vector<Maxima> per_panel(static_cast<size_t>(pack.npanels));
 #pragma omp parallel for schedule(static) num_threads(nt) if (pack.npanels * pack.d >= (int64_t{1} << 16))
@@ -161,18 +175,16 @@ bool quantize_row(const float* x, const float* centre, const QuantizedCodes& cod
   const double u = kUnitRoundoff, dim = static_cast<double>(d);
   const double gamma = dim * u / (1.0 - dim * u);
   const double x_norm = std::sqrt(norm_total), x_error = std::sqrt(error_total), x_quant = std::sqrt(quant_total);
-  const double largest = codes.max_norm + x_quant * codes.max_quant_norm;  // bounds |S~|
-  const double r = gamma * (codes.max_norm + x_norm * codes.max_panel_norm) + x_norm * codes.max_error_norm +
-                   x_error * codes.max_quant_norm + u * (largest + x_quant * codes.max_quant_norm);
-  // fl(minimum + slack) >= minimum + 2R needs slack >= 2R + u (|minimum| + slack); 2^-20 covers the
-  // double-precision rounding of everything above.
-  const double slack = (2.0 * r + u * (largest * (1.0 + u) + 2.0 * r)) / (1.0 - u) * (1.0 + std::ldexp(1.0, -20));
-  float slack_f = static_cast<float>(slack);
-  if (static_cast<double>(slack_f) < slack) slack_f = std::nextafter(slack_f, std::numeric_limits<float>::infinity());
+  qrow.alpha = round_up(x_norm);
+  qrow.beta = round_up(x_error);
+  const double rho0 = gamma * (codes.max_norm + x_norm * codes.max_panel_norm) +
+                      u * (codes.max_norm + 2.0 * x_quant * codes.max_quant_norm);
+  const double largest_r = qrow.alpha * codes.max_error_norm + qrow.beta * codes.max_quant_norm + rho0;
+  const double largest = (codes.max_norm + x_quant * codes.max_quant_norm) * (1.0 + 2.0 * u) + 2.0 * largest_r;
+  qrow.rho = round_up(rho0 + 4.0 * u * largest);
   qrow.scale = static_cast<float>(s);
   qrow.correction = 128 * sum;
-  qrow.slack = slack_f;
-  return std::isfinite(slack_f);
+  return std::isfinite(qrow.alpha) && std::isfinite(qrow.beta) && std::isfinite(qrow.rho);
 #else
   (void)xq, (void)stride, (void)qrow;
   return false;  // no scan to feed

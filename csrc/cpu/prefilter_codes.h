@@ -17,8 +17,8 @@ std::shared_ptr<const QuantizedCodes> quantized_codes(const PackedCodebook& pack
 // Whether `pack` holds its int8 copy already.
 bool has_quantized_codes(const PackedCodebook& pack);
 
-// Quantize row x (d floats) around the pack's centre into xq (codes.d4 int32) and qrow, with the
-// slack that bounds the float32 kernels' score against S~. False when the row cannot be prefiltered:
+// Quantize row x (d floats) around the pack's centre into xq (codes.d4 int32) and qrow, with the row's
+// terms of the bound on the float32 kernels' score against S~. False when the row cannot be prefiltered:
 // a non-finite entry, a centred norm outside the supported range, or scales whose product is not a
 // normal float32 (then the whole call runs the full search, which also reports the bad row).
 // Group g of 4 levels goes to xq[g * stride].
