@@ -213,7 +213,7 @@ def test_the_int8_copy_is_cached_with_its_pack_and_counted(prefilter_mode):
 
 
 @pytest.mark.parametrize("value,expected", [("off", "int8 prefilter unused: the prefilter is off"),
-                                            ("always", "int8 prefilter always (AVX-512 VNNI)"),
+                                            ("always", f"int8 prefilter always ({_cpu.prefilter_kernel()} scan)"),
                                             ("often", "$FASTVQ_CPU_PREFILTER='often': mode must be one of")])
 def test_the_environment_variable_sets_the_mode_and_info_reports_it(value, expected):
     import os

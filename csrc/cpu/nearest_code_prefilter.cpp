@@ -89,11 +89,14 @@ PrefilterScanFn scan_fn() {
 }
 
 // One (row group, code chunk) scan: its rows' running minima, candidate counts and candidates.
+// Candidate buffers for `rows` rows: a call of one row (streaming) allocates 2 KiB, not a group's 64 KiB.
 struct ScanSlot {
   float running[kScanGroupRows * 16];
   int64_t count[kScanGroupRows];
-  std::vector<int32_t> cand = std::vector<int32_t>(static_cast<size_t>(kScanGroupRows * kCandidateCap));
-  std::vector<float> cand_val = std::vector<float>(static_cast<size_t>(kScanGroupRows * kCandidateCap));
+  std::vector<int32_t> cand;
+  std::vector<float> cand_val;
+  explicit ScanSlot(int64_t rows)
+      : cand(static_cast<size_t>(rows * kCandidateCap)), cand_val(static_cast<size_t>(rows * kCandidateCap)) {}
   void reset() {
     std::fill(running, running + kScanGroupRows * 16, std::numeric_limits<float>::infinity());
     std::fill(count, count + kScanGroupRows, int64_t{0});
@@ -152,8 +155,9 @@ struct Prefiltered {
         const int64_t r0 = g * kScanGroupRows, rows = group_rows(g);
         if (layout.amx) {
 #ifdef FASTVQ_HAVE_AMX_KERNEL
-          prefilter_scan_amx(static_cast<int>(rows), xq.data() + layout.offset(r0), layout.row_words, qrows.data() + r0,
-                             codes, q0, q1, warmup, s.running, s.cand.data(), s.cand_val.data(), kCandidateCap, s.count);
+          prefilter_scan_amx(static_cast<int>(rows), xq.data() + layout.offset(r0), layout.row_words,
+                             qrows.data() + r0, codes, q0, q1, warmup, s.running, s.cand.data(), s.cand_val.data(),
+                             kCandidateCap, s.count);
 #endif
           continue;
         }
@@ -166,8 +170,9 @@ struct Prefiltered {
   }
 
   // Finish group g: each row's candidates (chunks in code order, those whose lower bound is within the
-  // row's smallest upper bound) scored with the search kernels' float32 arithmetic, all rows' candidates in one batch so
-  // that several FMA chains are in flight; then the outputs. (quantize_row has checked the ranges.)
+  // row's smallest upper bound) scored with the search kernels' float32 arithmetic, all rows' candidates
+  // in one batch so that several FMA chains are in flight; then the outputs. (quantize_row has checked
+  // the ranges.)
   void finish_group(int64_t g, const ScanSlot* const* slots, int64_t nchunks, GroupScratch& scratch,
                     const NearestCodeOutputs& out) const {
     const int64_t d = pack.d, r0 = g * kScanGroupRows, rows = group_rows(g);
@@ -188,8 +193,8 @@ struct Prefiltered {
       if (overflow) {  // the float32 kernel over every panel (it reads the row as a packed tile)
         rows_in_full.fetch_add(1, std::memory_order_relaxed);
         for (int64_t p = 0; p < d; ++p) scratch.tile.ptr[p * kTileRows] = centred[p];
-        few_rows(1, scratch.tile.ptr, d, pack.panels, pack.norms, pack.npanels, 0, &scratch.best_val[static_cast<size_t>(r)],
-                 &scratch.best_idx[static_cast<size_t>(r)]);
+        few_rows(1, scratch.tile.ptr, d, pack.panels, pack.norms, pack.npanels, 0,
+                 &scratch.best_val[static_cast<size_t>(r)], &scratch.best_idx[static_cast<size_t>(r)]);
         continue;
       }
       const float threshold = minimum;  // the smallest upper bound: candidates whose lower bound is within it
@@ -252,8 +257,8 @@ void set_prefilter_kernel(const std::string& kernel) {
 std::string prefilter_kernel() { return cpu_has_vnni() ? (use_amx() ? "amx" : "vnni") : ""; }
 
 PrefilterStats prefilter_stats() {
-  return {calls_prefiltered.load(), rows_in_full.load(), calls_declined.load(), codes_rescored.load(), candidates.load(),
-          calls_deferred.load()};
+  return {calls_prefiltered.load(), rows_in_full.load(), calls_declined.load(),
+          codes_rescored.load(), candidates.load(), calls_deferred.load()};
 }
 
 std::string prefilter_reason(int64_t n, int64_t k, int64_t d) {
@@ -267,8 +272,9 @@ std::string prefilter_reason(int64_t n, int64_t k, int64_t d) {
   if (d < kPrefilterMinDim)
     return "d = " + std::to_string(d) + " < " + std::to_string(kPrefilterMinDim) + ": float32 products are cheaper";
   if (k < kPrefilterMinCodes || k * d < kPrefilterMinCodeFloats)
-    return "K = " + std::to_string(k) + ", K d = " + std::to_string(k * d) + ": too few codes to pay back (auto needs K >= " +
-           std::to_string(kPrefilterMinCodes) + " and K d >= " + std::to_string(kPrefilterMinCodeFloats) + ")";
+    return "K = " + std::to_string(k) + ", K d = " + std::to_string(k * d) +
+           ": too few codes to pay back (auto needs K >= " + std::to_string(kPrefilterMinCodes) +
+           " and K d >= " + std::to_string(kPrefilterMinCodeFloats) + ")";
   return "";
 }
 
@@ -313,7 +319,7 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
     const int64_t nitems = (ngroups + kGroupsPerItem - 1) / kGroupsPerItem;
 #pragma omp parallel num_threads(nt)
     {
-      std::vector<ScanSlot> slots(static_cast<size_t>(kGroupsPerItem));
+      std::vector<ScanSlot> slots(static_cast<size_t>(kGroupsPerItem), ScanSlot(kScanGroupRows));
       GroupScratch scratch(pack.d);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t item = 0; item < nitems; ++item) {
@@ -326,7 +332,10 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
       }
     }
   } else {  // few rows: one item per code chunk, every group in it; then the rows, chunks in order
-    std::vector<ScanSlot> slots(static_cast<size_t>(ngroups * nchunks));
+    std::vector<ScanSlot> slots;  // [chunk][group]
+    slots.reserve(static_cast<size_t>(ngroups * nchunks));
+    for (int64_t c = 0; c < nchunks; ++c)
+      for (int64_t g = 0; g < ngroups; ++g) slots.emplace_back(run.group_rows(g));
     const auto slot_of = [&](int64_t g, int64_t c) -> ScanSlot& { return slots[static_cast<size_t>(c * ngroups + g)]; };
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t c = 0; c < nchunks; ++c)

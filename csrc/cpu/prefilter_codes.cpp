@@ -85,7 +85,10 @@ Maxima quantize_panel(const PackedCodebook& pack, QuantizedCodes& codes, int64_t
     const int64_t code = q * kPanel + j;
     const float norm = pack.norms[code];
     if (code >= pack.k || !std::isfinite(norm)) {  // never wins: NaN passes no comparison
-      for (int64_t g = 0; g < codes.d4; ++g) std::fill(bytes + g * kQuantGroupBytes + j * 4, bytes + g * kQuantGroupBytes + j * 4 + 4, 128);
+      for (int64_t g = 0; g < codes.d4; ++g) {
+        uint8_t* group = bytes + g * kQuantGroupBytes + j * 4;
+        std::fill(group, group + 4, uint8_t{128});
+      }
       codes.scale[code] = 1.0f;
       codes.norm[code] = std::numeric_limits<float>::quiet_NaN();
       codes.error_norm[code] = codes.quant_norm[code] = 0.0f;
@@ -110,7 +113,8 @@ std::shared_ptr<const QuantizedCodes> build(const PackedCodebook& pack, int nt) 
   codes->npanels = pack.npanels;
   codes->d = pack.d;
   codes->d4 = (pack.d + 3) / 4;
-  const size_t byte_count = round_up64(static_cast<size_t>(pack.npanels * codes->d4 * kQuantGroupBytes + kAmxChunkBytes));
+  const size_t byte_count =
+      round_up64(static_cast<size_t>(pack.npanels * codes->d4 * kQuantGroupBytes + kAmxChunkBytes));
   const size_t float_bytes = round_up64(static_cast<size_t>(pack.npanels * kPanel) * sizeof(float));
   codes->nbytes = byte_count + 4 * float_bytes;
   char* base = static_cast<char*>(std::aligned_alloc(64, codes->nbytes));

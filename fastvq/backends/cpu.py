@@ -112,9 +112,9 @@ class CpuBackend(Backend):
         capped = f", capped by ${SIMD_ENV_VAR}" if os.environ.get(SIMD_ENV_VAR) else ""
         # the prefilter's reason at a shape it takes in "auto", so only the machine and the switches show
         why_not = _cpu.prefilter_reason(1, 1 << 16, 64)
+        prefilter = f"{_cpu.prefilter_mode()} ({_cpu.prefilter_kernel()} scan)" if not why_not else "unused: " + why_not
         return (f"simd {_cpu.simd_level()} (best here: {_cpu.best_simd_level()}{capped}), "
-                f"OpenMP {'on' if _cpu.openmp_enabled() else 'off'}, "
-                f"int8 prefilter {_cpu.prefilter_mode() + ' (AVX-512 VNNI)' if not why_not else 'unused: ' + why_not}")
+                f"OpenMP {'on' if _cpu.openmp_enabled() else 'off'}, int8 prefilter {prefilter}")
 
     def not_supported_reasons(self, *tensors: Tensor) -> list[str]:
         reasons = []

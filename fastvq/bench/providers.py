@@ -227,8 +227,9 @@ def fastvq_cpu_float32(case: Case, data: Data):
     if data.x.device.type != "cpu":
         raise Absent("the cpu backend's prefilter switch: CPU tensors only")
     cpu = _import("fastvq._cpu")
-    if cpu.prefilter_reason(case.n, case.k, case.d) != "":
-        raise Absent("fastvq-cpu runs without the prefilter here already: " + cpu.prefilter_reason(case.n, case.k, case.d))
+    why_not = cpu.prefilter_reason(case.n, case.k, case.d)
+    if why_not:
+        raise Absent("fastvq-cpu runs without the prefilter here already: " + why_not)
 
     def run():
         cpu.set_prefilter("off")
