@@ -1,8 +1,9 @@
 // nearest_code through the int8 prefilter (prefilter.h): quantize the rows, scan the int8 codes for
-// candidates, then score only the candidates' panels with the float32 micro-kernel itself and finish
-// the rows as the full search does. The outputs are bitwise the full search's.
+// candidates (AMX tiles or AVX-512 VNNI), then score only the candidates with the search kernels'
+// float32 arithmetic and finish the rows as the full search does. The outputs are bitwise the full
+// search's.
 //
-// Work items as in nearest_code.cpp: groups of kPrefilterRows rows, and for few groups the codes in
+// Work items as in nearest_code.cpp: groups of kScanGroupRows rows, and for few groups the codes in
 // chunks too (each chunk keeps its own running minima and candidates; the rows are finished after,
 // taking the chunks in code order). A row whose candidates overflow is scored over every panel.
 #include "cpu/nearest_code_prefilter.h"
@@ -35,7 +36,7 @@ constexpr int64_t kCandidateCap = 256;
 constexpr int64_t kWarmupPanels = 4;
 // An item's groups scan one block of panels after another, so a block read from memory serves
 // every group of the item from L2 (~128 KiB of int8 codes).
-constexpr int64_t kBlockBytes8 = 128 * 1024;
+constexpr int64_t kScanBlockBytes = 128 * 1024;
 // The driver's groups of rows: what one AMX scan call takes, four VNNI scan calls.
 constexpr int64_t kScanGroupRows = kAmxRows;
 // Groups per work item when the codes are not split (64 rows).
@@ -88,8 +89,8 @@ PrefilterScanFn scan_fn() {
   return nullptr;
 }
 
-// One (row group, code chunk) scan: its rows' running minima, candidate counts and candidates.
-// Candidate buffers for `rows` rows: a call of one row (streaming) allocates 2 KiB, not a group's 64 KiB.
+// One (row group, code chunk) scan: its rows' running minima, candidate counts and candidates, the
+// buffers sized for `rows` rows (a one-row call, streaming, allocates 2 KiB, not a group's 64 KiB).
 struct ScanSlot {
   float running[kScanGroupRows * 16];
   int64_t count[kScanGroupRows];
@@ -146,7 +147,7 @@ struct Prefiltered {
   template <typename SlotOf>
   void scan_groups(int64_t g0, int64_t g1, int64_t q_begin, int64_t q_end, SlotOf slot) const {
     for (int64_t g = g0; g < g1; ++g) slot(g).reset();
-    const int64_t block = std::max<int64_t>(kWarmupPanels, kBlockBytes8 / (codes.d4 * kQuantGroupBytes));
+    const int64_t block = std::max<int64_t>(kWarmupPanels, kScanBlockBytes / (codes.d4 * kQuantGroupBytes));
     for (int64_t q0 = q_begin; q0 < q_end; q0 += block) {
       const int64_t q1 = std::min(q_end, q0 + block);
       const int64_t warmup = q0 == q_begin ? std::min(kWarmupPanels, q1 - q0) : 0;
