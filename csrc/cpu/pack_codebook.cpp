@@ -24,8 +24,6 @@ constexpr int64_t kCentreChunk = 1024;
 // Packing is O(K d); below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelPackElements = int64_t{1} << 18;
 
-size_t round_up64(size_t bytes) { return ((bytes + 63) / 64) * 64; }
-
 bool all_finite(const float* v, int64_t d) {
   bool finite = true;
   for (int64_t p = 0; p < d; ++p) finite &= std::isfinite(v[p]);

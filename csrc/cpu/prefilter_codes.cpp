@@ -44,8 +44,6 @@ float quant_scale(double max_abs) {
   return s > 0.0f ? s : 1.0f;
 }
 
-size_t round_up64(size_t bytes) { return ((bytes + 63) / 64) * 64; }
-
 // The smallest float32 >= v (v >= 0, with 2^-20 relative on top for the double arithmetic before).
 float round_up(double v) {
   v *= 1.0 + std::ldexp(1.0, -20);

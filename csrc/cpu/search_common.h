@@ -27,10 +27,13 @@ constexpr int64_t kMinChunkPanels = 16;
 // Below about this much work (~0.2 ms on one core) a call does not start another thread.
 constexpr int64_t kMinFlopsPerThread = int64_t{1} << 24;
 
+// Bytes rounded up to whole 64-byte lines (buffers of aligned_alloc(64, ...), which needs a multiple).
+inline size_t round_up64(size_t bytes) { return ((bytes + 63) / 64) * 64; }
+
 struct AlignedFloats {
   float* ptr = nullptr;
   explicit AlignedFloats(int64_t n) {
-    const size_t bytes = ((static_cast<size_t>(n) * sizeof(float) + 63) / 64) * 64;
+    const size_t bytes = round_up64(static_cast<size_t>(n) * sizeof(float));
     ptr = static_cast<float*>(std::aligned_alloc(64, bytes == 0 ? 64 : bytes));
     if (!ptr) throw std::bad_alloc();
   }
