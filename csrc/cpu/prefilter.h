@@ -5,9 +5,10 @@
 // dot per (row, code) gives an approximate score S~ = ||e'||^2 + s_x s_e (r . q); the float32 score
 // S that the search kernels compute (norm, then one FMA per p) lies within a bound R(e) of it
 // (prefilter_codes.cpp derives it). So the code the full search picks, and every code tied with it,
-// has S~ - R <= min (S~ + R): the scan keeps those codes as candidates, and only they are scored again
-// with the search kernels' float32 arithmetic. Result: bitwise the full search's (indices, sqdist),
-// reading a quarter of the bytes and doing the bulk of the products 64 to an instruction.
+// has S~ - R <= min (S~ + R). The scan lists every code within a row-wide spread of the smallest S~
+// (a superset of those), the driver keeps those with S~ - R <= the listed codes' min (S~ + R), and only
+// they are scored again with the search kernels' float32 arithmetic. Result: bitwise the full search's
+// (indices, sqdist), reading a quarter of the bytes and doing the bulk of the products 64 to an instruction.
 //
 // A row whose candidates overflow their buffer (near-duplicate codes, a constant codebook), or inputs
 // outside the bound's assumptions, make the call run the full search instead; nothing is approximate.
@@ -59,24 +60,27 @@ struct QuantizedCodes {
 };
 
 // One row of x quantized for the scan (its int8 levels r, 4 to an int32: r_{4g..4g+3}), its scale s_x,
-// the offset correction 128 * sum(r) (the codes are stored + 128), and its terms of the bound: code e's
-// S~ is within R(e) = alpha * error_norm[e] + beta * quant_norm[e] + rho of the float32 kernels' score
-// (alpha = ||x - c||, beta = ||x - c - s_x r||, rho the rest and every float32 rounding of the scan's
-// own arithmetic; prefilter_codes.cpp derives them).
+// the offset correction 128 * sum(r) (the codes are stored + 128; the scans start their accumulators at
+// -correction, so they hold r . q), and its terms of the bound: code e's S~ is within
+// R(e) = alpha * error_norm[e] + beta * quant_norm[e] + rho of the float32 kernels' score (alpha = ||x - c||,
+// beta = ||x - c - s_x r||, rho the rest and every float32 rounding; prefilter_codes.cpp derives them).
+// spread bounds R(e) + R(e') + roundings over any two codes: a code whose L = S~ - R is within
+// min U = min (S~ + R) has S~ <= min S~ + spread, which is all the scan tests.
 struct QuantizedRow {
   float scale = 0.0f;
   int32_t correction = 0;
-  float alpha = 0.0f, beta = 0.0f, rho = 0.0f;
+  float alpha = 0.0f, beta = 0.0f, rho = 0.0f, spread = 0.0f;
 };
 
 // Scan panels [q_begin, q_end) for `rows` (1..kPrefilterRows) quantized rows. Row r's 4-byte group g
-// is xq[g * kPrefilterRows + r] (the group's rows interleaved). Per code, the upper bound U = S~ + R(e)
-// and the lower bound L = S~ - R(e) of the float32 score; running[r * 16 + lane] is row r's running
-// minimum of U per lane (in/out, start at +inf), and every code with L <= (running minimum so far) is
-// appended, in increasing order, with its L, to cand / cand_val + r * cap (count[r] entries so far):
-// the float32 search's choice, and any code tied with it, has L <= min U, so it is listed. The first
-// `warmup` panels are scanned once before, for the minimum only, so that they do not all pass. A row
-// that would pass `cap` gets count[r] = cap + 1 and no more candidates (the driver searches it in full).
+// is xq[g * kPrefilterRows + r] (the group's rows interleaved). running[r * 16 + lane] is row r's running
+// minimum of S~ per lane (in/out, start at +inf), and every code with S~ <= (running minimum so far) +
+// spread (added rounding up) is appended, in increasing order, with its S~, to cand / cand_val + r * cap
+// (count[r] entries so far): the float32 search's choice, and any code tied with it, is listed
+// (qrow.spread). The driver then keeps the listed codes whose L is within the listed codes' smallest U.
+// The first `warmup` panels are scanned once before, for the minimum only, so that they do not all
+// pass. A row that would pass `cap` gets count[r] = cap + 1 and no more candidates (the driver searches
+// it in full).
 using PrefilterScanFn = void (*)(int rows, const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes,
                                  int64_t q_begin, int64_t q_end, int64_t warmup, float* running, int32_t* cand,
                                  float* cand_val, int64_t cap, int64_t* count);

@@ -4,9 +4,9 @@
 // C++ standard library (see kernels.h).
 //
 // Per panel of 16 codes and each of up to kPrefilterRows rows: d4 vpdpbusd (16 codes x 4 dims each,
-// the panel's 64-byte group loaded once for all the rows, the row's 4 bytes broadcast), then
-// S~ = norm + (s_e s_x) * (dot - correction) in one FMA, its bounds S~ +- R(e), a running minimum of
-// the upper bound per lane, and a compress-store of the codes whose lower bound is within it.
+// the panel's 64-byte group loaded once for all the rows, the row's 4 bytes broadcast, the accumulator
+// started at the row's -correction), then S~ = norm + (s_e s_x) * dot in one FMA, a running minimum of
+// S~ per lane, and a compress-store of the codes within the row's spread of it (prefilter.h).
 // Candidates are rare after the first panels, so the store sits behind a branch.
 #include <immintrin.h>
 
@@ -30,40 +30,53 @@ inline void dot4(__m512i& acc, __m512i c, const int32_t* x) {
 
 // One panel's per-code values for the epilogue, loaded once for all the rows.
 struct PanelTerms {
-  __m512 scale, norm, error_norm, quant_norm;
+  __m512 scale, norm;
   __m512i ids;
   PanelTerms(const QuantizedCodes& codes, int64_t q)
       : scale(_mm512_load_ps(codes.scale + q * 16)),
         norm(_mm512_load_ps(codes.norm + q * 16)),
-        error_norm(_mm512_load_ps(codes.error_norm + q * 16)),
-        quant_norm(_mm512_load_ps(codes.quant_norm + q * 16)),
         ids(_mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                              _mm512_set1_epi32(static_cast<int32_t>(q * 16)))) {}
 };
 
-// The epilogue of one row and one panel: S~, the bounds U and L (prefilter.h), the running minimum of
-// U, and the codes whose L is within it listed with their L.
-template <bool kEmit>
-inline void fold_row(__m512i acc, const QuantizedRow& qrow, const PanelTerms& panel, __m512& run, int32_t* cand,
-                     float* cand_val, int64_t cap, int64_t& count) {
-  const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_set1_epi32(qrow.correction)));
-  const __m512 s = _mm512_fmadd_ps(dot, _mm512_mul_ps(panel.scale, _mm512_set1_ps(qrow.scale)), panel.norm);
-  const __m512 radius = _mm512_fmadd_ps(_mm512_set1_ps(qrow.alpha), panel.error_norm,
-                                        _mm512_fmadd_ps(_mm512_set1_ps(qrow.beta), panel.quant_norm,
-                                                        _mm512_set1_ps(qrow.rho)));
-  run = _mm512_min_ps(_mm512_add_ps(s, radius), run);  // a NaN s (a code that cannot win) keeps run
-  if (!kEmit) return;
-  const __m512 lower = _mm512_sub_ps(s, radius);
-  const __mmask16 m = _mm512_cmp_ps_mask(lower, run, _CMP_LE_OQ);
-  if (!m) return;
-  const int passed = __builtin_popcount(static_cast<unsigned>(m));
-  if (count + passed > cap) {  // overflowed (now or before): the driver searches this row in full
+// S~ = norm + (s_e s_x) * dot of one row (s_x broadcast in row_scale) and one panel (acc = r . q).
+inline __m512 approximate_scores(__m512i acc, __m512 row_scale, const PanelTerms& panel) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(panel.scale, row_scale), panel.norm);
+}
+
+// The codes of `passed` after the row's `count` candidates, with their S~; past `cap` the row is marked
+// overflowed (count = cap + 1: the driver searches it in full).
+inline void list_codes(__mmask16 passed, __m512i ids, __m512 s, int32_t* cand, float* cand_val, int64_t cap,
+                       int64_t& count) {
+  const int n = __builtin_popcount(static_cast<unsigned>(passed));
+  if (count + n > cap) {
     count = cap + 1;
     return;
   }
-  _mm512_mask_compressstoreu_epi32(cand + count, m, panel.ids);
-  _mm512_mask_compressstoreu_ps(cand_val + count, m, lower);
-  count += passed;
+  _mm512_mask_compressstoreu_epi32(cand + count, passed, ids);
+  _mm512_mask_compressstoreu_ps(cand_val + count, passed, s);
+  count += n;
+}
+
+// The row's threshold from its running minimum (per lane, rounded up: any value >= min S~ is sound).
+inline __m512 list_threshold(__m512 run, const QuantizedRow& qrow) {
+  return _mm512_add_round_ps(run, _mm512_set1_ps(qrow.spread), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+}
+
+// The epilogue of one row and one panel: S~, the running minimum of S~ (a NaN S~, a code that cannot
+// win, keeps it), and the codes within the row's spread of the minimum so far listed with their S~.
+template <bool kEmit>
+inline void fold_row(__m512i acc, const QuantizedRow& qrow, const PanelTerms& panel, __m512& run, int32_t* cand,
+                     float* cand_val, int64_t cap, int64_t& count) {
+  const __m512 s = approximate_scores(acc, _mm512_set1_ps(qrow.scale), panel);
+  if (!kEmit) {
+    run = _mm512_min_ps(s, run);
+    return;
+  }
+  const __m512 threshold = list_threshold(run, qrow);
+  run = _mm512_min_ps(s, run);
+  const __mmask16 m = _mm512_cmp_ps_mask(s, threshold, _CMP_LE_OQ);
+  if (m) list_codes(m, panel.ids, s, cand, cand_val, cap, count);
 }
 
 // xq: the group's rows interleaved, xq[g * kPrefilterRows + r].
@@ -71,9 +84,12 @@ template <int R, bool kEmit>
 void scan_panels(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes, int64_t q_begin,
                  int64_t q_end, __m512 (&run)[R], int32_t* cand, float* cand_val, int64_t cap, int64_t* count) {
   const int64_t d4 = codes.d4;
+  __m512i start[8];  // the accumulators start at -correction: they end at r . q
+  for (int r = 0; r < 8; ++r) start[r] = r < R ? _mm512_set1_epi32(-qrows[r].correction) : _mm512_setzero_si512();
   for (int64_t q = q_begin; q < q_end; ++q) {
     const uint8_t* b = codes.bytes + q * d4 * kQuantGroupBytes;
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    __m512i a0 = start[0], a1 = start[1], a2 = start[2], a3 = start[3], a4 = start[4], a5 = start[5],
+            a6 = start[6], a7 = start[7];
     const int32_t* x = xq;
     for (int64_t g = 0; g < d4; ++g, x += kPrefilterRows) {
       const __m512i c = _mm512_load_si512(b + g * kQuantGroupBytes);
@@ -129,9 +145,9 @@ void prefilter_scan_avx512(int rows, const int32_t* xq, const QuantizedRow* qrow
 // Work comes in units of 16 rows (one half of the group) x 2 panels: tiles 4 and 5 hold the two halves'
 // int8 levels (16 rows x 64 dimensions), 6 and 7 two panels' bytes for the same 64 dimensions (the
 // panels' own layout: 16 groups of 16 codes x 4 bytes), and units alternate between accumulator pairs
-// (0, 1) and (2, 3): the tile unit multiplies one unit (TDPBSUD, 16 x 16 x 64 each) while the vector
-// units fold the previous one's stored dot products into the rows' minima and candidates (the VNNI
-// scan's epilogue).
+// (0, 1) and (2, 3), loaded with the rows' -correction: the tile unit multiplies one unit (TDPBSUD,
+// 16 x 16 x 64 each) while the vector units fold the previous one's stored dot products into the rows'
+// minima and candidates, two panels a row at a time (the VNNI scan's epilogue).
 #ifdef FASTVQ_HAVE_AMX_KERNEL
 namespace fastvq::cpu {
 namespace {
@@ -141,6 +157,11 @@ struct alignas(64) TileConfig {
   uint8_t reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
+};
+
+template <bool B>
+struct Flag {  // a compile-time switch passed to a generic lambda
+  static constexpr bool value = B;
 };
 
 struct AmxUnit {
@@ -163,6 +184,13 @@ void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const Qu
   const int64_t d4 = codes.d4, chunks = row_words / 16, x_stride = row_words * 4, panel_bytes = d4 * kQuantGroupBytes;
   const int halves = rows > 16 ? 2 : 1;
   alignas(64) int32_t dots[2][2][16][16];  // [accumulator pair][panel][row][code]
+  alignas(64) int32_t start[2][16][16];    // [half][row][code]: the accumulators start at -correction
+  for (int h = 0; h < 2; ++h)
+    for (int r = 0; r < 16; ++r) {
+      const int row = 16 * h + r;
+      const __m512i v = _mm512_set1_epi32(row < rows ? -qrows[row].correction : 0);
+      _mm512_store_si512(start[h][r], v);
+    }
   if (chunks == 1) {  // the rows' levels stay in tiles 4 and 5 for the whole call
     _tile_loadd(4, xq, x_stride);
     if (halves == 2) _tile_loadd(5, xq + 16 * row_words, x_stride);
@@ -172,11 +200,11 @@ void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const Qu
     const uint8_t* b = codes.bytes + u.q * panel_bytes;
     const int32_t* x = xq + 16 * u.half * row_words;
     if (set == 0) {
-      _tile_zero(0);
-      _tile_zero(1);
+      _tile_loadd(0, start[u.half], 64);
+      if (u.pair) _tile_loadd(1, start[u.half], 64);
     } else {
-      _tile_zero(2);
-      _tile_zero(3);
+      _tile_loadd(2, start[u.half], 64);
+      if (u.pair) _tile_loadd(3, start[u.half], 64);
     }
     for (int64_t c = 0; c < chunks; ++c) {
       if (chunks > 1) _tile_loadd(4, x + c * 16, x_stride);
@@ -203,20 +231,39 @@ void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const Qu
       _tile_stored(3, dots[1][1], 64);
     }
   };
-  const auto fold = [&](const AmxUnit& u, int set) {
+  // Fold unit u's two panels (one without a pair) into each row at once: one branch per row for both.
+  const auto fold_panels = [&](const AmxUnit& u, int set, auto pair_tag, auto emit_tag) {
+    constexpr bool kPair = decltype(pair_tag)::value, kEmit = decltype(emit_tag)::value;
     const int r0 = 16 * u.half, r1 = r0 + 16 < rows ? r0 + 16 : rows;
-    for (int j = 0; j < (u.pair ? 2 : 1); ++j) {
-      const PanelTerms panel(codes, u.q + j);
-      for (int r = r0; r < r1; ++r) {
-        __m512 run = _mm512_loadu_ps(running + 16 * r);
-        const __m512i acc = _mm512_load_si512(dots[set][j][r - r0]);
-        if (u.emit)
-          fold_row<true>(acc, qrows[r], panel, run, cand + r * cap, cand_val + r * cap, cap, count[r]);
-        else
-          fold_row<false>(acc, qrows[r], panel, run, cand + r * cap, cand_val + r * cap, cap, count[r]);
-        _mm512_storeu_ps(running + 16 * r, run);
+    const PanelTerms first(codes, u.q), second(codes, kPair ? u.q + 1 : u.q);
+    for (int r = r0; r < r1; ++r) {
+      const QuantizedRow& qrow = qrows[r];
+      const __m512 row_scale = _mm512_set1_ps(qrow.scale);
+      __m512 run = _mm512_loadu_ps(running + 16 * r);
+      const __m512 s0 = approximate_scores(_mm512_load_si512(dots[set][0][r - r0]), row_scale, first);
+      const __m512 s1 = kPair ? approximate_scores(_mm512_load_si512(dots[set][1][r - r0]), row_scale, second) : s0;
+      if (!kEmit) {
+        _mm512_storeu_ps(running + 16 * r, _mm512_min_ps(s1, _mm512_min_ps(s0, run)));
+        continue;
+      }
+      const __m512 threshold = list_threshold(run, qrow);
+      run = _mm512_min_ps(s1, _mm512_min_ps(s0, run));
+      _mm512_storeu_ps(running + 16 * r, run);
+      const __mmask16 m0 = _mm512_cmp_ps_mask(s0, threshold, _CMP_LE_OQ);
+      const __mmask16 m1 = kPair ? _mm512_cmp_ps_mask(s1, threshold, _CMP_LE_OQ) : __mmask16{0};
+      if (__builtin_expect((m0 | m1) != 0, 0)) {
+        if (m0) list_codes(m0, first.ids, s0, cand + r * cap, cand_val + r * cap, cap, count[r]);
+        if (m1) list_codes(m1, second.ids, s1, cand + r * cap, cand_val + r * cap, cap, count[r]);
       }
     }
+  };
+  const auto fold = [&](const AmxUnit& u, int set) {
+    using yes = Flag<true>;
+    using no = Flag<false>;
+    if (u.pair)
+      u.emit ? fold_panels(u, set, yes{}, yes{}) : fold_panels(u, set, yes{}, no{});
+    else
+      u.emit ? fold_panels(u, set, no{}, yes{}) : fold_panels(u, set, no{}, no{});
   };
   const auto reduce = [&] {
     for (int r = 0; r < rows; ++r)

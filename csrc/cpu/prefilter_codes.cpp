@@ -15,6 +15,11 @@
 // then has L(e*) = S~(e*) - R(e*) <= S(e*) <= S(e) <= S~(e) + R(e) = U(e) for every e. The scan computes
 // R, U and L in float32 (two FMAs, an add, a subtract): each rounding errs by at most u M, with M a
 // bound on |S~| + R; rho = rho0 + 4 u M makes the computed L(e*) stay below every computed U(e).
+// The scan tests only S~ against the row's running minimum of S~ plus a spread: with m = argmin S~,
+// L(e*) <= U(m) gives S~(e*) <= S~(m) + R^(e*) + R^(m) + 2 u M (each of the two computed values errs by
+// at most u M), and every computed radius R^ (two FMAs over the rounded-up code terms) is at most
+// (alpha E + beta H' + rho)(1 + 2^-18) with E, H' the codes' maxima of a_e, b_e. So
+// spread = 2 (alpha E + beta H' + rho)(1 + 2^-18) + 4 u M, rounded up, lists e* (and its ties).
 #include "cpu/prefilter_codes.h"
 
 #include <algorithm>
@@ -164,11 +169,16 @@ bool has_quantized_codes(const PackedCodebook& pack) {
 bool quantize_row(const float* x, const float* centre, const QuantizedCodes& codes, int32_t* xq, int64_t stride,
                   QuantizedRow& qrow) {
   const int64_t d = codes.d;
-  // pack_rows' range check, bitwise: the prefilter declines exactly the rows the full search refuses,
-  // and every non-finite row (an inf or NaN entry makes the sum inf or NaN).
-  if (!(squared_l2(x, centre, d) <= static_cast<float>(kMaxCentredSquaredNorm))) return false;
 #ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
-  const float s = quant_scale(prefilter_max_abs_avx512(x, centre, d));
+  // pack_rows' range check, bitwise: the prefilter declines exactly the rows the full search refuses,
+  // and every non-finite row (an inf or NaN entry makes the sum inf or NaN). Rows far inside the range
+  // (d max^2, with room for the sum's roundings) skip the exact sum; a NaN that the maximum passes over
+  // makes the norms below NaN, and the row is declined there.
+  const float max_abs = prefilter_max_abs_avx512(x, centre, d);
+  if (!(static_cast<double>(max_abs) * max_abs * static_cast<double>(d) <= kMaxCentredSquaredNorm / 2) &&
+      !(squared_l2(x, centre, d) <= static_cast<float>(kMaxCentredSquaredNorm)))
+    return false;
+  const float s = quant_scale(max_abs);
   if (codes.any_code && !(s * codes.min_scale >= kMinScaleProduct && s * codes.max_scale <= kMaxScaleProduct))
     return false;
   double sums[3];
@@ -184,9 +194,12 @@ bool quantize_row(const float* x, const float* centre, const QuantizedCodes& cod
   const double largest_r = qrow.alpha * codes.max_error_norm + qrow.beta * codes.max_quant_norm + rho0;
   const double largest = (codes.max_norm + x_quant * codes.max_quant_norm) * (1.0 + 2.0 * u) + 2.0 * largest_r;
   qrow.rho = round_up(rho0 + 4.0 * u * largest);
+  const double widest_r = qrow.alpha * codes.max_error_norm + qrow.beta * codes.max_quant_norm + qrow.rho;
+  qrow.spread = round_up(2.0 * widest_r * (1.0 + std::ldexp(1.0, -18)) + 4.0 * u * largest);
   qrow.scale = static_cast<float>(s);
   qrow.correction = 128 * sum;
-  return std::isfinite(qrow.alpha) && std::isfinite(qrow.beta) && std::isfinite(qrow.rho);
+  return std::isfinite(qrow.alpha) && std::isfinite(qrow.beta) && std::isfinite(qrow.rho) &&
+         std::isfinite(qrow.spread);
 #else
   (void)xq, (void)stride, (void)qrow;
   return false;  // no scan to feed
