@@ -282,10 +282,13 @@ std::string prefilter_reason(int64_t n, int64_t k, int64_t d) {
   if (mode == Mode::always) return "";
   if (d < kPrefilterMinDim)
     return "d = " + std::to_string(d) + " < " + std::to_string(kPrefilterMinDim) + ": float32 products are cheaper";
-  if (k < kPrefilterMinCodes || k * d < kPrefilterMinCodeFloats)
+  const bool enough = k >= kPrefilterMinCodes && k * d >= kPrefilterMinCodeFloats;
+  const bool enough_for_amx = d >= kAmxMinDim && k >= kAmxMinCodes && k * d >= kAmxMinCodeFloats;
+  if (!enough && !(use_amx() && enough_for_amx))
     return "K = " + std::to_string(k) + ", K d = " + std::to_string(k * d) +
-           ": too few codes to pay back (auto needs K >= " + std::to_string(kPrefilterMinCodes) +
-           " and K d >= " + std::to_string(kPrefilterMinCodeFloats) + ")";
+           ": too few codes to pay back (auto needs K >= " + std::to_string(kPrefilterMinCodes) + " and K d >= " +
+           std::to_string(kPrefilterMinCodeFloats) + "; with the AMX scan, d >= " + std::to_string(kAmxMinDim) +
+           ", K >= " + std::to_string(kAmxMinCodes) + " and K d >= " + std::to_string(kAmxMinCodeFloats) + ")";
   return "";
 }
 

@@ -12,12 +12,18 @@ namespace fastvq::cpu {
 
 // Below these the float32 search alone is as fast or faster ("auto"): each row's fixed costs (quantize,
 // warm-up, the candidates' float32 scores) need enough codes to pay back, and at small d the scan's
-// per-panel epilogue outweighs its int8 products. Measured on a 2-core Xeon (model 207), 2 threads:
-// K d = 2^16 (1024 x 64) 0.91x, 2^17 (2048 x 64, 1024 x 128, 4096 x 32) 1.08-1.16x; 512 x 256 0.98x;
-// d = 16 at K = 16384 1.03x, d = 24 1.24x.
+// per-panel epilogue outweighs its int8 products. Measured on a 2-core Xeon (model 207), 2 threads,
+// with the VNNI scan: K d = 2^16 (1024 x 64) 0.91x, 2^17 (2048 x 64, 1024 x 128, 4096 x 32)
+// 1.08-1.16x; 512 x 256 0.98x; d = 16 at K = 16384 1.03x, d = 24 1.24x.
 constexpr int64_t kPrefilterMinDim = 24;
 constexpr int64_t kPrefilterMinCodes = 1024;
 constexpr int64_t kPrefilterMinCodeFloats = int64_t{1} << 17;  // K d
+// The AMX scan also pays at K d = 2^16 from d = 48 on (same machine, b2a239f): 1024 x 64 1.27x,
+// 512 x 128 1.16x, 256 x 256 1.12x, 1024 x 48 1.04x; not at 2048 x 32 (1.08x), 512 x 64 (0.96x) or
+// 1024 x 32 (0.83x).
+constexpr int64_t kAmxMinDim = 48;
+constexpr int64_t kAmxMinCodes = 256;
+constexpr int64_t kAmxMinCodeFloats = int64_t{1} << 16;
 // Building a codebook's int8 copy costs about one more pass over the pack (~3 ms at K = 65536, d = 64
 // here), which the scan repays from about 128-256 rows on. So "auto" builds it for a call of at least
 // this many rows, or for a pack taken from the cache (a codebook searched again: streaming); a smaller

@@ -49,11 +49,20 @@ float quant_scale(double max_abs) {
   return s > 0.0f ? s : 1.0f;
 }
 
+constexpr double kTwoToMinus18 = 1.0 / (1 << 18), kTwoToMinus20 = 1.0 / (1 << 20);
+
 // The smallest float32 >= v (v >= 0, with 2^-20 relative on top for the double arithmetic before).
+// Called a few times per row: the next float up by its bits, not nextafter (a libm call).
 float round_up(double v) {
-  v *= 1.0 + std::ldexp(1.0, -20);
-  const float f = static_cast<float>(v);
-  return static_cast<double>(f) < v ? std::nextafter(f, std::numeric_limits<float>::infinity()) : f;
+  v *= 1.0 + kTwoToMinus20;
+  float f = static_cast<float>(v);
+  if (static_cast<double>(f) < v) {  // f >= 0 and finite here: its successor is the next bit pattern
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    ++bits;
+    std::memcpy(&f, &bits, sizeof f);
+  }
+  return f;
 }
 
 struct Maxima {
@@ -195,7 +204,7 @@ bool quantize_row(const float* x, const float* centre, const QuantizedCodes& cod
   const double largest = (codes.max_norm + x_quant * codes.max_quant_norm) * (1.0 + 2.0 * u) + 2.0 * largest_r;
   qrow.rho = round_up(rho0 + 4.0 * u * largest);
   const double widest_r = qrow.alpha * codes.max_error_norm + qrow.beta * codes.max_quant_norm + qrow.rho;
-  qrow.spread = round_up(2.0 * widest_r * (1.0 + std::ldexp(1.0, -18)) + 4.0 * u * largest);
+  qrow.spread = round_up(2.0 * widest_r * (1.0 + kTwoToMinus18) + 4.0 * u * largest);
   qrow.scale = static_cast<float>(s);
   qrow.correction = 128 * sum;
   return std::isfinite(qrow.alpha) && std::isfinite(qrow.beta) && std::isfinite(qrow.rho) &&
