@@ -146,6 +146,20 @@ def test_non_finite_codes_never_win_and_non_finite_rows_decline(prefilter_mode, 
     assert stats["calls"] == 0 and stats["declined"] == 1
 
 
+@pytest.mark.parametrize("bad_row", [0, 1500, 2999])
+def test_a_bad_row_among_many_makes_the_whole_call_the_full_search(bad_row, prefilter_mode, kernel):
+    # Enough rows that the prefilter quantizes them item by item, while other items are already answered:
+    # those answers are rewritten by the full search, and nothing of the call reaches the stats.
+    g = torch.Generator().manual_seed(6)
+    x, e = torch.randn(3000, 64, generator=g), torch.randn(2048, 64, generator=g)
+    x[bad_row, 5] = float("nan")
+    full, filtered, stats = both_ways(x, e, 2, prefilter_mode)
+    assert_same(full, filtered)
+    counted = ("calls", "declined", "codes_rescored", "candidates", "rows_in_full")
+    assert {key: stats[key] for key in counted} == dict(zip(counted, (0, 1, 0, 0, 0)))
+    assert int(filtered[0][bad_row]) == 0  # the full search's rule for a non-finite row
+
+
 def test_non_contiguous_and_offset_codebook_views(prefilter_mode, kernel):
     g = torch.Generator().manual_seed(4)
     big = torch.randn(6000, 80, generator=g)

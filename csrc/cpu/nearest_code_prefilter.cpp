@@ -123,11 +123,45 @@ struct GroupScratch {
   std::vector<float> centred;  // the group's rows, x - c
   std::vector<float> best_val;
   std::vector<int64_t> best_idx;
-  std::vector<int32_t> rows, codes;  // the candidates to score: (row in the group, code)
+  std::vector<int32_t> rows, codes;  // the candidates to score: (row in the group, code), room for all listed
   AlignedFloats tile;                // one row as a packed tile, for a row searched in full
   explicit GroupScratch(int64_t d)
       : centred(static_cast<size_t>(kScanGroupRows * d)), best_val(kScanGroupRows), best_idx(kScanGroupRows),
         tile(d * kTileRows) {}
+};
+
+// Rows [r0, r0 + rows) of x quantized for the scan: their levels (laid out from r0) and bound terms.
+struct QuantizedBlock {
+  int64_t r0 = 0;
+  std::vector<int32_t> xq;
+  std::vector<QuantizedRow> qrows;
+  // False when a row declines (quantize_rows): the call then runs the full search.
+  bool quantize(const float* x, int64_t first, int64_t rows, const float* centre, const QuantizedCodes& codes,
+                const RowLayout& layout) {
+    r0 = first;
+    xq.assign(static_cast<size_t>(layout.words((rows + kScanGroupRows - 1) / kScanGroupRows)), 0);  // 0 past d
+    qrows.resize(static_cast<size_t>(rows));
+    int32_t* levels_at[kRowBatch];
+    for (int64_t i = 0; i < rows; i += kRowBatch) {
+      const int64_t count = std::min<int64_t>(kRowBatch, rows - i);
+      for (int64_t j = 0; j < count; ++j) levels_at[j] = xq.data() + layout.offset(i + j);
+      if (!quantize_rows(x + (r0 + i) * codes.d, count, centre, codes, levels_at, layout.stride(), &qrows[i]))
+        return false;
+    }
+    return true;
+  }
+  const int32_t* levels(const RowLayout& layout, int64_t row) const { return xq.data() + layout.offset(row - r0); }
+  const QuantizedRow* terms(int64_t row) const { return qrows.data() + (row - r0); }
+};
+
+// What a call adds to prefilter_stats, published only when it answers.
+struct CallStats {
+  int64_t rows_in_full = 0, codes_rescored = 0, candidates = 0;
+  void add(const CallStats& o) {
+    rows_in_full += o.rows_in_full;
+    codes_rescored += o.codes_rescored;
+    candidates += o.candidates;
+  }
 };
 
 struct Prefiltered {
@@ -135,9 +169,7 @@ struct Prefiltered {
   const float* codebook;
   const PackedCodebook& pack;
   const QuantizedCodes& codes;
-  const std::vector<int32_t>& xq;
   const RowLayout& layout;
-  const std::vector<QuantizedRow>& qrows;
   int64_t n;
   SearchFewRowsFn few_rows;
   PrefilterScanFn scan;
@@ -147,7 +179,8 @@ struct Prefiltered {
 
   // Groups [g0, g1) against panels [q_begin, q_end), block by block; slot(g) is group g's state.
   template <typename SlotOf>
-  void scan_groups(int64_t g0, int64_t g1, int64_t q_begin, int64_t q_end, SlotOf slot) const {
+  void scan_groups(const QuantizedBlock& block_rows, int64_t g0, int64_t g1, int64_t q_begin, int64_t q_end,
+                   SlotOf slot) const {
     for (int64_t g = g0; g < g1; ++g) slot(g).reset();
     const int64_t block = std::max<int64_t>(kWarmupPanels, kScanBlockBytes / (codes.d4 * kQuantGroupBytes));
     for (int64_t q0 = q_begin; q0 < q_end; q0 += block) {
@@ -158,16 +191,16 @@ struct Prefiltered {
         const int64_t r0 = g * kScanGroupRows, rows = group_rows(g);
         if (layout.amx) {
 #ifdef FASTVQ_HAVE_AMX_KERNEL
-          prefilter_scan_amx(static_cast<int>(rows), xq.data() + layout.offset(r0), layout.row_words,
-                             qrows.data() + r0, codes, q0, q1, warmup, s.running, s.cand.data(), s.cand_val.data(),
+          prefilter_scan_amx(static_cast<int>(rows), block_rows.levels(layout, r0), layout.row_words,
+                             block_rows.terms(r0), codes, q0, q1, warmup, s.running, s.cand.data(), s.cand_val.data(),
                              kCandidateCap, s.count);
 #endif
           continue;
         }
         for (int64_t r = 0; r < rows; r += kPrefilterRows)
-          scan(static_cast<int>(std::min<int64_t>(kPrefilterRows, rows - r)), xq.data() + layout.offset(r0 + r),
-               qrows.data() + r0 + r, codes, q0, q1, warmup, s.running + r * 16, s.cand.data() + r * kCandidateCap,
-               s.cand_val.data() + r * kCandidateCap, kCandidateCap, s.count + r);
+          scan(static_cast<int>(std::min<int64_t>(kPrefilterRows, rows - r)), block_rows.levels(layout, r0 + r),
+               block_rows.terms(r0 + r), codes, q0, q1, warmup, s.running + r * 16,
+               s.cand.data() + r * kCandidateCap, s.cand_val.data() + r * kCandidateCap, kCandidateCap, s.count + r);
       }
     }
   }
@@ -176,13 +209,16 @@ struct Prefiltered {
   // within the smallest upper bound U = S~ + R among them (in double: rounding errors far inside the
   // 4 u M that prefilter_codes.cpp adds to rho for float32 arithmetic), scored with the search kernels'
   // float32 arithmetic, all rows' candidates in one batch so that several FMA chains are in flight; then
-  // the outputs. (quantize_row has checked the ranges.)
-  void finish_group(int64_t g, const ScanSlot* const* slots, int64_t nchunks, GroupScratch& scratch,
-                    const NearestCodeOutputs& out) const {
+  // the outputs. (quantize_rows has checked the ranges.)
+  void finish_group(const QuantizedBlock& block_rows, int64_t g, const ScanSlot* const* slots, int64_t nchunks,
+                    GroupScratch& scratch, CallStats& stats, const NearestCodeOutputs& out) const {
     const int64_t d = pack.d, r0 = g * kScanGroupRows, rows = group_rows(g);
-    scratch.rows.clear();
-    scratch.codes.clear();
-    int64_t listed = 0;
+    const size_t room = static_cast<size_t>(rows * kCandidateCap * nchunks);
+    if (scratch.rows.size() < room) {
+      scratch.rows.resize(room);
+      scratch.codes.resize(room);
+    }
+    int64_t kept = 0;  // written unconditionally, kept by advancing: the test below is data-dependent
     for (int64_t r = 0; r < rows; ++r) {
       float* centred = scratch.centred.data() + r * d;
       for (int64_t p = 0; p < d; ++p) centred[p] = x[(r0 + r) * d + p] - pack.centre[p];  // pack_rows' values
@@ -191,13 +227,13 @@ struct Prefiltered {
       bool overflow = false;
       for (int64_t c = 0; c < nchunks; ++c) overflow |= slots[c]->count[r] > kCandidateCap;
       if (overflow) {  // the float32 kernel over every panel (it reads the row as a packed tile)
-        rows_in_full.fetch_add(1, std::memory_order_relaxed);
+        ++stats.rows_in_full;
         for (int64_t p = 0; p < d; ++p) scratch.tile.ptr[p * kTileRows] = centred[p];
         few_rows(1, scratch.tile.ptr, d, pack.panels, pack.norms, pack.npanels, 0,
                  &scratch.best_val[static_cast<size_t>(r)], &scratch.best_idx[static_cast<size_t>(r)]);
         continue;
       }
-      const QuantizedRow& qrow = qrows[static_cast<size_t>(r0 + r)];
+      const QuantizedRow& qrow = *block_rows.terms(r0 + r);
       const double alpha = qrow.alpha, beta = qrow.beta, rho = qrow.rho;
       const auto radius = [&](int32_t code) {
         return alpha * codes.error_norm[code] + beta * codes.quant_norm[code] + rho;
@@ -208,20 +244,20 @@ struct Prefiltered {
           const size_t at = static_cast<size_t>(r * kCandidateCap + t);
           threshold = std::min(threshold, slots[c]->cand_val[at] + radius(slots[c]->cand[at]));
         }
-      for (int64_t c = 0; c < nchunks; ++c)
-        for (int64_t t = 0; t < slots[c]->count[r]; ++t, ++listed) {
+      for (int64_t c = 0; c < nchunks; ++c) {
+        stats.candidates += slots[c]->count[r];
+        for (int64_t t = 0; t < slots[c]->count[r]; ++t) {
           const size_t at = static_cast<size_t>(r * kCandidateCap + t);
           const int32_t code = slots[c]->cand[at];
-          if (slots[c]->cand_val[at] - radius(code) <= threshold) {
-            scratch.rows.push_back(static_cast<int32_t>(r));
-            scratch.codes.push_back(code);
-          }
+          scratch.rows[static_cast<size_t>(kept)] = static_cast<int32_t>(r);
+          scratch.codes[static_cast<size_t>(kept)] = code;
+          kept += slots[c]->cand_val[at] - radius(code) <= threshold;
         }
+      }
     }
     rescore(scratch.centred.data(), d, codebook, pack.centre, pack.norms, scratch.rows.data(), scratch.codes.data(),
-            static_cast<int64_t>(scratch.codes.size()), scratch.best_val.data(), scratch.best_idx.data());
-    codes_rescored.fetch_add(static_cast<int64_t>(scratch.codes.size()), std::memory_order_relaxed);
-    candidates.fetch_add(listed, std::memory_order_relaxed);
+            kept, scratch.best_val.data(), scratch.best_idx.data());
+    stats.codes_rescored += kept;
     finish_rows(x, d, codebook, r0, r0 + rows, scratch.best_idx.data(), out);
   }
 };
@@ -306,62 +342,79 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
   const QuantizedCodes& codes = *codes_ptr;
   const int64_t ngroups = (n + kScanGroupRows - 1) / kScanGroupRows, npanels = pack.npanels;
   const RowLayout layout{use_amx(), codes.d4, (codes.d4 + 15) / 16 * 16};
-  std::vector<int32_t> xq(static_cast<size_t>(layout.words(ngroups)), 0);  // zero past d and past n
-  std::vector<QuantizedRow> qrows(static_cast<size_t>(n));
-  int64_t declined = 0;
-#pragma omp parallel for schedule(static) num_threads(nt) reduction(+ : declined) if (n >= 64)
-  for (int64_t i = 0; i < n; ++i)
-    declined += !quantize_row(x + i * pack.d, pack.centre, codes, xq.data() + layout.offset(i), layout.stride(),
-                              qrows[static_cast<size_t>(i)]);
-  if (declined > 0) {
-    calls_declined.fetch_add(1, std::memory_order_relaxed);
-    return false;
-  }
-  calls_prefiltered.fetch_add(1, std::memory_order_relaxed);
 #ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
   const PrefilterRescoreFn rescore = &prefilter_rescore_avx512;
 #else
   const PrefilterRescoreFn rescore = nullptr;  // unreachable: scan_fn() is null without the kernel
 #endif
-  const Prefiltered run{x, codebook, pack, codes, xq, layout, qrows, n, few_rows, scan, rescore};
+  const Prefiltered run{x, codebook, pack, codes, layout, n, few_rows, scan, rescore};
   const int64_t want_items = 4 * static_cast<int64_t>(nt);
   const int64_t nchunks = (nt <= 1 || ngroups >= want_items)
                               ? 1
                               : std::max<int64_t>(1, std::min((want_items + ngroups - 1) / ngroups,
                                                               npanels / kMinChunkPanels));
-  if (nchunks == 1) {  // items of kGroupsPerItem groups: scan every panel, then finish their rows
+  CallStats stats;
+  bool declined = false;
+  if (nchunks == 1) {  // items of kGroupsPerItem groups: quantize their rows, scan every panel, finish them
     const int64_t nitems = (ngroups + kGroupsPerItem - 1) / kGroupsPerItem;
+    std::atomic<bool> any_declined{false};
 #pragma omp parallel num_threads(nt)
     {
       std::vector<ScanSlot> slots(static_cast<size_t>(kGroupsPerItem), ScanSlot(kScanGroupRows));
       GroupScratch scratch(pack.d);
+      QuantizedBlock block_rows;
+      CallStats mine;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t item = 0; item < nitems; ++item) {
+        if (any_declined.load(std::memory_order_relaxed)) continue;
         const int64_t g0 = item * kGroupsPerItem, g1 = std::min(ngroups, g0 + kGroupsPerItem);
-        run.scan_groups(g0, g1, 0, npanels, [&](int64_t g) -> ScanSlot& { return slots[static_cast<size_t>(g - g0)]; });
+        const int64_t r0 = g0 * kScanGroupRows, r1 = std::min(n, g1 * kScanGroupRows);
+        if (!block_rows.quantize(x, r0, r1 - r0, pack.centre, codes, layout)) {  // rows written so far are
+          any_declined.store(true, std::memory_order_relaxed);                   // overwritten by the full search
+          continue;
+        }
+        run.scan_groups(block_rows, g0, g1, 0, npanels,
+                        [&](int64_t g) -> ScanSlot& { return slots[static_cast<size_t>(g - g0)]; });
         for (int64_t g = g0; g < g1; ++g) {
           const ScanSlot* slot = &slots[static_cast<size_t>(g - g0)];
-          run.finish_group(g, &slot, 1, scratch, out);
+          run.finish_group(block_rows, g, &slot, 1, scratch, mine, out);
         }
       }
+#pragma omp critical(fastvq_prefilter_stats)
+      stats.add(mine);
     }
-  } else {  // few rows: one item per code chunk, every group in it; then the rows, chunks in order
-    std::vector<ScanSlot> slots;  // [chunk][group]
-    slots.reserve(static_cast<size_t>(ngroups * nchunks));
-    for (int64_t c = 0; c < nchunks; ++c)
-      for (int64_t g = 0; g < ngroups; ++g) slots.emplace_back(run.group_rows(g));
-    const auto slot_of = [&](int64_t g, int64_t c) -> ScanSlot& { return slots[static_cast<size_t>(c * ngroups + g)]; };
+    declined = any_declined.load();
+  } else {  // few rows: quantize them all; one item per code chunk, every group in it; then the rows
+    QuantizedBlock block_rows;
+    declined = !block_rows.quantize(x, 0, n, pack.centre, codes, layout);
+    if (!declined) {
+      std::vector<ScanSlot> slots;  // [chunk][group]
+      slots.reserve(static_cast<size_t>(ngroups * nchunks));
+      for (int64_t c = 0; c < nchunks; ++c)
+        for (int64_t g = 0; g < ngroups; ++g) slots.emplace_back(run.group_rows(g));
+      const auto slot_of = [&](int64_t g, int64_t c) -> ScanSlot& {
+        return slots[static_cast<size_t>(c * ngroups + g)];
+      };
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-    for (int64_t c = 0; c < nchunks; ++c)
-      run.scan_groups(0, ngroups, npanels * c / nchunks, npanels * (c + 1) / nchunks,
-                      [&](int64_t g) -> ScanSlot& { return slot_of(g, c); });
-    GroupScratch scratch(pack.d);
-    std::vector<const ScanSlot*> group_slots(static_cast<size_t>(nchunks));
-    for (int64_t g = 0; g < ngroups; ++g) {
-      for (int64_t c = 0; c < nchunks; ++c) group_slots[static_cast<size_t>(c)] = &slot_of(g, c);
-      run.finish_group(g, group_slots.data(), nchunks, scratch, out);
+      for (int64_t c = 0; c < nchunks; ++c)
+        run.scan_groups(block_rows, 0, ngroups, npanels * c / nchunks, npanels * (c + 1) / nchunks,
+                        [&](int64_t g) -> ScanSlot& { return slot_of(g, c); });
+      GroupScratch scratch(pack.d);
+      std::vector<const ScanSlot*> group_slots(static_cast<size_t>(nchunks));
+      for (int64_t g = 0; g < ngroups; ++g) {
+        for (int64_t c = 0; c < nchunks; ++c) group_slots[static_cast<size_t>(c)] = &slot_of(g, c);
+        run.finish_group(block_rows, g, group_slots.data(), nchunks, scratch, stats, out);
+      }
     }
   }
+  if (declined) {
+    calls_declined.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  calls_prefiltered.fetch_add(1, std::memory_order_relaxed);
+  rows_in_full.fetch_add(stats.rows_in_full, std::memory_order_relaxed);
+  codes_rescored.fetch_add(stats.codes_rescored, std::memory_order_relaxed);
+  candidates.fetch_add(stats.candidates, std::memory_order_relaxed);
   return true;
 }
 

@@ -21,6 +21,12 @@
 
 namespace fastvq::cpu {
 
+// The bound's rounding constants (prefilter_codes.cpp): float32's unit roundoff, and the relative slack
+// a rounded-up term carries for the double arithmetic before it, and the spread on top of its terms.
+constexpr double kUnitRoundoff = 1.0 / (1 << 24);
+constexpr double kRoundUpSlack = 1.0 / (1 << 20);
+constexpr double kSpreadSlack = 1.0 / (1 << 18);
+
 // Bytes of one panel group: 16 codes x 4 consecutive dimensions, code-major (vpdpbusd's layout).
 constexpr int kQuantGroupBytes = 64;
 // d above this could overflow the int32 dot's exact float conversion (|r . q| <= 127^2 d < 2^24).
@@ -101,6 +107,12 @@ float prefilter_max_abs_avx512(const float* x, const float* centre, int64_t d);
 // and ||scale r||^2.
 int32_t prefilter_levels_avx512(const float* x, const float* centre, int64_t d, int64_t d4, float scale, int32_t* xq,
                                 int64_t stride, double* sums);
+// Each row's terms of the bound (prefilter_codes.cpp derives them) from its squared norms in double,
+// for `count` <= 8 rows, 8 rows to a vector: ||x'||^2, ||x' - x^||^2 and ||x^||^2 in norm_sq[i],
+// error_sq[i], quant_sq[i], over the codes' maxima. Writes alpha, beta, rho and spread (rounded up to
+// float32) of qrows[0 .. count); returns the mask of the rows whose four terms are finite.
+unsigned prefilter_row_bounds_avx512(const double* norm_sq, const double* error_sq, const double* quant_sq,
+                                     int count, const QuantizedCodes& codes, QuantizedRow* qrows);
 // The float32 score of each listed (row, code) pair, row r's centred values at xc + r * d, the code's
 // from its codebook row (the pack's -2 (e - c), rebuilt bitwise): the search kernels' value (norm, then
 // one FMA per p), merged into best_*[row] in list order as they do (strictly smaller replaces; each

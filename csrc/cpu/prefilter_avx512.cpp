@@ -413,6 +413,56 @@ int32_t prefilter_levels_avx512(const float* x, const float* centre, int64_t d, 
   return _mm512_reduce_add_epi32(level_sum);
 }
 
+// prefilter_codes.cpp's round_up for 8 lanes (v >= 0): the smallest float32 >= v (1 + kRoundUpSlack).
+static inline __m256 round_up8(__m512d v) {
+  return _mm512_cvt_roundpd_ps(_mm512_mul_pd(v, _mm512_set1_pd(1.0 + kRoundUpSlack)),
+                               _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+}
+
+unsigned prefilter_row_bounds_avx512(const double* norm_sq, const double* error_sq, const double* quant_sq,
+                                     int count, const QuantizedCodes& codes, QuantizedRow* qrows) {
+  const __mmask8 lanes = static_cast<__mmask8>((1u << count) - 1u);
+  const double u = kUnitRoundoff, dim = static_cast<double>(codes.d);
+  const __m512d gamma = _mm512_set1_pd(dim * u / (1.0 - dim * u)), unit = _mm512_set1_pd(u);
+  const __m512d two = _mm512_set1_pd(2.0), four_u = _mm512_set1_pd(4.0 * u);
+  const __m512d norm_max = _mm512_set1_pd(codes.max_norm), panel_max = _mm512_set1_pd(codes.max_panel_norm);
+  const __m512d error_max = _mm512_set1_pd(codes.max_error_norm), quant_max = _mm512_set1_pd(codes.max_quant_norm);
+  const __m512d x_norm = _mm512_sqrt_pd(_mm512_maskz_loadu_pd(lanes, norm_sq));
+  const __m512d x_error = _mm512_sqrt_pd(_mm512_maskz_loadu_pd(lanes, error_sq));
+  const __m512d x_quant = _mm512_sqrt_pd(_mm512_maskz_loadu_pd(lanes, quant_sq));
+  const __m256 alpha = round_up8(x_norm), beta = round_up8(x_error);
+  const __m512d alpha_d = _mm512_cvtps_pd(alpha), beta_d = _mm512_cvtps_pd(beta);
+  // rho0 = gamma (N + ||x'|| P) + u (N + 2 ||x^|| H); M = (N + ||x^|| H)(1 + 2u) + 2 (alpha E + beta H + rho0)
+  const __m512d rho0 = _mm512_add_pd(_mm512_mul_pd(gamma, _mm512_fmadd_pd(x_norm, panel_max, norm_max)),
+                                     _mm512_mul_pd(unit, _mm512_fmadd_pd(_mm512_mul_pd(two, x_quant), quant_max,
+                                                                         norm_max)));
+  const __m512d largest_r = _mm512_fmadd_pd(alpha_d, error_max, _mm512_fmadd_pd(beta_d, quant_max, rho0));
+  const __m512d largest = _mm512_fmadd_pd(_mm512_fmadd_pd(x_quant, quant_max, norm_max), _mm512_set1_pd(1.0 + 2.0 * u),
+                                          _mm512_mul_pd(two, largest_r));
+  const __m256 rho = round_up8(_mm512_fmadd_pd(four_u, largest, rho0));
+  const __m512d widest_r =
+      _mm512_fmadd_pd(alpha_d, error_max, _mm512_fmadd_pd(beta_d, quant_max, _mm512_cvtps_pd(rho)));
+  const __m256 spread = round_up8(_mm512_fmadd_pd(_mm512_mul_pd(two, widest_r), _mm512_set1_pd(1.0 + kSpreadSlack),
+                                                  _mm512_mul_pd(four_u, largest)));
+  const __m512d infinity = _mm512_set1_pd(__builtin_inf());
+  const __mmask8 finite = _mm512_cmp_pd_mask(alpha_d, infinity, _CMP_LT_OQ) &
+                          _mm512_cmp_pd_mask(beta_d, infinity, _CMP_LT_OQ) &
+                          _mm512_cmp_pd_mask(_mm512_cvtps_pd(rho), infinity, _CMP_LT_OQ) &
+                          _mm512_cmp_pd_mask(_mm512_cvtps_pd(spread), infinity, _CMP_LT_OQ);
+  alignas(32) float terms[4][8];
+  _mm256_store_ps(terms[0], alpha);
+  _mm256_store_ps(terms[1], beta);
+  _mm256_store_ps(terms[2], rho);
+  _mm256_store_ps(terms[3], spread);
+  for (int i = 0; i < count; ++i) {
+    qrows[i].alpha = terms[0][i];
+    qrows[i].beta = terms[1][i];
+    qrows[i].rho = terms[2][i];
+    qrows[i].spread = terms[3][i];
+  }
+  return finite & lanes;
+}
+
 void prefilter_rescore_avx512(const float* xc, int64_t d, const float* codebook, const float* centre,
                               const float* norms, const int32_t* rows, const int32_t* codes, int64_t count,
                               float* best_val, int64_t* best_idx) {

@@ -38,7 +38,6 @@
 namespace fastvq::cpu {
 namespace {
 
-constexpr double kUnitRoundoff = 1.0 / (1 << 24);
 // Products of scales outside these (not normal float32 numbers, or near overflow) decline the row.
 const double kMinScaleProduct = std::ldexp(1.0, -126);
 const double kMaxScaleProduct = std::ldexp(1.0, 100);
@@ -49,12 +48,10 @@ float quant_scale(double max_abs) {
   return s > 0.0f ? s : 1.0f;
 }
 
-constexpr double kTwoToMinus18 = 1.0 / (1 << 18), kTwoToMinus20 = 1.0 / (1 << 20);
-
 // The smallest float32 >= v (v >= 0, with 2^-20 relative on top for the double arithmetic before).
 // Called a few times per row: the next float up by its bits, not nextafter (a libm call).
 float round_up(double v) {
-  v *= 1.0 + kTwoToMinus20;
+  v *= 1.0 + kRoundUpSlack;
   float f = static_cast<float>(v);
   if (static_cast<double>(f) < v) {  // f >= 0 and finite here: its successor is the next bit pattern
     uint32_t bits;
@@ -175,42 +172,37 @@ bool has_quantized_codes(const PackedCodebook& pack) {
   return pack.quantized != nullptr;
 }
 
-bool quantize_row(const float* x, const float* centre, const QuantizedCodes& codes, int32_t* xq, int64_t stride,
-                  QuantizedRow& qrow) {
+bool quantize_rows(const float* x, int64_t count, const float* centre, const QuantizedCodes& codes,
+                   int32_t* const* xq, int64_t stride, QuantizedRow* qrows) {
   const int64_t d = codes.d;
 #ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
-  // pack_rows' range check, bitwise: the prefilter declines exactly the rows the full search refuses,
-  // and every non-finite row (an inf or NaN entry makes the sum inf or NaN). Rows far inside the range
-  // (d max^2, with room for the sum's roundings) skip the exact sum; a NaN that the maximum passes over
-  // makes the norms below NaN, and the row is declined there.
-  const float max_abs = prefilter_max_abs_avx512(x, centre, d);
-  if (!(static_cast<double>(max_abs) * max_abs * static_cast<double>(d) <= kMaxCentredSquaredNorm / 2) &&
-      !(squared_l2(x, centre, d) <= static_cast<float>(kMaxCentredSquaredNorm)))
-    return false;
-  const float s = quant_scale(max_abs);
-  if (codes.any_code && !(s * codes.min_scale >= kMinScaleProduct && s * codes.max_scale <= kMaxScaleProduct))
-    return false;
-  double sums[3];
-  const int32_t sum = prefilter_levels_avx512(x, centre, d, codes.d4, s, xq, stride, sums);
-  const double norm_total = sums[0], error_total = sums[1], quant_total = sums[2];
-  const double u = kUnitRoundoff, dim = static_cast<double>(d);
-  const double gamma = dim * u / (1.0 - dim * u);
-  const double x_norm = std::sqrt(norm_total), x_error = std::sqrt(error_total), x_quant = std::sqrt(quant_total);
-  qrow.alpha = round_up(x_norm);
-  qrow.beta = round_up(x_error);
-  const double rho0 = gamma * (codes.max_norm + x_norm * codes.max_panel_norm) +
-                      u * (codes.max_norm + 2.0 * x_quant * codes.max_quant_norm);
-  const double largest_r = qrow.alpha * codes.max_error_norm + qrow.beta * codes.max_quant_norm + rho0;
-  const double largest = (codes.max_norm + x_quant * codes.max_quant_norm) * (1.0 + 2.0 * u) + 2.0 * largest_r;
-  qrow.rho = round_up(rho0 + 4.0 * u * largest);
-  const double widest_r = qrow.alpha * codes.max_error_norm + qrow.beta * codes.max_quant_norm + qrow.rho;
-  qrow.spread = round_up(2.0 * widest_r * (1.0 + kTwoToMinus18) + 4.0 * u * largest);
-  qrow.scale = static_cast<float>(s);
-  qrow.correction = 128 * sum;
-  return std::isfinite(qrow.alpha) && std::isfinite(qrow.beta) && std::isfinite(qrow.rho) &&
-         std::isfinite(qrow.spread);
+  double norm_sq[kRowBatch], error_sq[kRowBatch], quant_sq[kRowBatch];
+  for (int64_t i = 0; i < count; ++i) {
+    const float* row = x + i * d;
+    // pack_rows' range check, bitwise: the prefilter declines exactly the rows the full search refuses,
+    // and every non-finite row (an inf or NaN entry makes the sum inf or NaN). Rows far inside the range
+    // (d max^2, with room for the sum's roundings) skip the exact sum; a NaN that the maximum passes over
+    // makes the norms NaN, and the row is declined by the bound's finiteness below.
+    const float max_abs = prefilter_max_abs_avx512(row, centre, d);
+    if (!(static_cast<double>(max_abs) * max_abs * static_cast<double>(d) <= kMaxCentredSquaredNorm / 2) &&
+        !(squared_l2(row, centre, d) <= static_cast<float>(kMaxCentredSquaredNorm)))
+      return false;
+    const float s = quant_scale(max_abs);
+    if (codes.any_code && !(s * codes.min_scale >= kMinScaleProduct && s * codes.max_scale <= kMaxScaleProduct))
+      return false;
+    double sums[3];
+    const int32_t sum = prefilter_levels_avx512(row, centre, d, codes.d4, s, xq[i], stride, sums);
+    norm_sq[i] = sums[0];
+    error_sq[i] = sums[1];
+    quant_sq[i] = sums[2];
+    qrows[i].scale = s;
+    qrows[i].correction = 128 * sum;
+  }
+  // alpha = ||x'||, beta = ||x' - x^||, rho = rho0 + 4 u M and the spread, as derived above, 8 rows at once.
+  const unsigned all = (1u << count) - 1u;
+  return prefilter_row_bounds_avx512(norm_sq, error_sq, quant_sq, static_cast<int>(count), codes, qrows) == all;
 #else
-  (void)xq, (void)stride, (void)qrow;
+  (void)x, (void)count, (void)centre, (void)d, (void)xq, (void)stride, (void)qrows;
   return false;  // no scan to feed
 #endif
 }

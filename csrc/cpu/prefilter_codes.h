@@ -17,12 +17,13 @@ std::shared_ptr<const QuantizedCodes> quantized_codes(const PackedCodebook& pack
 // Whether `pack` holds its int8 copy already.
 bool has_quantized_codes(const PackedCodebook& pack);
 
-// Quantize row x (d floats) around the pack's centre into xq (codes.d4 int32) and qrow, with the row's
-// terms of the bound on the float32 kernels' score against S~. False when the row cannot be prefiltered:
-// a non-finite entry, a centred norm outside the supported range, or scales whose product is not a
-// normal float32 (then the whole call runs the full search, which also reports the bad row).
-// Group g of 4 levels goes to xq[g * stride].
-bool quantize_row(const float* x, const float* centre, const QuantizedCodes& codes, int32_t* xq, int64_t stride,
-                  QuantizedRow& qrow);
+// Quantize rows x[i * d] (i < count, count <= kRowBatch) around the pack's centre into xq[i] (codes.d4
+// int32 each, group g of 4 levels at xq[i][g * stride]) and qrows[i], with each row's terms of the bound
+// on the float32 kernels' score against S~. False when a row cannot be prefiltered: a non-finite entry, a
+// centred norm outside the supported range, or scales whose product is not a normal float32 (then the
+// whole call runs the full search, which also reports the bad row).
+constexpr int kRowBatch = 8;
+bool quantize_rows(const float* x, int64_t count, const float* centre, const QuantizedCodes& codes,
+                   int32_t* const* xq, int64_t stride, QuantizedRow* qrows);
 
 }  // namespace fastvq::cpu
