@@ -218,17 +218,19 @@ def test_mode_and_reasons(prefilter_mode):
     assert _cpu.prefilter_reason(32768, 2048, 64) == ""
     assert "K = 512, K d = 16384: too few codes" in _cpu.prefilter_reason(32768, 512, 32)
     assert "d = 16 < 24" in _cpu.prefilter_reason(16, 65536, 16)
-    # K d = 2^16 at d >= 48 only with the AMX scan; the VNNI scan needs 2^17 and K >= 1024.
+    # The VNNI scan needs K >= 1024 and K d >= 2^17; the AMX scan K >= 256 and K d >= 2^16 from d = 32,
+    # 2^15 from d = 48.
     for kernel in KERNELS:
         _cpu.set_prefilter_kernel(kernel)
         amx = kernel == "amx"
         assert ("" if amx else "K = 1024, K d = 65536: too few codes") in _cpu.prefilter_reason(32768, 1024, 64)
         assert ("" if amx else "K = 512, K d = 131072: too few codes") in _cpu.prefilter_reason(32768, 512, 256)
-        assert "K = 2048, K d = 65536: too few codes" in _cpu.prefilter_reason(32768, 2048, 32)
+        assert ("" if amx else "K = 2048, K d = 65536: too few codes") in _cpu.prefilter_reason(32768, 2048, 32)
+        assert ("" if amx else "K = 512, K d = 32768: too few codes") in _cpu.prefilter_reason(32768, 512, 64)
         assert "K = 128, K d = 65536: too few codes" in _cpu.prefilter_reason(32768, 128, 512)
-        if amx:
-            assert _cpu.prefilter_reason(32768, 256, 256) == ""
-            assert "K = 1024, K d = 32768: too few codes" in _cpu.prefilter_reason(32768, 1024, 32)
+        assert "K = 256, K d = 16384: too few codes" in _cpu.prefilter_reason(32768, 256, 64)
+        assert "K = 1024, K d = 32768: too few codes" in _cpu.prefilter_reason(32768, 1024, 32)
+        assert "K = 2048, K d = 49152: too few codes" in _cpu.prefilter_reason(32768, 2048, 24)
     _cpu.set_prefilter_kernel("auto")
     assert "d = 1025 > 1024" in _cpu.prefilter_reason(16, 65536, 1025)
     prefilter_mode("always")

@@ -319,12 +319,14 @@ std::string prefilter_reason(int64_t n, int64_t k, int64_t d) {
   if (d < kPrefilterMinDim)
     return "d = " + std::to_string(d) + " < " + std::to_string(kPrefilterMinDim) + ": float32 products are cheaper";
   const bool enough = k >= kPrefilterMinCodes && k * d >= kPrefilterMinCodeFloats;
-  const bool enough_for_amx = d >= kAmxMinDim && k >= kAmxMinCodes && k * d >= kAmxMinCodeFloats;
+  const bool enough_for_amx =
+      d >= kAmxMinDim && k >= kAmxMinCodes && k * d >= (d >= kAmxWideDim ? kAmxMinCodeFloatsWide : kAmxMinCodeFloats);
   if (!enough && !(use_amx() && enough_for_amx))
     return "K = " + std::to_string(k) + ", K d = " + std::to_string(k * d) +
            ": too few codes to pay back (auto needs K >= " + std::to_string(kPrefilterMinCodes) + " and K d >= " +
-           std::to_string(kPrefilterMinCodeFloats) + "; with the AMX scan, d >= " + std::to_string(kAmxMinDim) +
-           ", K >= " + std::to_string(kAmxMinCodes) + " and K d >= " + std::to_string(kAmxMinCodeFloats) + ")";
+           std::to_string(kPrefilterMinCodeFloats) + "; with the AMX scan, K >= " + std::to_string(kAmxMinCodes) +
+           " and K d >= " + std::to_string(kAmxMinCodeFloats) + " from d = " + std::to_string(kAmxMinDim) + ", " +
+           std::to_string(kAmxMinCodeFloatsWide) + " from d = " + std::to_string(kAmxWideDim) + ")";
   return "";
 }
 

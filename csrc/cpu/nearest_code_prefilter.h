@@ -18,12 +18,14 @@ namespace fastvq::cpu {
 constexpr int64_t kPrefilterMinDim = 24;
 constexpr int64_t kPrefilterMinCodes = 1024;
 constexpr int64_t kPrefilterMinCodeFloats = int64_t{1} << 17;  // K d
-// The AMX scan also pays at K d = 2^16 from d = 48 on (same machine, b2a239f): 1024 x 64 1.27x,
-// 512 x 128 1.16x, 256 x 256 1.12x, 1024 x 48 1.04x; not at 2048 x 32 (1.08x), 512 x 64 (0.96x) or
-// 1024 x 32 (0.83x).
-constexpr int64_t kAmxMinDim = 48;
+// The AMX scan pays from smaller codebooks (same machine, same-process A/Bs at 230a014): from d = 48 at
+// K d = 2^15 (512 x 64 1.15-1.20x, 256 x 128 1.15x; 1024 x 64 1.46-1.60x, 512 x 128 1.47-1.52x), from
+// d = 32 at 2^16 (2048 x 32 1.21-1.25x); not at 2^14 (0.79-0.95x), 1024 x 32 (1.03-1.09x) or d = 24 below
+// 2^17 (2048 x 24 0.93x).
 constexpr int64_t kAmxMinCodes = 256;
-constexpr int64_t kAmxMinCodeFloats = int64_t{1} << 16;
+constexpr int64_t kAmxMinDim = 32, kAmxWideDim = 48;
+constexpr int64_t kAmxMinCodeFloats = int64_t{1} << 16;      // 32 <= d < 48
+constexpr int64_t kAmxMinCodeFloatsWide = int64_t{1} << 15;  // d >= 48
 // Building a codebook's int8 copy costs about one more pass over the pack (~3 ms at K = 65536, d = 64
 // here), which the scan repays from about 128-256 rows on. So "auto" builds it for a call of at least
 // this many rows, or for a pack taken from the cache (a codebook searched again: streaming); a smaller
