@@ -135,20 +135,24 @@ struct QuantizedBlock {
   int64_t r0 = 0;
   std::vector<int32_t> xq;
   std::vector<QuantizedRow> qrows;
-  // False when a row declines (quantize_rows): the call then runs the full search.
+  // False when a row declines (quantize_rows): the call then runs the full search. nt threads share
+  // the rows when there are many (a work item's own rows take one).
   bool quantize(const float* x, int64_t first, int64_t rows, const float* centre, const QuantizedCodes& codes,
-                const RowLayout& layout) {
+                const RowLayout& layout, int nt) {
     r0 = first;
     xq.assign(static_cast<size_t>(layout.words((rows + kScanGroupRows - 1) / kScanGroupRows)), 0);  // 0 past d
     qrows.resize(static_cast<size_t>(rows));
-    int32_t* levels_at[kRowBatch];
-    for (int64_t i = 0; i < rows; i += kRowBatch) {
-      const int64_t count = std::min<int64_t>(kRowBatch, rows - i);
+    const int64_t nbatches = (rows + kRowBatch - 1) / kRowBatch;
+    int64_t declined = 0;
+#pragma omp parallel for schedule(static) num_threads(nt) reduction(+ : declined) if (nt > 1 && rows >= 256)
+    for (int64_t b = 0; b < nbatches; ++b) {
+      const int64_t i = b * kRowBatch, count = std::min<int64_t>(kRowBatch, rows - i);
+      int32_t* levels_at[kRowBatch];
       for (int64_t j = 0; j < count; ++j) levels_at[j] = xq.data() + layout.offset(i + j);
-      if (!quantize_rows(x + (r0 + i) * codes.d, count, centre, codes, levels_at, layout.stride(), &qrows[i]))
-        return false;
+      declined += !quantize_rows(x + (r0 + i) * codes.d, count, centre, codes, levels_at, layout.stride(),
+                                 &qrows[static_cast<size_t>(i)]);
     }
-    return true;
+    return declined == 0;
   }
   const int32_t* levels(const RowLayout& layout, int64_t row) const { return xq.data() + layout.offset(row - r0); }
   const QuantizedRow* terms(int64_t row) const { return qrows.data() + (row - r0); }
@@ -371,8 +375,9 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
         if (any_declined.load(std::memory_order_relaxed)) continue;
         const int64_t g0 = item * kGroupsPerItem, g1 = std::min(ngroups, g0 + kGroupsPerItem);
         const int64_t r0 = g0 * kScanGroupRows, r1 = std::min(n, g1 * kScanGroupRows);
-        if (!block_rows.quantize(x, r0, r1 - r0, pack.centre, codes, layout)) {  // rows written so far are
-          any_declined.store(true, std::memory_order_relaxed);                   // overwritten by the full search
+        // A declined row stops the call; the rows answered so far are overwritten by the full search.
+        if (!block_rows.quantize(x, r0, r1 - r0, pack.centre, codes, layout, 1)) {
+          any_declined.store(true, std::memory_order_relaxed);
           continue;
         }
         run.scan_groups(block_rows, g0, g1, 0, npanels,
@@ -388,7 +393,7 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
     declined = any_declined.load();
   } else {  // few rows: quantize them all; one item per code chunk, every group in it; then the rows
     QuantizedBlock block_rows;
-    declined = !block_rows.quantize(x, 0, n, pack.centre, codes, layout);
+    declined = !block_rows.quantize(x, 0, n, pack.centre, codes, layout, nt);
     if (!declined) {
       std::vector<ScanSlot> slots;  // [chunk][group]
       slots.reserve(static_cast<size_t>(ngroups * nchunks));
