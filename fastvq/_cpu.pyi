@@ -9,14 +9,15 @@ from typing import Annotated
 from numpy.typing import NDArray
 
 
-def nearest_code(x: Annotated[NDArray, dict(writable=False)], codebook: Annotated[NDArray, dict(writable=False)], indices_out: NDArray, sqdist_out: NDArray, quantized_out: NDArray | None = None, num_threads: int = 0, *, cache_key: Sequence[int] = []) -> None:
+def nearest_code(x: Annotated[NDArray, dict(writable=False)], codebook: Annotated[NDArray, dict(writable=False)], indices_out: NDArray, sqdist_out: NDArray, quantized_out: NDArray | None = None, num_threads: int = 0, *, cache_key: Sequence[int] = [], hint: Annotated[NDArray, dict(writable=False)] | None = None) -> None:
     """
     indices_out[i] = argmin_k ||x[i] - codebook[k]||^2 (ties -> lowest k), sqdist_out[i] = that
     squared distance (computed directly), quantized_out[i] = codebook[indices_out[i]] if given.
     num_threads <= 0 uses the OpenMP default. The search runs around search_centre(codebook); a
     finite code or row too far from it raises ValueError. cache_key (ints that change whenever the
     caller's codebook may have: identity, data pointer, shape, strides, version) reuses a cached pack;
-    empty: pack afresh.
+    empty: pack afresh. hint (int64 (N,), optional): a guess of each row's code (e.g. its last k-means
+    assignment) where the int8 prefilter starts its scan; any hint gives the same outputs.
     Source: csrc/cpu/nearest_code.cpp (micro-kernels: csrc/cpu/search_tile_*.cpp).
     """
 

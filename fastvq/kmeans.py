@@ -1,6 +1,7 @@
 """k-means (Lloyd's algorithm) on fastvq's fused kernels: no N×K matrix at any step.
 
-- assignment: ``ops.nearest_code`` (fused search, returns each row's squared distance);
+- assignment: ``ops.nearest_code`` (fused search, returns each row's squared distance), given the last
+  assignment as a hint (the CPU's int8 prefilter starts from it; the result does not depend on it);
 - update: ``ops.ema_stats`` (per-cluster counts and sums in one pass);
 - seeding: k-means++ with its distance updates in blocks, or random rows (kmeans_seeding.py);
 - an empty cluster is re-seeded with the point farthest from its centroid (taken
@@ -117,8 +118,9 @@ def fit(
     centroids = seed_centroids(x, k, generator=generator, init=init, backend=backend, shards=shards)
     if spherical:
         centroids = F.normalize(centroids, dim=-1)
+    assignments = None  # each search starts from the last assignment (the CPU prefilter's hint)
     for _ in range(iters):
-        assignments, sqdist = ops.nearest_code(x, centroids, backend)
+        assignments, sqdist = ops.nearest_code(x, centroids, backend, assignments)
         counts, sums = ops.ema_stats(x, assignments, k, backend)
         counts, sums = counts.to(x.dtype), sums.to(x.dtype)
         if shards.group is not None:  # one collective for both
@@ -130,7 +132,7 @@ def fit(
         empty = counts == 0
         centroids = torch.where(empty.unsqueeze(1), centroids, means)
         centroids = _reseed_empty(x, centroids, empty, counts, assignments, sqdist, shards)
-    assignments, sqdist = ops.nearest_code(x, centroids, backend)
+    assignments, sqdist = ops.nearest_code(x, centroids, backend, assignments)
     counts = shards.sum_(torch.zeros(k, dtype=torch.float32, device=x.device).index_add_(
         0, assignments, torch.ones_like(sqdist, dtype=torch.float32)))
     return KMeansResult(centroids, assignments, sqdist, counts)

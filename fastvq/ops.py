@@ -19,7 +19,7 @@ The path of one call, e.g. ``FastVectorQuantizer.forward`` → ``ops.quantize`` 
 ``dispatch.resolve`` → ``backends/cpu.py: CpuBackend.nearest_code`` → ``fastvq._cpu.nearest_code``
 (csrc/cpu/bindings.cpp) → ``csrc/cpu/nearest_code.cpp`` → the micro-kernel in ``search_tile_*.cpp``.
 
-    fastvq::nearest_code(x, codebook, backend) -> (indices, sqdist)
+    fastvq::nearest_code(x, codebook, backend, hint=None) -> (indices, sqdist)
     fastvq::nearest_codes(x, codebook, k, backend) -> (indices (N, k), sqdist (N, k))
     fastvq::sample_code(x, codebook, temperature, seed, cosine, backend) -> indices (N,) (a Gumbel-max draw)
     fastvq::quantize(x, codebook, commitment_weight, codebook_weight, backend, rotation_trick=False)
@@ -41,6 +41,8 @@ The Triton kernels register their own ops (``fastvq::triton_*``, fastvq/triton),
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -50,17 +52,30 @@ from .numerics import compute_dtype
 
 # ---- nearest_code ---------------------------------------------------------------------------
 @torch.library.custom_op("fastvq::nearest_code", mutates_args=())
-def nearest_code(x: Tensor, codebook: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def nearest_code(x: Tensor, codebook: Tensor, backend: str, hint: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``hint``: int64 (N,), a guess of each row's code (k-means passes the last assignment); the cpu
+    backend's int8 prefilter starts its scan from it. The outputs are the same for any hint."""
+    if hint is not None:
+        _check_hint(hint, x, codebook)
     if x.shape[0] == 0:
         check_backend_name(backend)
         return _empty_indices(x), x.new_empty((0,), dtype=compute_dtype(x.dtype))
-    indices, sqdist, _ = resolve(backend, x, codebook).nearest_code(x, codebook, want_quantized=False)
+    indices, sqdist, _ = resolve(backend, x, codebook).nearest_code(x, codebook, want_quantized=False, hint=hint)
     return indices, sqdist
 
 
 @nearest_code.register_fake
-def _(x, codebook, backend):
+def _(x, codebook, backend, hint=None):
     return _empty_indices(x), x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype))
+
+
+def _check_hint(hint: Tensor, x: Tensor, codebook: Tensor) -> None:
+    if hint.dtype != torch.int64 or hint.shape != x.shape[:1] or hint.device != x.device:
+        raise ValueError(f"hint must be an int64 tensor of shape ({x.shape[0]},) on {x.device}, got "
+                         f"{hint.dtype} of shape {tuple(hint.shape)} on {hint.device}")
+    if hint.numel() and not (0 <= int(hint.min()) and int(hint.max()) < codebook.shape[0]):
+        raise ValueError(f"hint must hold codes in [0, {codebook.shape[0]}), got values in "
+                         f"[{int(hint.min())}, {int(hint.max())}]")
 
 
 def _empty_indices(x: Tensor) -> Tensor:
@@ -125,7 +140,7 @@ def quantize(
     if num_rows == 0:
         check_backend_name(backend)
         return x.new_empty((0, dim)), _empty_indices(x), x.new_zeros((), dtype=compute_dtype(x.dtype))
-    indices, sqdist, quantized = resolve(backend, x, codebook).nearest_code(x, codebook, want_quantized=True)
+    indices, sqdist, quantized = resolve(backend, x, codebook).nearest_code(x, codebook, want_quantized=True, hint=None)
     # mean((x − q)²) over all N·d entries is Σ sqdist / (N·d); both loss terms have that value.
     weight = (commitment_weight + codebook_weight) / (num_rows * dim)
     loss = (sqdist.sum(dtype=torch.float64) * weight).to(compute_dtype(x.dtype))

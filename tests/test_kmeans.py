@@ -129,6 +129,27 @@ def test_kmeans_plus_plus_updates_distances_in_blocks(monkeypatch):
     assert len(calls) <= k // 16 and set(calls) == {pool} and pool < x.shape[0], (calls, pool)
 
 
+def test_each_lloyd_search_starts_from_the_last_assignment_and_the_result_does_not_depend_on_it(monkeypatch):
+    x, k = blobs(3000, 48, 20, seed=4), 64
+    hinted = fastvq.kmeans(x, k, iters=4, seed=2)
+    hints, answers = [], []
+    search = kmeans_seeding.ops.nearest_code
+
+    def without_hint(x, e, b, hint=None):  # records the hint, searches without it
+        out = search(x, e, b)
+        if e.shape[0] == k:  # a Lloyd search (the seeding's are against blocks of fewer seeds)
+            hints.append(hint)
+            answers.append(out[0])
+        return out
+
+    monkeypatch.setattr(kmeans_seeding.ops, "nearest_code", without_hint)
+    plain = fastvq.kmeans(x, k, iters=4, seed=2)
+    torch.testing.assert_close(hinted, plain, rtol=0, atol=0)
+    assert len(hints) == 5 and hints[0] is None
+    for hint, last in zip(hints[1:], answers):
+        assert hint is last
+
+
 @pytest.mark.parametrize("num_rows,num", [(10, 10), (10, 3), (100000, 5000), (2**40, 1000)])
 def test_distinct_rows_are_distinct_in_range_and_reproducible(num_rows, num):
     rows = distinct_rows(num_rows, num, torch.Generator().manual_seed(3), "cpu")

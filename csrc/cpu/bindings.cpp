@@ -63,7 +63,8 @@ void check_rows_by_d(const ArrayArg& a, int64_t n, int64_t d) {
 }
 
 void nearest_code(In x_, In codebook_, Out indices_out_, Out sqdist_out_,
-                  std::optional<Out> quantized_out_, int num_threads, const std::vector<int64_t>& cache_key) {
+                  std::optional<Out> quantized_out_, int num_threads, const std::vector<int64_t>& cache_key,
+                  std::optional<In> hint_) {
   const ArrayArg x = describe("x", x_);
   const auto [n, d] = check_x(x);
   const ArrayArg codebook = describe("codebook", codebook_);
@@ -74,11 +75,14 @@ void nearest_code(In x_, In codebook_, Out indices_out_, Out sqdist_out_,
   check_rows(sqdist_out, "float32", n);
   const std::optional<ArrayArg> quantized_out = describe("quantized_out", quantized_out_);
   if (quantized_out) check_rows_by_d(*quantized_out, n, d);
+  const std::optional<ArrayArg> hint = describe("hint", hint_);
+  if (hint) check_rows(*hint, "int64", n);
 
   nb::gil_scoped_release release;
   fastvq::cpu::nearest_code(x.as<const float>(), n, d, codebook.as<const float>(), k,
                             {cache_key.data(), static_cast<int64_t>(cache_key.size())}, indices_out.as<int64_t>(),
-                            sqdist_out.as<float>(), as_or_null<float>(quantized_out), num_threads);
+                            sqdist_out.as<float>(), as_or_null<float>(quantized_out), num_threads,
+                            as_or_null<const int64_t>(hint));
 }
 
 void sample_code(In x_, In codebook_, Out indices_out_, double temperature, int64_t seed, bool cosine,
@@ -212,13 +216,14 @@ NB_MODULE(_cpu, m) {
 
   m.def("nearest_code", &nearest_code, "x"_a, "codebook"_a, "indices_out"_a, "sqdist_out"_a,
         "quantized_out"_a = nb::none(), "num_threads"_a = 0, nb::kw_only(),
-        "cache_key"_a = std::vector<int64_t>(),
+        "cache_key"_a = std::vector<int64_t>(), "hint"_a = nb::none(),
         "indices_out[i] = argmin_k ||x[i] - codebook[k]||^2 (ties -> lowest k), sqdist_out[i] = that\n"
         "squared distance (computed directly), quantized_out[i] = codebook[indices_out[i]] if given.\n"
         "num_threads <= 0 uses the OpenMP default. The search runs around search_centre(codebook); a\n"
         "finite code or row too far from it raises ValueError. cache_key (ints that change whenever the\n"
         "caller's codebook may have: identity, data pointer, shape, strides, version) reuses a cached pack;\n"
-        "empty: pack afresh.\n"
+        "empty: pack afresh. hint (int64 (N,), optional): a guess of each row's code (e.g. its last k-means\n"
+        "assignment) where the int8 prefilter starts its scan; any hint gives the same outputs.\n"
         "Source: csrc/cpu/nearest_code.cpp (micro-kernels: csrc/cpu/search_tile_*.cpp).");
   m.def("nearest_codes", &nearest_codes, "x"_a, "codebook"_a, "indices_out"_a, "sqdist_out"_a, "num_threads"_a = 0,
         nb::kw_only(), "cache_key"_a = std::vector<int64_t>(),

@@ -178,6 +178,7 @@ struct Prefiltered {
   SearchFewRowsFn few_rows;
   PrefilterScanFn scan;
   PrefilterRescoreFn rescore;
+  const int64_t* hint;  // a code per row to start its running minimum from, or null (nearest_code_prefiltered)
 
   int64_t group_rows(int64_t g) const { return std::min<int64_t>(kScanGroupRows, n - g * kScanGroupRows); }
 
@@ -185,11 +186,15 @@ struct Prefiltered {
   template <typename SlotOf>
   void scan_groups(const QuantizedBlock& block_rows, int64_t g0, int64_t g1, int64_t q_begin, int64_t q_end,
                    SlotOf slot) const {
-    for (int64_t g = g0; g < g1; ++g) slot(g).reset();
+    for (int64_t g = g0; g < g1; ++g) {
+      ScanSlot& s = slot(g);
+      s.reset();
+      if (hint) start_from_hints(block_rows, g, s);
+    }
     const int64_t block = std::max<int64_t>(kWarmupPanels, kScanBlockBytes / (codes.d4 * kQuantGroupBytes));
     for (int64_t q0 = q_begin; q0 < q_end; q0 += block) {
       const int64_t q1 = std::min(q_end, q0 + block);
-      const int64_t warmup = q0 == q_begin ? std::min(kWarmupPanels, q1 - q0) : 0;
+      const int64_t warmup = q0 == q_begin && !hint ? std::min(kWarmupPanels, q1 - q0) : 0;
       for (int64_t g = g0; g < g1; ++g) {
         ScanSlot& s = slot(g);
         const int64_t r0 = g * kScanGroupRows, rows = group_rows(g);
@@ -206,6 +211,19 @@ struct Prefiltered {
                block_rows.terms(r0 + r), codes, q0, q1, warmup, s.running + r * 16,
                s.cand.data() + r * kCandidateCap, s.cand_val.data() + r * kCandidateCap, kCandidateCap, s.count + r);
       }
+    }
+  }
+
+  // Each row of group g starts its running minimum at its hinted code's S~, the scans' value: the
+  // minimum stays one of the codes' S~, so whatever the hint, the codes listed are a superset of those
+  // the bound lets through, and a good hint (the row's code in the last k-means iteration) replaces the
+  // warm-up and lists fewer codes.
+  void start_from_hints(const QuantizedBlock& block_rows, int64_t g, ScanSlot& s) const {
+    const int64_t r0 = g * kScanGroupRows;
+    for (int64_t r = 0; r < group_rows(g); ++r) {
+      const float start = approximate_score(codes, block_rows.levels(layout, r0 + r), layout.stride(),
+                                            *block_rows.terms(r0 + r), hint[r0 + r]);
+      std::fill(s.running + r * 16, s.running + (r + 1) * 16, start);
     }
   }
 
@@ -335,7 +353,7 @@ std::string prefilter_reason(int64_t n, int64_t k, int64_t d) {
 }
 
 bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, const PackedCodebook& pack,
-                              const NearestCodeOutputs& out, int nt) {
+                              const NearestCodeOutputs& out, int nt, const int64_t* hint) {
   const PrefilterScanFn scan = scan_fn();
   const SearchFewRowsFn few_rows = current_search_few_rows();
   if (!scan || !few_rows || n == 0) return false;
@@ -353,7 +371,7 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
 #else
   const PrefilterRescoreFn rescore = nullptr;  // unreachable: scan_fn() is null without the kernel
 #endif
-  const Prefiltered run{x, codebook, pack, codes, layout, n, few_rows, scan, rescore};
+  const Prefiltered run{x, codebook, pack, codes, layout, n, few_rows, scan, rescore, hint};
   const int64_t want_items = 4 * static_cast<int64_t>(nt);
   const int64_t nchunks = (nt <= 1 || ngroups >= want_items)
                               ? 1

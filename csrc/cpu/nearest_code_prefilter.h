@@ -59,8 +59,10 @@ struct PrefilterStats {
 PrefilterStats prefilter_stats();
 
 // Writes nearest_code's outputs for these rows and returns true, or returns false having written
-// nothing (the caller runs the full search, which also raises for a row out of range).
+// nothing (the caller runs the full search, which also raises for a row out of range). hint (n codes, or
+// null): a guess of each row's code, e.g. its last k-means assignment; it only sets where the scan starts,
+// so the outputs are the same for any hint (a code outside [0, K) is a hint of nothing).
 bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, const PackedCodebook& pack,
-                              const NearestCodeOutputs& out, int num_threads);
+                              const NearestCodeOutputs& out, int num_threads, const int64_t* hint = nullptr);
 
 }  // namespace fastvq::cpu

@@ -26,4 +26,10 @@ constexpr int kRowBatch = 8;
 bool quantize_rows(const float* x, int64_t count, const float* centre, const QuantizedCodes& codes,
                    int32_t* const* xq, int64_t stride, QuantizedRow* qrows);
 
+// Code `code`'s S~ for one quantized row (its group g of 4 levels at levels[g * stride]), computed as the
+// scans compute it, so that it can start the row's running minimum (a hint); +inf for a code that can
+// never win or a code outside [0, K).
+float approximate_score(const QuantizedCodes& codes, const int32_t* levels, int64_t stride, const QuantizedRow& qrow,
+                        int64_t code);
+
 }  // namespace fastvq::cpu

@@ -39,8 +39,10 @@ class Backend:
         """Ops this backend runs with fastvq.reference instead of its own kernel, each with the reason."""
         return {}
 
-    def nearest_code(self, x: Tensor, codebook: Tensor, want_quantized: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        """indices int64 (N,), sqdist float32 (N,), and quantized (N, d) in x.dtype if asked."""
+    def nearest_code(self, x: Tensor, codebook: Tensor, want_quantized: bool,
+                     hint: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """indices int64 (N,), sqdist float32 (N,), and quantized (N, d) in x.dtype if asked. ``hint``
+        (int64 (N,) codes in range, or None) may set where a search starts; it never changes the outputs."""
         raise NotImplementedError
 
     def nearest_codes(self, x: Tensor, codebook: Tensor, k: int) -> tuple[Tensor, Tensor]:

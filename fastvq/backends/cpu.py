@@ -134,13 +134,15 @@ class CpuBackend(Backend):
                     reasons.append(f"dtype {t.dtype}: the cpu kernels take float32, bfloat16 or float16")
         return list(dict.fromkeys(reasons))  # one line per distinct reason, in order
 
-    def nearest_code(self, x: Tensor, codebook: Tensor, want_quantized: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    def nearest_code(self, x: Tensor, codebook: Tensor, want_quantized: bool,
+                     hint: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         xf, cf = _as_f32(x), _as_f32(codebook)
         n, d = xf.shape
         indices = torch.empty(n, dtype=INDEX_DTYPE)
         sqdist = torch.empty(n, dtype=torch.float32)
         quantized = torch.empty(n, d, dtype=torch.float32) if want_quantized else None
-        _cpu.nearest_code(xf, cf, indices, sqdist, quantized, torch.get_num_threads(), cache_key=cache_key(codebook))
+        _cpu.nearest_code(xf, cf, indices, sqdist, quantized, torch.get_num_threads(), cache_key=cache_key(codebook),
+                          hint=None if hint is None else hint.contiguous())
         if quantized is not None and quantized.dtype != x.dtype:
             quantized = quantized.to(x.dtype)
         return indices, sqdist, quantized

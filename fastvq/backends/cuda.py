@@ -84,7 +84,7 @@ class CudaBackend(Backend):
     def _stream(self, device: torch.device) -> int:
         return torch.cuda.current_stream(device).cuda_stream
 
-    def nearest_code(self, x, codebook, want_quantized):
+    def nearest_code(self, x, codebook, want_quantized, hint=None):
         # The search runs around c = search_centre(codebook) (issue 12, finding 5); the range check
         # reads back the first out-of-range code and row: one host synchronisation (search_range.py).
         x, codebook = x.detach(), codebook.detach().contiguous()

@@ -23,7 +23,7 @@ class TorchBackend(Backend):
     def not_supported_reasons(self, *tensors: Tensor) -> list[str]:
         return []
 
-    def nearest_code(self, x, codebook, want_quantized):
+    def nearest_code(self, x, codebook, want_quantized, hint=None):
         _check_float32_range(x, codebook)
         indices, sqdist = reference.nearest_code(x, codebook)
         quantized = codebook[indices].to(x.dtype) if want_quantized else None

@@ -95,7 +95,7 @@ class TritonBackend(Backend):
             return "ieee"
         return precision
 
-    def nearest_code(self, x, codebook, want_quantized):
+    def nearest_code(self, x, codebook, want_quantized, hint=None):
         indices, sqdist, quantized, range_check = self._load().triton_nearest_code(x, codebook, want_quantized)
         raise_if_out_of_range(range_check, x, codebook)
         return indices, sqdist, (quantized if want_quantized else None)

@@ -66,11 +66,12 @@ def _kmeans(rows: list[Tensor], num_codes: int, iters: int, spherical: bool, dis
     sample = sample_vectors_distributed if distributed else sample_vectors
     means = torch.stack([sample(codebook_rows, num_codes) for codebook_rows in rows])
     counts = torch.zeros(means.shape[:2], dtype=torch.float32, device=means.device)
+    assignments: list[Tensor | None] = [None] * len(rows)  # the last ones: hints for the next search
     for _ in range(iters):
         sums = torch.zeros_like(means)
         for c in range(len(rows)):
-            assignments, _ = ops.nearest_code(rows[c], means[c], backend)
-            counts[c], sums[c] = ops.ema_stats(rows[c], assignments, num_codes, backend)
+            assignments[c], _ = ops.nearest_code(rows[c], means[c], backend, assignments[c])
+            counts[c], sums[c] = ops.ema_stats(rows[c], assignments[c], num_codes, backend)
         if distributed:
             all_reduce_(counts)
         empty = counts == 0
