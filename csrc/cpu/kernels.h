@@ -34,7 +34,8 @@ constexpr int kTileRows = 6;
 // Fold per-lane bests into the rows' running bests: for each of `rows` rows, the lane with
 // the smallest value (ties: smallest lane index) replaces best_*[r] only if strictly
 // smaller. lane_idx holds code offsets from code_base. Defined in the portable translation
-// unit and called by every SIMD kernel, so the tie rule lives in one place.
+// unit; the AVX2 and AVX-512 kernels apply the same rule to lanes still in registers
+// (merge_lanes_simd.h: two reductions instead of a branch per lane).
 void merge_lanes(const float (*lane_val)[kPanel], const int32_t (*lane_idx)[kPanel], int rows,
                  int64_t code_base, float* best_val, int64_t* best_idx);
 

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "cpu/kernels.h"
+#include "cpu/merge_lanes_simd.h"
 
 namespace fastvq::cpu {
 
@@ -61,7 +62,8 @@ void search_rows18_avx512(const float* xpack, int64_t d, const float* panels, co
     }
     id = _mm512_add_epi32(id, step);
   }
-  merge_lanes(lane_val, lane_idx, kRows, code_base, best_val, best_idx);
+  for (int r = 0; r < kRows; ++r)
+    merge_lanes_zmm(_mm512_load_ps(lane_val[r]), _mm512_load_si512(lane_idx[r]), code_base, best_val[r], best_idx[r]);
 }
 
 }  // namespace fastvq::cpu

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "cpu/kernels.h"
+#include "cpu/merge_lanes_simd.h"
 
 namespace fastvq::cpu {
 namespace {
@@ -46,7 +47,11 @@ struct Lanes {
   // Cross-lane reduction merged strictly into the row's running best, whose codes all come
   // before this call's (kernels.h: merge_lanes).
   void merge_into(int64_t code_base, float* best_val, int64_t* best_idx) const {
-    merge_lanes(val, idx, R, code_base, best_val, best_idx);
+    for (int r = 0; r < R; ++r)
+      merge_lanes_ymm(_mm256_load_ps(val[r]), _mm256_load_ps(val[r] + 8),
+                      _mm256_load_si256(reinterpret_cast<const __m256i*>(idx[r])),
+                      _mm256_load_si256(reinterpret_cast<const __m256i*>(idx[r] + 8)), code_base, best_val[r],
+                      best_idx[r]);
   }
 };
 
@@ -205,14 +210,9 @@ void few_rows(const float* xpack, int64_t d, const float* panels, const float* n
   };
   while (q + PP <= npanels) block(std::integral_constant<int, PP>{});
   while (q < npanels) block(std::integral_constant<int, 1>{});
-  alignas(32) float val[RR][kPanel];
-  alignas(32) int32_t idx[RR][kPanel];
   for (int r = 0; r < RR; ++r)
-    for (int h = 0; h < 2; ++h) {
-      _mm256_store_ps(val[r] + 8 * h, v[r][h]);
-      _mm256_store_ps(reinterpret_cast<float*>(idx[r] + 8 * h), ix[r][h]);
-    }
-  merge_lanes(val, idx, RR, code_base, best_val, best_idx);
+    merge_lanes_ymm(v[r][0], v[r][1], _mm256_castps_si256(ix[r][0]), _mm256_castps_si256(ix[r][1]), code_base,
+                    best_val[r], best_idx[r]);
 }
 
 }  // namespace

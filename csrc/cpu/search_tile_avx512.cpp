@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "cpu/kernels.h"
+#include "cpu/merge_lanes_simd.h"
 
 namespace fastvq::cpu {
 namespace {
@@ -100,13 +101,12 @@ void search_tile_avx512(const float* xpack, int64_t d, const float* panels, cons
 
   // Cross-lane reduction (smallest value, ties to the smallest index), merged strictly into
   // the row's best. Lanes never updated hold the row's best itself, which cannot pass.
-  alignas(64) float val[R][kPanel];
-  alignas(64) int32_t idx[R][kPanel];
-  _mm512_store_ps(val[0], v0); _mm512_store_ps(val[1], v1); _mm512_store_ps(val[2], v2);
-  _mm512_store_ps(val[3], v3); _mm512_store_ps(val[4], v4); _mm512_store_ps(val[5], v5);
-  _mm512_store_si512(idx[0], i0); _mm512_store_si512(idx[1], i1); _mm512_store_si512(idx[2], i2);
-  _mm512_store_si512(idx[3], i3); _mm512_store_si512(idx[4], i4); _mm512_store_si512(idx[5], i5);
-  merge_lanes(val, idx, R, code_base, best_val, best_idx);
+  merge_lanes_zmm(v0, i0, code_base, best_val[0], best_idx[0]);
+  merge_lanes_zmm(v1, i1, code_base, best_val[1], best_idx[1]);
+  merge_lanes_zmm(v2, i2, code_base, best_val[2], best_idx[2]);
+  merge_lanes_zmm(v3, i3, code_base, best_val[3], best_idx[3]);
+  merge_lanes_zmm(v4, i4, code_base, best_val[4], best_idx[4]);
+  merge_lanes_zmm(v5, i5, code_base, best_val[5], best_idx[5]);
 }
 
 #undef FASTVQ_UPDATE
@@ -161,13 +161,7 @@ void few_rows(const float* xpack, int64_t d, const float* panels, const float* n
   };
   while (q + PP <= npanels) block(std::integral_constant<int, PP>{});
   while (q < npanels) block(std::integral_constant<int, 1>{});
-  alignas(64) float val[RR][kPanel];
-  alignas(64) int32_t idx[RR][kPanel];
-  for (int r = 0; r < RR; ++r) {
-    _mm512_store_ps(val[r], v[r]);
-    _mm512_store_si512(idx[r], ix[r]);
-  }
-  merge_lanes(val, idx, RR, code_base, best_val, best_idx);
+  for (int r = 0; r < RR; ++r) merge_lanes_zmm(v[r], ix[r], code_base, best_val[r], best_idx[r]);
 }
 
 }  // namespace
