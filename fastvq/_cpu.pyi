@@ -117,13 +117,14 @@ def prefilter_mode() -> str:
 
 def set_prefilter_kernel(kernel: str) -> None:
     """
-    The prefilter scan's kernel: 'auto' (AMX-INT8 tiles where the CPU and OS allow, else AVX-512 VNNI),
-    'vnni' or 'amx' (ValueError where unavailable). Same candidates, same outputs.
+    The prefilter scan's kernel: 'auto' (AMX-INT8 tiles where the CPU and OS allow, else AVX-512 VNNI;
+    VNNI for a call of 1 or 2 rows), 'vnni' or 'amx' (ValueError where unavailable). Same outputs.
     """
 
 def prefilter_kernel() -> str:
     """
-    The scan kernel the prefilter uses now: 'amx', 'vnni', or '' (no AVX-512 VNNI here).
+    The scan kernel the prefilter uses now for calls of 3 rows or more: 'amx', 'vnni', or '' (no
+    AVX-512 VNNI here).
     """
 
 def prefilter_reason(n: int, k: int, d: int) -> str:
@@ -138,7 +139,8 @@ def prefilter_stats() -> dict:
     (their candidates overflowed), and calls that declined it at run time (a non-finite or out-of-range
     row, or scales out of float32's normal range) and ran the full search, the codes the scan listed as
     candidates, those scored again in float32 (within the final threshold), and 'auto' calls that ran the
-    float32 search rather than build a fresh codebook's int8 copy for fewer than 256 rows.
+    float32 search rather than build a fresh codebook's int8 copy for fewer than 256 rows; amx_calls:
+    the answered calls whose scan ran on AMX tiles.
     """
 
 def openmp_enabled() -> bool: ...

@@ -222,16 +222,21 @@ def test_mode_and_reasons(prefilter_mode):
     # 2^15 from d = 48.
     for kernel in KERNELS:
         _cpu.set_prefilter_kernel(kernel)
-        amx = kernel == "amx"
-        assert ("" if amx else "K = 1024, K d = 65536: too few codes") in _cpu.prefilter_reason(32768, 1024, 64)
-        assert ("" if amx else "K = 512, K d = 131072: too few codes") in _cpu.prefilter_reason(32768, 512, 256)
-        assert ("" if amx else "K = 2048, K d = 65536: too few codes") in _cpu.prefilter_reason(32768, 2048, 32)
-        assert ("" if amx else "K = 512, K d = 32768: too few codes") in _cpu.prefilter_reason(32768, 512, 64)
+        for k, d in [(1024, 64), (512, 256), (2048, 32), (512, 64)]:  # the AMX scan's alone
+            reason = _cpu.prefilter_reason(32768, k, d)
+            assert reason == "" if kernel == "amx" else f"K = {k}, K d = {k * d}: too few codes" in reason
         assert "K = 128, K d = 65536: too few codes" in _cpu.prefilter_reason(32768, 128, 512)
         assert "K = 256, K d = 16384: too few codes" in _cpu.prefilter_reason(32768, 256, 64)
         assert "K = 1024, K d = 32768: too few codes" in _cpu.prefilter_reason(32768, 1024, 32)
         assert "K = 2048, K d = 49152: too few codes" in _cpu.prefilter_reason(32768, 2048, 24)
     _cpu.set_prefilter_kernel("auto")
+    # Fewer rows need more codes: K d >= 2^18 below 16 rows, 2^17 below 64.
+    assert _cpu.prefilter_reason(15, 4096, 64) == _cpu.prefilter_reason(16, 2048, 64) == ""
+    reason = _cpu.prefilter_reason(64, 1024, 64)
+    assert reason == "" if "amx" in KERNELS else "K = 1024, K d = 65536: too few codes" in reason
+    assert "n = 15 rows, K d = 131072: too few codes for so few rows" in _cpu.prefilter_reason(15, 2048, 64)
+    assert "n = 1 rows, K d = 131072: too few" in _cpu.prefilter_reason(1, 4096, 32)
+    assert "n = 63 rows, K d = 65536: too few" in _cpu.prefilter_reason(63, 2048, 32)
     assert "d = 1025 > 1024" in _cpu.prefilter_reason(16, 65536, 1025)
     prefilter_mode("always")
     assert _cpu.prefilter_mode() == "always"
@@ -350,3 +355,19 @@ def test_a_good_hint_lists_fewer_codes_than_the_warm_up(prefilter_mode, kernel):
         run_with_hint(x, e, hint)
         listed.append(_cpu.prefilter_stats()["candidates"] - before["candidates"])
     assert listed[1] < 0.6 * listed[0]
+
+
+def test_auto_scans_one_or_two_rows_with_vnni_and_more_with_amx(prefilter_mode):
+    if len(KERNELS) < 2:
+        pytest.skip("no AMX-INT8 here: one scan kernel")
+    g = torch.Generator().manual_seed(10)
+    e = torch.randn(5000, 64, generator=g)
+    prefilter_mode("always")
+    for kernel, amx_rows in [("auto", {3, 40}), ("amx", {1, 2, 3, 40}), ("vnni", set())]:
+        _cpu.set_prefilter_kernel(kernel)
+        for n in (1, 2, 3, 40):
+            before = _cpu.prefilter_stats()
+            run_nearest_code(torch.randn(n, 64, generator=g), e, 2)
+            after = _cpu.prefilter_stats()
+            assert after["calls"] - before["calls"] == 1
+            assert after["amx_calls"] - before["amx_calls"] == (n in amx_rows), (kernel, n)

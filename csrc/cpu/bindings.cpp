@@ -294,10 +294,11 @@ NB_MODULE(_cpu, m) {
         "ValueError otherwise. Source: csrc/cpu/nearest_code_prefilter.cpp.");
   m.def("prefilter_mode", &fastvq::cpu::prefilter_mode, "The mode set_prefilter set: 'auto', 'always' or 'off'.");
   m.def("set_prefilter_kernel", &fastvq::cpu::set_prefilter_kernel, "kernel"_a,
-        "The prefilter scan's kernel: 'auto' (AMX-INT8 tiles where the CPU and OS allow, else AVX-512 VNNI),\n"
-        "'vnni' or 'amx' (ValueError where unavailable). Same candidates, same outputs.");
+        "The prefilter scan's kernel: 'auto' (AMX-INT8 tiles where the CPU and OS allow, else AVX-512 VNNI;\n"
+        "VNNI for a call of 1 or 2 rows), 'vnni' or 'amx' (ValueError where unavailable). Same outputs.");
   m.def("prefilter_kernel", &fastvq::cpu::prefilter_kernel,
-        "The scan kernel the prefilter uses now: 'amx', 'vnni', or '' (no AVX-512 VNNI here).");
+        "The scan kernel the prefilter uses now for calls of 3 rows or more: 'amx', 'vnni', or '' (no\n"
+        "AVX-512 VNNI here).");
   m.def("prefilter_reason", &fastvq::cpu::prefilter_reason, "n"_a, "k"_a, "d"_a,
         "Why nearest_code of n rows against K codes of dimension d runs without the prefilter now; '' when\n"
         "it tries it (a call can still decline at run time: prefilter_stats).");
@@ -311,13 +312,15 @@ NB_MODULE(_cpu, m) {
           out["codes_rescored"] = s.codes_rescored;
           out["candidates"] = s.candidates;
           out["deferred"] = s.deferred;
+          out["amx_calls"] = s.amx_calls;
           return out;
         },
         "Counts since import: calls answered through the prefilter, rows of those searched over every panel\n"
         "(their candidates overflowed), and calls that declined it at run time (a non-finite or out-of-range\n"
         "row, or scales out of float32's normal range) and ran the full search, the codes the scan listed as\n"
         "candidates, those scored again in float32 (within the final threshold), and 'auto' calls that ran the\n"
-        "float32 search rather than build a fresh codebook's int8 copy for fewer than 256 rows.");
+        "float32 search rather than build a fresh codebook's int8 copy for fewer than 256 rows; amx_calls:\n"
+        "the answered calls whose scan ran on AMX tiles.");
   m.def("openmp_enabled", &fastvq::cpu::openmp_enabled);
   m.def("max_threads", &fastvq::cpu::max_threads);
 }

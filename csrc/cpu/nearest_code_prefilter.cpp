@@ -43,6 +43,11 @@ constexpr int64_t kScanBlockBytes = 128 * 1024;
 constexpr int64_t kScanGroupRows = kAmxRows;
 // Groups per work item when the codes are not split (64 rows).
 constexpr int64_t kGroupsPerItem = 2;
+// Calls of fewer rows scan with VNNI under "auto" (streaming: a frame at a time). Same-process A/B on
+// the 2-core Xeon (model 207), AMX time over VNNI time at 1 and 2 rows: 1.06 and 1.02 at K = 65536,
+// d = 64; 1.23, 1.12 at 16384 x 64; 1.55, 1.48 at 65536 x 32; 1.21, 1.15 at 4096 x 128 (at 16 rows
+// 0.79-1.13).
+constexpr int64_t kAmxMinRows = 3;
 
 enum class Mode : int { automatic = 0, always = 1, off = 2 };
 std::atomic<int>& mode_state() {
@@ -72,7 +77,7 @@ bool amx_ready() {
 }
 
 std::atomic<int64_t> calls_prefiltered{0}, rows_in_full{0}, calls_declined{0}, codes_rescored{0}, candidates{0},
-    calls_deferred{0};
+    calls_deferred{0}, calls_amx{0};
 
 bool cpu_has_vnni() {
 #if defined(FASTVQ_HAVE_AVX512_VNNI_KERNEL) && (defined(__GNUC__) || defined(__clang__))
@@ -309,6 +314,12 @@ bool use_amx() {
   const Kernel kernel = static_cast<Kernel>(kernel_state().load());
   return kernel != Kernel::vnni && amx_ready();
 }
+
+// The scan for a call of n rows: "auto" takes the VNNI scan below kAmxMinRows rows (an AMX tile
+// multiplies 16 rows whatever the count; the VNNI scan does work for the rows it has).
+bool use_amx_for(int64_t n) {
+  return use_amx() && (n >= kAmxMinRows || static_cast<Kernel>(kernel_state().load()) == Kernel::amx);
+}
 }  // namespace
 
 void set_prefilter_kernel(const std::string& kernel) {
@@ -327,7 +338,7 @@ std::string prefilter_kernel() { return cpu_has_vnni() ? (use_amx() ? "amx" : "v
 
 PrefilterStats prefilter_stats() {
   return {calls_prefiltered.load(), rows_in_full.load(), calls_declined.load(),
-          codes_rescored.load(), candidates.load(), calls_deferred.load()};
+          codes_rescored.load(), candidates.load(), calls_deferred.load(), calls_amx.load()};
 }
 
 std::string prefilter_reason(int64_t n, int64_t k, int64_t d) {
@@ -349,6 +360,11 @@ std::string prefilter_reason(int64_t n, int64_t k, int64_t d) {
            std::to_string(kPrefilterMinCodeFloats) + "; with the AMX scan, K >= " + std::to_string(kAmxMinCodes) +
            " and K d >= " + std::to_string(kAmxMinCodeFloats) + " from d = " + std::to_string(kAmxMinDim) + ", " +
            std::to_string(kAmxMinCodeFloatsWide) + " from d = " + std::to_string(kAmxWideDim) + ")";
+  const int64_t for_rows = n < kFewRows ? kFewRowsMinCodeFloats : n < kSomeRows ? kSomeRowsMinCodeFloats : 0;
+  if (k * d < for_rows)
+    return "n = " + std::to_string(n) + " rows, K d = " + std::to_string(k * d) + ": too few codes for so few rows " +
+           "(auto needs K d >= " + std::to_string(kFewRowsMinCodeFloats) + " below " + std::to_string(kFewRows) +
+           " rows, " + std::to_string(kSomeRowsMinCodeFloats) + " below " + std::to_string(kSomeRows) + ")";
   return "";
 }
 
@@ -365,7 +381,7 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
   const std::shared_ptr<const QuantizedCodes> codes_ptr = quantized_codes(pack, nt);
   const QuantizedCodes& codes = *codes_ptr;
   const int64_t ngroups = (n + kScanGroupRows - 1) / kScanGroupRows, npanels = pack.npanels;
-  const RowLayout layout{use_amx(), codes.d4, (codes.d4 + 15) / 16 * 16};
+  const RowLayout layout{use_amx_for(n), codes.d4, (codes.d4 + 15) / 16 * 16};
 #ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
   const PrefilterRescoreFn rescore = &prefilter_rescore_avx512;
 #else
@@ -437,6 +453,7 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
     return false;
   }
   calls_prefiltered.fetch_add(1, std::memory_order_relaxed);
+  if (layout.amx) calls_amx.fetch_add(1, std::memory_order_relaxed);
   rows_in_full.fetch_add(stats.rows_in_full, std::memory_order_relaxed);
   codes_rescored.fetch_add(stats.codes_rescored, std::memory_order_relaxed);
   candidates.fetch_add(stats.candidates, std::memory_order_relaxed);

@@ -26,6 +26,14 @@ constexpr int64_t kAmxMinCodes = 256;
 constexpr int64_t kAmxMinDim = 32, kAmxWideDim = 48;
 constexpr int64_t kAmxMinCodeFloats = int64_t{1} << 16;      // 32 <= d < 48
 constexpr int64_t kAmxMinCodeFloatsWide = int64_t{1} << 15;  // d >= 48
+// A call of few rows splits the codes across threads, and the prefilter's fixed costs per call (quantize,
+// per-chunk minima, the candidates' float32 scores) need more codes to pay back. Same machine, cached
+// pack, float32 time over prefilter time: K d = 2^16 (1024 x 64) 0.71-0.74 at 1-16 rows, 1.21 at 64;
+// 2^17 (4096 x 32) 0.79 at 1 row, 1.27 at 16; 2^18 (4096 x 64, 2048 x 128) 0.89-1.05 at 1-4 rows,
+// 1.65-1.94 at 16; 2^20 2.1-4.6 at 1 row.
+constexpr int64_t kFewRows = 16, kSomeRows = 64;
+constexpr int64_t kFewRowsMinCodeFloats = int64_t{1} << 18;   // n < kFewRows
+constexpr int64_t kSomeRowsMinCodeFloats = int64_t{1} << 17;  // n < kSomeRows
 // Building a codebook's int8 copy costs about one more pass over the pack (~3 ms at K = 65536, d = 64
 // here), which the scan repays from about 128-256 rows on. So "auto" builds it for a call of at least
 // this many rows, or for a pack taken from the cache (a codebook searched again: streaming); a smaller
@@ -37,9 +45,9 @@ constexpr int64_t kPrefilterMinRowsToBuild = 256;
 void set_prefilter_mode(const std::string& mode);
 std::string prefilter_mode();
 
-// The scan's kernel: "auto" (default: AMX-INT8 tiles where the CPU and OS allow, else AVX-512 VNNI),
-// "vnni", or "amx" (std::invalid_argument where unavailable). prefilter_kernel() names the one in use
-// ("" without VNNI). Both give the same candidates, so the same outputs.
+// The scan's kernel: "auto" (default: AMX-INT8 tiles where the CPU and OS allow, else AVX-512 VNNI; VNNI
+// for a call of one or two rows), "vnni", or "amx" (std::invalid_argument where unavailable).
+// prefilter_kernel() names the one larger calls use ("" without VNNI). Both give the same outputs.
 void set_prefilter_kernel(const std::string& kernel);
 std::string prefilter_kernel();
 
@@ -55,6 +63,7 @@ struct PrefilterStats {
   int64_t codes_rescored = 0;  // candidates scored again in float32 (rows not in full)
   int64_t candidates = 0;      // codes the scan listed for those rows (before the final threshold)
   int64_t deferred = 0;        // "auto" calls that ran the float32 search rather than build the int8 copy
+  int64_t amx_calls = 0;       // calls answered whose scan ran on AMX tiles (the rest: VNNI)
 };
 PrefilterStats prefilter_stats();
 
