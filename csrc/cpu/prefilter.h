@@ -107,6 +107,9 @@ float prefilter_max_abs_avx512(const float* x, const float* centre, int64_t d);
 // and ||scale r||^2.
 int32_t prefilter_levels_avx512(const float* x, const float* centre, int64_t d, int64_t d4, float scale, int32_t* xq,
                                 int64_t stride, double* sums);
+// sum over the d4 groups g of the row's 4 levels (the word levels[g * stride]) times the code's 4 bytes
+// (bytes[g * kQuantGroupBytes + b], unsigned): the scans' accumulator before it starts at -correction.
+int32_t prefilter_code_dot_avx512(const int32_t* levels, int64_t stride, const uint8_t* bytes, int64_t d4);
 // Each row's terms of the bound (prefilter_codes.cpp derives them) from its squared norms in double,
 // for `count` <= 8 rows, 8 rows to a vector: ||x'||^2, ||x' - x^||^2 and ||x^||^2 in norm_sq[i],
 // error_sq[i], quant_sq[i], over the codes' maxima. Writes alpha, beta, rho and spread (rounded up to

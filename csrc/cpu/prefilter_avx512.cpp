@@ -377,6 +377,22 @@ float prefilter_max_abs_avx512(const float* x, const float* centre, int64_t d) {
   return _mm512_reduce_max_ps(largest);
 }
 
+int32_t prefilter_code_dot_avx512(const int32_t* levels, int64_t stride, const uint8_t* bytes, int64_t d4) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t g = 0; g < d4; g += 16) {
+    const __mmask16 m = tail_mask(d4 - g);
+    const __m512i group = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(g)));
+    const __m512i code = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m,
+                                                     _mm512_slli_epi32(group, 6), bytes, 1);  // kQuantGroupBytes apart
+    const __m512i row = _mm512_mask_i32gather_epi32(
+        _mm512_setzero_si512(), m, _mm512_mullo_epi32(group, _mm512_set1_epi32(static_cast<int32_t>(stride))), levels,
+        4);
+    acc = _mm512_dpbusd_epi32(acc, code, row);  // masked-off groups are 0 . 0
+  }
+  return _mm512_reduce_add_epi32(acc);
+}
+
 int32_t prefilter_levels_avx512(const float* x, const float* centre, int64_t d, int64_t d4, float scale, int32_t* xq,
                                 int64_t stride, double* sums) {
   const __m512 inverse = _mm512_set1_ps(1.0f / scale);

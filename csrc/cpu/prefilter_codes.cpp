@@ -211,16 +211,17 @@ float approximate_score(const QuantizedCodes& codes, const int32_t* levels, int6
                         int64_t code) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   if (code < 0 || code >= codes.npanels * kPanel || std::isnan(codes.norm[code])) return kInf;
+#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
   const uint8_t* bytes = codes.bytes + (code / kPanel) * codes.d4 * kQuantGroupBytes + (code % kPanel) * 4;
-  int32_t dot = -qrow.correction;  // the codes' bytes are q + 128, as in the scans' accumulators
-  for (int64_t g = 0; g < codes.d4; ++g) {
-    const uint32_t word = static_cast<uint32_t>(levels[g * stride]);
-    for (int b = 0; b < 4; ++b)
-      dot += static_cast<int32_t>(static_cast<int8_t>(word >> (8 * b))) * bytes[g * kQuantGroupBytes + b];
-  }
+  // The codes' bytes are q + 128: the scans' accumulators start at -correction and end at r . q.
+  const int32_t dot = prefilter_code_dot_avx512(levels, stride, bytes, codes.d4) - qrow.correction;
   // The scans' arithmetic: the scale product rounded to float32, then one FMA (approximate_scores).
   const float product = codes.scale[code] * qrow.scale;
   return std::fma(static_cast<float>(dot), product, codes.norm[code]);
+#else
+  (void)levels, (void)stride, (void)qrow;
+  return kInf;  // no scan to start
+#endif
 }
 
 }  // namespace fastvq::cpu
