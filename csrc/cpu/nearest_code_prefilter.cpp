@@ -35,7 +35,8 @@ constexpr int64_t kCandidateCap = 256;
 // Panels scanned for the minimum alone before a row's first candidates (prefilter.h: warmup). Each
 // code listed costs a mispredicted branch; 16 panels (256 codes) listed 5.6 codes a row instead of 9.1
 // with 4 at 32768 x 1024 x 64, and took the scan from 1.20x to 1.37x the float32 search (same process).
-constexpr int64_t kWarmupPanels = 16;
+// Their S~ are kept, not recomputed: 1.03-1.09x at 32768 x 1024 x 64 (same-process A/B, same lists).
+constexpr int64_t kWarmupPanels = kMaxWarmupPanels;
 // An item's groups scan one block of panels after another, so a block read from memory serves
 // every group of the item from L2 (~128 KiB of int8 codes).
 constexpr int64_t kScanBlockBytes = 128 * 1024;

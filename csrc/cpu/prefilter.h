@@ -27,6 +27,8 @@ constexpr double kUnitRoundoff = 1.0 / (1 << 24);
 constexpr double kRoundUpSlack = 1.0 / (1 << 20);
 constexpr double kSpreadSlack = 1.0 / (1 << 18);
 
+// The most panels a scan's warm-up may cover (its S~ are kept on the stack, not computed twice).
+constexpr int64_t kMaxWarmupPanels = 16;
 // Bytes of one panel group: 16 codes x 4 consecutive dimensions, code-major (vpdpbusd's layout).
 constexpr int kQuantGroupBytes = 64;
 // d above this could overflow the int32 dot's exact float conversion (|r . q| <= 127^2 d < 2^24).
@@ -84,8 +86,8 @@ struct QuantizedRow {
 // spread (added rounding up) is appended, in increasing order, with its S~, to cand / cand_val + r * cap
 // (count[r] entries so far): the float32 search's choice, and any code tied with it, is listed
 // (qrow.spread). The driver then keeps the listed codes whose L is within the listed codes' smallest U.
-// The first `warmup` panels are scanned once before, for the minimum only, so that they do not all
-// pass. A row that would pass `cap` gets count[r] = cap + 1 and no more candidates (the driver searches
+// The first `warmup` (<= kMaxWarmupPanels) panels are scanned first for the minimum alone, so that they do
+// not all pass, and their codes are listed against it after. A row that would pass `cap` gets count[r] = cap + 1 and no more candidates (the driver searches
 // it in full).
 using PrefilterScanFn = void (*)(int rows, const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes,
                                  int64_t q_begin, int64_t q_end, int64_t warmup, float* running, int32_t* cand,

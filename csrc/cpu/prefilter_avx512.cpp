@@ -7,7 +7,8 @@
 // the panel's 64-byte group loaded once for all the rows, the row's 4 bytes broadcast, the accumulator
 // started at the row's -correction), then S~ = norm + (s_e s_x) * dot in one FMA, a running minimum of
 // S~ per lane, and a compress-store of the codes within the row's spread of it (prefilter.h).
-// Candidates are rare after the first panels, so the store sits behind a branch.
+// Candidates are rare after the first panels, so the store sits behind a branch. The warm-up panels'
+// S~ are kept on the stack and listed once their minimum is known (list_warm_up), not multiplied twice.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -65,11 +66,13 @@ inline __m512 list_threshold(__m512 run, const QuantizedRow& qrow) {
 
 // The epilogue of one row and one panel: S~, the running minimum of S~ (a NaN S~, a code that cannot
 // win, keeps it), and the codes within the row's spread of the minimum so far listed with their S~.
+// Without kEmit (the warm-up), S~ is kept at `warm` for list_warm_up instead.
 template <bool kEmit>
 inline void fold_row(__m512i acc, const QuantizedRow& qrow, const PanelTerms& panel, __m512& run, int32_t* cand,
-                     float* cand_val, int64_t cap, int64_t& count) {
+                     float* cand_val, int64_t cap, int64_t& count, float* warm) {
   const __m512 s = approximate_scores(acc, _mm512_set1_ps(qrow.scale), panel);
   if (!kEmit) {
+    _mm512_store_ps(warm, s);
     run = _mm512_min_ps(s, run);
     return;
   }
@@ -79,10 +82,32 @@ inline void fold_row(__m512i acc, const QuantizedRow& qrow, const PanelTerms& pa
   if (m) list_codes(m, panel.ids, s, cand, cand_val, cap, count);
 }
 
-// xq: the group's rows interleaved, xq[g * kPrefilterRows + r].
+// The warm-up's panels listed from their kept S~ (warm: panel w's 16 at warm + 16 w), against the row's
+// minimum after them: the codes a second pass over those panels would list, in the same order, without
+// multiplying them again.
+inline void list_warm_up(const float* warm, int64_t warmup, int64_t q_begin, __m512 run, const QuantizedRow& qrow,
+                         int32_t* cand, float* cand_val, int64_t cap, int64_t& count) {
+  const __m512 threshold = list_threshold(run, qrow);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t w = 0; w < warmup; ++w) {
+    const __m512 s = _mm512_load_ps(warm + 16 * w);
+    const __mmask16 m = _mm512_cmp_ps_mask(s, threshold, _CMP_LE_OQ);
+    if (m) {
+      const __m512i ids = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>((q_begin + w) * 16)));
+      list_codes(m, ids, s, cand, cand_val, cap, count);
+    }
+  }
+}
+
+// One row's kept warm-up scores: kMaxWarmupPanels panels of 16.
+using WarmScores = float[kMaxWarmupPanels * 16];
+
+// xq: the group's rows interleaved, xq[g * kPrefilterRows + r]. Without kEmit, row r's S~ of panel q go to
+// warm[r] + 16 (q - q_begin).
 template <int R, bool kEmit>
 void scan_panels(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes, int64_t q_begin,
-                 int64_t q_end, __m512 (&run)[R], int32_t* cand, float* cand_val, int64_t cap, int64_t* count) {
+                 int64_t q_end, __m512 (&run)[R], int32_t* cand, float* cand_val, int64_t cap, int64_t* count,
+                 WarmScores* warm) {
   const int64_t d4 = codes.d4;
   __m512i start[8];  // the accumulators start at -correction: they end at r . q
   for (int r = 0; r < 8; ++r) start[r] = r < R ? _mm512_set1_epi32(-qrows[r].correction) : _mm512_setzero_si512();
@@ -105,7 +130,8 @@ void scan_panels(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCo
     const PanelTerms panel(codes, q);
     const __m512i accs[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
     for (int r = 0; r < R; ++r)
-      fold_row<kEmit>(accs[r], qrows[r], panel, run[r], cand + r * cap, cand_val + r * cap, cap, count[r]);
+      fold_row<kEmit>(accs[r], qrows[r], panel, run[r], cand + r * cap, cand_val + r * cap, cap, count[r],
+                      kEmit ? nullptr : warm[r] + 16 * (q - q_begin));
     if ((q - q_begin) % kReduceEvery == kReduceEvery - 1)
       for (int r = 0; r < R; ++r) run[r] = _mm512_set1_ps(_mm512_reduce_min_ps(run[r]));
   }
@@ -117,10 +143,14 @@ void scan(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& co
   __m512 run[R];
   for (int r = 0; r < R; ++r) run[r] = _mm512_loadu_ps(running + 16 * r);
   if (warmup > 0) {  // the minimum of the first panels first, so that they do not all pass
-    scan_panels<R, false>(xq, qrows, codes, q_begin, q_begin + warmup, run, cand, cand_val, cap, count);
-    for (int r = 0; r < R; ++r) run[r] = _mm512_set1_ps(_mm512_reduce_min_ps(run[r]));
+    alignas(64) WarmScores warm[R];
+    scan_panels<R, false>(xq, qrows, codes, q_begin, q_begin + warmup, run, cand, cand_val, cap, count, warm);
+    for (int r = 0; r < R; ++r) {
+      run[r] = _mm512_set1_ps(_mm512_reduce_min_ps(run[r]));
+      list_warm_up(warm[r], warmup, q_begin, run[r], qrows[r], cand + r * cap, cand_val + r * cap, cap, count[r]);
+    }
   }
-  scan_panels<R, true>(xq, qrows, codes, q_begin, q_end, run, cand, cand_val, cap, count);
+  scan_panels<R, true>(xq, qrows, codes, q_begin + warmup, q_end, run, cand, cand_val, cap, count, nullptr);
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(running + 16 * r, run[r]);
 }
 
@@ -185,6 +215,7 @@ void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const Qu
   const int halves = rows > 16 ? 2 : 1;
   alignas(64) int32_t dots[2][2][16][16];  // [accumulator pair][panel][row][code]
   alignas(64) int32_t start[2][16][16];    // [half][row][code]: the accumulators start at -correction
+  alignas(64) WarmScores warm[kAmxRows];   // the warm-up's S~ per row (list_warm_up)
   for (int h = 0; h < 2; ++h)
     for (int r = 0; r < 16; ++r) {
       const int row = 16 * h + r;
@@ -243,6 +274,8 @@ void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const Qu
       const __m512 s0 = approximate_scores(_mm512_load_si512(dots[set][0][r - r0]), row_scale, first);
       const __m512 s1 = kPair ? approximate_scores(_mm512_load_si512(dots[set][1][r - r0]), row_scale, second) : s0;
       if (!kEmit) {
+        _mm512_store_ps(warm[r] + 16 * (u.q - q_begin), s0);
+        if (kPair) _mm512_store_ps(warm[r] + 16 * (u.q + 1 - q_begin), s1);
         _mm512_storeu_ps(running + 16 * r, _mm512_min_ps(s1, _mm512_min_ps(s0, run)));
         continue;
       }
@@ -296,8 +329,11 @@ void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const Qu
   if (warmup > 0) {
     sweep(q_begin, q_begin + warmup, false);
     reduce();
+    for (int r = 0; r < rows; ++r)
+      list_warm_up(warm[r], warmup, q_begin, _mm512_loadu_ps(running + 16 * r), qrows[r], cand + r * cap,
+                   cand_val + r * cap, cap, count[r]);
   }
-  sweep(q_begin, q_end, true);
+  sweep(q_begin + warmup, q_end, true);
   _tile_release();
 }
 
