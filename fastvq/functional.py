@@ -11,15 +11,22 @@ from .dispatch import check_backend_name
 from .numerics import NEAREST_CODES_MAX_K
 
 
-def nearest_code(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+def nearest_code(x: Tensor, codebook: Tensor, *, backend: str = "auto",
+                 hint: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Nearest codebook row of each row of x.
 
     x (N, d), codebook (K, d) -> indices int64 (N,), sqdist (N,) (float64 for float64 x, else float32) where
     sqdist_i = ‖x_i − codebook[indices_i]‖². Ties go to the lowest index.
+
+    ``hint`` (int64 (N,), codes in [0, K)): a guess of each row's code, e.g. its code in the last k-means
+    iteration; the cpu backend's int8 prefilter starts each row's scan from it, which is faster when the
+    guess is near. The result is the same for any hint.
     """
     check_rows_and_codebook(x, codebook)
     check_backend_name(backend)
-    return ops.nearest_code(x, codebook, backend)
+    if hint is not None and not isinstance(hint, Tensor):
+        raise TypeError(f"hint must be a torch.Tensor or None, got {type(hint).__name__}")
+    return ops.nearest_code(x, codebook, backend, hint)
 
 
 def nearest_codes(x: Tensor, codebook: Tensor, k: int, *, backend: str = "auto") -> tuple[Tensor, Tensor]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fastvq
 from fastvq import ops
 
 from conftest import randn, skip_if_slow
@@ -36,3 +37,14 @@ def test_a_hint_never_changes_the_outputs(pair, num_rows, num_codes, dim):
 def test_a_bad_hint_raises_naming_it(hint, pattern):
     with pytest.raises(ValueError, match=pattern):
         ops.nearest_code(torch.randn(5, 8), torch.randn(7, 8), "auto", hint)
+    with pytest.raises(ValueError, match=pattern):
+        fastvq.nearest_code(torch.randn(5, 8), torch.randn(7, 8), hint=hint)
+
+
+def test_the_public_function_takes_the_hint_and_checks_its_type():
+    x, codebook = torch.randn(40, 16), torch.randn(300, 16)
+    indices, sqdist = fastvq.nearest_code(x, codebook)
+    hinted = fastvq.nearest_code(x, codebook, hint=torch.zeros(40, dtype=torch.int64))
+    torch.testing.assert_close(hinted, (indices, sqdist), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="hint must be a torch.Tensor or None, got list"):
+        fastvq.nearest_code(x, codebook, hint=[0] * 40)
