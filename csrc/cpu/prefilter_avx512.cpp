@@ -515,6 +515,14 @@ unsigned prefilter_row_bounds_avx512(const double* norm_sq, const double* error_
   return finite & lanes;
 }
 
+namespace {
+// acc += x * value, one rounding (vfmadd231ss, the value from memory). Inline asm for dot4's reason: GCC
+// 12 copied each of _mm_fmadd_ss's eight accumulators through another register every step.
+inline void fma_ss(__m128& acc, __m128 x, const float& value) {
+  __asm__("vfmadd231ss %2, %1, %0" : "+x"(acc) : "x"(x), "m"(value));
+}
+}  // namespace
+
 void prefilter_rescore_avx512(const float* xc, int64_t d, const float* codebook, const float* centre,
                               const float* norms, const int32_t* rows, const int32_t* codes, int64_t count,
                               float* best_val, int64_t* best_idx) {
@@ -538,10 +546,18 @@ void prefilter_rescore_avx512(const float* xc, int64_t d, const float* codebook,
       x[c] = xc + rows[t] * d;
       acc[c] = _mm_set_ss(norms[code]);
     }
-    for (int64_t p = 0; p < d; ++p) {
-#pragma GCC unroll 8
-      for (int c = 0; c < 8; ++c) acc[c] = _mm_fmadd_ss(_mm_set_ss(x[c][p]), _mm_set_ss(values[c][p]), acc[c]);
+    __m128 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5], a6 = acc[6], a7 = acc[7];
+    for (int64_t p = 0; p < d; ++p) {  // named accumulators: an array's elements went through the stack
+      fma_ss(a0, _mm_set_ss(x[0][p]), values[0][p]);
+      fma_ss(a1, _mm_set_ss(x[1][p]), values[1][p]);
+      fma_ss(a2, _mm_set_ss(x[2][p]), values[2][p]);
+      fma_ss(a3, _mm_set_ss(x[3][p]), values[3][p]);
+      fma_ss(a4, _mm_set_ss(x[4][p]), values[4][p]);
+      fma_ss(a5, _mm_set_ss(x[5][p]), values[5][p]);
+      fma_ss(a6, _mm_set_ss(x[6][p]), values[6][p]);
+      fma_ss(a7, _mm_set_ss(x[7][p]), values[7][p]);
     }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;
     for (int c = 0; c < 8 && t0 + c < count; ++c) {
       const float score = _mm_cvtss_f32(acc[c]);
       const int32_t row = rows[t0 + c];
