@@ -19,6 +19,11 @@ from torch import Tensor
 from . import ops
 from .kmeans_distributed import Shards
 
+try:
+    from . import _cpu
+except ImportError:  # no cpu extension: the numpy loop
+    _cpu = None
+
 # The pool k-means++ draws from. Seeding costs about one fused search of the pool against the k seeds (in
 # blocks), pool / N of a Lloyd iteration: 1/8 at the benchmark's 32768 x 1024 (plus a fixed cost per block).
 SEEDING_POINTS_PER_CENTROID = 4
@@ -91,19 +96,32 @@ def kmeans_plus_plus(pool: Tensor, k: int, *, generator: torch.Generator, backen
 def _accept(uniform: Tensor, old_sqdist: Tensor, rows: Tensor, proposed: Tensor, block: int) -> Tensor:
     """Proposal i is kept when uniform_i · D²_old(i) < D²(i) = min(D²_old(i), distance² to the proposals kept
     before it), at most ``block`` of them; the first is always kept (D²_old > 0). Indices of the kept ones.
-    A few hundred proposals, in float64: the pairwise distances in torch (numpy's matmul would start its
-    own BLAS threads, which then compete with torch's for the cores), the sequential rule in numpy."""
+    A few hundred proposals, in float64: the products in torch (numpy's matmul would start its own BLAS
+    threads, which then compete with torch's for the cores), the rest in numpy on one thread (torch's
+    elementwise ops on the small matrix cost ~1 ms a block in thread hand-offs), the sequential rule in
+    C++ (numpy without the extension)."""
     points = rows.double()
-    norms = (points * points).sum(1)
-    pairwise = (norms[:, None] + norms[None, :] - 2.0 * (points @ points.T)).cpu().numpy()
+    norms = (points * points).sum(1).cpu().numpy()
+    pairwise = norms[:, None] + norms[None, :] - 2.0 * (points @ points.T).cpu().numpy()
     index = proposed.cpu().numpy()
-    pairwise[index[:, None] == index[None, :]] = 0.0  # a pool row proposed twice
+    if numpy.unique(index).shape[0] < index.shape[0]:
+        pairwise[index[:, None] == index[None, :]] = 0.0  # a pool row proposed twice
     old = old_sqdist.double().cpu().numpy()
-    threshold, current, kept = uniform.cpu().numpy() * old, old.copy(), []
+    threshold = uniform.cpu().numpy() * old
+    if _cpu is not None:  # the same loop in C++ (csrc/cpu/kmeanspp_accept.cpp): same comparisons, same result
+        kept_out = numpy.empty(old.shape[0], dtype=numpy.int64)
+        count = _cpu.kmeanspp_accept(pairwise, threshold, old, block, kept_out)
+        return torch.from_numpy(kept_out[:count]).to(old_sqdist.device)
+    return torch.tensor(accept_in_numpy(pairwise, threshold, old, block), dtype=torch.int64, device=old_sqdist.device)
+
+
+def accept_in_numpy(pairwise, threshold, old, block: int) -> list[int]:
+    """_accept's sequential rule, one Python step per proposal (without the cpu extension)."""
+    current, kept = old.copy(), []
     for i in range(old.shape[0]):
         if threshold[i] < current[i]:
             kept.append(i)
             if len(kept) == block:
                 break
             numpy.minimum(current, pairwise[i], out=current)
-    return torch.tensor(kept, dtype=torch.int64, device=old_sqdist.device)
+    return kept

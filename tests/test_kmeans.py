@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import itertools
 
+import numpy
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -115,6 +116,44 @@ def test_blocked_kmeans_plus_plus_draws_exactly_as_sequential_d2_sampling():
         seen[frozenset((seeds == points.T).nonzero()[:, 1].tolist())] += 1
     assert set(seen) <= set(exact)
     assert 0.5 * sum(abs(seen[s] / draws - p) for s, p in exact.items()) < 0.06
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_acceptance_rule_in_cpp_keeps_what_the_numpy_loop_keeps(seed):
+    # Close proposals (so that kept ones lower the others' D2), repeated pool rows and every block size.
+    if kmeans_seeding._cpu is None:
+        pytest.skip("no cpu extension: the numpy loop is the only one")
+    g = torch.Generator().manual_seed(seed)
+    count = int(torch.randint(1, 120, (1,), generator=g))
+    rows = torch.randn(count, 3, generator=g) * (0.2 + 2 * float(torch.rand(1, generator=g)))
+    proposed = torch.randint(0, max(1, count // 2), (count,), generator=g)
+    rows = rows[proposed]  # a pool row proposed twice is the same row
+    old = (torch.rand(count, generator=g, dtype=torch.float64) * 8 + 0.01).float()
+    uniform = torch.rand(count, generator=g, dtype=torch.float64)
+    for block in (1, 2, count // 3 + 1, count):
+        kept = kmeans_seeding._accept(uniform, old, rows, proposed, block)
+        points = rows.double()
+        norms = (points * points).sum(1).numpy()
+        pairwise = norms[:, None] + norms[None, :] - 2.0 * (points @ points.T).numpy()
+        index = proposed.numpy()
+        pairwise[index[:, None] == index[None, :]] = 0.0
+        threshold = uniform.numpy() * old.double().numpy()
+        want = kmeans_seeding.accept_in_numpy(pairwise, threshold, old.double().numpy(), block)
+        assert kept.tolist() == want and 1 <= len(want) <= block
+    assert len(want) < count  # the rule rejected some: the comparison is not vacuous
+
+
+def test_the_acceptance_binding_checks_its_arrays():
+    if kmeans_seeding._cpu is None:
+        pytest.skip("no cpu extension")
+    accept = kmeans_seeding._cpu.kmeanspp_accept
+    good = numpy.zeros(4), numpy.zeros(4), numpy.zeros(4, dtype=numpy.int64)
+    with pytest.raises(ValueError, match=r"pairwise .*\(P, P\)"):
+        accept(numpy.zeros((4, 3)), good[0], good[1], 2, good[2])
+    with pytest.raises((ValueError, TypeError), match="threshold must have dtype float64, got float32"):
+        accept(numpy.zeros((4, 4)), numpy.zeros(4, dtype=numpy.float32), good[1], 2, good[2])
+    with pytest.raises(ValueError, match="block must be >= 0, got -1"):
+        accept(numpy.zeros((4, 4)), good[0], good[1], -1, good[2])
 
 
 def test_kmeans_plus_plus_updates_distances_in_blocks(monkeypatch):

@@ -137,6 +137,25 @@ void search_centre(In codebook_, Out centre_out_, int num_threads) {
   fastvq::cpu::search_centre(codebook.as<const float>(), k, d, centre_out.as<float>(), num_threads);
 }
 
+int64_t kmeanspp_accept(In pairwise_, In threshold_, In old_, int64_t block, Out kept_out_) {
+  const ArrayArg threshold = describe("threshold", threshold_);
+  check_array(threshold, "float64");
+  check_shape(threshold, {kAnySize}, "(P,)");
+  const int64_t count = threshold.size(0);
+  const ArrayArg old = describe("old", old_);
+  check_array(old, "float64");
+  check_shape(old, {count}, "(P,)", eq("P == threshold.shape[0]", count));
+  const ArrayArg pairwise = describe("pairwise", pairwise_);
+  check_array(pairwise, "float64");
+  check_shape(pairwise, {count, count}, "(P, P)", eq("P == threshold.shape[0]", count));
+  const ArrayArg kept_out = describe("kept_out", kept_out_);
+  check_array(kept_out, "int64");
+  check_shape(kept_out, {count}, "(P,)", eq("P == threshold.shape[0]", count));
+  if (block < 0) throw nb::value_error(("block must be >= 0, got " + std::to_string(block)).c_str());
+  return fastvq::cpu::kmeanspp_accept(pairwise.as<const double>(), threshold.as<const double>(),
+                                      old.as<const double>(), count, block, kept_out.as<int64_t>());
+}
+
 void ema_stats(In x_, In indices_, Out counts_out_, Out sums_out_, int num_threads) {
   const ArrayArg x = describe("x", x_);
   const auto [n, d] = check_x(x);
@@ -246,6 +265,10 @@ NB_MODULE(_cpu, m) {
         "float32(temperature * Gumbel noise hashed from (seed, i, k)), ties to the lowest k: a draw from\n"
         "softmax(logits / temperature), bit for bit fastvq.reference.sample_code's noise.\n"
         "Source: csrc/cpu/sample_code.cpp.");
+  m.def("kmeanspp_accept", &kmeanspp_accept, "pairwise"_a, "threshold"_a, "old"_a, "block"_a, "kept_out"_a,
+        "k-means++'s block acceptance (fastvq.kmeans_seeding._accept): proposal i is kept when threshold[i] <\n"
+        "current[i], current starting at old and lowered to pairwise[i] by each kept proposal; at most block\n"
+        "kept. Writes their indices to kept_out, returns how many. Source: csrc/cpu/kmeanspp_accept.cpp.");
   m.def("ema_stats", &ema_stats, "x"_a, "indices"_a, "counts_out"_a, "sums_out"_a, "num_threads"_a = 0,
         "counts_out[k] = #{i: indices[i] == k}, sums_out[k] = sum of x[i] over those i (overwritten).\n"
         "Bitwise identical for any num_threads. Source: csrc/cpu/ema_stats.cpp.");
