@@ -104,7 +104,7 @@ def _accept(uniform: Tensor, old_sqdist: Tensor, rows: Tensor, proposed: Tensor,
     norms = (points * points).sum(1).cpu().numpy()
     pairwise = norms[:, None] + norms[None, :] - 2.0 * (points @ points.T).cpu().numpy()
     index = proposed.cpu().numpy()
-    if numpy.unique(index).shape[0] < index.shape[0]:
+    if numpy.unique(index).shape[0] < index.shape[0]:  # (a kept row's own diagonal entry is never read again)
         pairwise[index[:, None] == index[None, :]] = 0.0  # a pool row proposed twice
     old = old_sqdist.double().cpu().numpy()
     threshold = uniform.cpu().numpy() * old
