@@ -29,15 +29,18 @@ inline void dot4(__m512i& acc, __m512i c, const int32_t* x) {
   __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(c), "m"(*x));
 }
 
+// The code indices 16 q .. 16 q + 15 of panel q.
+inline __m512i panel_ids(int64_t q) {
+  return _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                          _mm512_set1_epi32(static_cast<int32_t>(q * 16)));
+}
+
 // One panel's per-code values for the epilogue, loaded once for all the rows.
 struct PanelTerms {
   __m512 scale, norm;
   __m512i ids;
   PanelTerms(const QuantizedCodes& codes, int64_t q)
-      : scale(_mm512_load_ps(codes.scale + q * 16)),
-        norm(_mm512_load_ps(codes.norm + q * 16)),
-        ids(_mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                             _mm512_set1_epi32(static_cast<int32_t>(q * 16)))) {}
+      : scale(_mm512_load_ps(codes.scale + q * 16)), norm(_mm512_load_ps(codes.norm + q * 16)), ids(panel_ids(q)) {}
 };
 
 // S~ = norm + (s_e s_x) * dot of one row (s_x broadcast in row_scale) and one panel (acc = r . q).
@@ -88,14 +91,10 @@ inline void fold_row(__m512i acc, const QuantizedRow& qrow, const PanelTerms& pa
 inline void list_warm_up(const float* warm, int64_t warmup, int64_t q_begin, __m512 run, const QuantizedRow& qrow,
                          int32_t* cand, float* cand_val, int64_t cap, int64_t& count) {
   const __m512 threshold = list_threshold(run, qrow);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t w = 0; w < warmup; ++w) {
     const __m512 s = _mm512_load_ps(warm + 16 * w);
     const __mmask16 m = _mm512_cmp_ps_mask(s, threshold, _CMP_LE_OQ);
-    if (m) {
-      const __m512i ids = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>((q_begin + w) * 16)));
-      list_codes(m, ids, s, cand, cand_val, cap, count);
-    }
+    if (m) list_codes(m, panel_ids(q_begin + w), s, cand, cand_val, cap, count);
   }
 }
 
