@@ -55,11 +55,12 @@ def sample_code(x: Annotated[NDArray, dict(writable=False)], codebook: Annotated
     Source: csrc/cpu/sample_code.cpp.
     """
 
-def kmeanspp_accept(pairwise: Annotated[NDArray, dict(writable=False)], threshold: Annotated[NDArray, dict(writable=False)], old: Annotated[NDArray, dict(writable=False)], block: int, kept_out: NDArray) -> int:
+def kmeanspp_accept(gram: Annotated[NDArray, dict(writable=False)], norms: Annotated[NDArray, dict(writable=False)], pool_rows: Annotated[NDArray, dict(writable=False)], uniform: Annotated[NDArray, dict(writable=False)], old: Annotated[NDArray, dict(writable=False)], block: int, kept_out: NDArray) -> int:
     """
-    k-means++'s block acceptance (fastvq.kmeans_seeding._accept): proposal i is kept when threshold[i] <
-    current[i], current starting at old and lowered to pairwise[i] by each kept proposal; at most block
-    kept. Writes their indices to kept_out, returns how many. Source: csrc/cpu/kmeanspp_accept.cpp.
+    k-means++'s block acceptance (fastvq.kmeans_seeding._accept): proposal i is kept when uniform[i] *
+    old[i] < current[i], current starting at old and lowered by each kept proposal i to (norms[i] +
+    norms[j]) - 2 gram[i, j] (0 where pool_rows[i] == pool_rows[j]) for the later proposals j; at most
+    block kept. Writes their indices to kept_out, returns how many. Source: csrc/cpu/kmeanspp_accept.cpp.
     """
 
 def ema_stats(x: Annotated[NDArray, dict(writable=False)], indices: Annotated[NDArray, dict(writable=False)], counts_out: NDArray, sums_out: NDArray, num_threads: int = 0) -> None:

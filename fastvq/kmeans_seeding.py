@@ -96,27 +96,28 @@ def kmeans_plus_plus(pool: Tensor, k: int, *, generator: torch.Generator, backen
 def _accept(uniform: Tensor, old_sqdist: Tensor, rows: Tensor, proposed: Tensor, block: int) -> Tensor:
     """Proposal i is kept when uniform_i · D²_old(i) < D²(i) = min(D²_old(i), distance² to the proposals kept
     before it), at most ``block`` of them; the first is always kept (D²_old > 0). Indices of the kept ones.
-    A few hundred proposals, in float64: the products in torch (numpy's matmul would start its own BLAS
-    threads, which then compete with torch's for the cores), the rest in numpy on one thread (torch's
-    elementwise ops on the small matrix cost ~1 ms a block in thread hand-offs), the sequential rule in
-    C++ (numpy without the extension)."""
+    The distances come from the Gram matrix in float64 (‖a‖² + ‖b‖² − 2 a·b; 0 for a pool row proposed twice):
+    the products in torch (numpy's matmul would start its own BLAS threads, which then compete with torch's for
+    the cores), the sequential rule in C++, which forms only the distances it reads (csrc/cpu/kmeanspp_accept.cpp),
+    or without the extension in numpy, from the whole pairwise matrix (accept_in_numpy)."""
     points = rows.double()
+    gram = (points @ points.T).cpu().numpy()
     norms = (points * points).sum(1).cpu().numpy()
-    pairwise = norms[:, None] + norms[None, :] - 2.0 * (points @ points.T).cpu().numpy()
-    index = proposed.cpu().numpy()
-    if numpy.unique(index).shape[0] < index.shape[0]:  # (a kept row's own diagonal entry is never read again)
-        pairwise[index[:, None] == index[None, :]] = 0.0  # a pool row proposed twice
-    old = old_sqdist.double().cpu().numpy()
-    threshold = uniform.cpu().numpy() * old
-    if _cpu is not None:  # the same loop in C++ (csrc/cpu/kmeanspp_accept.cpp): same comparisons, same result
+    pool_rows = proposed.cpu().numpy()
+    uniform, old = uniform.double().cpu().numpy(), old_sqdist.double().cpu().numpy()
+    if _cpu is not None:
         kept_out = numpy.empty(old.shape[0], dtype=numpy.int64)
-        count = _cpu.kmeanspp_accept(pairwise, threshold, old, block, kept_out)
+        count = _cpu.kmeanspp_accept(gram, norms, pool_rows, uniform, old, block, kept_out)
         return torch.from_numpy(kept_out[:count]).to(old_sqdist.device)
-    return torch.tensor(accept_in_numpy(pairwise, threshold, old, block), dtype=torch.int64, device=old_sqdist.device)
+    pairwise = norms[:, None] + norms[None, :] - 2.0 * gram
+    pairwise[pool_rows[:, None] == pool_rows[None, :]] = 0.0
+    kept = accept_in_numpy(pairwise, uniform * old, old, block)
+    return torch.tensor(kept, dtype=torch.int64, device=old_sqdist.device)
 
 
 def accept_in_numpy(pairwise, threshold, old, block: int) -> list[int]:
-    """_accept's sequential rule, one Python step per proposal (without the cpu extension)."""
+    """_accept's sequential rule on the whole pairwise matrix, one Python step per proposal (without the cpu
+    extension)."""
     current, kept = old.copy(), []
     for i in range(old.shape[0]):
         if threshold[i] < current[i]:

@@ -143,17 +143,34 @@ def test_the_acceptance_rule_in_cpp_keeps_what_the_numpy_loop_keeps(seed):
     assert len(want) < count  # the rule rejected some: the comparison is not vacuous
 
 
+@pytest.mark.parametrize("rule", ["cpp", "numpy"])
+def test_a_pool_row_proposed_twice_is_kept_once(rule, monkeypatch):
+    if rule == "numpy":
+        monkeypatch.setattr(kmeans_seeding, "_cpu", None)
+    elif kmeans_seeding._cpu is None:
+        pytest.skip("no cpu extension")
+    # Far from the origin, at d = 64, the Gram formula leaves ~0.1 of rounding where a row meets itself: only
+    # the rule that a pool row is at distance 0 from itself rejects the second proposal of it.
+    base = 1e6 + torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    proposed = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7])
+    uniform = torch.full((16,), 1e-9, dtype=torch.float64)
+    kept = kmeans_seeding._accept(uniform, torch.ones(16), base[proposed], proposed, 16)
+    assert proposed[kept].tolist() == list(range(8))
+
+
 def test_the_acceptance_binding_checks_its_arrays():
     if kmeans_seeding._cpu is None:
         pytest.skip("no cpu extension")
     accept = kmeans_seeding._cpu.kmeanspp_accept
-    good = numpy.zeros(4), numpy.zeros(4), numpy.zeros(4, dtype=numpy.int64)
-    with pytest.raises(ValueError, match=r"pairwise .*\(P, P\)"):
-        accept(numpy.zeros((4, 3)), good[0], good[1], 2, good[2])
-    with pytest.raises((ValueError, TypeError), match="threshold must have dtype float64, got float32"):
-        accept(numpy.zeros((4, 4)), numpy.zeros(4, dtype=numpy.float32), good[1], 2, good[2])
+    gram, vector, rows, kept = numpy.zeros((4, 4)), numpy.zeros(4), numpy.arange(4), numpy.zeros(4, dtype=numpy.int64)
+    with pytest.raises(ValueError, match=r"gram .*\(P, P\)"):
+        accept(numpy.zeros((4, 3)), vector, rows, vector, vector, 2, kept)
+    with pytest.raises(ValueError, match=r"pool_rows .*\(P,\)"):
+        accept(gram, vector, numpy.arange(3), vector, vector, 2, kept)
+    with pytest.raises((ValueError, TypeError), match="uniform must have dtype float64, got float32"):
+        accept(gram, vector, rows, numpy.zeros(4, dtype=numpy.float32), vector, 2, kept)
     with pytest.raises(ValueError, match="block must be >= 0, got -1"):
-        accept(numpy.zeros((4, 4)), good[0], good[1], -1, good[2])
+        accept(gram, vector, rows, vector, vector, -1, kept)
 
 
 def test_kmeans_plus_plus_updates_distances_in_blocks(monkeypatch):

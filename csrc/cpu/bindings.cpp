@@ -137,23 +137,32 @@ void search_centre(In codebook_, Out centre_out_, int num_threads) {
   fastvq::cpu::search_centre(codebook.as<const float>(), k, d, centre_out.as<float>(), num_threads);
 }
 
-int64_t kmeanspp_accept(In pairwise_, In threshold_, In old_, int64_t block, Out kept_out_) {
-  const ArrayArg threshold = describe("threshold", threshold_);
-  check_array(threshold, "float64");
-  check_shape(threshold, {kAnySize}, "(P,)");
-  const int64_t count = threshold.size(0);
+int64_t kmeanspp_accept(In gram_, In norms_, In pool_rows_, In uniform_, In old_, int64_t block, Out kept_out_) {
+  const ArrayArg norms = describe("norms", norms_);
+  check_array(norms, "float64");
+  check_shape(norms, {kAnySize}, "(P,)");
+  const int64_t count = norms.size(0);
+  const std::string same = eq("P == norms.shape[0]", count);
+  const ArrayArg gram = describe("gram", gram_);
+  check_array(gram, "float64");
+  check_shape(gram, {count, count}, "(P, P)", same);
+  const ArrayArg pool_rows = describe("pool_rows", pool_rows_);
+  check_array(pool_rows, "int64");
+  check_shape(pool_rows, {count}, "(P,)", same);
+  const ArrayArg uniform = describe("uniform", uniform_);
+  check_array(uniform, "float64");
+  check_shape(uniform, {count}, "(P,)", same);
   const ArrayArg old = describe("old", old_);
   check_array(old, "float64");
-  check_shape(old, {count}, "(P,)", eq("P == threshold.shape[0]", count));
-  const ArrayArg pairwise = describe("pairwise", pairwise_);
-  check_array(pairwise, "float64");
-  check_shape(pairwise, {count, count}, "(P, P)", eq("P == threshold.shape[0]", count));
+  check_shape(old, {count}, "(P,)", same);
   const ArrayArg kept_out = describe("kept_out", kept_out_);
   check_array(kept_out, "int64");
-  check_shape(kept_out, {count}, "(P,)", eq("P == threshold.shape[0]", count));
+  check_shape(kept_out, {count}, "(P,)", same);
   if (block < 0) throw nb::value_error(("block must be >= 0, got " + std::to_string(block)).c_str());
-  return fastvq::cpu::kmeanspp_accept(pairwise.as<const double>(), threshold.as<const double>(),
-                                      old.as<const double>(), count, block, kept_out.as<int64_t>());
+  nb::gil_scoped_release release;
+  return fastvq::cpu::kmeanspp_accept(gram.as<const double>(), norms.as<const double>(), pool_rows.as<const int64_t>(),
+                                      uniform.as<const double>(), old.as<const double>(), count, block,
+                                      kept_out.as<int64_t>());
 }
 
 void ema_stats(In x_, In indices_, Out counts_out_, Out sums_out_, int num_threads) {
@@ -265,10 +274,12 @@ NB_MODULE(_cpu, m) {
         "float32(temperature * Gumbel noise hashed from (seed, i, k)), ties to the lowest k: a draw from\n"
         "softmax(logits / temperature), bit for bit fastvq.reference.sample_code's noise.\n"
         "Source: csrc/cpu/sample_code.cpp.");
-  m.def("kmeanspp_accept", &kmeanspp_accept, "pairwise"_a, "threshold"_a, "old"_a, "block"_a, "kept_out"_a,
-        "k-means++'s block acceptance (fastvq.kmeans_seeding._accept): proposal i is kept when threshold[i] <\n"
-        "current[i], current starting at old and lowered to pairwise[i] by each kept proposal; at most block\n"
-        "kept. Writes their indices to kept_out, returns how many. Source: csrc/cpu/kmeanspp_accept.cpp.");
+  m.def("kmeanspp_accept", &kmeanspp_accept, "gram"_a, "norms"_a, "pool_rows"_a, "uniform"_a, "old"_a, "block"_a,
+        "kept_out"_a,
+        "k-means++'s block acceptance (fastvq.kmeans_seeding._accept): proposal i is kept when uniform[i] *\n"
+        "old[i] < current[i], current starting at old and lowered by each kept proposal i to (norms[i] +\n"
+        "norms[j]) - 2 gram[i, j] (0 where pool_rows[i] == pool_rows[j]) for the later proposals j; at most\n"
+        "block kept. Writes their indices to kept_out, returns how many. Source: csrc/cpu/kmeanspp_accept.cpp.");
   m.def("ema_stats", &ema_stats, "x"_a, "indices"_a, "counts_out"_a, "sums_out"_a, "num_threads"_a = 0,
         "counts_out[k] = #{i: indices[i] == k}, sums_out[k] = sum of x[i] over those i (overwritten).\n"
         "Bitwise identical for any num_threads. Source: csrc/cpu/ema_stats.cpp.");

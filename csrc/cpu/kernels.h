@@ -134,11 +134,12 @@ void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, i
 void nearest_codes(const float* x, int64_t n, int64_t d, const float* codebook, int64_t k, int topk,
                    CacheKey cache_key, int64_t* indices_out, float* sqdist_out, int num_threads);
 
-// k-means++'s block acceptance (fastvq/kmeans_seeding.py: _accept): proposal i (of `count`) is kept when
-// threshold[i] < current[i], current starting at old and lowered, for each kept proposal, to its row of the
-// count x count pairwise matrix; at most `block` kept. Writes their indices, returns how many.
-int64_t kmeanspp_accept(const double* pairwise, const double* threshold, const double* old, int64_t count,
-                        int64_t block, int64_t* kept_out);
+// k-means++'s block acceptance (fastvq/kmeans_seeding.py: _accept): proposal i (of `count`, pool row
+// pool_rows[i]) is kept when uniform[i] * old[i] < current[i], current starting at old and lowered, for each
+// kept proposal i, to sqdist(i, j) = (norms[i] + norms[j]) - 2 gram[i][j] (0 for the same pool row) for
+// the later proposals j; at most `block` kept. Writes their indices, returns how many.
+int64_t kmeanspp_accept(const double* gram, const double* norms, const int64_t* pool_rows, const double* uniform,
+                        const double* old, int64_t count, int64_t block, int64_t* kept_out);
 
 // vqp's stochastic_sample_codes: argmin_k of -logit - float32(T * Gumbel(hash(seed, i, k))), ties to the
 // lowest k; the hash is fastvq/reference.py's sample_noise. Source: csrc/cpu/sample_code.cpp.
