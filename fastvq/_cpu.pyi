@@ -9,7 +9,7 @@ from typing import Annotated
 from numpy.typing import NDArray
 
 
-def nearest_code(x: Annotated[NDArray, dict(writable=False)], codebook: Annotated[NDArray, dict(writable=False)], indices_out: NDArray, sqdist_out: NDArray, quantized_out: NDArray | None = None, num_threads: int = 0, *, cache_key: Sequence[int] = [], hint: Annotated[NDArray, dict(writable=False)] | None = None) -> None:
+def nearest_code(x: Annotated[NDArray, dict(writable=False)], codebook: Annotated[NDArray, dict(writable=False)], indices_out: NDArray, sqdist_out: NDArray, quantized_out: NDArray | None = None, num_threads: int = 0, *, cache_key: Sequence[int] = [], hint: Annotated[NDArray, dict(writable=False)] | None = None, rows_key: Sequence[int] = []) -> None:
     """
     indices_out[i] = argmin_k ||x[i] - codebook[k]||^2 (ties -> lowest k), sqdist_out[i] = that
     squared distance (computed directly), quantized_out[i] = codebook[indices_out[i]] if given.
@@ -17,7 +17,9 @@ def nearest_code(x: Annotated[NDArray, dict(writable=False)], codebook: Annotate
     finite code or row too far from it raises ValueError. cache_key (ints that change whenever the
     caller's codebook may have: identity, data pointer, shape, strides, version) reuses a cached pack;
     empty: pack afresh. hint (int64 (N,), optional): a guess of each row's code (e.g. its last k-means
-    assignment) where the int8 prefilter starts its scan; any hint gives the same outputs.
+    assignment) where the int8 prefilter starts its scan; any hint gives the same outputs. rows_key (x's
+    cache_key): a hinted call of >= 1024 rows keeps its int8 rows for the next hinted call with the same
+    rows_key and search centre (k-means), which skips quantizing them; the outputs are the same.
     Source: csrc/cpu/nearest_code.cpp (micro-kernels: csrc/cpu/search_tile_*.cpp).
     """
 
@@ -38,8 +40,9 @@ def search_centre(codebook: Annotated[NDArray, dict(writable=False)], centre_out
 
 def empty_cache() -> int:
     """
-    Drop every cached packed codebook; returns the bytes released (packs in use are freed when
-    their call ends). Source: csrc/cpu/pack_codebook.cpp.
+    Drop every cached packed codebook and the kept int8 rows (nearest_code's rows_key); returns the bytes
+    released (what a call is using is freed when it ends). Source: csrc/cpu/pack_codebook.cpp,
+    csrc/cpu/prefilter_rows.cpp.
     """
 
 def pack_cache_bytes() -> int:
@@ -148,7 +151,8 @@ def prefilter_stats() -> dict:
     row, or scales out of float32's normal range) and ran the full search, the codes the scan listed as
     candidates, those scored again in float32 (within the final threshold), and 'auto' calls that ran the
     float32 search rather than build a fresh codebook's int8 copy for fewer than 256 rows; amx_calls:
-    the answered calls whose scan ran on AMX tiles.
+    the answered calls whose scan ran on AMX tiles; kept_rows_calls: those that took their rows' int8
+    copy from an earlier call (rows_key).
     """
 
 def openmp_enabled() -> bool: ...

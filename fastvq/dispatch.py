@@ -120,7 +120,8 @@ def unavailable_reasons() -> dict[str, str]:
 def empty_cache() -> None:
     """Release what the backends keep between calls: the cpu kernels' packed codebooks (at most 4, 256 MiB
     across all threads, reused while a codebook's data pointer, shape, strides and version counter stay the
-    same). Needed after writes that bypass the version counter (``tensor.data.copy_``, numpy views)."""
+    same) and the int8 rows a hinted nearest_code keeps for the next (one x, at most 64 MiB). Needed after
+    writes that bypass the version counter (``tensor.data.copy_``, numpy views)."""
     for backend in BACKENDS.values():
         backend.empty_cache()
 

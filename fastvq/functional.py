@@ -20,7 +20,9 @@ def nearest_code(x: Tensor, codebook: Tensor, *, backend: str = "auto",
 
     ``hint`` (int64 (N,), codes in [0, K)): a guess of each row's code, e.g. its code in the last k-means
     iteration; the cpu backend's int8 prefilter starts each row's scan from it, which is faster when the
-    guess is near. The result is the same for any hint.
+    guess is near. The result is the same for any hint. A hinted call of at least 1024 rows also keeps the
+    rows' int8 copy for the next hinted call on the same x (unchanged: same storage, shape, strides and
+    version counter); after writing x in a way that bypasses the version counter, call fastvq.empty_cache().
     """
     check_rows_and_codebook(x, codebook)
     check_backend_name(backend)

@@ -23,6 +23,7 @@
 #include "cpu/kernels.h"
 #include "cpu/nearest_code_prefilter.h"
 #include "cpu/pack_codebook.h"
+#include "cpu/prefilter_rows.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -64,7 +65,7 @@ void check_rows_by_d(const ArrayArg& a, int64_t n, int64_t d) {
 
 void nearest_code(In x_, In codebook_, Out indices_out_, Out sqdist_out_,
                   std::optional<Out> quantized_out_, int num_threads, const std::vector<int64_t>& cache_key,
-                  std::optional<In> hint_) {
+                  std::optional<In> hint_, const std::vector<int64_t>& rows_key) {
   const ArrayArg x = describe("x", x_);
   const auto [n, d] = check_x(x);
   const ArrayArg codebook = describe("codebook", codebook_);
@@ -82,7 +83,7 @@ void nearest_code(In x_, In codebook_, Out indices_out_, Out sqdist_out_,
   fastvq::cpu::nearest_code(x.as<const float>(), n, d, codebook.as<const float>(), k,
                             {cache_key.data(), static_cast<int64_t>(cache_key.size())}, indices_out.as<int64_t>(),
                             sqdist_out.as<float>(), as_or_null<float>(quantized_out), num_threads,
-                            as_or_null<const int64_t>(hint));
+                            as_or_null<const int64_t>(hint), {rows_key.data(), static_cast<int64_t>(rows_key.size())});
 }
 
 void sample_code(In x_, In codebook_, Out indices_out_, double temperature, int64_t seed, bool cosine,
@@ -244,14 +245,16 @@ NB_MODULE(_cpu, m) {
 
   m.def("nearest_code", &nearest_code, "x"_a, "codebook"_a, "indices_out"_a, "sqdist_out"_a,
         "quantized_out"_a = nb::none(), "num_threads"_a = 0, nb::kw_only(),
-        "cache_key"_a = std::vector<int64_t>(), "hint"_a = nb::none(),
+        "cache_key"_a = std::vector<int64_t>(), "hint"_a = nb::none(), "rows_key"_a = std::vector<int64_t>(),
         "indices_out[i] = argmin_k ||x[i] - codebook[k]||^2 (ties -> lowest k), sqdist_out[i] = that\n"
         "squared distance (computed directly), quantized_out[i] = codebook[indices_out[i]] if given.\n"
         "num_threads <= 0 uses the OpenMP default. The search runs around search_centre(codebook); a\n"
         "finite code or row too far from it raises ValueError. cache_key (ints that change whenever the\n"
         "caller's codebook may have: identity, data pointer, shape, strides, version) reuses a cached pack;\n"
         "empty: pack afresh. hint (int64 (N,), optional): a guess of each row's code (e.g. its last k-means\n"
-        "assignment) where the int8 prefilter starts its scan; any hint gives the same outputs.\n"
+        "assignment) where the int8 prefilter starts its scan; any hint gives the same outputs. rows_key (x's\n"
+        "cache_key): a hinted call of >= 1024 rows keeps its int8 rows for the next hinted call with the same\n"
+        "rows_key and search centre (k-means), which skips quantizing them; the outputs are the same.\n"
         "Source: csrc/cpu/nearest_code.cpp (micro-kernels: csrc/cpu/search_tile_*.cpp).");
   m.def("nearest_codes", &nearest_codes, "x"_a, "codebook"_a, "indices_out"_a, "sqdist_out"_a, "num_threads"_a = 0,
         nb::kw_only(), "cache_key"_a = std::vector<int64_t>(),
@@ -263,9 +266,10 @@ NB_MODULE(_cpu, m) {
   m.def("search_centre", &search_centre, "codebook"_a, "centre_out"_a, "num_threads"_a = 0,
         "centre_out = the per-dimension centre the searches run around (fastvq.numerics.search_centre's\n"
         "rule). Source: csrc/cpu/pack_codebook.cpp.");
-  m.def("empty_cache", [] { return fastvq::cpu::empty_pack_cache(); },
-        "Drop every cached packed codebook; returns the bytes released (packs in use are freed when\n"
-        "their call ends). Source: csrc/cpu/pack_codebook.cpp.");
+  m.def("empty_cache", [] { return fastvq::cpu::empty_pack_cache() + fastvq::cpu::empty_kept_rows(); },
+        "Drop every cached packed codebook and the kept int8 rows (nearest_code's rows_key); returns the bytes\n"
+        "released (what a call is using is freed when it ends). Source: csrc/cpu/pack_codebook.cpp,\n"
+        "csrc/cpu/prefilter_rows.cpp.");
   m.def("pack_cache_bytes", [] { return fastvq::cpu::pack_cache_bytes(); },
         "Bytes of packed codebooks the cache holds now (bounded by 256 MiB of idle packs).");
   m.def("sample_code", &sample_code, "x"_a, "codebook"_a, "indices_out"_a, "temperature"_a, "seed"_a, "cosine"_a,
@@ -347,6 +351,7 @@ NB_MODULE(_cpu, m) {
           out["candidates"] = s.candidates;
           out["deferred"] = s.deferred;
           out["amx_calls"] = s.amx_calls;
+          out["kept_rows_calls"] = s.kept_rows_calls;
           return out;
         },
         "Counts since import: calls answered through the prefilter, rows of those searched over every panel\n"
@@ -354,7 +359,8 @@ NB_MODULE(_cpu, m) {
         "row, or scales out of float32's normal range) and ran the full search, the codes the scan listed as\n"
         "candidates, those scored again in float32 (within the final threshold), and 'auto' calls that ran the\n"
         "float32 search rather than build a fresh codebook's int8 copy for fewer than 256 rows; amx_calls:\n"
-        "the answered calls whose scan ran on AMX tiles.");
+        "the answered calls whose scan ran on AMX tiles; kept_rows_calls: those that took their rows' int8\n"
+        "copy from an earlier call (rows_key).");
   m.def("openmp_enabled", &fastvq::cpu::openmp_enabled);
   m.def("max_threads", &fastvq::cpu::max_threads);
 }

@@ -127,7 +127,7 @@ struct CacheKey {
 
 void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, int64_t k, CacheKey cache_key,
                   int64_t* indices_out, float* sqdist_out, float* quantized_out, int num_threads,
-                  const int64_t* hint = nullptr);
+                  const int64_t* hint = nullptr, CacheKey rows_key = {});
 
 // indices_out / sqdist_out (n, topk): each row's topk nearest codes, nearest first, ties to the
 // lower index; non-finite distances count as +inf (they fill the list last, in index order).

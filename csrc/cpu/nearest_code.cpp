@@ -139,7 +139,7 @@ void search_by_code_chunks(const Search& search, const float* x, int64_t n, cons
 
 void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, int64_t k,
                   CacheKey cache_key, int64_t* indices_out, float* sqdist_out, float* quantized_out,
-                  int num_threads, const int64_t* hint) {
+                  int num_threads, const int64_t* hint, CacheKey rows_key) {
   if (n == 0) return;
   const int64_t npanels = (k + kPanel - 1) / kPanel;
   const int nt = search_threads(num_threads, n, npanels, d);
@@ -150,7 +150,8 @@ void nearest_code(const float* x, int64_t n, int64_t d, const float* codebook, i
   const Search search{current_search_tile(), current_search_few_rows(), current_search_rows18(), d, pack->panels,
                       pack->norms, pack->centre, npanels, std::max<int64_t>(1, kBlockBytes / panel_bytes)};
   const NearestCodeOutputs out{indices_out, sqdist_out, quantized_out};
-  if (prefilter_reason(n, k, d).empty() && nearest_code_prefiltered(x, n, codebook, *pack, out, nt, hint)) return;
+  if (prefilter_reason(n, k, d).empty() && nearest_code_prefiltered(x, n, codebook, *pack, out, nt, hint, rows_key))
+    return;
   const int64_t nchunks = code_chunks(nt, n, npanels);
   if (nchunks == 1)
     search_by_row_groups(search, x, n, codebook, out, nt);

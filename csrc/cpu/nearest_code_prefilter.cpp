@@ -15,6 +15,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
@@ -24,6 +25,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/prefilter_codes.h"
+#include "cpu/prefilter_rows.h"
 #include "cpu/search_common.h"
 
 namespace fastvq::cpu {
@@ -49,6 +51,8 @@ constexpr int64_t kGroupsPerItem = 2;
 // d = 64; 1.23, 1.12 at 16384 x 64; 1.55, 1.48 at 65536 x 32; 1.21, 1.15 at 4096 x 128 (at 16 rows
 // 0.79-1.13).
 constexpr int64_t kAmxMinRows = 3;
+// Hinted calls of at least this many rows keep their quantized rows for the next call (prefilter_rows.h).
+constexpr int64_t kKeepRowsMinRows = 1024;
 
 enum class Mode : int { automatic = 0, always = 1, off = 2 };
 std::atomic<int>& mode_state() {
@@ -78,7 +82,7 @@ bool amx_ready() {
 }
 
 std::atomic<int64_t> calls_prefiltered{0}, rows_in_full{0}, calls_declined{0}, codes_rescored{0}, candidates{0},
-    calls_deferred{0}, calls_amx{0};
+    calls_deferred{0}, calls_amx{0}, calls_kept_rows{0};
 
 bool cpu_has_vnni() {
 #if defined(FASTVQ_HAVE_AVX512_VNNI_KERNEL) && (defined(__GNUC__) || defined(__clang__))
@@ -112,18 +116,6 @@ struct ScanSlot {
   }
 };
 
-// Where row i's 4-byte group g lives in the quantized rows: the VNNI scan reads each 8-row subgroup
-// interleaved (xq[g * 8 + r]), the AMX scan reads rows as tile rows (row_words int32 each).
-struct RowLayout {
-  bool amx;
-  int64_t d4, row_words;
-  int64_t offset(int64_t i) const {
-    return amx ? i * row_words : (i / kPrefilterRows) * d4 * kPrefilterRows + i % kPrefilterRows;
-  }
-  int64_t stride() const { return amx ? 1 : kPrefilterRows; }
-  int64_t words(int64_t ngroups) const { return ngroups * kScanGroupRows * (amx ? row_words : d4); }
-};
-
 // A thread's buffers for finishing a group.
 struct GroupScratch {
   std::vector<float> centred;  // the group's rows, x - c
@@ -134,34 +126,6 @@ struct GroupScratch {
   explicit GroupScratch(int64_t d)
       : centred(static_cast<size_t>(kScanGroupRows * d)), best_val(kScanGroupRows), best_idx(kScanGroupRows),
         tile(d * kTileRows) {}
-};
-
-// Rows [r0, r0 + rows) of x quantized for the scan: their levels (laid out from r0) and bound terms.
-struct QuantizedBlock {
-  int64_t r0 = 0;
-  std::vector<int32_t> xq;
-  std::vector<QuantizedRow> qrows;
-  // False when a row declines (quantize_rows): the call then runs the full search. nt threads share
-  // the rows when there are many (a work item's own rows take one).
-  bool quantize(const float* x, int64_t first, int64_t rows, const float* centre, const QuantizedCodes& codes,
-                const RowLayout& layout, int nt) {
-    r0 = first;
-    xq.assign(static_cast<size_t>(layout.words((rows + kScanGroupRows - 1) / kScanGroupRows)), 0);  // 0 past d
-    qrows.resize(static_cast<size_t>(rows));
-    const int64_t nbatches = (rows + kRowBatch - 1) / kRowBatch;
-    int64_t declined = 0;
-#pragma omp parallel for schedule(static) num_threads(nt) reduction(+ : declined) if (nt > 1 && rows >= 256)
-    for (int64_t b = 0; b < nbatches; ++b) {
-      const int64_t i = b * kRowBatch, count = std::min<int64_t>(kRowBatch, rows - i);
-      int32_t* levels_at[kRowBatch];
-      for (int64_t j = 0; j < count; ++j) levels_at[j] = xq.data() + layout.offset(i + j);
-      declined += !quantize_rows(x + (r0 + i) * codes.d, count, centre, codes, levels_at, layout.stride(),
-                                 &qrows[static_cast<size_t>(i)]);
-    }
-    return declined == 0;
-  }
-  const int32_t* levels(const RowLayout& layout, int64_t row) const { return xq.data() + layout.offset(row - r0); }
-  const QuantizedRow* terms(int64_t row) const { return qrows.data() + (row - r0); }
 };
 
 // What a call adds to prefilter_stats, published only when it answers.
@@ -237,7 +201,7 @@ struct Prefiltered {
   // within the smallest upper bound U = S~ + R among them (in double: rounding errors far inside the
   // 4 u M that prefilter_codes.cpp adds to rho for float32 arithmetic), scored with the search kernels'
   // float32 arithmetic, all rows' candidates in one batch so that several FMA chains are in flight; then
-  // the outputs. (quantize_rows has checked the ranges.)
+  // the outputs. (quantize_row_levels has checked the ranges.)
   void finish_group(const QuantizedBlock& block_rows, int64_t g, const ScanSlot* const* slots, int64_t nchunks,
                     GroupScratch& scratch, CallStats& stats, const NearestCodeOutputs& out) const {
     const int64_t d = pack.d, r0 = g * kScanGroupRows, rows = group_rows(g);
@@ -338,8 +302,8 @@ void set_prefilter_kernel(const std::string& kernel) {
 std::string prefilter_kernel() { return cpu_has_vnni() ? (use_amx() ? "amx" : "vnni") : ""; }
 
 PrefilterStats prefilter_stats() {
-  return {calls_prefiltered.load(), rows_in_full.load(), calls_declined.load(),
-          codes_rescored.load(), candidates.load(), calls_deferred.load(), calls_amx.load()};
+  return {calls_prefiltered.load(), rows_in_full.load(), calls_declined.load(), codes_rescored.load(),
+          candidates.load(),        calls_deferred.load(), calls_amx.load(),      calls_kept_rows.load()};
 }
 
 std::string prefilter_reason(int64_t n, int64_t k, int64_t d) {
@@ -370,7 +334,7 @@ std::string prefilter_reason(int64_t n, int64_t k, int64_t d) {
 }
 
 bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, const PackedCodebook& pack,
-                              const NearestCodeOutputs& out, int nt, const int64_t* hint) {
+                              const NearestCodeOutputs& out, int nt, const int64_t* hint, CacheKey rows_key) {
   const PrefilterScanFn scan = scan_fn();
   const SearchFewRowsFn few_rows = current_search_few_rows();
   if (!scan || !few_rows || n == 0) return false;
@@ -396,6 +360,13 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
                                                               npanels / kMinChunkPanels));
   CallStats stats;
   bool declined = false;
+  // A hinted call searches these rows again (k-means): their quantization is kept for the next one.
+  std::shared_ptr<const KeptRows> kept;  // from an earlier call
+  std::shared_ptr<KeptRows> keeping;     // quantized by this call's items, kept if it answers
+  if (nchunks == 1 && hint && rows_key.size > 0 && n >= kKeepRowsMinRows) {
+    kept = find_kept_rows(rows_key, pack.centre, n, pack.d, layout);
+    if (!kept) keeping = new_kept_rows(rows_key, n, pack.d, pack.centre, layout);
+  }
   if (nchunks == 1) {  // items of kGroupsPerItem groups: quantize their rows, scan every panel, finish them
     const int64_t nitems = (ngroups + kGroupsPerItem - 1) / kGroupsPerItem;
     std::atomic<bool> any_declined{false};
@@ -411,7 +382,8 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
         const int64_t g0 = item * kGroupsPerItem, g1 = std::min(ngroups, g0 + kGroupsPerItem);
         const int64_t r0 = g0 * kScanGroupRows, r1 = std::min(n, g1 * kScanGroupRows);
         // A declined row stops the call; the rows answered so far are overwritten by the full search.
-        if (!block_rows.quantize(x, r0, r1 - r0, pack.centre, codes, layout, 1)) {
+        if (!(kept ? block_rows.reuse(*kept, r0, r1 - r0, codes)
+                   : block_rows.quantize(x, r0, r1 - r0, pack.centre, codes, layout, 1, keeping.get()))) {
           any_declined.store(true, std::memory_order_relaxed);
           continue;
         }
@@ -455,6 +427,8 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
   }
   calls_prefiltered.fetch_add(1, std::memory_order_relaxed);
   if (layout.amx) calls_amx.fetch_add(1, std::memory_order_relaxed);
+  if (kept) calls_kept_rows.fetch_add(1, std::memory_order_relaxed);
+  if (keeping) keep_rows(std::move(keeping));
   rows_in_full.fetch_add(stats.rows_in_full, std::memory_order_relaxed);
   codes_rescored.fetch_add(stats.codes_rescored, std::memory_order_relaxed);
   candidates.fetch_add(stats.candidates, std::memory_order_relaxed);

@@ -64,14 +64,18 @@ struct PrefilterStats {
   int64_t candidates = 0;      // codes the scan listed for those rows (before the final threshold)
   int64_t deferred = 0;        // "auto" calls that ran the float32 search rather than build the int8 copy
   int64_t amx_calls = 0;       // calls answered whose scan ran on AMX tiles (the rest: VNNI)
+  int64_t kept_rows_calls = 0;  // calls that took their rows' quantization from an earlier call (prefilter_rows.h)
 };
 PrefilterStats prefilter_stats();
 
 // Writes nearest_code's outputs for these rows and returns true, or returns false having written
 // nothing (the caller runs the full search, which also raises for a row out of range). hint (n codes, or
 // null): a guess of each row's code, e.g. its last k-means assignment; it only sets where the scan starts,
-// so the outputs are the same for any hint (a code outside [0, K) is a hint of nothing).
+// so the outputs are the same for any hint (a code outside [0, K) is a hint of nothing). rows_key (the
+// caller's description of x, as cache_key is of the codebook): a hinted call of at least kKeepRowsMinRows rows
+// keeps its quantized rows under it for the next call with the same key and centre (prefilter_rows.h).
 bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, const PackedCodebook& pack,
-                              const NearestCodeOutputs& out, int num_threads, const int64_t* hint = nullptr);
+                              const NearestCodeOutputs& out, int num_threads, const int64_t* hint = nullptr,
+                              CacheKey rows_key = {});
 
 }  // namespace fastvq::cpu

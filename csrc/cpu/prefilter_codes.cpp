@@ -172,38 +172,49 @@ bool has_quantized_codes(const PackedCodebook& pack) {
   return pack.quantized != nullptr;
 }
 
-bool quantize_rows(const float* x, int64_t count, const float* centre, const QuantizedCodes& codes,
-                   int32_t* const* xq, int64_t stride, QuantizedRow* qrows) {
-  const int64_t d = codes.d;
+bool quantize_row_levels(const float* row, const float* centre, int64_t d, int64_t d4, int32_t* xq, int64_t stride,
+                         RowLevels& out) {
+#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
+  // pack_rows' range check, bitwise: the prefilter declines exactly the rows the full search refuses,
+  // and every non-finite row (an inf or NaN entry makes the sum inf or NaN). Rows far inside the range
+  // (d max^2, with room for the sum's roundings) skip the exact sum; a NaN that the maximum passes over
+  // makes the norms NaN, and the row is declined by the bound's finiteness (bound_rows).
+  const float max_abs = prefilter_max_abs_avx512(row, centre, d);
+  if (!(static_cast<double>(max_abs) * max_abs * static_cast<double>(d) <= kMaxCentredSquaredNorm / 2) &&
+      !(squared_l2(row, centre, d) <= static_cast<float>(kMaxCentredSquaredNorm)))
+    return false;
+  out.scale = quant_scale(max_abs);
+  double sums[3];
+  out.sum = prefilter_levels_avx512(row, centre, d, d4, out.scale, xq, stride, sums);
+  out.norm_sq = sums[0];
+  out.error_sq = sums[1];
+  out.quant_sq = sums[2];
+  return true;
+#else
+  (void)row, (void)centre, (void)d, (void)d4, (void)xq, (void)stride, (void)out;
+  return false;  // no scan to feed
+#endif
+}
+
+bool bound_rows(const RowLevels* rows, int64_t count, const QuantizedCodes& codes, QuantizedRow* qrows) {
 #ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
   double norm_sq[kRowBatch], error_sq[kRowBatch], quant_sq[kRowBatch];
   for (int64_t i = 0; i < count; ++i) {
-    const float* row = x + i * d;
-    // pack_rows' range check, bitwise: the prefilter declines exactly the rows the full search refuses,
-    // and every non-finite row (an inf or NaN entry makes the sum inf or NaN). Rows far inside the range
-    // (d max^2, with room for the sum's roundings) skip the exact sum; a NaN that the maximum passes over
-    // makes the norms NaN, and the row is declined by the bound's finiteness below.
-    const float max_abs = prefilter_max_abs_avx512(row, centre, d);
-    if (!(static_cast<double>(max_abs) * max_abs * static_cast<double>(d) <= kMaxCentredSquaredNorm / 2) &&
-        !(squared_l2(row, centre, d) <= static_cast<float>(kMaxCentredSquaredNorm)))
-      return false;
-    const float s = quant_scale(max_abs);
+    const float s = rows[i].scale;
     if (codes.any_code && !(s * codes.min_scale >= kMinScaleProduct && s * codes.max_scale <= kMaxScaleProduct))
       return false;
-    double sums[3];
-    const int32_t sum = prefilter_levels_avx512(row, centre, d, codes.d4, s, xq[i], stride, sums);
-    norm_sq[i] = sums[0];
-    error_sq[i] = sums[1];
-    quant_sq[i] = sums[2];
+    norm_sq[i] = rows[i].norm_sq;
+    error_sq[i] = rows[i].error_sq;
+    quant_sq[i] = rows[i].quant_sq;
     qrows[i].scale = s;
-    qrows[i].correction = 128 * sum;
+    qrows[i].correction = 128 * rows[i].sum;
   }
   // alpha = ||x'||, beta = ||x' - x^||, rho = rho0 + 4 u M and the spread, as derived above, 8 rows at once.
   const unsigned all = (1u << count) - 1u;
   return prefilter_row_bounds_avx512(norm_sq, error_sq, quant_sq, static_cast<int>(count), codes, qrows) == all;
 #else
-  (void)x, (void)count, (void)centre, (void)d, (void)xq, (void)stride, (void)qrows;
-  return false;  // no scan to feed
+  (void)rows, (void)count, (void)codes, (void)qrows;
+  return false;
 #endif
 }
 

@@ -17,14 +17,22 @@ std::shared_ptr<const QuantizedCodes> quantized_codes(const PackedCodebook& pack
 // Whether `pack` holds its int8 copy already.
 bool has_quantized_codes(const PackedCodebook& pack);
 
-// Quantize rows x[i * d] (i < count, count <= kRowBatch) around the pack's centre into xq[i] (codes.d4
-// int32 each, group g of 4 levels at xq[i][g * stride]) and qrows[i], with each row's terms of the bound
-// on the float32 kernels' score against S~. False when a row cannot be prefiltered: a non-finite entry, a
-// centred norm outside the supported range, or scales whose product is not a normal float32 (then the
-// whole call runs the full search, which also reports the bad row).
+// Rows are quantized for the scan in two steps, so that rows quantized once can be bound against other codes
+// (prefilter_rows.h). First what depends on the row and the centre alone: quantize_row_levels puts the row's
+// levels around the centre into xq (d4 int32, group g of 4 levels at xq[g * stride]) and its scale, level sum
+// and squared norms in double into `out`. Then bound_rows forms each row's terms of the bound on the float32
+// kernels' score against S~ (count <= kRowBatch rows). Either is false when a row cannot be prefiltered: a
+// non-finite entry, a centred norm outside the supported range, or scales whose product is not a normal
+// float32 (then the whole call runs the full search, which also reports the bad row).
 constexpr int kRowBatch = 8;
-bool quantize_rows(const float* x, int64_t count, const float* centre, const QuantizedCodes& codes,
-                   int32_t* const* xq, int64_t stride, QuantizedRow* qrows);
+struct RowLevels {
+  float scale = 0.0f;
+  int32_t sum = 0;  // sum of the levels
+  double norm_sq = 0, error_sq = 0, quant_sq = 0;  // ||x'||^2, ||x' - x^||^2, ||x^||^2
+};
+bool quantize_row_levels(const float* row, const float* centre, int64_t d, int64_t d4, int32_t* xq, int64_t stride,
+                         RowLevels& out);
+bool bound_rows(const RowLevels* rows, int64_t count, const QuantizedCodes& codes, QuantizedRow* qrows);
 
 // Code `code`'s S~ for one quantized row (its group g of 4 levels at levels[g * stride]), computed as the
 // scans compute it, so that it can start the row's running minimum (a hint); +inf for a code that can

@@ -141,8 +141,10 @@ class CpuBackend(Backend):
         indices = torch.empty(n, dtype=INDEX_DTYPE)
         sqdist = torch.empty(n, dtype=torch.float32)
         quantized = torch.empty(n, d, dtype=torch.float32) if want_quantized else None
+        # A hinted search is a repeated one (k-means): x's key lets the int8 prefilter keep its rows for the next.
         _cpu.nearest_code(xf, cf, indices, sqdist, quantized, torch.get_num_threads(), cache_key=cache_key(codebook),
-                          hint=None if hint is None else hint.contiguous())
+                          hint=None if hint is None else hint.contiguous(),
+                          rows_key=[] if hint is None else cache_key(x))
         if quantized is not None and quantized.dtype != x.dtype:
             quantized = quantized.to(x.dtype)
         return indices, sqdist, quantized
