@@ -303,7 +303,7 @@ std::string prefilter_kernel() { return cpu_has_vnni() ? (use_amx() ? "amx" : "v
 
 PrefilterStats prefilter_stats() {
   return {calls_prefiltered.load(), rows_in_full.load(), calls_declined.load(), codes_rescored.load(),
-          candidates.load(),        calls_deferred.load(), calls_amx.load(),      calls_kept_rows.load()};
+          candidates.load(), calls_deferred.load(), calls_amx.load(), calls_kept_rows.load()};
 }
 
 std::string prefilter_reason(int64_t n, int64_t k, int64_t d) {

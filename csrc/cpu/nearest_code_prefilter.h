@@ -72,7 +72,7 @@ PrefilterStats prefilter_stats();
 // nothing (the caller runs the full search, which also raises for a row out of range). hint (n codes, or
 // null): a guess of each row's code, e.g. its last k-means assignment; it only sets where the scan starts,
 // so the outputs are the same for any hint (a code outside [0, K) is a hint of nothing). rows_key (the
-// caller's description of x, as cache_key is of the codebook): a hinted call of at least kKeepRowsMinRows rows
+// caller's description of x, as cache_key is of the codebook): a hinted call of at least 1024 rows
 // keeps its quantized rows under it for the next call with the same key and centre (prefilter_rows.h).
 bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, const PackedCodebook& pack,
                               const NearestCodeOutputs& out, int num_threads, const int64_t* hint = nullptr,

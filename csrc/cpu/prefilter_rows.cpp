@@ -26,13 +26,9 @@ size_t kept_bytes(const KeptRows& kept) {
 bool QuantizedBlock::quantize(const float* x, int64_t first, int64_t rows, const float* centre,
                               const QuantizedCodes& codes, const RowLayout& layout, int nt, KeptRows* keep) {
   r0 = first;
-  if (keep) {
-    base = keep->xq.data() + layout.offset(first);
-  } else {
-    xq.assign(static_cast<size_t>(layout.words((rows + kAmxRows - 1) / kAmxRows)), 0);  // 0 past d
-    base = xq.data();
-  }
-  int32_t* levels = const_cast<int32_t*>(base);  // keep's own rows, or xq
+  if (!keep) xq.assign(static_cast<size_t>(layout.words((rows + kAmxRows - 1) / kAmxRows)), 0);  // 0 past d
+  int32_t* levels = keep ? keep->xq.data() + layout.offset(first) : xq.data();
+  base = levels;
   qrows.resize(static_cast<size_t>(rows));
   const int64_t nbatches = (rows + kRowBatch - 1) / kRowBatch;
   int64_t declined = 0;
