@@ -45,6 +45,12 @@ def empty_cache() -> int:
     csrc/cpu/prefilter_rows.cpp.
     """
 
+def release_rows(rows_key: Sequence[int]) -> int:
+    """
+    Drop the int8 rows nearest_code kept under this rows_key, if those are the ones it keeps; returns the
+    bytes released. Source: csrc/cpu/prefilter_rows.cpp.
+    """
+
 def pack_cache_bytes() -> int:
     """
     Bytes of packed codebooks the cache holds now (bounded by 256 MiB of idle packs).

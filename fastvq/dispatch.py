@@ -126,6 +126,12 @@ def empty_cache() -> None:
         backend.empty_cache()
 
 
+def release(tensor: Tensor) -> None:
+    """Let every backend forget what it keeps for ``tensor`` alone (fastvq.kmeans, once done with its rows)."""
+    for backend in BACKENDS.values():
+        backend.release(tensor)
+
+
 def explain(*tensors: Tensor, op: str | None = None) -> dict[str, list[str]]:
     """For each backend, why it cannot run on ``tensors`` (or run ``op`` on them); empty list: it can."""
     return {name: _reasons(get_backend(name), tensors, op) for name in BACKEND_NAMES}

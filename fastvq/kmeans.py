@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .dispatch import release
 from .numerics import compute_dtype, finite_rows
 from .checks import check_columns, check_float_tensor, shape_str
 from .kmeans_distributed import Shards
@@ -118,6 +119,15 @@ def fit(
     centroids = seed_centroids(x, k, generator=generator, init=init, backend=backend, shards=shards)
     if spherical:
         centroids = F.normalize(centroids, dim=-1)
+    try:
+        return _lloyd(x, centroids, k, iters=iters, backend=backend, spherical=spherical, shards=shards)
+    finally:  # the hinted searches keyed x's int8 rows (and pinned x): none of it outlives the fit
+        release(x)
+
+
+def _lloyd(x: Tensor, centroids: Tensor, k: int, *, iters: int, backend: str, spherical: bool,
+           shards: Shards) -> KMeansResult:
+    """fit's iterations from its seeds."""
     assignments = None  # each search starts from the last assignment (the CPU prefilter's hint)
     for _ in range(iters):
         assignments, sqdist = ops.nearest_code(x, centroids, backend, assignments)

@@ -83,6 +83,16 @@ def test_deterministic_for_a_seed_and_different_across_seeds():
     assert not torch.equal(first[0], other[0])
 
 
+def test_kmeans_keeps_nothing_of_x_once_it_returns():
+    # Its hinted searches key x's int8 rows on the cpu backend, which pins x's storage (the pack cache's pins,
+    # which keep a storage alive): fit releases both, so x's memory goes when the caller drops x.
+    from fastvq.backends import cpu as cpu_backend
+    x = torch.randn(3000, 64, generator=torch.Generator().manual_seed(0))
+    storage = x.untyped_storage().data_ptr()
+    fastvq.kmeans(x, 64, iters=3, seed=0)
+    assert not any(t.untyped_storage().data_ptr() == storage for t, _ in cpu_backend._pins.values())
+
+
 def test_kmeans_plus_plus_seeds_spread_over_separated_clusters():
     # 10 tight, far-apart clusters: D² sampling finds each with near certainty, random init rarely does.
     x = blobs(5000, 6, 10, seed=5, spread=0.01)

@@ -125,6 +125,18 @@ def test_empty_cache_releases_the_kept_rows(kernel):
     assert search(x, codebook, hint, cache_key(x))[1] == 1
 
 
+def test_release_drops_the_rows_kept_under_that_key_only(kernel):
+    x, codebook = inputs()
+    hint = float32_search(x, codebook)[0]
+    key = cache_key(x)
+    search(x, codebook, hint, key)
+    assert _cpu.release_rows(key[:1] + [-1] + key[2:]) == 0  # another key: kept
+    assert search(x, codebook, hint, key)[1] == 1
+    assert _cpu.release_rows(key) >= N * D
+    assert _cpu.release_rows(key) == 0
+    assert search(x, codebook, hint, key)[1] == 0
+
+
 def test_kmeans_reuses_its_rows_and_gets_the_same_result(kernel):
     x = inputs(n=3000)[0]
     before = _cpu.prefilter_stats()["kept_rows_calls"]

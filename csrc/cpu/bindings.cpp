@@ -270,6 +270,14 @@ NB_MODULE(_cpu, m) {
         "Drop every cached packed codebook and the kept int8 rows (nearest_code's rows_key); returns the bytes\n"
         "released (what a call is using is freed when it ends). Source: csrc/cpu/pack_codebook.cpp,\n"
         "csrc/cpu/prefilter_rows.cpp.");
+  m.def(
+      "release_rows",
+      [](const std::vector<int64_t>& rows_key) {
+        return fastvq::cpu::release_kept_rows({rows_key.data(), static_cast<int64_t>(rows_key.size())});
+      },
+      "rows_key"_a,
+      "Drop the int8 rows nearest_code kept under this rows_key, if those are the ones it keeps; returns the\n"
+      "bytes released. Source: csrc/cpu/prefilter_rows.cpp.");
   m.def("pack_cache_bytes", [] { return fastvq::cpu::pack_cache_bytes(); },
         "Bytes of packed codebooks the cache holds now (bounded by 256 MiB of idle packs).");
   m.def("sample_code", &sample_code, "x"_a, "codebook"_a, "indices_out"_a, "temperature"_a, "seed"_a, "cosine"_a,

@@ -94,6 +94,17 @@ void keep_rows(std::shared_ptr<const KeptRows> kept) {
   kept_slot().swap(kept);  // the rows kept before are freed outside the lock
 }
 
+size_t release_kept_rows(CacheKey key) {
+  std::shared_ptr<const KeptRows> dropped;
+  {
+    std::lock_guard<std::mutex> lock(kept_mutex());
+    const std::shared_ptr<const KeptRows>& kept = kept_slot();
+    if (kept && std::equal(key.data, key.data + key.size, kept->key.begin(), kept->key.end()))
+      dropped.swap(kept_slot());
+  }
+  return dropped ? kept_bytes(*dropped) : 0;
+}
+
 size_t empty_kept_rows() {
   std::shared_ptr<const KeptRows> dropped;
   {

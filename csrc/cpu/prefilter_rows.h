@@ -80,5 +80,7 @@ void keep_rows(std::shared_ptr<const KeptRows> kept);
 
 // Drop the kept rows (a call using them keeps its copy until it ends); returns the bytes released.
 size_t empty_kept_rows();
+// The same, only if they were kept under this key (a caller done with that x: fastvq.kmeans).
+size_t release_kept_rows(CacheKey key);
 
 }  // namespace fastvq::cpu

@@ -26,6 +26,9 @@ class Backend:
     def empty_cache(self) -> None:
         """Release what this backend keeps between calls (the cpu backend: packed codebooks)."""
 
+    def release(self, tensor: Tensor) -> None:
+        """Forget what this backend keeps for ``tensor`` alone, for a caller done with it (nothing by default)."""
+
     def search_precision(self, device, x_dtype, codebook_dtype) -> str:
         """How this backend's searches multiply x by the codebook, named as reference.nearest_code_slack's
         ``precision`` (the slack the judge allows them): "ieee", float32 products and sums."""

@@ -89,6 +89,20 @@ def cache_key(codebook: Tensor) -> list[int]:
     return [token, codebook._version, *descriptor, _DTYPE_CODES.get(codebook.dtype, -1)]
 
 
+def release(tensor: Tensor) -> None:
+    """Unpin ``tensor``'s storage and drop the int8 rows kept under its key (fastvq.kmeans, when it is done
+    with x: a hinted search keys x's rows, and the pin would otherwise keep x alive after it)."""
+    if tensor.is_inference() or tensor.device.type != "cpu":
+        return
+    key = cache_key(tensor)  # the key the kept rows carry, while the pin still holds it
+    storage = tensor.untyped_storage().data_ptr()
+    with _pins_lock:
+        for descriptor in [d for d, (t, _) in _pins.items() if t.untyped_storage().data_ptr() == storage]:
+            del _pins[descriptor]
+    if _cpu is not None and _IMPORT_ERROR is None and key:
+        _cpu.release_rows(key)
+
+
 def empty_cache() -> None:
     """Release the packed codebooks the cpu kernels keep, and the pins of their storages."""
     with _pins_lock:
@@ -105,6 +119,9 @@ class CpuBackend(Backend):
 
     def empty_cache(self) -> None:
         empty_cache()
+
+    def release(self, tensor: Tensor) -> None:
+        release(tensor)
 
     def describe(self) -> str:
         if _IMPORT_ERROR is not None:
