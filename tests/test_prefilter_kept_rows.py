@@ -84,33 +84,28 @@ def test_without_a_hint_or_a_key_nothing_is_kept(kernel):
         assert search(small, codebook, hint[:1000], cache_key(small))[1] == 0
 
 
-def test_an_in_place_write_to_x_is_seen(kernel):
-    x, codebook = inputs()
-    hint = float32_search(x, codebook)[0]
-    search(x, codebook, hint, cache_key(x))
-    x.copy_(inputs(seed=1)[0])  # other rows: the kept levels would list the wrong candidates
-    got, kept = search(x, codebook, hint, cache_key(x))
-    assert_same(got, float32_search(x, codebook))
-    assert kept == 0
+def write_other_rows(x, codebook, kernel):
+    x.copy_(inputs(seed=1)[0])  # in place: the kept levels would list the wrong candidates
+    return x, codebook
 
 
-def test_a_moved_search_centre_is_seen(kernel):
-    x, codebook = inputs()
-    hint = float32_search(x, codebook)[0]
-    search(x, codebook, hint, cache_key(x))
-    shifted = codebook + 3.0  # the centre moves by 3 (a power-of-two grid of the codes' mean)
-    got, kept = search(x, shifted, hint, cache_key(x))
-    assert_same(got, float32_search(x, shifted))
-    assert kept == 0
+def move_the_centre(x, codebook, kernel):
+    return x, codebook + 3.0  # the search centre (the codes' mean on a power-of-two grid) moves by 3
 
 
-def test_another_scan_layout_quantizes_afresh(kernel):
+def switch_the_layout(x, codebook, kernel):
     if len(KERNELS) < 2:
         pytest.skip("one scan kernel here: one layout")
+    _cpu.set_prefilter_kernel("vnni" if kernel == "amx" else "amx")
+    return x, codebook
+
+
+@pytest.mark.parametrize("change", [write_other_rows, move_the_centre, switch_the_layout])
+def test_a_change_the_kept_rows_do_not_fit_is_seen(kernel, change):
     x, codebook = inputs()
     hint = float32_search(x, codebook)[0]
     search(x, codebook, hint, cache_key(x))
-    _cpu.set_prefilter_kernel("vnni" if kernel == "amx" else "amx")
+    x, codebook = change(x, codebook, kernel)
     got, kept = search(x, codebook, hint, cache_key(x))
     assert_same(got, float32_search(x, codebook))
     assert kept == 0
