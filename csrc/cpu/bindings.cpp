@@ -147,18 +147,16 @@ int64_t kmeanspp_accept(In gram_, In norms_, In pool_rows_, In uniform_, In old_
   const ArrayArg gram = describe("gram", gram_);
   check_array(gram, "float64");
   check_shape(gram, {count, count}, "(P, P)", same);
-  const ArrayArg pool_rows = describe("pool_rows", pool_rows_);
-  check_array(pool_rows, "int64");
-  check_shape(pool_rows, {count}, "(P,)", same);
-  const ArrayArg uniform = describe("uniform", uniform_);
-  check_array(uniform, "float64");
-  check_shape(uniform, {count}, "(P,)", same);
-  const ArrayArg old = describe("old", old_);
-  check_array(old, "float64");
-  check_shape(old, {count}, "(P,)", same);
-  const ArrayArg kept_out = describe("kept_out", kept_out_);
-  check_array(kept_out, "int64");
-  check_shape(kept_out, {count}, "(P,)", same);
+  const auto per_proposal = [&](const char* name, const auto& array, const char* dtype) {  // (P,) of dtype
+    const ArrayArg a = describe(name, array);
+    check_array(a, dtype);
+    check_shape(a, {count}, "(P,)", same);
+    return a;
+  };
+  const ArrayArg pool_rows = per_proposal("pool_rows", pool_rows_, "int64");
+  const ArrayArg uniform = per_proposal("uniform", uniform_, "float64");
+  const ArrayArg old = per_proposal("old", old_, "float64");
+  const ArrayArg kept_out = per_proposal("kept_out", kept_out_, "int64");
   if (block < 0) throw nb::value_error(("block must be >= 0, got " + std::to_string(block)).c_str());
   nb::gil_scoped_release release;
   return fastvq::cpu::kmeanspp_accept(gram.as<const double>(), norms.as<const double>(), pool_rows.as<const int64_t>(),
