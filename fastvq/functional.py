@@ -28,7 +28,8 @@ def nearest_code(x: Tensor, codebook: Tensor, *, backend: str = "auto",
     check_backend_name(backend)
     if hint is not None and not isinstance(hint, Tensor):
         raise TypeError(f"hint must be a torch.Tensor or None, got {type(hint).__name__}")
-    return ops.nearest_code(x, codebook, backend, hint)
+    search = ops.nearest_code_eager if ops.op_call_is_unobserved(x, codebook, hint) else ops.nearest_code
+    return search(x, codebook, backend, hint)
 
 
 def nearest_codes(x: Tensor, codebook: Tensor, k: int, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -45,7 +46,8 @@ def nearest_codes(x: Tensor, codebook: Tensor, k: int, *, backend: str = "auto")
         raise ValueError(f"k must be at most min(K, {NEAREST_CODES_MAX_K}) = {limit} "
                          f"for a codebook of shape {shape_str(codebook.shape)}, got {k}")
     check_backend_name(backend)
-    return ops.nearest_codes(x, codebook, k, backend)
+    search = ops.nearest_codes_eager if ops.op_call_is_unobserved(x, codebook) else ops.nearest_codes
+    return search(x, codebook, k, backend)
 
 
 def quantize(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -58,7 +60,10 @@ def quantize(x: Tensor, codebook: Tensor, *, backend: str = "auto") -> tuple[Ten
     check_vectors_and_codebook(x, codebook)
     check_backend_name(backend)
     rows = x.reshape(-1, x.shape[-1])
-    quantized, indices, _ = ops.quantize(rows, codebook, 0.0, 0.0, backend)
+    if ops.op_call_is_unobserved(rows, codebook):
+        quantized, indices, _ = ops.quantize_search(rows, codebook, backend)
+    else:
+        quantized, indices, _ = ops.quantize(rows, codebook, 0.0, 0.0, backend)
     return quantized.view(x.shape), indices.view(x.shape[:-1])
 
 
