@@ -115,3 +115,16 @@ def test_compiling_and_functorch_are_watchers():
     compiled = torch.compile(lambda row: row * ops.op_call_is_unobserved(row), backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), torch.zeros_like(x), rtol=0, atol=0)
     assert ops.op_call_is_unobserved(x, None)  # an absent optional tensor
+
+
+def test_an_evaluating_quantizer_searches_directly_unless_watched(op_calls):
+    module = fastvq.FastVectorQuantizer(8, 16).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        direct = module(x)
+    assert op_calls["nearest_code"] == 0
+    with _Recording(), torch.no_grad():
+        watched = module(x)
+    assert op_calls["nearest_code"] == 1
+    for mine, theirs in zip(direct[:2], watched[:2]):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)

@@ -335,7 +335,9 @@ class FastVectorQuantizer(IndexMethods, TopkMethods, nn.Module):
                 losses.append(loss)
                 codes = None if route else live[c][i]
             else:
-                i, _ = ops.nearest_code(row.detach(), codebook[c].detach(), self.backend)
+                row_in, codebook_in = row.detach(), codebook[c].detach()
+                search = ops.nearest_code_eager if ops.op_call_is_unobserved(row_in, codebook_in) else ops.nearest_code
+                i, _ = search(row_in, codebook_in, self.backend)
                 codes = live[c][i]
             # Without the straight-through path vqp returns the gathered codes (live for a learnable codebook),
             # with the gumbel straight-through gradient where asked.
