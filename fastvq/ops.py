@@ -58,10 +58,10 @@ from .numerics import compute_dtype
 
 def op_call_is_unobserved(*tensors: Tensor) -> bool:
     """Whether calling a search op's body (above) instead of the op is invisible: plain eager mode (not
-    compiling, no functorch transform, torch-function or dispatch mode, or profiler), plain tensors on a real
-    device, and no autograd graph to record (None stands for an absent optional tensor). Anything that watches
-    ops gets the op."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+    compiling or jit-tracing, no functorch transform, torch-function or dispatch mode, or profiler), plain
+    tensors on a real device, and no autograd graph to record (None stands for an absent optional tensor).
+    Anything that watches ops gets the op."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
             or torch._C._len_torch_function_stack() or torch.autograd._profiler_enabled()
             or torch._C._functorch.peek_interpreter_stack() is not None):
         return False

@@ -1,8 +1,10 @@
 """fastvq.quantize, nearest_code and nearest_codes call the search ops' bodies directly when nothing watches
 (ops.op_call_is_unobserved): the same outputs as through the custom op, and the op whenever anything could see
-the difference (autograd, torch.compile, dispatch and torch-function modes, the profiler, functorch, meta
-tensors, tensor subclasses)."""
+the difference (autograd, torch.compile, torch.jit.trace, dispatch and torch-function modes, the profiler,
+functorch, meta tensors, tensor subclasses)."""
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -105,6 +107,19 @@ def test_meta_tensors_and_subclasses_take_the_op(op_calls, search):
     call(torch.empty(5, 8, device="meta"), torch.empty(16, 8, device="meta"), "auto")
     call(torch.randn(5, 8).as_subclass(_Subclass), torch.randn(16, 8), "auto")
     assert op_calls[op] == 2
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_a_jit_trace_records_the_op(search):
+    call, op = SEARCHES[search]
+    codebook = torch.randn(16, 8)
+    # the argument checks read shapes, which the trace fixes; torch.jit.trace is deprecated, and still used
+    with pytest.warns(torch.jit.TracerWarning), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(lambda x: call(x, codebook, "auto")[1], (torch.randn(5, 8),), check_trace=False)
+    assert f"fastvq::{op}" in str(traced.graph)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(traced(x), call(x, codebook, "auto")[1], rtol=0, atol=0)
 
 
 def test_compiling_and_functorch_are_watchers():
