@@ -164,6 +164,9 @@ struct Prefiltered {
       if (hint) start_from_hints(block_rows, g, s);
     }
     const int64_t block = std::max<int64_t>(kWarmupPanels, kScanBlockBytes / (codes.d4 * kQuantGroupBytes));
+    // A call of one group (streaming: a frame or a few tokens) reads each code once, from memory: its
+    // scans prefetch ahead. With more groups, all but the first find each block in L2 already.
+    const int64_t prefetch_end = n <= kScanGroupRows ? q_end : 0;
     for (int64_t q0 = q_begin; q0 < q_end; q0 += block) {
       const int64_t q1 = std::min(q_end, q0 + block);
       const int64_t warmup = q0 == q_begin && !hint ? std::min(kWarmupPanels, q1 - q0) : 0;
@@ -174,14 +177,15 @@ struct Prefiltered {
 #ifdef FASTVQ_HAVE_AMX_KERNEL
           prefilter_scan_amx(static_cast<int>(rows), block_rows.levels(layout, r0), layout.row_words,
                              block_rows.terms(r0), codes, q0, q1, warmup, s.running, s.cand.get(), s.cand_val.get(),
-                             kCandidateCap, s.count);
+                             kCandidateCap, s.count, prefetch_end);
 #endif
           continue;
         }
         for (int64_t r = 0; r < rows; r += kPrefilterRows)
           scan(static_cast<int>(std::min<int64_t>(kPrefilterRows, rows - r)), block_rows.levels(layout, r0 + r),
                block_rows.terms(r0 + r), codes, q0, q1, warmup, s.running + r * 16,
-               s.cand.get() + r * kCandidateCap, s.cand_val.get() + r * kCandidateCap, kCandidateCap, s.count + r);
+               s.cand.get() + r * kCandidateCap, s.cand_val.get() + r * kCandidateCap, kCandidateCap, s.count + r,
+               r == 0 ? prefetch_end : 0);
       }
     }
   }

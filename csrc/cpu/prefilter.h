@@ -88,10 +88,12 @@ struct QuantizedRow {
 // (qrow.spread). The driver then keeps the listed codes whose L is within the listed codes' smallest U.
 // The first `warmup` (<= kMaxWarmupPanels) panels are scanned first for the minimum alone, so that they do
 // not all pass, and their codes are listed against it after. A row that would pass `cap` gets count[r] = cap + 1 and no more candidates (the driver searches
-// it in full).
+// it in full). prefetch_end > q_begin: the panels up to it come from memory, read once by this scan
+// and those after it in order (a call of few rows), so the scan prefetches kPrefetchPanels ahead, up to
+// it; 0: none (the codes are in cache: other rows read them just before).
 using PrefilterScanFn = void (*)(int rows, const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes,
                                  int64_t q_begin, int64_t q_end, int64_t warmup, float* running, int32_t* cand,
-                                 float* cand_val, int64_t cap, int64_t* count);
+                                 float* cand_val, int64_t cap, int64_t* count, int64_t prefetch_end);
 using PrefilterRescoreFn = void (*)(const float* xc, int64_t d, const float* codebook, const float* centre,
                                     const float* norms, const int32_t* rows, const int32_t* codes, int64_t count,
                                     float* best_val, int64_t* best_idx);
@@ -130,10 +132,10 @@ void prefilter_rescore_avx512(const float* xc, int64_t d, const float* codebook,
 // `rows` zero). The caller has requested the tile state from the OS (amx_ready in the driver).
 void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const QuantizedRow* qrows,
                         const QuantizedCodes& codes, int64_t q_begin, int64_t q_end, int64_t warmup, float* running,
-                        int32_t* cand, float* cand_val, int64_t cap, int64_t* count);
+                        int32_t* cand, float* cand_val, int64_t cap, int64_t* count, int64_t prefetch_end);
 void prefilter_scan_avx512(int rows, const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes,
                            int64_t q_begin, int64_t q_end, int64_t warmup, float* running, int32_t* cand,
-                           float* cand_val, int64_t cap, int64_t* count);
+                           float* cand_val, int64_t cap, int64_t* count, int64_t prefetch_end);
 #endif
 
 }  // namespace fastvq::cpu
