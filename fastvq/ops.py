@@ -61,13 +61,18 @@ def op_call_is_unobserved(*tensors: Tensor) -> bool:
     compiling or jit-tracing, no functorch transform, torch-function or dispatch mode, or profiler), plain
     tensors on a real device, and no autograd graph to record (None stands for an absent optional tensor).
     Anything that watches ops gets the op."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+    # torch._C._is_tracing: torch.jit.is_tracing less its is_scripting test (this never runs scripted). This
+    # test runs on every streaming call: is_meta rather than device.type, and the loop below, save ~20 µs of
+    # it with the caches cold.
+    if (torch.compiler.is_compiling() or torch._C._is_tracing() or torch._C._len_torch_dispatch_stack()
             or torch._C._len_torch_function_stack() or torch.autograd._profiler_enabled()
             or torch._C._functorch.peek_interpreter_stack() is not None):
         return False
     grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) is Tensor and t.device.type != "meta" and not (grad and t.requires_grad))
-               for t in tensors)
+    for t in tensors:  # a loop, not all() over a generator: one frame fewer
+        if t is not None and (type(t) is not Tensor or t.is_meta or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 # ---- nearest_code ---------------------------------------------------------------------------

@@ -319,6 +319,14 @@ def test_environment_variable_overrides_the_backend_argument(monkeypatch):
     monkeypatch.setenv("FASTVQ_BACKEND", "no-such-backend")
     with pytest.raises(ValueError, match=r"\$FASTVQ_BACKEND must be 'auto' or one of .*, got 'no-such-backend'"):
         fastvq.nearest_code(x, codebook)
+    # read on every call: blank or unset, the argument applies again at once
+    expected = reference.nearest_code(x, codebook)[0]
+    for unset in (lambda: monkeypatch.setenv("FASTVQ_BACKEND", "  "), lambda: monkeypatch.delenv("FASTVQ_BACKEND")):
+        unset()
+        assert torch.equal(fastvq.nearest_code(x, codebook, backend="torch")[0], expected)
+    monkeypatch.setenv("FASTVQ_BACKEND", "cpu")
+    with pytest.raises(fastvq.BackendNotSupportedError, match=r"\$FASTVQ_BACKEND"):
+        fastvq.nearest_code(x, codebook, backend="torch")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],

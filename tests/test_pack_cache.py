@@ -6,7 +6,9 @@ Inputs are small integers, so every answer is exact and compared index for index
 """
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 
 import pytest
 import torch
@@ -86,6 +88,43 @@ def test_writes_through_data_need_empty_cache_and_the_module_counts_its_own():
             before = indices
             module.train()
             module((x + 40.0 * (step + 1)).unsqueeze(0))
+
+
+def test_the_last_key_is_reused_only_for_the_same_tensor_unchanged():
+    """cache_key remembers the last codebook's key (a weak reference, its version, data pointer, dtype, shape
+    and strides). A .data assignment that keeps the data pointer but changes the shape, the strides or the
+    dtype gets a new key and the new codebook's answers, and the memory does not keep the tensor alive."""
+    x, _ = exact_pair(40, 8, 16, seed=11)
+    base = small_integers(600, 16, generator=torch.Generator().manual_seed(12))
+    codebook = base[:300].clone()
+    assert_exact(x, codebook)
+    assert cpu.cache_key(codebook) is cpu.cache_key(codebook)  # unchanged: the remembered key itself
+    for change in (lambda e: e.data[:150], lambda e: base.as_strided((300, 16), (32, 1))):  # shape; strides
+        codebook = base[:300]  # a view: the .data assignment below leaves base as it is
+        key = cpu.cache_key(codebook)
+        assert_exact(x, codebook)
+        pointer = codebook.data_ptr()
+        codebook.data = change(codebook)
+        assert codebook.data_ptr() == pointer
+        assert cpu.cache_key(codebook) != key
+        assert_exact(x, codebook)
+    codebook = base[:300]
+    key = cpu.cache_key(codebook)
+    codebook.data = base[300:]  # another pointer, the same shape, strides, dtype (and version)
+    assert cpu.cache_key(codebook) != key
+    assert_exact(x, codebook)
+    # dtype: a bfloat16 codebook seen as float16 (same bits, pointer, shape and strides; every value
+    # stays a small multiple of 1/8, so the answers are still exact)
+    codebook = base[:300].to(torch.bfloat16)
+    key = cpu.cache_key(codebook)
+    assert_exact(x, codebook)
+    codebook.data = codebook.data.view(torch.float16)
+    assert cpu.cache_key(codebook) != key
+    assert_exact(x, codebook)
+    alive = weakref.ref(codebook)
+    del codebook
+    gc.collect()
+    assert alive() is None
 
 
 def test_the_cache_is_bounded_and_empty_cache_releases_it():
