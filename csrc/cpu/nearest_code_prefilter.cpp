@@ -154,14 +154,21 @@ struct Prefiltered {
 
   int64_t group_rows(int64_t g) const { return std::min<int64_t>(kScanGroupRows, n - g * kScanGroupRows); }
 
-  // Groups [g0, g1) against panels [q_begin, q_end), block by block; slot(g) is group g's state.
+  // Groups [g0, g1) against panels [q_begin, q_end), block by block; slot(g) is group g's state. carried:
+  // null, or each row's smallest S~ among codes scanned before (another chunk's), its running minimum's
+  // start: like a hint's, it is some code's S~, so the codes listed stay a superset of those the bound
+  // lets through, and the warm-up is skipped.
   template <typename SlotOf>
   void scan_groups(const QuantizedBlock& block_rows, int64_t g0, int64_t g1, int64_t q_begin, int64_t q_end,
-                   SlotOf slot) const {
+                   SlotOf slot, const float* carried = nullptr) const {
     for (int64_t g = g0; g < g1; ++g) {
       ScanSlot& s = slot(g);
       s.reset();
       if (hint) start_from_hints(block_rows, g, s);
+      if (carried)
+        for (int64_t r = 0; r < group_rows(g); ++r)
+          for (int64_t lane = 0; lane < 16; ++lane)
+            s.running[r * 16 + lane] = std::min(s.running[r * 16 + lane], carried[g * kScanGroupRows + r]);
     }
     const int64_t block = std::max<int64_t>(kWarmupPanels, kScanBlockBytes / (codes.d4 * kQuantGroupBytes));
     // A call of one group (streaming: a frame or a few tokens) reads each code once, from memory: its
@@ -169,7 +176,7 @@ struct Prefiltered {
     const int64_t prefetch_end = n <= kScanGroupRows ? q_end : 0;
     for (int64_t q0 = q_begin; q0 < q_end; q0 += block) {
       const int64_t q1 = std::min(q_end, q0 + block);
-      const int64_t warmup = q0 == q_begin && !hint ? std::min(kWarmupPanels, q1 - q0) : 0;
+      const int64_t warmup = q0 == q_begin && !hint && !carried ? std::min(kWarmupPanels, q1 - q0) : 0;
       for (int64_t g = g0; g < g1; ++g) {
         ScanSlot& s = slot(g);
         const int64_t r0 = g * kScanGroupRows, rows = group_rows(g);
@@ -419,10 +426,26 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
       const auto slot_of = [&](int64_t g, int64_t c) -> ScanSlot& {
         return slots[static_cast<size_t>(c * ngroups + g)];
       };
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-      for (int64_t c = 0; c < nchunks; ++c)
-        run.scan_groups(block_rows, 0, ngroups, npanels * c / nchunks, npanels * (c + 1) / nchunks,
-                        [&](int64_t g) -> ScanSlot& { return slot_of(g, c); });
+      // A thread carries its rows' smallest S~ from one chunk to its next: each chunk after its first starts
+      // from a near-final minimum instead of a warm-up, and lists fewer codes. K = 65536, d = 64, same
+      // process: 16 rows list 100 -> 38 codes a row, 32 rows 108 -> 38, 1 row 159 -> 71; 16 rows cold
+      // (after a faiss and a torch.cdist call) 402 -> 390, 512 -> 459, 446 -> 427 us; 32 rows 688 -> 616.
+#pragma omp parallel num_threads(nt)
+      {
+        std::vector<float> carried;  // [row]: empty until this thread's first chunk is done
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < nchunks; ++c) {
+          run.scan_groups(block_rows, 0, ngroups, npanels * c / nchunks, npanels * (c + 1) / nchunks,
+                          [&](int64_t g) -> ScanSlot& { return slot_of(g, c); },
+                          carried.empty() ? nullptr : carried.data());
+          carried.assign(static_cast<size_t>(n), std::numeric_limits<float>::infinity());
+          for (int64_t g = 0; g < ngroups; ++g)
+            for (int64_t r = 0; r < run.group_rows(g); ++r) {
+              const float* lanes = slot_of(g, c).running + r * 16;
+              carried[static_cast<size_t>(g * kScanGroupRows + r)] = *std::min_element(lanes, lanes + 16);
+            }
+        }
+      }
       GroupScratch scratch(pack.d);
       std::vector<const ScanSlot*> group_slots(static_cast<size_t>(nchunks));
       for (int64_t g = 0; g < ngroups; ++g) {
