@@ -135,12 +135,12 @@ def prefilter_mode() -> str:
 def set_prefilter_kernel(kernel: str) -> None:
     """
     The prefilter scan's kernel: 'auto' (AMX-INT8 tiles where the CPU and OS allow, else AVX-512 VNNI;
-    VNNI for a call of 1 or 2 rows), 'vnni' or 'amx' (ValueError where unavailable). Same outputs.
+    VNNI for a call of fewer than 12 rows), 'vnni' or 'amx' (ValueError where unavailable). Same outputs.
     """
 
 def prefilter_kernel() -> str:
     """
-    The scan kernel the prefilter uses now for calls of 3 rows or more: 'amx', 'vnni', or '' (no
+    The scan kernel the prefilter uses now for calls of 12 rows or more: 'amx', 'vnni', or '' (no
     AVX-512 VNNI here).
     """
 

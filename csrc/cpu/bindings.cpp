@@ -339,9 +339,9 @@ NB_MODULE(_cpu, m) {
   m.def("prefilter_mode", &fastvq::cpu::prefilter_mode, "The mode set_prefilter set: 'auto', 'always' or 'off'.");
   m.def("set_prefilter_kernel", &fastvq::cpu::set_prefilter_kernel, "kernel"_a,
         "The prefilter scan's kernel: 'auto' (AMX-INT8 tiles where the CPU and OS allow, else AVX-512 VNNI;\n"
-        "VNNI for a call of 1 or 2 rows), 'vnni' or 'amx' (ValueError where unavailable). Same outputs.");
+        "VNNI for a call of fewer than 12 rows), 'vnni' or 'amx' (ValueError where unavailable). Same outputs.");
   m.def("prefilter_kernel", &fastvq::cpu::prefilter_kernel,
-        "The scan kernel the prefilter uses now for calls of 3 rows or more: 'amx', 'vnni', or '' (no\n"
+        "The scan kernel the prefilter uses now for calls of 12 rows or more: 'amx', 'vnni', or '' (no\n"
         "AVX-512 VNNI here).");
   m.def("prefilter_reason", &fastvq::cpu::prefilter_reason, "n"_a, "k"_a, "d"_a,
         "Why nearest_code of n rows against K codes of dimension d runs without the prefilter now; '' when\n"

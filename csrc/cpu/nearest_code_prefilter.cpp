@@ -46,11 +46,14 @@ constexpr int64_t kScanBlockBytes = 128 * 1024;
 constexpr int64_t kScanGroupRows = kAmxRows;
 // Groups per work item when the codes are not split (64 rows).
 constexpr int64_t kGroupsPerItem = 2;
-// Calls of fewer rows scan with VNNI under "auto" (streaming: a frame at a time). Same-process A/B on
-// the 2-core Xeon (model 207), AMX time over VNNI time at 1 and 2 rows: 1.06 and 1.02 at K = 65536,
-// d = 64; 1.23, 1.12 at 16384 x 64; 1.55, 1.48 at 65536 x 32; 1.21, 1.15 at 4096 x 128 (at 16 rows
-// 0.79-1.13).
-constexpr int64_t kAmxMinRows = 3;
+// Calls of fewer rows scan with VNNI under "auto" (streaming: a frame or a few tokens at a time): an AMX
+// tile multiplies 16 rows whatever the count. Same process on the 2-core Xeon (model 207), AMX time over
+// VNNI time, each call after a faiss and a torch.cdist call, medians of 50 (two runs): K = 65536, d = 64:
+// 1.06 / 1.02 at 1 / 2 rows, 1.25 at 4, 1.2 at 6, ~1 at 8, 0.9-1.1 at 12, 0.8 at 16; K = 16384, d = 64:
+// 1.23 / 1.12 at 1 / 2, 1.3 at 4, ~1 at 8 and 12, 0.9 at 16; K = 65536, d = 32 (half-filled tiles): 1.55 /
+// 1.48 at 1 / 2, 1.5 at 4, 1.4 at 8, 1.2 at 12, ~1 at 16 to 32; K = 4096, d = 128: 1.21 / 1.15 at 1 / 2,
+// ~1.1 at 4 and 8, 0.9 at 12.
+constexpr int64_t kAmxMinRows = 12;
 // Hinted calls of at least this many rows keep their quantized rows for the next call (prefilter_rows.h).
 constexpr int64_t kKeepRowsMinRows = 1024;
 
