@@ -185,7 +185,7 @@ class CpuBackend(Backend):
                     )
                 else:
                     reasons.append(f"dtype {t.dtype}: the cpu kernels take float32, bfloat16 or float16")
-        return list(dict.fromkeys(reasons)) if len(reasons) > 1 else reasons  # one line per distinct reason, in order
+        return list(dict.fromkeys(reasons))  # one line per distinct reason, in order
 
     def nearest_code(self, x: Tensor, codebook: Tensor, want_quantized: bool,
                      hint: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
