@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "cpu/code_groups.h"
+#include "cpu/prefetch.h"
 
 namespace fastvq::cpu {
 
@@ -23,8 +24,7 @@ void code_sum_avx512(const float* x, int64_t d, const int64_t* rows, int64_t cou
     __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t t = 0; t < count; ++t) {
       if (p == 0 && t + kAhead < count) {
-        const char* next = reinterpret_cast<const char*>(x + rows[t + kAhead] * d);
-        for (int64_t b = 0; b < d * 4; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+        prefetch_lines(x + rows[t + kAhead] * d, d * static_cast<int64_t>(sizeof(float)));
       }
       const float* r = x + rows[t] * d + p;
       a0 = _mm512_add_pd(a0, widen(r));

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "cpu/prefetch.h"
 #include "cpu/prefilter.h"
 
 namespace fastvq::cpu {
@@ -33,9 +34,7 @@ constexpr int64_t kPrefetchPanels = 8;
 inline void prefetch_panels(const QuantizedCodes& codes, int64_t q, int64_t count, int64_t prefetch_end) {
   if (q + count > prefetch_end) return;
   const int64_t panel_bytes = codes.d4 * kQuantGroupBytes;
-  const char* at = reinterpret_cast<const char*>(codes.bytes + q * panel_bytes);
-  // prefetcht0 in asm: GCC 12 deletes a loop of _mm_prefetch alone as a loop without effects.
-  for (int64_t line = 0; line < count * panel_bytes; line += 64) __asm__ volatile("prefetcht0 %0" : : "m"(at[line]));
+  prefetch_lines(codes.bytes + q * panel_bytes, count * panel_bytes);
 }
 
 // acc += the 16 codes' 4-byte groups (c, unsigned) times the row's 4 bytes (*x, signed, broadcast).
