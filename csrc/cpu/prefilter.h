@@ -81,8 +81,9 @@ struct QuantizedRow {
 };
 
 // Scan panels [q_begin, q_end) for `rows` (1..kPrefilterRows) quantized rows. Row r's 4-byte group g
-// is xq[g * kPrefilterRows + r] (the group's rows interleaved). running[r * 16 + lane] is row r's running
-// minimum of S~ per lane (in/out, start at +inf), and every code with S~ <= (running minimum so far) +
+// is xq[g * kPrefilterRows + r] (the group's rows interleaved). running[r * 16 .. r * 16 + 15] is row r's
+// running minimum of S~ (in: per lane, +inf to start; out: the row's minimum in every lane), and every code
+// with S~ <= (running minimum so far) +
 // spread (added rounding up) is appended, in increasing order, with its S~, to cand / cand_val + r * cap
 // (count[r] entries so far): the float32 search's choice, and any code tied with it, is listed
 // (qrow.spread). The driver then keeps the listed codes whose L is within the listed codes' smallest U.
