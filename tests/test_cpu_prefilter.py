@@ -65,7 +65,7 @@ def test_bitwise_the_float32_search_on_random_inputs(n, k, d, threads, prefilter
     assert stats["calls"] == (1 if n > 0 else 0)
     assert stats["declined"] == 0 and stats["rows_in_full"] == 0
     if n > 0:  # candidates are a few per row, not the codebook
-        assert 1 <= stats["codes_rescored"] / n <= 64
+        assert 1 <= stats["codes_kept"] / n <= 64
 
 
 @pytest.mark.parametrize("n,k,d", [(16, 1030, 64), (3, 20000, 5), (1000, 1030, 33), (7, 257, 130), (1, 1, 1)])
@@ -89,7 +89,7 @@ def test_near_ties_below_the_int8_resolution_keep_the_float32_answer(prefilter_m
     full, filtered, stats = both_ways(x, e, 2, prefilter_mode)
     assert_same(full, filtered)
     assert stats["calls"] == 1
-    assert stats["codes_rescored"] >= 300 * 8  # the near-duplicates of each row's code passed
+    assert stats["codes_kept"] >= 300 * 8  # the near-duplicates of each row's code passed
 
 
 def int8_errors_against_the_row():
@@ -155,7 +155,7 @@ def test_a_bad_row_among_many_makes_the_whole_call_the_full_search(bad_row, pref
     x[bad_row, 5] = float("nan")
     full, filtered, stats = both_ways(x, e, 2, prefilter_mode)
     assert_same(full, filtered)
-    counted = ("calls", "declined", "codes_rescored", "candidates", "rows_in_full")
+    counted = ("calls", "declined", "codes_kept", "candidates", "rows_in_full")
     assert {key: stats[key] for key in counted} == dict(zip(counted, (0, 1, 0, 0, 0)))
     assert int(filtered[0][bad_row]) == 0  # the full search's rule for a non-finite row
 
@@ -191,7 +191,7 @@ def test_the_kernels_list_the_same_candidates(prefilter_mode):
         before = _cpu.prefilter_stats()
         run_nearest_code(x, e, 2)
         after = _cpu.prefilter_stats()
-        listed[name] = (after["candidates"] - before["candidates"], after["codes_rescored"] - before["codes_rescored"])
+        listed[name] = (after["candidates"] - before["candidates"], after["codes_kept"] - before["codes_kept"])
     # The lists differ (the AMX scan lowers its threshold after two panels, the VNNI scan after one); what is
     # kept of them is the same set, every code whose lower bound is within the smallest upper bound over all codes.
     assert listed["vnni"][1] == listed["amx"][1] >= 77

@@ -353,7 +353,7 @@ NB_MODULE(_cpu, m) {
           out["calls"] = s.calls;
           out["rows_in_full"] = s.rows_in_full;
           out["declined"] = s.declined;
-          out["codes_rescored"] = s.codes_rescored;
+          out["codes_kept"] = s.codes_kept;
           out["candidates"] = s.candidates;
           out["deferred"] = s.deferred;
           out["amx_calls"] = s.amx_calls;

@@ -84,7 +84,7 @@ bool amx_ready() {
 #endif
 }
 
-std::atomic<int64_t> calls_prefiltered{0}, rows_in_full{0}, calls_declined{0}, codes_rescored{0}, candidates{0},
+std::atomic<int64_t> calls_prefiltered{0}, rows_in_full{0}, calls_declined{0}, codes_kept{0}, candidates{0},
     calls_deferred{0}, calls_amx{0}, calls_kept_rows{0};
 
 bool cpu_has_vnni() {
@@ -135,10 +135,10 @@ struct GroupScratch {
 
 // What a call adds to prefilter_stats, published only when it answers.
 struct CallStats {
-  int64_t rows_in_full = 0, codes_rescored = 0, candidates = 0;
+  int64_t rows_in_full = 0, codes_kept = 0, candidates = 0;
   void add(const CallStats& o) {
     rows_in_full += o.rows_in_full;
-    codes_rescored += o.codes_rescored;
+    codes_kept += o.codes_kept;
     candidates += o.candidates;
   }
 };
@@ -213,11 +213,12 @@ struct Prefiltered {
     }
   }
 
-  // Finish group g: each row's listed codes (chunks in code order) whose lower bound L = S~ - R is
+  // Finish group g: each row keeps its listed codes (chunks in code order) whose lower bound L = S~ - R is
   // within the smallest upper bound U = S~ + R among them (in double: rounding errors far inside the
-  // 4 u M that prefilter_codes.cpp adds to rho for float32 arithmetic), scored with the search kernels'
-  // float32 arithmetic, all rows' candidates in one batch so that several FMA chains are in flight; then
-  // the outputs. (quantize_row_levels has checked the ranges.)
+  // 4 u M that prefilter_codes.cpp adds to rho for float32 arithmetic). The float32 search's choice is one
+  // of them: a row that keeps one code takes it; the others' codes are scored with the search kernels'
+  // float32 arithmetic, all rows' in one batch so that several FMA chains are in flight. Then the outputs.
+  // (quantize_row_levels has checked the ranges.)
   void finish_group(const QuantizedBlock& block_rows, int64_t g, const ScanSlot* const* slots, int64_t nchunks,
                     GroupScratch& scratch, CallStats& stats, const NearestCodeOutputs& out) const {
     const int64_t d = pack.d, r0 = g * kScanGroupRows, rows = group_rows(g);
@@ -231,13 +232,16 @@ struct Prefiltered {
     int64_t kept = 0;  // written unconditionally, kept by advancing: the test below is data-dependent
     for (int64_t r = 0; r < rows; ++r) {
       float* centred = scratch.centred.data() + r * d;
-      for (int64_t p = 0; p < d; ++p) centred[p] = x[(r0 + r) * d + p] - pack.centre[p];  // pack_rows' values
+      const auto centre_row = [&] {
+        for (int64_t p = 0; p < d; ++p) centred[p] = x[(r0 + r) * d + p] - pack.centre[p];  // pack_rows' values
+      };
       scratch.best_val[static_cast<size_t>(r)] = std::numeric_limits<float>::infinity();
       scratch.best_idx[static_cast<size_t>(r)] = -1;
       bool overflow = false;
       for (int64_t c = 0; c < nchunks; ++c) overflow |= slots[c]->count[r] > kCandidateCap;
       if (overflow) {  // the float32 kernel over every panel (it reads the row as a packed tile)
         ++stats.rows_in_full;
+        centre_row();
         for (int64_t p = 0; p < d; ++p) scratch.tile.ptr[p * kTileRows] = centred[p];
         few_rows(1, scratch.tile.ptr, d, pack.panels, pack.norms, pack.npanels, 0,
                  &scratch.best_val[static_cast<size_t>(r)], &scratch.best_idx[static_cast<size_t>(r)]);
@@ -254,6 +258,7 @@ struct Prefiltered {
           const size_t at = static_cast<size_t>(r * kCandidateCap + t);
           threshold = std::min(threshold, slots[c]->cand_val[at] + radius(slots[c]->cand[at]));
         }
+      const int64_t row_start = kept;
       for (int64_t c = 0; c < nchunks; ++c) {
         stats.candidates += slots[c]->count[r];
         for (int64_t t = 0; t < slots[c]->count[r]; ++t) {
@@ -264,10 +269,16 @@ struct Prefiltered {
           kept += slots[c]->cand_val[at] - radius(code) <= threshold;
         }
       }
+      stats.codes_kept += kept - row_start;
+      if (kept - row_start == 1) {  // the float32 search's choice is the one code kept: no score needed
+        scratch.best_idx[static_cast<size_t>(r)] = scratch.codes[static_cast<size_t>(row_start)];
+        kept = row_start;
+      } else {
+        centre_row();
+      }
     }
     rescore(scratch.centred.data(), d, codebook, pack.centre, pack.norms, scratch.rows.data(), scratch.codes.data(),
             kept, scratch.best_val.data(), scratch.best_idx.data());
-    stats.codes_rescored += kept;
     finish_rows(x, d, codebook, r0, r0 + rows, scratch.best_idx.data(), out);
   }
 };
@@ -320,7 +331,7 @@ void set_prefilter_kernel(const std::string& kernel) {
 std::string prefilter_kernel() { return cpu_has_vnni() ? (use_amx() ? "amx" : "vnni") : ""; }
 
 PrefilterStats prefilter_stats() {
-  return {calls_prefiltered.load(), rows_in_full.load(), calls_declined.load(), codes_rescored.load(),
+  return {calls_prefiltered.load(), rows_in_full.load(), calls_declined.load(), codes_kept.load(),
           candidates.load(), calls_deferred.load(), calls_amx.load(), calls_kept_rows.load()};
 }
 
@@ -466,7 +477,7 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
   if (kept) calls_kept_rows.fetch_add(1, std::memory_order_relaxed);
   if (keeping) keep_rows(std::move(keeping));
   rows_in_full.fetch_add(stats.rows_in_full, std::memory_order_relaxed);
-  codes_rescored.fetch_add(stats.codes_rescored, std::memory_order_relaxed);
+  codes_kept.fetch_add(stats.codes_kept, std::memory_order_relaxed);
   candidates.fetch_add(stats.candidates, std::memory_order_relaxed);
   return true;
 }

@@ -60,7 +60,7 @@ struct PrefilterStats {
   int64_t calls = 0;         // calls answered through the prefilter
   int64_t rows_in_full = 0;  // rows of those calls whose candidates overflowed: scored over every panel
   int64_t declined = 0;      // calls that tried it and ran the full search instead
-  int64_t codes_rescored = 0;  // candidates scored again in float32 (rows not in full)
+  int64_t codes_kept = 0;  // candidates the bound kept (rows not in full); scored in float32 where a row kept 2+
   int64_t candidates = 0;      // codes the scan listed for those rows (before the final threshold)
   int64_t deferred = 0;        // "auto" calls that ran the float32 search rather than build the int8 copy
   int64_t amx_calls = 0;       // calls answered whose scan ran on AMX tiles (the rest: VNNI)
