@@ -13,8 +13,8 @@
 // A row whose candidates overflow their buffer (near-duplicate codes, a constant codebook), or inputs
 // outside the bound's assumptions, make the call run the full search instead; nothing is approximate.
 //
-// This header is included by prefilter_scan_avx512.cpp (compiled with AVX-512 flags): declarations
-// and constants only (see kernels.h).
+// This header is included by prefilter_avx512.cpp and prefilter_amx.cpp (compiled with AVX-512 flags):
+// declarations and constants only (see kernels.h).
 #pragma once
 
 #include <cstdint>
@@ -128,7 +128,7 @@ unsigned prefilter_row_bounds_avx512(const double* norm_sq, const double* error_
 void prefilter_rescore_avx512(const float* xc, int64_t d, const float* codebook, const float* centre,
                               const float* norms, const int32_t* rows, const int32_t* codes, int64_t count,
                               float* best_val, int64_t* best_idx);
-// The same scan on AMX-INT8 tiles (prefilter_avx512.cpp), for up to kAmxRows rows: xq row-major here,
+// The same scan on AMX-INT8 tiles (prefilter_amx.cpp), for up to kAmxRows rows: xq row-major here,
 // row r's 4-byte groups at xq + r * row_words (row_words a multiple of 16, zero past d4; rows past
 // `rows` zero). The caller has requested the tile state from the OS (amx_ready in the driver).
 void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const QuantizedRow* qrows,

@@ -1,101 +1,29 @@
-// The int8 prefilter's kernels (prefilter.h), AVX-512 VNNI: the scan (and its AMX-INT8 twin), the rows'
-// quantization and the candidates' float32 scores. The only file compiled with -mavx512vnni and
-// -mamx-int8; called through nearest_code_prefilter.cpp only after the CPU checks there. Free of the
-// C++ standard library (see kernels.h).
+// The int8 prefilter's kernels (prefilter.h), AVX-512 VNNI: the scan (its AMX-INT8 twin: prefilter_amx.cpp),
+// the rows' quantization and the candidates' float32 scores. Compiled with -mavx512vnni (as prefilter_amx.cpp
+// is); called through nearest_code_prefilter.cpp only after the CPU checks there. Free of the C++ standard
+// library (see kernels.h).
 //
 // Per panel of 16 codes and each of up to kPrefilterRows rows: d4 vpdpbusd (16 codes x 4 dims each,
 // the panel's 64-byte group loaded once for all the rows, the row's 4 bytes broadcast, the accumulator
-// started at the row's -correction), then S~ = norm + (s_e s_x) * dot in one FMA, a running minimum of
-// S~ per lane, and a compress-store of the codes within the row's spread of it (prefilter.h).
-// Candidates are rare after the first panels, so the store sits behind a branch. The warm-up panels'
+// started at the row's -correction), then S~ = norm + (s_e s_x) * dot in one FMA and a compress-store of
+// the codes within the row's spread of its running minimum (prefilter.h, prefilter_fold.h). Candidates are
+// rare after the first panels, so the store sits behind a branch. The warm-up panels'
 // S~ are kept on the stack and listed once their minimum is known (list_warm_up), not multiplied twice.
 #include <immintrin.h>
 
 #include <cstdint>
 
-#include "cpu/prefetch.h"
 #include "cpu/prefilter.h"
+#include "cpu/prefilter_fold.h"
 
 namespace fastvq::cpu {
 namespace {
-
-// How far ahead a scan of codes streamed from memory prefetches (prefetch_end): 8 panels (8 KiB at
-// d = 64), every line. Same process, each call after a faiss and a torch.cdist call (the bench's
-// alternation), K = 65536, d = 64, medians of 120: 16 rows (AMX) 543 -> 474 and 621 -> 547 us; 1 row
-// (VNNI) 285 -> 245 and 307 -> 270 us; 2 rows 212 -> 172 us. 16 and 32 panels ahead gained less; one
-// line per panel or per 4 lines, less again.
-constexpr int64_t kPrefetchPanels = 8;
-
-// Prefetch panels [q, q + count) when they end at or below prefetch_end.
-inline void prefetch_panels(const QuantizedCodes& codes, int64_t q, int64_t count, int64_t prefetch_end) {
-  if (q + count > prefetch_end) return;
-  const int64_t panel_bytes = codes.d4 * kQuantGroupBytes;
-  prefetch_lines(codes.bytes + q * panel_bytes, count * panel_bytes);
-}
 
 // acc += the 16 codes' 4-byte groups (c, unsigned) times the row's 4 bytes (*x, signed, broadcast).
 // Inline asm: GCC 12 copies every accumulator of _mm512_dpbusd_epi32 through another register
 // each iteration (2 moves per vpdpbusd), which halved the scan's speed.
 inline void dot4(__m512i& acc, __m512i c, const int32_t* x) {
   __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(c), "m"(*x));
-}
-
-// The code indices 16 q .. 16 q + 15 of panel q.
-inline __m512i panel_ids(int64_t q) {
-  return _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                          _mm512_set1_epi32(static_cast<int32_t>(q * 16)));
-}
-
-// One panel's per-code values for the epilogue, loaded once for all the rows.
-struct PanelTerms {
-  __m512 scale, norm;
-  __m512i ids;
-  PanelTerms(const QuantizedCodes& codes, int64_t q)
-      : scale(_mm512_load_ps(codes.scale + q * 16)), norm(_mm512_load_ps(codes.norm + q * 16)), ids(panel_ids(q)) {}
-};
-
-// S~ = norm + (s_e s_x) * dot of one row (s_x broadcast in row_scale) and one panel (acc = r . q).
-inline __m512 approximate_scores(__m512i acc, __m512 row_scale, const PanelTerms& panel) {
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(panel.scale, row_scale), panel.norm);
-}
-
-// The codes of `passed` after the row's `count` candidates, with their S~; past `cap` the row is marked
-// overflowed (count = cap + 1: the driver searches it in full).
-inline void list_codes(__mmask16 passed, __m512i ids, __m512 s, int32_t* cand, float* cand_val, int64_t cap,
-                       int64_t& count) {
-  const int n = __builtin_popcount(static_cast<unsigned>(passed));
-  if (count + n > cap) {
-    count = cap + 1;
-    return;
-  }
-  _mm512_mask_compressstoreu_epi32(cand + count, passed, ids);
-  _mm512_mask_compressstoreu_ps(cand_val + count, passed, s);
-  count += n;
-}
-
-// The row's threshold from its minimum S~ (rounded up: any value >= min S~ is sound).
-inline float list_threshold(float min_s, const QuantizedRow& qrow) {
-  return _mm_cvtss_f32(_mm_add_round_ss(_mm_set_ss(min_s), _mm_set_ss(qrow.spread),
-                                        _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
-}
-
-// The lanes of s0 and s1 (panels with codes ids0 and ids1) that passed a row's threshold, m0 and m1: where
-// the smallest is below the row's minimum min_s, it becomes the minimum, threshold is recomputed and the
-// lanes above it are dropped; the rest are listed, s0's first. Out of line: the folds' loops stay unrolled.
-__attribute__((noinline)) void list_passing(__m512 s0, __mmask16 m0, __m512i ids0, __m512 s1, __mmask16 m1,
-                                            __m512i ids1, const QuantizedRow& qrow, float& min_s, float& threshold,
-                                            int32_t* cand, float* cand_val, int64_t cap, int64_t& count) {
-  const __m512 inf = _mm512_set1_ps(__builtin_inff());
-  const float low = _mm512_reduce_min_ps(_mm512_min_ps(_mm512_mask_blend_ps(m0, inf, s0), _mm512_mask_blend_ps(m1, inf, s1)));
-  if (low < min_s) {
-    min_s = low;
-    threshold = list_threshold(low, qrow);
-    const __m512 lower = _mm512_set1_ps(threshold);
-    m0 = _mm512_mask_cmp_ps_mask(m0, s0, lower, _CMP_LE_OQ);
-    m1 = _mm512_mask_cmp_ps_mask(m1, s1, lower, _CMP_LE_OQ);
-  }
-  if (m0) list_codes(m0, ids0, s0, cand, cand_val, cap, count);
-  if (m1) list_codes(m1, ids1, s1, cand, cand_val, cap, count);
 }
 
 // The epilogue of one row and one panel. Listing (kEmit): S~, and the codes within the row's spread of its
@@ -116,22 +44,6 @@ inline void fold_row(__m512i acc, const QuantizedRow& qrow, const PanelTerms& pa
   if (__builtin_expect(m != 0, 0))
     list_passing(s, m, panel.ids, s, 0, panel.ids, qrow, min_s, threshold, cand, cand_val, cap, count);
 }
-
-// The warm-up's panels listed from their kept S~ (warm: panel w's 16 at warm + 16 w), against the row's
-// minimum after them: the codes a second pass over those panels would list, in the same order, without
-// multiplying them again.
-inline void list_warm_up(const float* warm, int64_t warmup, int64_t q_begin, float min_s, const QuantizedRow& qrow,
-                         int32_t* cand, float* cand_val, int64_t cap, int64_t& count) {
-  const __m512 threshold = _mm512_set1_ps(list_threshold(min_s, qrow));
-  for (int64_t w = 0; w < warmup; ++w) {
-    const __m512 s = _mm512_load_ps(warm + 16 * w);
-    const __mmask16 m = _mm512_cmp_ps_mask(s, threshold, _CMP_LE_OQ);
-    if (m) list_codes(m, panel_ids(q_begin + w), s, cand, cand_val, cap, count);
-  }
-}
-
-// One row's kept warm-up scores: kMaxWarmupPanels panels of 16.
-using WarmScores = float[kMaxWarmupPanels * 16];
 
 // xq: the group's rows interleaved, xq[g * kPrefilterRows + r]. Without kEmit, row r's S~ of panel q go to
 // warm[r] + 16 (q - q_begin).
@@ -206,166 +118,6 @@ void prefilter_scan_avx512(int rows, const int32_t* xq, const QuantizedRow* qrow
 }
 
 }  // namespace fastvq::cpu
-
-
-// ---- the scan on AMX-INT8 tiles (prefilter.h: prefilter_scan_amx) ----
-// Work comes in panels, each against every row: tiles 4 and 5 hold the two halves' int8 levels (16 rows x 64
-// dimensions), the panel's bytes for the same 64 dimensions go to tile 6 (even panels) or 7 (odd; the panels'
-// own layout: 16 groups of 16 codes x 4 bytes), and its accumulators are tiles 0 and 1 (even) or 2 and 3
-// (odd), loaded with the rows' -correction (TDPBSUD, 16 x 16 x 64 each). Consecutive panels share no tile, so
-// the tile unit multiplies panel q while panel q - 1 is stored and the vector units fold the panels before
-// into the rows' minima and candidates, two panels a row at a time (fold_listing). Against units of one
-// half x two panels sharing tiles 6 and 7, with a minimum per lane: a k-means iteration's hinted search
-// (32768 x 1024 x 64, same process, medians of 20-40) 8.92 -> 7.47, 9.56 -> 8.21, 8.63 -> 6.99 ms.
-#ifdef FASTVQ_HAVE_AMX_KERNEL
-namespace fastvq::cpu {
-namespace {
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// The rows' dot products with one panel, [row][code], row 16 h + r from accumulator h.
-using PanelDots = int32_t[kAmxRows][16];
-
-// Panel bytes b (its 64-dimension chunks) times the rows' levels into accumulators ACC0 (rows 0-15) and ACC1
-// (16-31, when halves == 2), started from `start`, through bytes tile BYTES; chunks > 1: the levels are
-// loaded chunk by chunk. (GCC's tile intrinsics paste their tile numbers into the asm: macros, not templates.)
-#define FASTVQ_MULTIPLY_PANEL(ACC0, ACC1, BYTES)                                 \
-  do {                                                                          \
-    _tile_loadd(ACC0, start[0], 64);                                            \
-    if (halves == 2) _tile_loadd(ACC1, start[16], 64);                          \
-    for (int64_t c = 0; c < chunks; ++c) {                                      \
-      _tile_loadd(BYTES, b + c * kAmxChunkBytes, kQuantGroupBytes);             \
-      if (chunks > 1) {                                                         \
-        _tile_loadd(4, xq + c * 16, row_words * 4);                             \
-        if (halves == 2) _tile_loadd(5, xq + 16 * row_words + c * 16, row_words * 4); \
-      }                                                                         \
-      _tile_dpbsud(ACC0, 4, BYTES);                                             \
-      if (halves == 2) _tile_dpbsud(ACC1, 5, BYTES);                            \
-    }                                                                           \
-  } while (0)
-
-#define FASTVQ_STORE_PANEL(ACC0, ACC1, DOTS)            \
-  do {                                                  \
-    _tile_stored(ACC0, (DOTS)[0], 64);                  \
-    if (halves == 2) _tile_stored(ACC1, (DOTS)[16], 64); \
-  } while (0)
-
-// The listing fold of panels `first` and `second` (when kPair): rows [0, rows), whose dot products are
-// dots0[r] and dots1[r]. A row's minimum S~ is one float (min_s[r], list_threshold of it in threshold[r]),
-// changed only where a code passes the threshold -- as any code below the minimum does -- so the common case
-// is S~ and one compare a panel. (This alone, against a minimum per lane reduced every 4 panels: 7.40 -> 6.64,
-// 8.19 -> 7.32, 9.80 -> 8.51 ms for the search above; the same codes listed or fewer.)
-template <bool kPair>
-void fold_listing(const PanelDots& dots0, const PanelDots& dots1, int rows, const QuantizedRow* qrows,
-                  const PanelTerms& first, const PanelTerms& second, float* min_s, float* threshold, int32_t* cand,
-                  float* cand_val, int64_t cap, int64_t* count) {
-  for (int r = 0; r < rows; ++r) {
-    const QuantizedRow& qrow = qrows[r];
-    const __m512 row_scale = _mm512_set1_ps(qrow.scale);
-    const __m512 s0 = approximate_scores(_mm512_load_si512(dots0[r]), row_scale, first);
-    const __m512 s1 = kPair ? approximate_scores(_mm512_load_si512(dots1[r]), row_scale, second) : s0;
-    const __m512 limit = _mm512_set1_ps(threshold[r]);
-    const __mmask16 m0 = _mm512_cmp_ps_mask(s0, limit, _CMP_LE_OQ);
-    const __mmask16 m1 = kPair ? _mm512_cmp_ps_mask(s1, limit, _CMP_LE_OQ) : __mmask16{0};
-    if (__builtin_expect((m0 | m1) != 0, 0))
-      list_passing(s0, m0, first.ids, s1, m1, second.ids, qrow, min_s[r], threshold[r], cand + r * cap,
-                   cand_val + r * cap, cap, count[r]);
-  }
-}
-
-// The warm-up's fold: each panel's S~ kept (warm[r] + 16 w for panel q_begin + w), the minimum per lane.
-template <bool kPair>
-void fold_warm_up(const PanelDots& dots0, const PanelDots& dots1, int rows, const QuantizedRow* qrows,
-                  const PanelTerms& first, const PanelTerms& second, int64_t w, WarmScores* warm, float* running) {
-  for (int r = 0; r < rows; ++r) {
-    const __m512 row_scale = _mm512_set1_ps(qrows[r].scale);
-    const __m512 s0 = approximate_scores(_mm512_load_si512(dots0[r]), row_scale, first);
-    const __m512 s1 = kPair ? approximate_scores(_mm512_load_si512(dots1[r]), row_scale, second) : s0;
-    _mm512_store_ps(warm[r] + 16 * w, s0);
-    if (kPair) _mm512_store_ps(warm[r] + 16 * (w + 1), s1);
-    _mm512_storeu_ps(running + 16 * r, _mm512_min_ps(s1, _mm512_min_ps(s0, _mm512_loadu_ps(running + 16 * r))));
-  }
-}
-
-}  // namespace
-
-void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const QuantizedRow* qrows,
-                        const QuantizedCodes& codes, int64_t q_begin, int64_t q_end, int64_t warmup, float* running,
-                        int32_t* cand, float* cand_val, int64_t cap, int64_t* count, int64_t prefetch_end) {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.colsb[t] = 64;
-    config.rows[t] = 16;
-  }
-  _tile_loadconfig(&config);
-  const int64_t chunks = row_words / 16, panel_bytes = codes.d4 * kQuantGroupBytes;
-  const int halves = rows > 16 ? 2 : 1;
-  alignas(64) PanelDots dots[2];          // [panel parity]
-  alignas(64) PanelDots start;            // the accumulators start at -correction
-  alignas(64) WarmScores warm[kAmxRows];  // the warm-up's S~ per row (list_warm_up)
-  float min_s[kAmxRows], threshold[kAmxRows];  // listing: each row's minimum S~ and list_threshold of it
-  for (int r = 0; r < kAmxRows; ++r) _mm512_store_si512(start[r], _mm512_set1_epi32(r < rows ? -qrows[r].correction : 0));
-  if (chunks == 1) {  // the rows' levels stay in tiles 4 and 5 for the whole call
-    _tile_loadd(4, xq, row_words * 4);
-    if (halves == 2) _tile_loadd(5, xq + 16 * row_words, row_words * 4);
-  }
-  const auto issue = [&](int64_t q) {
-    prefetch_panels(codes, q + kPrefetchPanels, 1, prefetch_end);
-    const uint8_t* b = codes.bytes + q * panel_bytes;
-    if (q % 2 == 0) FASTVQ_MULTIPLY_PANEL(0, 1, 6);
-    else FASTVQ_MULTIPLY_PANEL(2, 3, 7);
-  };
-  const auto store = [&](int64_t q) {
-    if (q % 2 == 0) FASTVQ_STORE_PANEL(0, 1, dots[0]);
-    else FASTVQ_STORE_PANEL(2, 3, dots[1]);
-  };
-  // Panels q (and q + 1 when pair), stored.
-  const auto fold = [&](int64_t q, bool pair, bool emit) {
-    const PanelDots &d0 = dots[q % 2], &d1 = dots[(q + 1) % 2];
-    const PanelTerms first(codes, q), second(codes, pair ? q + 1 : q);
-    if (emit) {
-      if (pair) fold_listing<true>(d0, d1, rows, qrows, first, second, min_s, threshold, cand, cand_val, cap, count);
-      else fold_listing<false>(d0, d0, rows, qrows, first, first, min_s, threshold, cand, cand_val, cap, count);
-    } else {
-      if (pair) fold_warm_up<true>(d0, d1, rows, qrows, first, second, q - q_begin, warm, running);
-      else fold_warm_up<false>(d0, d0, rows, qrows, first, first, q - q_begin, warm, running);
-    }
-  };
-  // Panels [a, b) pipelined: issue panel q, store panel q - 1, fold panels q - 2 and q - 1 as a pair.
-  const auto sweep = [&](int64_t a, int64_t b, bool emit) {
-    for (int64_t q = a; q < b; ++q) {
-      issue(q);
-      if (q == a) continue;
-      store(q - 1);
-      if ((q - a) % 2 == 0) fold(q - 2, true, emit);
-    }
-    if (b > a) {
-      store(b - 1);
-      if ((b - a) % 2 == 0) fold(b - 2, true, emit);
-      else fold(b - 1, false, emit);
-    }
-  };
-  if (warmup > 0) sweep(q_begin, q_begin + warmup, false);
-  for (int r = 0; r < rows; ++r) {
-    min_s[r] = _mm512_reduce_min_ps(_mm512_loadu_ps(running + 16 * r));
-    if (warmup > 0)
-      list_warm_up(warm[r], warmup, q_begin, min_s[r], qrows[r], cand + r * cap, cand_val + r * cap, cap, count[r]);
-    threshold[r] = list_threshold(min_s[r], qrows[r]);
-  }
-  sweep(q_begin + warmup, q_end, true);
-  for (int r = 0; r < rows; ++r) _mm512_storeu_ps(running + 16 * r, _mm512_set1_ps(min_s[r]));
-  _tile_release();
-}
-#undef FASTVQ_MULTIPLY_PANEL
-#undef FASTVQ_STORE_PANEL
-
-}  // namespace fastvq::cpu
-#endif  // FASTVQ_HAVE_AMX_KERNEL
 
 // ---- the rows' quantization and the candidates' float32 scores (prefilter.h) ----
 namespace fastvq::cpu {
