@@ -109,7 +109,8 @@ void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const Qu
   alignas(64) PanelDots start;            // the accumulators start at -correction
   alignas(64) WarmScores warm[kAmxRows];  // the warm-up's S~ per row (list_warm_up)
   float min_s[kAmxRows], threshold[kAmxRows];  // listing: each row's minimum S~ and list_threshold of it
-  for (int r = 0; r < kAmxRows; ++r) _mm512_store_si512(start[r], _mm512_set1_epi32(r < rows ? -qrows[r].correction : 0));
+  for (int r = 0; r < kAmxRows; ++r)
+    _mm512_store_si512(start[r], _mm512_set1_epi32(r < rows ? -qrows[r].correction : 0));
   if (chunks == 1) {  // the rows' levels stay in tiles 4 and 5 for the whole call
     _tile_loadd(4, xq, row_words * 4);
     if (halves == 2) _tile_loadd(5, xq + 16 * row_words, row_words * 4);

@@ -13,6 +13,7 @@
 
 namespace fastvq::cpu {
 namespace {  // NOLINT(google-build-namespaces): see above
+
 // How far ahead a scan of codes streamed from memory prefetches (prefetch_end): 8 panels (8 KiB at
 // d = 64), every line. Same process, each call after a faiss and a torch.cdist call (the bench's
 // alternation), K = 65536, d = 64, medians of 120: 16 rows (AMX) 543 -> 474 and 621 -> 547 us; 1 row
@@ -69,11 +70,13 @@ inline float list_threshold(float min_s, const QuantizedRow& qrow) {
 // The lanes of s0 and s1 (panels with codes ids0 and ids1) that passed a row's threshold, m0 and m1: where
 // the smallest is below the row's minimum min_s, it becomes the minimum, threshold is recomputed and the
 // lanes above it are dropped; the rest are listed, s0's first. Out of line: the folds' loops stay unrolled.
-__attribute__((noinline)) inline void list_passing(__m512 s0, __mmask16 m0, __m512i ids0, __m512 s1, __mmask16 m1,
-                                            __m512i ids1, const QuantizedRow& qrow, float& min_s, float& threshold,
-                                            int32_t* cand, float* cand_val, int64_t cap, int64_t& count) {
+__attribute__((noinline)) inline void list_passing(__m512 s0, __mmask16 m0, __m512i ids0, __m512 s1,
+                                                   __mmask16 m1, __m512i ids1, const QuantizedRow& qrow,
+                                                   float& min_s, float& threshold, int32_t* cand, float* cand_val,
+                                                   int64_t cap, int64_t& count) {
   const __m512 inf = _mm512_set1_ps(__builtin_inff());
-  const float low = _mm512_reduce_min_ps(_mm512_min_ps(_mm512_mask_blend_ps(m0, inf, s0), _mm512_mask_blend_ps(m1, inf, s1)));
+  const __m512 passed = _mm512_min_ps(_mm512_mask_blend_ps(m0, inf, s0), _mm512_mask_blend_ps(m1, inf, s1));
+  const float low = _mm512_reduce_min_ps(passed);
   if (low < min_s) {
     min_s = low;
     threshold = list_threshold(low, qrow);
