@@ -178,6 +178,30 @@ def test_run_case_times_the_right_providers_never_the_wrong_one_and_measures_mem
     assert absent.status == "absent" and absent.reason.startswith("not applicable")
 
 
+def test_the_memory_yardstick_times_one_read_of_the_int8_codes_for_streaming_calls_only():
+    read = [providers.REGISTRY["nearest_code", "int8-read"]]
+    case = Case("nearest_code", "stream", 3, 1030, 33)  # d = 33: 36 int8 entries a code, and a scale and a norm
+    assert case.int8_code_bytes == 1030 * (36 + 8)
+    (result,) = run_case(case, read, TINY)
+    assert result.status == "ok" and len(result.times_ms) == 1 and result.check == {}  # unchecked, like sgemm
+    (absent,) = run_case(Case("nearest_code", "big", 33, 1030, 33), read, TINY)
+    assert absent.status == "absent" and absent.reason.startswith("not applicable")
+    results = [Result(case, "sgemm", "sgemm", "", times_ms=[1.0]),
+               Result(case, "int8-read", "memory", "", times_ms=[0.5]),
+               Result(case, "naive", "baseline", "", times_ms=[4.0]),
+               Result(case, "fastvq-cpu", "fastvq", "", times_ms=[2.0])]
+    report.derive(results, peak_gflops=20.0)
+    derived = results[1].derived
+    torch.testing.assert_close(derived["read_gbps"], 1030 * 44 / 0.5e-3 / 1e9)
+    assert derived["gflops"] is None and derived["pct_peak"] is None and derived["speedup"] == {}
+    assert results[3].derived["speedup"]["naive"] == 2.0 and "int8-read" not in results[3].derived["speedup"]
+    headers, rows = report.table_rows(results, "nearest_code")
+    cells, style = rows[1]
+    assert cells[2] == "int8-read" and style == "dim"
+    assert cells[-1] == f"yardstick ({1030 * 44 / 2**20:.1f} MiB read, {derived['read_gbps']:.1f} GB/s)"
+    assert cells[headers.index("GFLOP/s")] == "—" and cells[headers.index("%peak")] == "—"
+
+
 def test_a_provider_failing_while_timed_fails_the_case_timing_beside_the_peak_probe():
     def setup(case, data):
         calls = []

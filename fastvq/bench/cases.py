@@ -9,6 +9,9 @@ TOPK = 8  # the k of the nearest_codes workload (issue 11: top-k at k = 8)
 # The training step runs vector-quantize-pytorch's defaults in both libraries (decay 0.8, commitment 1.0,
 # the rotation trick), the configuration a model swapped from vqp trains with.
 COMMITMENT_WEIGHT = 1.0  # vqp's default; the check's loss
+# The providers' roles that time a physical limit, unchecked: the N×K product (sgemm) and, for streaming calls,
+# one read of the int8 codes (memory)
+YARDSTICKS = ("sgemm", "memory")
 TITLES = {"nearest_code": "nearest_code forward: search + gather", "kmeans": "k-means (Lloyd)",
           "nearest_codes": f"nearest_codes: the {TOPK} nearest codes of each row, sorted",
           "train": "training step: forward + backward + EMA update",
@@ -39,6 +42,12 @@ class Case:
     def pass_flops(self) -> float:
         """2·N·K·d: the FLOPs of one N×K product, i.e. of one nearest-code pass (k-means does ``iters``)."""
         return 2.0 * self.n * self.k * self.d
+
+    @property
+    def int8_code_bytes(self) -> int:
+        """The bytes the cpu backend's int8 scan reads for the codes of a call: each code's int8 entries (d rounded
+        up to 4) and its float32 scale and norm (csrc/cpu/prefilter.h: QuantizedCodes)."""
+        return self.k * ((self.d + 3) // 4 * 4 + 8)
 
     @property
     def flops(self) -> float:

@@ -26,7 +26,7 @@ class Absent(Exception):
 class Provider:
     name: str
     workload: str
-    role: str  # sgemm (the yardstick, unchecked) | baseline | fastvq | approximate (timed, recall shown)
+    role: str  # sgemm, memory (yardsticks, unchecked) | baseline | fastvq | approximate (timed, recall shown)
     description: str
     setup: Callable[[Case, Data], Callable[[], object]]
     opt_in: bool = False  # only when named in --providers (fastvq-torch, the slow oracle)
@@ -53,6 +53,21 @@ def _import(module: str):
 def sgemm(case: Case, data: Data):
     out = torch.empty(case.n, case.k, dtype=data.x.dtype, device=data.x.device)
     return lambda: torch.mm(data.x, data.codebook.T, out=out)
+
+
+# Calls of this many rows or fewer (streaming) also time the memory yardstick below
+READ_YARDSTICK_MAX_ROWS = 32
+
+
+@provider(("nearest_code",), "int8-read", "torch.amax over K·(d+8) int8 bytes (the int8 codes, scales and norms the "
+                                          "cpu scan reads), calls of <= 32 rows: the memory yardstick", "memory")
+def int8_read(case: Case, data: Data):
+    if data.x.device.type != "cpu" or case.n > READ_YARDSTICK_MAX_ROWS:
+        raise Absent(f"not applicable: the memory yardstick is timed for CPU calls of <= {READ_YARDSTICK_MAX_ROWS} "
+                     "rows (streaming)")
+    codes = torch.randint(-127, 128, (case.int8_code_bytes,), dtype=torch.int8,
+                          generator=torch.Generator().manual_seed(0))
+    return lambda: torch.amax(codes)
 
 
 def _gathered(codebook: torch.Tensor, indices: torch.Tensor):

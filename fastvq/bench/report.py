@@ -16,7 +16,7 @@ from rich.text import Text  # cells are plain text, never rich markup
 
 import fastvq
 
-from .cases import TITLES, WORKLOADS
+from .cases import TITLES, WORKLOADS, YARDSTICKS
 
 ISA_MARKER = "FASTVQ_BENCH_ISA"  # set by --isa avx2 (cli.py)
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_tile")
@@ -28,6 +28,7 @@ BASELINES = {"nearest_code": ("naive", "addmm", "faiss-flat"), "nearest_codes": 
              "rvq_beam": ("vector-quantize-pytorch",)}
 SHORT = {"faiss-flat": "faiss", "faiss-kmeans": "faiss", "sklearn-kmeans": "sklearn",
          "vector-quantize-pytorch": "VectorQuantize"}
+STYLES = {"sgemm": "dim", "memory": "dim", "fastvq": "bold"}  # the table rows' style by provider role
 # The extra column of a workload: (derived figure, format, header).
 RATIO = {"train": ("memory_ratio", ".3f", "run mem/VQ"), "kmeans": ("inertia_ratio", ".4f", "inertia/faiss"),
          "rvq_train": ("memory_ratio", ".3f", "run mem/RVQ"), "rvq_beam": ("memory_ratio", ".3f", "run mem/RVQ")}
@@ -60,6 +61,11 @@ def derive(results: list, peak_gflops: float | None = None) -> None:
         # MB one run adds above the RSS before it (run.py), at least 1 (RSS resolution)
         run_mb |= {n: max(r.memory["delta_mb"], 1.0) for n, r in group.items() if "delta_mb" in r.memory}
         for result in (r for r in group.values() if r.times_ms):
+            if result.role == "memory":  # a read, not products: its bandwidth only
+                result.derived = {"gflops": None, "pct_sgemm": None, "pct_peak": None, "pct_best_peak": None,
+                                  "read_gbps": _finite(case.int8_code_bytes / seconds[result.provider] / 1e9),
+                                  "speedup": {}, "memory_ratio": {}, "inertia_ratio": {}}
+                continue
             gflops = (case.pass_flops if result.role == "sgemm" else case.flops) / seconds[result.provider] / 1e9
             derived = result.derived = {"gflops": _finite(gflops), "speedup": {}, "memory_ratio": {},
                                         "inertia_ratio": {}}
@@ -92,6 +98,8 @@ def _note(result) -> str:
         case = result.case
         per_element = mem["gpu_delta_mb"] * 2**20 / (4 * (case.n + case.k * case.d))
         return f"GPU +{mem['gpu_delta_mb']:.0f} MB = {per_element:.1f}×4 B·(N + K·d)"
+    if result.role == "memory" and result.derived.get("read_gbps"):
+        return f"yardstick ({result.case.int8_code_bytes / 2**20:.1f} MiB read, {result.derived['read_gbps']:.1f} GB/s)"
     return "yardstick (N×K product)" if result.role == "sgemm" else ""
 
 
@@ -112,7 +120,7 @@ def table_rows(results: list, workload: str) -> tuple[list[str], list[tuple[list
                   for name in bases]
         cells += [_fmt(result.memory.get("peak_rss_mb"), ".0f"), _fmt(result.memory.get("delta_mb"), ".0f")]
         cells += [_fmt(derived.get(ratio[0], {}).get(bases[0]), ratio[1])] if ratio else []
-        style = "red" if result.status != "ok" else {"sgemm": "dim", "fastvq": "bold"}.get(result.role, "")
+        style = "red" if result.status != "ok" else STYLES.get(result.role, "")
         rows.append((cells + [_note(result)], style))
     return headers, rows
 
@@ -178,7 +186,7 @@ def plot(results: list, path: str, machine_line: str) -> None:
         for key in sorted(series):
             name, shown = order[key[0]], axis.get_legend_handles_labels()[1]
             axis.plot(*zip(*sorted(series[key])), marker="os^vD<>xP*h"[key[0] % 10], color=f"C{key[0] % 10}",
-                      linestyle=":" if name == "sgemm" else "-", label=None if name in shown else name)
+                      linestyle=":" if name in ("sgemm", "int8-read") else "-", label=None if name in shown else name)
         axis.set(xscale="log", yscale="log", xlabel="codebook size K", ylabel="median time per run (ms)")
         axis.set_title(TITLES[workload], fontsize=10)
         axis.legend(fontsize=8)

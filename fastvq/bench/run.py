@@ -24,7 +24,7 @@ import torch
 
 import fastvq
 
-from .cases import Case, Data, make_data
+from .cases import YARDSTICKS, Case, Data, make_data
 from .judge import Wrong, check_output, check_rows, judge_precision
 from .providers import REGISTRY, Absent, Provider
 
@@ -231,7 +231,7 @@ def run_case(case: Case, providers: list[Provider], options: Options) -> list[Re
     del runs, data
     gc.collect()
     for result in results.values():
-        if options.memory and result.status == "ok" and result.role != "sgemm":
+        if options.memory and result.status == "ok" and result.role not in YARDSTICKS:
             warm = estimates[result.provider] < WARM_IF_UNDER_S
             result.memory = measure_memory(result.provider, case, options.seed, warm)
     return list(results.values())
