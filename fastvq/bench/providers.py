@@ -60,7 +60,8 @@ READ_YARDSTICK_MAX_ROWS = 32
 
 
 @provider(("nearest_code",), "int8-read", "torch.amax over K·(d+8) int8 bytes (the int8 codes, scales and norms the "
-                                          "cpu scan reads), calls of <= 32 rows: the memory yardstick", "memory")
+                                          f"cpu scan reads), calls of <= {READ_YARDSTICK_MAX_ROWS} rows: the memory "
+                                          "yardstick", "memory")
 def int8_read(case: Case, data: Data):
     if data.x.device.type != "cpu" or case.n > READ_YARDSTICK_MAX_ROWS:
         raise Absent(f"not applicable: the memory yardstick is timed for CPU calls of <= {READ_YARDSTICK_MAX_ROWS} "

@@ -179,6 +179,7 @@ def plot(results: list, path: str, machine_line: str) -> None:
     panels = max(1, len(workloads))
     figure, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 4.8), squeeze=False, layout="tight")
     order = sorted({r.provider for r in timed}, key=lambda n: (n == "sgemm", not n.startswith("fastvq"), n))
+    yardsticks = {r.provider for r in timed if r.role in YARDSTICKS}
     for axis, workload in zip(axes[0], workloads):
         series = defaultdict(list)
         for r in (r for r in timed if r.case.workload == workload):
@@ -186,7 +187,7 @@ def plot(results: list, path: str, machine_line: str) -> None:
         for key in sorted(series):
             name, shown = order[key[0]], axis.get_legend_handles_labels()[1]
             axis.plot(*zip(*sorted(series[key])), marker="os^vD<>xP*h"[key[0] % 10], color=f"C{key[0] % 10}",
-                      linestyle=":" if name in ("sgemm", "int8-read") else "-", label=None if name in shown else name)
+                      linestyle=":" if name in yardsticks else "-", label=None if name in shown else name)
         axis.set(xscale="log", yscale="log", xlabel="codebook size K", ylabel="median time per run (ms)")
         axis.set_title(TITLES[workload], fontsize=10)
         axis.legend(fontsize=8)
