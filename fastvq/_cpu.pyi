@@ -124,9 +124,9 @@ def fma_burst(level: str = '', num_threads: int = 0, rounds: int = 65536) -> flo
 
 def set_prefilter(mode: str) -> None:
     """
-    nearest_code's int8 prefilter (AVX-512 VNNI; exact: bitwise the float32 search's outputs): 'auto'
-    (default: where prefilter_reason is empty), 'always' (any shape the kernel takes), or 'off'.
-    ValueError otherwise. Source: csrc/cpu/nearest_code_prefilter.cpp.
+    nearest_code's int8 prefilter (AVX2, AVX-512 VNNI or AMX-INT8; exact: bitwise the float32 search's
+    outputs): 'auto' (default: where prefilter_reason is empty), 'always' (any shape the kernel takes),
+    or 'off'. ValueError otherwise. Source: csrc/cpu/nearest_code_prefilter.cpp.
     """
 
 def prefilter_mode() -> str:
@@ -134,14 +134,15 @@ def prefilter_mode() -> str:
 
 def set_prefilter_kernel(kernel: str) -> None:
     """
-    The prefilter scan's kernel: 'auto' (AMX-INT8 tiles where the CPU and OS allow, else AVX-512 VNNI;
-    VNNI for a call of fewer than 12 rows), 'vnni' or 'amx' (ValueError where unavailable). Same outputs.
+    The prefilter scan's kernel: 'auto' (at SIMD level avx512, AMX-INT8 tiles where the CPU and OS allow,
+    else AVX-512 VNNI, VNNI for a call of fewer than 12 rows; at level avx2, AVX2), 'vnni', 'amx' or
+    'avx2' (the AVX2 scan at level avx512 too); ValueError where unavailable. Same outputs.
     """
 
 def prefilter_kernel() -> str:
     """
-    The scan kernel the prefilter uses now for calls of 12 rows or more: 'amx', 'vnni', or '' (no
-    AVX-512 VNNI here).
+    The scan kernel the prefilter uses now for calls of 12 rows or more: 'amx', 'vnni', 'avx2', or ''
+    (none at this SIMD level: prefilter_reason says why).
     """
 
 def prefilter_reason(n: int, k: int, d: int) -> str:

@@ -2,8 +2,9 @@
 test compares it bitwise with the float32 search on the same inputs (and with fastvq.reference where the
 inputs make the answer exact), and checks through prefilter_stats that the prefilter really answered.
 
-The prefilter needs AVX-512 VNNI; on a CPU without it these tests skip, and the float32 search they compare
-against is tested everywhere by test_cpu_extension.py and test_nearest_code.py.
+Every test body runs once per scan kernel the machine has: AVX2 (prefilter_avx2.cpp) wherever the CPU has
+AVX2 and FMA, AVX-512 VNNI and AMX-INT8 where it has those. On a CPU with none these tests skip, and the
+float32 search they compare against is tested everywhere by test_cpu_extension.py and test_nearest_code.py.
 """
 from __future__ import annotations
 
@@ -15,8 +16,21 @@ from fastvq import reference
 
 from test_cpu_extension import SHAPES, run_nearest_code, small_int_inputs
 
-NO_VNNI = "no AVX-512 VNNI" in _cpu.prefilter_reason(1, 4096, 64)
-pytestmark = pytest.mark.skipif(NO_VNNI, reason="this CPU or build has no AVX-512 VNNI: no prefilter to test")
+
+def _available(kernel):
+    try:
+        _cpu.set_prefilter_kernel(kernel)
+        return True
+    except ValueError:
+        return False
+    finally:
+        _cpu.set_prefilter_kernel("auto")
+
+
+# The scan kernels here: AVX2 (at SIMD level avx2, or asked for at avx512), AVX-512 VNNI, AMX-INT8 tiles.
+KERNELS = [kernel for kernel in ("avx2", "vnni", "amx") if _available(kernel)]
+NO_INT8_SCAN = not KERNELS
+pytestmark = pytest.mark.skipif(NO_INT8_SCAN, reason="this CPU or build has no AVX2 or AVX-512 VNNI: no int8 scan")
 
 
 @pytest.fixture
@@ -26,10 +40,6 @@ def prefilter_mode():
     _cpu.set_prefilter("auto")
     _cpu.set_prefilter_kernel("auto")
     _cpu.set_simd_level("auto")
-
-
-# The scan's kernels here: AVX-512 VNNI always, AMX-INT8 tiles where the CPU and OS allow them.
-KERNELS = ["vnni"] + (["amx"] if not NO_VNNI and _cpu.prefilter_kernel() == "amx" else [])
 
 
 @pytest.fixture(params=KERNELS)
@@ -122,6 +132,19 @@ def test_a_code_whose_int8_score_is_off_by_nearly_the_whole_bound_is_still_found
     assert int(filtered[0][0]) == 1 and stats["calls"] == 1 and stats["rows_in_full"] == 0
 
 
+def test_rows_and_codes_at_the_ends_of_their_int8_ranges(prefilter_mode, kernel):
+    # Sign patterns: every level of x is +-max_level and every code byte 1 or 255, the products' largest sums
+    # (the AVX2 scan's vpmaddubsw adds two byte products in int16: levels of +-127 there would saturate it).
+    g = torch.Generator().manual_seed(12)
+    signs = lambda rows: torch.randint(0, 2, (rows, 64), generator=g).float() * 2 - 1
+    e = 2.0 * signs(2048)
+    x = torch.cat([3.0 * signs(60), 1.5 * e[:4]]).contiguous()  # rows near codes 0-3 too
+    full, filtered, stats = both_ways(x, e, 2, prefilter_mode)
+    assert_same(full, filtered)
+    assert torch.equal(filtered[0][60:], torch.arange(4))
+    assert stats["calls"] == 1 and stats["rows_in_full"] == 0
+
+
 def test_rows_whose_candidates_overflow_are_searched_in_full(prefilter_mode, kernel):
     # A constant codebook: every code ties, every code is a candidate, far past the per-row cap.
     e = torch.full((5000, 40), 0.5)
@@ -179,14 +202,14 @@ def test_a_row_out_of_range_raises_as_the_float32_search_does(prefilter_mode):
         run_nearest_code(x, e, 1)
 
 
-def test_the_kernels_list_the_same_candidates(prefilter_mode):
-    if len(KERNELS) < 2:
-        pytest.skip("no AMX-INT8 here: one scan kernel")
+def test_the_vnni_and_amx_scans_keep_the_same_candidates(prefilter_mode):
+    if not {"vnni", "amx"} <= set(KERNELS):
+        pytest.skip("no AMX-INT8 here: one scan kernel reads the VNNI rows")
     g = torch.Generator().manual_seed(9)
     x, e = torch.randn(77, 100, generator=g), torch.randn(5000, 100, generator=g)  # d: two 64-dim chunks, a tail
     prefilter_mode("always")
     listed = {}
-    for name in KERNELS:
+    for name in ("vnni", "amx"):
         _cpu.set_prefilter_kernel(name)
         before = _cpu.prefilter_stats()
         run_nearest_code(x, e, 2)
@@ -194,25 +217,40 @@ def test_the_kernels_list_the_same_candidates(prefilter_mode):
         listed[name] = (after["candidates"] - before["candidates"], after["codes_kept"] - before["codes_kept"])
     # The lists differ (the AMX scan lowers its threshold after two panels, the VNNI scan after one); what is
     # kept of them is the same set, every code whose lower bound is within the smallest upper bound over all codes.
+    # (The AVX2 scan quantizes its rows more coarsely: its bound, and so what it keeps, differs.)
     assert listed["vnni"][1] == listed["amx"][1] >= 77
     assert listed["vnni"][0] >= listed["vnni"][1] and listed["amx"][0] >= listed["amx"][1]
 
 
 def test_kernel_choice_and_its_errors(prefilter_mode):
-    assert _cpu.prefilter_kernel() in ("vnni", "amx")
-    _cpu.set_prefilter_kernel("vnni")
-    assert _cpu.prefilter_kernel() == "vnni"
-    with pytest.raises(ValueError, match="kernel must be one of 'auto', 'vnni', 'amx', got 'tpu'"):
+    # "auto": the VNNI family at SIMD level avx512 where the CPU has VNNI, else AVX2.
+    assert _cpu.prefilter_kernel() == ("amx" if "amx" in KERNELS else "vnni" if "vnni" in KERNELS else "avx2")
+    for name in ("avx2", "vnni", "amx"):
+        if name in KERNELS:
+            _cpu.set_prefilter_kernel(name)
+            assert _cpu.prefilter_kernel() == name
+        else:
+            with pytest.raises(ValueError, match=f"kernel '{name}' is not available here"):
+                _cpu.set_prefilter_kernel(name)
+    with pytest.raises(ValueError, match="kernel must be one of 'auto', 'vnni', 'amx', 'avx2', got 'tpu'"):
         _cpu.set_prefilter_kernel("tpu")
-    if "amx" in KERNELS:
-        _cpu.set_prefilter_kernel("amx")
-        assert _cpu.prefilter_kernel() == "amx"
-    else:
-        with pytest.raises(ValueError, match="kernel 'amx' is not available here"):
-            _cpu.set_prefilter_kernel("amx")
+    _cpu.set_prefilter_kernel("auto")
+    if "vnni" in KERNELS:  # the SIMD level caps the ISA: at avx2 the AVX2 scan, whatever was asked for
+        _cpu.set_prefilter_kernel("vnni")
+        _cpu.set_simd_level("avx2")
+        assert _cpu.prefilter_kernel() == "avx2"
+    _cpu.set_simd_level("portable")
+    assert _cpu.prefilter_kernel() == ""
+    assert _cpu.prefilter_reason(16, 65536, 64) == "the SIMD level is 'portable': no int8 scan"
+    x, e = torch.randn(40, 64), torch.randn(4096, 64)
+    before = _cpu.prefilter_stats()["calls"]
+    run_nearest_code(x, e, 1)
+    assert _cpu.prefilter_stats()["calls"] == before  # the portable level searches without it
 
 
-def test_mode_and_reasons(prefilter_mode):
+def test_mode_and_reasons_with_the_vnni_family(prefilter_mode):
+    if "vnni" not in KERNELS:
+        pytest.skip("no AVX-512 VNNI here")
     assert _cpu.prefilter_mode() == "auto"
     assert _cpu.prefilter_reason(16, 65536, 64) == ""
     assert _cpu.prefilter_reason(32768, 2048, 64) == ""
@@ -220,7 +258,9 @@ def test_mode_and_reasons(prefilter_mode):
     assert "d = 16 < 24" in _cpu.prefilter_reason(16, 65536, 16)
     # The VNNI scan needs K >= 1024 and K d >= 2^17; the AMX scan K >= 256 and K d >= 2^16 from d = 32,
     # 2^15 from d = 48.
-    for kernel in KERNELS:
+    for kernel in ("vnni", "amx"):
+        if kernel not in KERNELS:
+            continue
         _cpu.set_prefilter_kernel(kernel)
         for k, d in [(1024, 64), (512, 256), (2048, 32), (512, 64)]:  # the AMX scan's alone
             reason = _cpu.prefilter_reason(32768, k, d)
@@ -237,18 +277,31 @@ def test_mode_and_reasons(prefilter_mode):
     assert "n = 15 rows, K d = 131072: too few codes for so few rows" in _cpu.prefilter_reason(15, 2048, 64)
     assert "n = 1 rows, K d = 131072: too few" in _cpu.prefilter_reason(1, 4096, 32)
     assert "n = 63 rows, K d = 65536: too few" in _cpu.prefilter_reason(63, 2048, 32)
+
+
+def test_mode_and_reasons_with_the_avx2_scan(prefilter_mode):
+    if "avx2" not in KERNELS:
+        pytest.skip("no AVX2 here")
+    _cpu.set_prefilter_kernel("avx2")
+    # d >= 24, K >= 1024 and K d >= 2^16; K d >= 2^17 below 16 rows.
+    for n, k, d in [(32768, 1024, 64), (32768, 2048, 32), (64, 1024, 64), (16, 1024, 64), (15, 2048, 64),
+                    (1, 4096, 32)]:
+        assert _cpu.prefilter_reason(n, k, d) == "", (n, k, d)
+    assert "d = 16 < 24" in _cpu.prefilter_reason(16, 65536, 16)
+    reason = _cpu.prefilter_reason(32768, 512, 64)
+    assert reason == "K = 512, K d = 32768: too few codes to pay back (auto needs K >= 1024 and K d >= 65536)"
+    assert "K = 1024, K d = 32768: too few codes" in _cpu.prefilter_reason(32768, 1024, 32)
+    assert "K = 2048, K d = 49152: too few codes" in _cpu.prefilter_reason(32768, 2048, 24)
+    assert "n = 15 rows, K d = 65536: too few codes for so few rows" in _cpu.prefilter_reason(15, 1024, 64)
+
+
+def test_mode_switches_and_their_errors(prefilter_mode):
+    assert _cpu.prefilter_mode() == "auto"
     assert "d = 1025 > 1024" in _cpu.prefilter_reason(16, 65536, 1025)
     prefilter_mode("always")
     assert _cpu.prefilter_mode() == "always"
     assert _cpu.prefilter_reason(32768, 1024, 8) == ""
     assert _cpu.prefilter_reason(0, 1024, 8) == "no rows"
-    _cpu.set_simd_level("avx2")
-    assert "not 'avx512'" in _cpu.prefilter_reason(16, 65536, 64)
-    x, e = torch.randn(4, 64), torch.randn(4096, 64)
-    before = _cpu.prefilter_stats()["calls"]
-    run_nearest_code(x, e, 1)
-    assert _cpu.prefilter_stats()["calls"] == before  # the avx2 level searches without it
-    _cpu.set_simd_level("auto")
     prefilter_mode("off")
     assert "off" in _cpu.prefilter_reason(16, 65536, 64)
     with pytest.raises(ValueError, match="mode must be one of 'auto', 'always', 'off', got 'sometimes'"):
@@ -358,12 +411,12 @@ def test_a_good_hint_lists_fewer_codes_than_the_warm_up(prefilter_mode, kernel):
 
 
 def test_auto_scans_fewer_than_12_rows_with_vnni_and_more_with_amx(prefilter_mode):
-    if len(KERNELS) < 2:
-        pytest.skip("no AMX-INT8 here: one scan kernel")
+    if not {"vnni", "amx"} <= set(KERNELS):
+        pytest.skip("no AMX-INT8 here")
     g = torch.Generator().manual_seed(10)
     e = torch.randn(5000, 64, generator=g)
     prefilter_mode("always")
-    for kernel, amx_rows in [("auto", {12, 40}), ("amx", {1, 2, 11, 12, 40}), ("vnni", set())]:
+    for kernel, amx_rows in [("auto", {12, 40}), ("amx", {1, 2, 11, 12, 40}), ("vnni", set()), ("avx2", set())]:
         _cpu.set_prefilter_kernel(kernel)
         for n in (1, 2, 11, 12, 40):
             before = _cpu.prefilter_stats()

@@ -333,16 +333,18 @@ NB_MODULE(_cpu, m) {
         "returns the flops done (ValueError on a bad level or rounds outside [1, 2^40]). The benchmark times it\n"
         "in each CPU case's alternating rounds. Source: csrc/cpu/fma_peak.cpp.");
   m.def("set_prefilter", &fastvq::cpu::set_prefilter_mode, "mode"_a,
-        "nearest_code's int8 prefilter (AVX-512 VNNI; exact: bitwise the float32 search's outputs): 'auto'\n"
-        "(default: where prefilter_reason is empty), 'always' (any shape the kernel takes), or 'off'.\n"
+        "nearest_code's int8 prefilter (AVX2, AVX-512 VNNI or AMX-INT8; exact: bitwise the float32 search's\n"
+        "outputs): 'auto' (default: where prefilter_reason is empty), 'always' (any shape the kernel takes),\n"
+        "or 'off'. "
         "ValueError otherwise. Source: csrc/cpu/nearest_code_prefilter.cpp.");
   m.def("prefilter_mode", &fastvq::cpu::prefilter_mode, "The mode set_prefilter set: 'auto', 'always' or 'off'.");
   m.def("set_prefilter_kernel", &fastvq::cpu::set_prefilter_kernel, "kernel"_a,
-        "The prefilter scan's kernel: 'auto' (AMX-INT8 tiles where the CPU and OS allow, else AVX-512 VNNI;\n"
-        "VNNI for a call of fewer than 12 rows), 'vnni' or 'amx' (ValueError where unavailable). Same outputs.");
+        "The prefilter scan's kernel: 'auto' (at SIMD level avx512, AMX-INT8 tiles where the CPU and OS allow,\n"
+        "else AVX-512 VNNI, VNNI for a call of fewer than 12 rows; at level avx2, AVX2), 'vnni', 'amx' or\n"
+        "'avx2' (the AVX2 scan at level avx512 too); ValueError where unavailable. Same outputs.");
   m.def("prefilter_kernel", &fastvq::cpu::prefilter_kernel,
-        "The scan kernel the prefilter uses now for calls of 12 rows or more: 'amx', 'vnni', or '' (no\n"
-        "AVX-512 VNNI here).");
+        "The scan kernel the prefilter uses now for calls of 12 rows or more: 'amx', 'vnni', 'avx2', or ''\n"
+        "(none at this SIMD level: prefilter_reason says why).");
   m.def("prefilter_reason", &fastvq::cpu::prefilter_reason, "n"_a, "k"_a, "d"_a,
         "Why nearest_code of n rows against K codes of dimension d runs without the prefilter now; '' when\n"
         "it tries it (a call can still decline at run time: prefilter_stats).");

@@ -1,5 +1,5 @@
 // nearest_code through the int8 prefilter (prefilter.h): quantize the rows, scan the int8 codes for
-// candidates (AMX tiles or AVX-512 VNNI), then score only the candidates with the search kernels'
+// candidates (AMX tiles, AVX-512 VNNI or AVX2), then score only the candidates with the search kernels'
 // float32 arithmetic and finish the rows as the full search does. The outputs are bitwise the full
 // search's.
 //
@@ -42,7 +42,7 @@ constexpr int64_t kWarmupPanels = kMaxWarmupPanels;
 // An item's groups scan one block of panels after another, so a block read from memory serves
 // every group of the item from L2 (~128 KiB of int8 codes).
 constexpr int64_t kScanBlockBytes = 128 * 1024;
-// The driver's groups of rows: what one AMX scan call takes, four VNNI scan calls.
+// The driver's groups of rows: what one AMX scan call takes, four VNNI or AVX2 scan calls.
 constexpr int64_t kScanGroupRows = kAmxRows;
 // Groups per work item when the codes are not split (64 rows).
 constexpr int64_t kGroupsPerItem = 2;
@@ -63,7 +63,7 @@ std::atomic<int>& mode_state() {
   return mode;
 }
 
-enum class Kernel : int { automatic = 0, vnni = 1, amx = 2 };
+enum class Kernel : int { automatic = 0, vnni = 1, amx = 2, avx2 = 3 };
 std::atomic<int>& kernel_state() {
   static std::atomic<int> kernel{static_cast<int>(Kernel::automatic)};
   return kernel;
@@ -96,12 +96,43 @@ bool cpu_has_vnni() {
 #endif
 }
 
-PrefilterScanFn scan_fn() {
+bool cpu_has_avx2() { return best_simd_level() >= SimdLevel::avx2; }
+
+#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
+const PrefilterKernels kVnniKernels{"vnni", 127, &prefilter_quantize_panel_avx512, &prefilter_max_abs_avx512,
+                                    &prefilter_levels_avx512, &prefilter_scan_avx512, &prefilter_rescore_avx2};
+#endif
+#ifdef FASTVQ_HAVE_AVX2_KERNEL
+const PrefilterKernels kAvx2Kernels{"avx2", kAvx2MaxLevel, &prefilter_quantize_panel_avx2, &prefilter_max_abs_avx2,
+                                    &prefilter_levels_avx2, &prefilter_scan_avx2, &prefilter_rescore_avx2};
+#endif
+
+// The scan's kernel set now: VNNI (or its AMX twin) at SIMD level avx512 where the CPU has it, unless the
+// AVX2 scan is asked for; the AVX2 scan at level avx2 (the level caps the ISA), or at level avx512 when asked
+// for. At level avx512 without VNNI "auto" runs the AVX-512 float32 search (not measured, no such machine
+// here: its tile does twice the AVX2 tile's FMAs per instruction, about what the AVX2 scan gains over the
+// AVX2 tile at large shapes, 1.6-1.8x on Zen 3). Null: no int8 scan.
+const PrefilterKernels* scan_kernels() {
+  const SimdLevel level = current_simd_level();
+  const Kernel choice = static_cast<Kernel>(kernel_state().load());
 #ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
   static const bool vnni = cpu_has_vnni();
-  if (vnni && current_simd_level() == SimdLevel::avx512) return &prefilter_scan_avx512;
+  if (vnni && level == SimdLevel::avx512 && choice != Kernel::avx2) return &kVnniKernels;
 #endif
+#ifdef FASTVQ_HAVE_AVX2_KERNEL
+  if (level == SimdLevel::avx2 || (level == SimdLevel::avx512 && choice == Kernel::avx2)) return &kAvx2Kernels;
+#endif
+  (void)level, (void)choice;
   return nullptr;
+}
+
+bool is_vnni(const PrefilterKernels* kernels) {
+#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
+  return kernels == &kVnniKernels;
+#else
+  (void)kernels;
+  return false;
+#endif
 }
 
 // One (row group, code chunk) scan: its rows' running minima, candidate counts and candidates, the
@@ -303,10 +334,10 @@ std::string prefilter_mode() {
 }
 
 namespace {
-// The AMX scan when the kernel choice allows it and the machine has it.
+// The AMX scan when the kernel choice allows it and the machine has it (for the VNNI set's rows).
 bool use_amx() {
   const Kernel kernel = static_cast<Kernel>(kernel_state().load());
-  return kernel != Kernel::vnni && amx_ready();
+  return kernel != Kernel::vnni && kernel != Kernel::avx2 && amx_ready() && is_vnni(scan_kernels());
 }
 
 // The scan for a call of n rows: "auto" takes the VNNI scan below kAmxMinRows rows (an AMX tile
@@ -321,14 +352,28 @@ void set_prefilter_kernel(const std::string& kernel) {
   if (kernel == "auto") k = Kernel::automatic;
   else if (kernel == "vnni") k = Kernel::vnni;
   else if (kernel == "amx") k = Kernel::amx;
-  else throw std::invalid_argument("kernel must be one of 'auto', 'vnni', 'amx', got '" + kernel.substr(0, 40) + "'");
+  else if (kernel == "avx2") k = Kernel::avx2;
+  else
+    throw std::invalid_argument("kernel must be one of 'auto', 'vnni', 'amx', 'avx2', got '" + kernel.substr(0, 40) +
+                                "'");
   if (k == Kernel::amx && !amx_ready())
     throw std::invalid_argument("kernel 'amx' is not available here (the CPU or build lacks AMX-INT8, or the OS "
                                 "refused the tile state)");
+  if (k == Kernel::vnni && !cpu_has_vnni())
+    throw std::invalid_argument("kernel 'vnni' is not available here (the CPU or build lacks AVX-512 VNNI)");
+#ifndef FASTVQ_HAVE_AVX2_KERNEL
+  if (k == Kernel::avx2) throw std::invalid_argument("kernel 'avx2' is not available here (this build has no AVX2)");
+#endif
+  if (k == Kernel::avx2 && !cpu_has_avx2())
+    throw std::invalid_argument("kernel 'avx2' is not available here (the CPU lacks AVX2 and FMA)");
   kernel_state().store(static_cast<int>(k));
 }
 
-std::string prefilter_kernel() { return cpu_has_vnni() ? (use_amx() ? "amx" : "vnni") : ""; }
+std::string prefilter_kernel() {
+  const PrefilterKernels* kernels = scan_kernels();
+  if (!kernels) return "";
+  return is_vnni(kernels) && use_amx() ? "amx" : kernels->name;
+}
 
 PrefilterStats prefilter_stats() {
   return {calls_prefiltered.load(), rows_in_full.load(), calls_declined.load(), codes_kept.load(),
@@ -338,50 +383,55 @@ PrefilterStats prefilter_stats() {
 std::string prefilter_reason(int64_t n, int64_t k, int64_t d) {
   const Mode mode = static_cast<Mode>(mode_state().load());
   if (mode == Mode::off) return "the prefilter is off (set_prefilter('off'))";
-  if (!cpu_has_vnni()) return "this CPU or build has no AVX-512 VNNI (vpdpbusd)";
-  if (!scan_fn()) return std::string("the SIMD level is '") + simd_level_name(current_simd_level()) + "', not 'avx512'";
+  if (!scan_kernels()) {
+    if (current_simd_level() == SimdLevel::portable) return "the SIMD level is 'portable': no int8 scan";
+    return "this CPU or build has no AVX-512 VNNI (vpdpbusd), and at SIMD level 'avx512' the AVX2 int8 scan runs "
+           "only when asked for (set_prefilter_kernel('avx2'))";
+  }
   if (d > kPrefilterMaxDim) return "d = " + std::to_string(d) + " > " + std::to_string(kPrefilterMaxDim);
   if (n == 0) return "no rows";
   if (mode == Mode::always) return "";
-  if (d < kPrefilterMinDim)
-    return "d = " + std::to_string(d) + " < " + std::to_string(kPrefilterMinDim) + ": float32 products are cheaper";
-  const bool enough = k >= kPrefilterMinCodes && k * d >= kPrefilterMinCodeFloats;
+  const AutoThresholds& at = is_vnni(scan_kernels()) ? kVnniAuto : kAvx2Auto;
+  if (d < at.min_dim)
+    return "d = " + std::to_string(d) + " < " + std::to_string(at.min_dim) + ": float32 products are cheaper";
+  const bool enough = k >= at.min_codes && k * d >= at.min_code_floats;
   const bool enough_for_amx =
       d >= kAmxMinDim && k >= kAmxMinCodes && k * d >= (d >= kAmxWideDim ? kAmxMinCodeFloatsWide : kAmxMinCodeFloats);
-  if (!enough && !(use_amx() && enough_for_amx))
+  if (!enough && !(use_amx() && enough_for_amx)) {
+    std::string amx;
+    if (use_amx())
+      amx = "; with the AMX scan, K >= " + std::to_string(kAmxMinCodes) + " and K d >= " +
+            std::to_string(kAmxMinCodeFloats) + " from d = " + std::to_string(kAmxMinDim) + ", " +
+            std::to_string(kAmxMinCodeFloatsWide) + " from d = " + std::to_string(kAmxWideDim);
     return "K = " + std::to_string(k) + ", K d = " + std::to_string(k * d) +
-           ": too few codes to pay back (auto needs K >= " + std::to_string(kPrefilterMinCodes) + " and K d >= " +
-           std::to_string(kPrefilterMinCodeFloats) + "; with the AMX scan, K >= " + std::to_string(kAmxMinCodes) +
-           " and K d >= " + std::to_string(kAmxMinCodeFloats) + " from d = " + std::to_string(kAmxMinDim) + ", " +
-           std::to_string(kAmxMinCodeFloatsWide) + " from d = " + std::to_string(kAmxWideDim) + ")";
-  const int64_t for_rows = n < kFewRows ? kFewRowsMinCodeFloats : n < kSomeRows ? kSomeRowsMinCodeFloats : 0;
+           ": too few codes to pay back (auto needs K >= " + std::to_string(at.min_codes) + " and K d >= " +
+           std::to_string(at.min_code_floats) + amx + ")";
+  }
+  const int64_t for_rows =
+      n < kFewRows ? at.few_rows_min_code_floats : n < kSomeRows ? at.some_rows_min_code_floats : 0;
   if (k * d < for_rows)
     return "n = " + std::to_string(n) + " rows, K d = " + std::to_string(k * d) + ": too few codes for so few rows " +
-           "(auto needs K d >= " + std::to_string(kFewRowsMinCodeFloats) + " below " + std::to_string(kFewRows) +
-           " rows, " + std::to_string(kSomeRowsMinCodeFloats) + " below " + std::to_string(kSomeRows) + ")";
+           "(auto needs K d >= " + std::to_string(at.few_rows_min_code_floats) + " below " +
+           std::to_string(kFewRows) + " rows, " + std::to_string(at.some_rows_min_code_floats) + " below " +
+           std::to_string(kSomeRows) + ")";
   return "";
 }
 
 bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, const PackedCodebook& pack,
                               const NearestCodeOutputs& out, int nt, const int64_t* hint, CacheKey rows_key) {
-  const PrefilterScanFn scan = scan_fn();
+  const PrefilterKernels* kernels = scan_kernels();
   const SearchFewRowsFn few_rows = current_search_few_rows();
-  if (!scan || !few_rows || n == 0) return false;
+  if (!kernels || !few_rows || n == 0) return false;
   if (static_cast<Mode>(mode_state().load()) == Mode::automatic && n < kPrefilterMinRowsToBuild &&
       pack.cache_hits.load() == 0 && !has_quantized_codes(pack)) {
     calls_deferred.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
-  const std::shared_ptr<const QuantizedCodes> codes_ptr = quantized_codes(pack, nt);
+  const std::shared_ptr<const QuantizedCodes> codes_ptr = quantized_codes(pack, *kernels, nt);
   const QuantizedCodes& codes = *codes_ptr;
   const int64_t ngroups = (n + kScanGroupRows - 1) / kScanGroupRows, npanels = pack.npanels;
-  const RowLayout layout{use_amx_for(n), codes.d4, (codes.d4 + 15) / 16 * 16};
-#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
-  const PrefilterRescoreFn rescore = &prefilter_rescore_avx512;
-#else
-  const PrefilterRescoreFn rescore = nullptr;  // unreachable: scan_fn() is null without the kernel
-#endif
-  const Prefiltered run{x, codebook, pack, codes, layout, n, few_rows, scan, rescore, hint};
+  const RowLayout layout{kernels, is_vnni(kernels) && use_amx_for(n), codes.d4, (codes.d4 + 15) / 16 * 16};
+  const Prefiltered run{x, codebook, pack, codes, layout, n, few_rows, kernels->scan, kernels->rescore, hint};
   const int64_t want_items = 4 * static_cast<int64_t>(nt);
   const int64_t nchunks = (nt <= 1 || ngroups >= want_items)
                               ? 1

@@ -1,4 +1,5 @@
-// The int8 prefilter of nearest_code (AVX-512 VNNI): an exact search that reads the codes as bytes.
+// The int8 prefilter of nearest_code (AVX-512 VNNI, AMX-INT8 or AVX2): an exact search that reads the codes as
+// bytes.
 //
 // Each code of the pack (pack_codebook.h: panel values e'' = -2 (e - c)) is also kept as int8 with a
 // scale per code, and each row x' = x - c is quantized the same way per row. One int8
@@ -13,8 +14,8 @@
 // A row whose candidates overflow their buffer (near-duplicate codes, a constant codebook), or inputs
 // outside the bound's assumptions, make the call run the full search instead; nothing is approximate.
 //
-// This header is included by prefilter_avx512.cpp and prefilter_amx.cpp (compiled with AVX-512 flags):
-// declarations and constants only (see kernels.h).
+// This header is included by the kernels' files (compiled with their ISA flags): declarations and constants
+// only (see kernels.h).
 #pragma once
 
 #include <cstdint>
@@ -37,6 +38,9 @@ constexpr int64_t kPrefilterMaxDim = 1024;
 // registers), and by the AMX scan (two 16-row tiles); the driver's groups are kAmxRows rows.
 constexpr int kPrefilterRows = 8;
 constexpr int kAmxRows = 32;
+// The AVX2 scan's rows' levels fill [-64, 64]: its vpmaddubsw sums two byte products to int16, which
+// saturates unless 2 * 255 * |r| <= 32767 (prefilter_avx2.cpp).
+constexpr int32_t kAvx2MaxLevel = 64;
 // The AMX scan's tiles read whole 64-dimension chunks: a panel's last chunk may run past its d4 groups
 // (those bytes meet zero levels of x) and, for the last panel, past the codes: this many bytes of slack.
 constexpr int64_t kAmxChunkBytes = 1024;
@@ -98,45 +102,65 @@ using PrefilterScanFn = void (*)(int rows, const int32_t* xq, const QuantizedRow
 using PrefilterRescoreFn = void (*)(const float* xc, int64_t d, const float* codebook, const float* centre,
                                     const float* norms, const int32_t* rows, const int32_t* codes, int64_t count,
                                     float* best_val, int64_t* best_idx);
-#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
-// One panel of the pack (16 codes: panel[p * 16 + j]) quantized: bytes (d4 groups of 64, the layout of
-// QuantizedCodes::bytes), scale[j] = max_p |e_jp| / 127 (1 for a zero code), and in double the squared
-// norms[16 k + j] of e, of e - s q and of s q (k = 0, 1, 2). Codes with non-finite entries get
-// meaningless values here; the caller overwrites them.
-void prefilter_quantize_panel_avx512(const float* panel, int64_t d, int64_t d4, uint8_t* bytes, float* scale,
-                                     double* norms);
-// max_p |x_p - c_p| over d entries.
-float prefilter_max_abs_avx512(const float* x, const float* centre, int64_t d);
-// The levels r_p = round((x_p - c_p) / scale), clamped to [-127, 127] and 0 past d, 4 to an int32 at
-// xq[g * stride] (g < d4); returns sum_p r_p, and in double sums[0..2] = ||x - c||^2, ||x - c - scale r||^2
-// and ||scale r||^2.
-int32_t prefilter_levels_avx512(const float* x, const float* centre, int64_t d, int64_t d4, float scale, int32_t* xq,
-                                int64_t stride, double* sums);
-// sum over the d4 groups g of the row's 4 levels (the word levels[g * stride]) times the code's 4 bytes
-// (bytes[g * kQuantGroupBytes + b], unsigned): the scans' accumulator before it starts at -correction.
-int32_t prefilter_code_dot_avx512(const int32_t* levels, int64_t stride, const uint8_t* bytes, int64_t d4);
-// Each row's terms of the bound (prefilter_codes.cpp derives them) from its squared norms in double,
-// for `count` <= 8 rows, 8 rows to a vector: ||x'||^2, ||x' - x^||^2 and ||x^||^2 in norm_sq[i],
-// error_sq[i], quant_sq[i], over the codes' maxima. Writes alpha, beta, rho and spread (rounded up to
-// float32) of qrows[0 .. count); returns the mask of the rows whose four terms are finite.
-unsigned prefilter_row_bounds_avx512(const double* norm_sq, const double* error_sq, const double* quant_sq,
-                                     int count, const QuantizedCodes& codes, QuantizedRow* qrows);
+using PrefilterQuantizePanelFn = void (*)(const float* panel, int64_t d, int64_t d4, uint8_t* bytes, float* scale,
+                                          double* norms);
+using PrefilterMaxAbsFn = float (*)(const float* x, const float* centre, int64_t d);
+using PrefilterLevelsFn = int32_t (*)(const float* x, const float* centre, int64_t d, int64_t d4, float scale,
+                                      int32_t* xq, int64_t stride, double* sums);
+
+// The kernels of one scan (AVX-512 VNNI, prefilter_avx512.cpp; AVX2, prefilter_avx2.cpp), taken once per
+// call: rows are scanned by the kernel set that quantized them. (The AMX scan reads the VNNI set's rows.)
+//   quantize_panel: one panel of the pack (16 codes: panel[p * 16 + j]) quantized: bytes (d4 groups of 64,
+//     the layout of QuantizedCodes::bytes), scale[j] = max_p |e_jp| / 127 (1 for a zero code), and in double
+//     the squared norms[16 k + j] of e, of e - s q and of s q (k = 0, 1, 2). Codes with non-finite entries get
+//     meaningless values here; the caller overwrites them. Every set makes the same bytes.
+//   max_abs: max_p |x_p - c_p| over d entries.
+//   levels: r_p = round((x_p - c_p) / scale), clamped to [-max_level, max_level] and 0 past d, 4 to an int32
+//     at xq[g * stride] (g < d4); returns sum_p r_p, and in double sums[0..2] = ||x - c||^2,
+//     ||x - c - scale r||^2 and ||scale r||^2.
+//   scan, rescore: as above (PrefilterScanFn, PrefilterRescoreFn).
+struct PrefilterKernels {
+  const char* name;   // "vnni", "avx2"
+  int32_t max_level;  // the rows' levels fill [-max_level, max_level]; the codes' always [-127, 127]
+  PrefilterQuantizePanelFn quantize_panel;
+  PrefilterMaxAbsFn max_abs;
+  PrefilterLevelsFn levels;
+  PrefilterScanFn scan;
+  PrefilterRescoreFn rescore;
+};
+
+#ifdef FASTVQ_HAVE_AVX2_KERNEL
 // The float32 score of each listed (row, code) pair, row r's centred values at xc + r * d, the code's
 // from its codebook row (the pack's -2 (e - c), rebuilt bitwise): the search kernels' value (norm, then
 // one FMA per p), merged into best_*[row] in list order as they do (strictly smaller replaces; each
-// row's codes are listed in increasing order).
-void prefilter_rescore_avx512(const float* xc, int64_t d, const float* codebook, const float* centre,
-                              const float* norms, const int32_t* rows, const int32_t* codes, int64_t count,
-                              float* best_val, int64_t* best_idx);
+// row's codes are listed in increasing order). Every scan's (it is scalar arithmetic).
+void prefilter_rescore_avx2(const float* xc, int64_t d, const float* codebook, const float* centre,
+                            const float* norms, const int32_t* rows, const int32_t* codes, int64_t count,
+                            float* best_val, int64_t* best_idx);
+void prefilter_quantize_panel_avx2(const float* panel, int64_t d, int64_t d4, uint8_t* bytes, float* scale,
+                                   double* norms);
+float prefilter_max_abs_avx2(const float* x, const float* centre, int64_t d);
+int32_t prefilter_levels_avx2(const float* x, const float* centre, int64_t d, int64_t d4, float scale, int32_t* xq,
+                              int64_t stride, double* sums);
+void prefilter_scan_avx2(int rows, const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes,
+                         int64_t q_begin, int64_t q_end, int64_t warmup, float* running, int32_t* cand,
+                         float* cand_val, int64_t cap, int64_t* count, int64_t prefetch_end);
+#endif
+#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
+void prefilter_quantize_panel_avx512(const float* panel, int64_t d, int64_t d4, uint8_t* bytes, float* scale,
+                                     double* norms);
+float prefilter_max_abs_avx512(const float* x, const float* centre, int64_t d);
+int32_t prefilter_levels_avx512(const float* x, const float* centre, int64_t d, int64_t d4, float scale, int32_t* xq,
+                                int64_t stride, double* sums);
+void prefilter_scan_avx512(int rows, const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes,
+                           int64_t q_begin, int64_t q_end, int64_t warmup, float* running, int32_t* cand,
+                           float* cand_val, int64_t cap, int64_t* count, int64_t prefetch_end);
 // The same scan on AMX-INT8 tiles (prefilter_amx.cpp), for up to kAmxRows rows: xq row-major here,
 // row r's 4-byte groups at xq + r * row_words (row_words a multiple of 16, zero past d4; rows past
 // `rows` zero). The caller has requested the tile state from the OS (amx_ready in the driver).
 void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const QuantizedRow* qrows,
                         const QuantizedCodes& codes, int64_t q_begin, int64_t q_end, int64_t warmup, float* running,
                         int32_t* cand, float* cand_val, int64_t cap, int64_t* count, int64_t prefetch_end);
-void prefilter_scan_avx512(int rows, const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes,
-                           int64_t q_begin, int64_t q_end, int64_t warmup, float* running, int32_t* cand,
-                           float* cand_val, int64_t cap, int64_t* count, int64_t prefetch_end);
 #endif
 
 }  // namespace fastvq::cpu

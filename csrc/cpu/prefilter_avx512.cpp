@@ -1,7 +1,7 @@
-// The int8 prefilter's kernels (prefilter.h), AVX-512 VNNI: the scan (its AMX-INT8 twin: prefilter_amx.cpp),
-// the rows' quantization and the candidates' float32 scores. Compiled with -mavx512vnni (as prefilter_amx.cpp
-// is); called through nearest_code_prefilter.cpp only after the CPU checks there. Free of the C++ standard
-// library (see kernels.h).
+// The int8 prefilter's kernels (prefilter.h), AVX-512 VNNI: the scan (its AMX-INT8 twin: prefilter_amx.cpp)
+// and the codes' and rows' quantization (the candidates' float32 scores: prefilter_avx2.cpp). Compiled with
+// -mavx512vnni (as prefilter_amx.cpp is); called through nearest_code_prefilter.cpp only after the CPU checks
+// there. Free of the C++ standard library (see kernels.h).
 //
 // Per panel of 16 codes and each of up to kPrefilterRows rows: d4 vpdpbusd (16 codes x 4 dims each,
 // the panel's 64-byte group loaded once for all the rows, the row's 4 bytes broadcast, the accumulator
@@ -119,7 +119,7 @@ void prefilter_scan_avx512(int rows, const int32_t* xq, const QuantizedRow* qrow
 
 }  // namespace fastvq::cpu
 
-// ---- the rows' quantization and the candidates' float32 scores (prefilter.h) ----
+// ---- the codes' and rows' quantization (prefilter.h) ----
 namespace fastvq::cpu {
 namespace {
 
@@ -192,22 +192,6 @@ float prefilter_max_abs_avx512(const float* x, const float* centre, int64_t d) {
   return _mm512_reduce_max_ps(largest);
 }
 
-int32_t prefilter_code_dot_avx512(const int32_t* levels, int64_t stride, const uint8_t* bytes, int64_t d4) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512i acc = _mm512_setzero_si512();
-  for (int64_t g = 0; g < d4; g += 16) {
-    const __mmask16 m = tail_mask(d4 - g);
-    const __m512i group = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(g)));
-    const __m512i code = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m,
-                                                     _mm512_slli_epi32(group, 6), bytes, 1);  // kQuantGroupBytes apart
-    const __m512i row = _mm512_mask_i32gather_epi32(
-        _mm512_setzero_si512(), m, _mm512_mullo_epi32(group, _mm512_set1_epi32(static_cast<int32_t>(stride))), levels,
-        4);
-    acc = _mm512_dpbusd_epi32(acc, code, row);  // masked-off groups are 0 . 0
-  }
-  return _mm512_reduce_add_epi32(acc);
-}
-
 int32_t prefilter_levels_avx512(const float* x, const float* centre, int64_t d, int64_t d4, float scale, int32_t* xq,
                                 int64_t stride, double* sums) {
   const __m512 inverse = _mm512_set1_ps(1.0f / scale);
@@ -242,110 +226,6 @@ int32_t prefilter_levels_avx512(const float* x, const float* centre, int64_t d, 
   sums[1] = _mm512_reduce_add_pd(error_sq);
   sums[2] = _mm512_reduce_add_pd(quant_sq);
   return _mm512_reduce_add_epi32(level_sum);
-}
-
-// prefilter_codes.cpp's round_up for 8 lanes (v >= 0): the smallest float32 >= v (1 + kRoundUpSlack).
-static inline __m256 round_up8(__m512d v) {
-  return _mm512_cvt_roundpd_ps(_mm512_mul_pd(v, _mm512_set1_pd(1.0 + kRoundUpSlack)),
-                               _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
-}
-
-unsigned prefilter_row_bounds_avx512(const double* norm_sq, const double* error_sq, const double* quant_sq,
-                                     int count, const QuantizedCodes& codes, QuantizedRow* qrows) {
-  const __mmask8 lanes = static_cast<__mmask8>((1u << count) - 1u);
-  const double u = kUnitRoundoff, dim = static_cast<double>(codes.d);
-  const __m512d gamma = _mm512_set1_pd(dim * u / (1.0 - dim * u)), unit = _mm512_set1_pd(u);
-  const __m512d two = _mm512_set1_pd(2.0), four_u = _mm512_set1_pd(4.0 * u);
-  const __m512d norm_max = _mm512_set1_pd(codes.max_norm), panel_max = _mm512_set1_pd(codes.max_panel_norm);
-  const __m512d error_max = _mm512_set1_pd(codes.max_error_norm), quant_max = _mm512_set1_pd(codes.max_quant_norm);
-  const __m512d x_norm = _mm512_sqrt_pd(_mm512_maskz_loadu_pd(lanes, norm_sq));
-  const __m512d x_error = _mm512_sqrt_pd(_mm512_maskz_loadu_pd(lanes, error_sq));
-  const __m512d x_quant = _mm512_sqrt_pd(_mm512_maskz_loadu_pd(lanes, quant_sq));
-  const __m256 alpha = round_up8(x_norm), beta = round_up8(x_error);
-  const __m512d alpha_d = _mm512_cvtps_pd(alpha), beta_d = _mm512_cvtps_pd(beta);
-  // rho0 = gamma (N + ||x'|| P) + u (N + 2 ||x^|| H); M = (N + ||x^|| H)(1 + 2u) + 2 (alpha E + beta H + rho0)
-  const __m512d rho0 = _mm512_add_pd(_mm512_mul_pd(gamma, _mm512_fmadd_pd(x_norm, panel_max, norm_max)),
-                                     _mm512_mul_pd(unit, _mm512_fmadd_pd(_mm512_mul_pd(two, x_quant), quant_max,
-                                                                         norm_max)));
-  const __m512d largest_r = _mm512_fmadd_pd(alpha_d, error_max, _mm512_fmadd_pd(beta_d, quant_max, rho0));
-  const __m512d largest = _mm512_fmadd_pd(_mm512_fmadd_pd(x_quant, quant_max, norm_max), _mm512_set1_pd(1.0 + 2.0 * u),
-                                          _mm512_mul_pd(two, largest_r));
-  const __m256 rho = round_up8(_mm512_fmadd_pd(four_u, largest, rho0));
-  const __m512d widest_r =
-      _mm512_fmadd_pd(alpha_d, error_max, _mm512_fmadd_pd(beta_d, quant_max, _mm512_cvtps_pd(rho)));
-  const __m256 spread = round_up8(_mm512_fmadd_pd(_mm512_mul_pd(two, widest_r), _mm512_set1_pd(1.0 + kSpreadSlack),
-                                                  _mm512_mul_pd(four_u, largest)));
-  const __m512d infinity = _mm512_set1_pd(__builtin_inf());
-  const __mmask8 finite = _mm512_cmp_pd_mask(alpha_d, infinity, _CMP_LT_OQ) &
-                          _mm512_cmp_pd_mask(beta_d, infinity, _CMP_LT_OQ) &
-                          _mm512_cmp_pd_mask(_mm512_cvtps_pd(rho), infinity, _CMP_LT_OQ) &
-                          _mm512_cmp_pd_mask(_mm512_cvtps_pd(spread), infinity, _CMP_LT_OQ);
-  alignas(32) float terms[4][8];
-  _mm256_store_ps(terms[0], alpha);
-  _mm256_store_ps(terms[1], beta);
-  _mm256_store_ps(terms[2], rho);
-  _mm256_store_ps(terms[3], spread);
-  for (int i = 0; i < count; ++i) {
-    qrows[i].alpha = terms[0][i];
-    qrows[i].beta = terms[1][i];
-    qrows[i].rho = terms[2][i];
-    qrows[i].spread = terms[3][i];
-  }
-  return finite & lanes;
-}
-
-namespace {
-// acc += x * value, one rounding (vfmadd231ss, the value from memory). Inline asm for dot4's reason: GCC
-// 12 copied each of _mm_fmadd_ss's eight accumulators through another register every step.
-inline void fma_ss(__m128& acc, __m128 x, const float& value) {
-  __asm__("vfmadd231ss %2, %1, %0" : "+x"(acc) : "x"(x), "m"(value));
-}
-}  // namespace
-
-void prefilter_rescore_avx512(const float* xc, int64_t d, const float* codebook, const float* centre,
-                              const float* norms, const int32_t* rows, const int32_t* codes, int64_t count,
-                              float* best_val, int64_t* best_idx) {
-  // Eight pairs at a time, eight FMA chains in flight (one chain's latency would dominate otherwise);
-  // the last group repeats its last pair in the unused chains, whose results are not read. Each code's
-  // packed values -2 (e - c) are rebuilt from its contiguous row (pack_codebook.cpp's two roundings,
-  // bitwise): a panel column would cost a cache line per dimension.
-  alignas(64) float values[8][kPrefilterMaxDim];
-  const __m512 minus_two = _mm512_set1_ps(-2.0f);
-  for (int64_t t0 = 0; t0 < count; t0 += 8) {
-    const float* x[8];
-    __m128 acc[8];
-    for (int c = 0; c < 8; ++c) {
-      const int64_t t = t0 + c < count ? t0 + c : count - 1, code = codes[t];
-      const float* e = codebook + code * d;
-      for (int64_t p = 0; p < d; p += 16) {
-        const __mmask16 m = tail_mask(d - p);
-        const __m512 diff = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, e + p), _mm512_maskz_loadu_ps(m, centre + p));
-        _mm512_mask_storeu_ps(values[c] + p, m, _mm512_mul_ps(minus_two, diff));
-      }
-      x[c] = xc + rows[t] * d;
-      acc[c] = _mm_set_ss(norms[code]);
-    }
-    __m128 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5], a6 = acc[6], a7 = acc[7];
-    for (int64_t p = 0; p < d; ++p) {  // named accumulators: an array's elements went through the stack
-      fma_ss(a0, _mm_set_ss(x[0][p]), values[0][p]);
-      fma_ss(a1, _mm_set_ss(x[1][p]), values[1][p]);
-      fma_ss(a2, _mm_set_ss(x[2][p]), values[2][p]);
-      fma_ss(a3, _mm_set_ss(x[3][p]), values[3][p]);
-      fma_ss(a4, _mm_set_ss(x[4][p]), values[4][p]);
-      fma_ss(a5, _mm_set_ss(x[5][p]), values[5][p]);
-      fma_ss(a6, _mm_set_ss(x[6][p]), values[6][p]);
-      fma_ss(a7, _mm_set_ss(x[7][p]), values[7][p]);
-    }
-    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;
-    for (int c = 0; c < 8 && t0 + c < count; ++c) {
-      const float score = _mm_cvtss_f32(acc[c]);
-      const int32_t row = rows[t0 + c];
-      if (score < best_val[row]) {  // a row's candidates in increasing order: a tie keeps the lower code
-        best_val[row] = score;
-        best_idx[row] = codes[t0 + c];
-      }
-    }
-  }
 }
 
 }  // namespace fastvq::cpu

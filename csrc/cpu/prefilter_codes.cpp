@@ -42,9 +42,10 @@ namespace {
 const double kMinScaleProduct = std::ldexp(1.0, -126);
 const double kMaxScaleProduct = std::ldexp(1.0, 100);
 
-// The scale of a vector whose largest magnitude is max_abs: its levels fill [-127, 127] (1 for zeros).
-float quant_scale(double max_abs) {
-  const float s = static_cast<float>(max_abs / 127.0);
+// The scale of a vector whose largest magnitude is max_abs: its levels fill [-max_level, max_level] (1 for
+// zeros).
+float quant_scale(double max_abs, int32_t max_level) {
+  const float s = static_cast<float>(max_abs / max_level);
   return s > 0.0f ? s : 1.0f;
 }
 
@@ -79,16 +80,11 @@ struct Maxima {
 
 // Quantize panel q into `codes`, returning its contribution to the maxima. A code that can never win
 // (padding past K, non-finite entries) gets level 0, scale 1 and a NaN norm.
-Maxima quantize_panel(const PackedCodebook& pack, QuantizedCodes& codes, int64_t q) {
+Maxima quantize_panel(const PackedCodebook& pack, const PrefilterKernels& kernels, QuantizedCodes& codes,
+                      int64_t q) {
   uint8_t* bytes = codes.bytes + q * codes.d4 * kQuantGroupBytes;
   double norms[3 * kPanel];
-#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
-  prefilter_quantize_panel_avx512(pack.panels + q * pack.d * kPanel, pack.d, codes.d4, bytes,
-                                  codes.scale + q * kPanel, norms);
-#else
-  (void)bytes, (void)norms;
-  throw std::logic_error("the int8 prefilter needs the AVX-512 VNNI kernel");  // unreachable: no scan to feed
-#endif
+  kernels.quantize_panel(pack.panels + q * pack.d * kPanel, pack.d, codes.d4, bytes, codes.scale + q * kPanel, norms);
   Maxima m;
   for (int j = 0; j < kPanel; ++j) {
     const int64_t code = q * kPanel + j;
@@ -117,7 +113,7 @@ Maxima quantize_panel(const PackedCodebook& pack, QuantizedCodes& codes, int64_t
   return m;
 }
 
-std::shared_ptr<const QuantizedCodes> build(const PackedCodebook& pack, int nt) {
+std::shared_ptr<const QuantizedCodes> build(const PackedCodebook& pack, const PrefilterKernels& kernels, int nt) {
   auto codes = std::make_shared<QuantizedCodes>();
   codes->npanels = pack.npanels;
   codes->d = pack.d;
@@ -136,7 +132,7 @@ std::shared_ptr<const QuantizedCodes> build(const PackedCodebook& pack, int nt) 
   std::fill(codes->bytes + pack.npanels * codes->d4 * kQuantGroupBytes, codes->bytes + byte_count, uint8_t{0});
   std::vector<Maxima> per_panel(static_cast<size_t>(pack.npanels));
 #pragma omp parallel for schedule(static) num_threads(nt) if (pack.npanels * pack.d >= (int64_t{1} << 16))
-  for (int64_t q = 0; q < pack.npanels; ++q) per_panel[static_cast<size_t>(q)] = quantize_panel(pack, *codes, q);
+  for (int64_t q = 0; q < pack.npanels; ++q) per_panel[static_cast<size_t>(q)] = quantize_panel(pack, kernels, *codes, q);
   Maxima all;
   for (const Maxima& m : per_panel) all.add(m);
   codes->max_panel_norm = all.panel_norm;
@@ -153,12 +149,13 @@ std::shared_ptr<const QuantizedCodes> build(const PackedCodebook& pack, int nt) 
 
 QuantizedCodes::~QuantizedCodes() { std::free(bytes); }
 
-std::shared_ptr<const QuantizedCodes> quantized_codes(const PackedCodebook& pack, int num_threads) {
+std::shared_ptr<const QuantizedCodes> quantized_codes(const PackedCodebook& pack, const PrefilterKernels& kernels,
+                                                      int num_threads) {
   std::shared_ptr<const QuantizedCodes> codes;
   {
     std::lock_guard<std::mutex> lock(pack.quantized_mutex);
     if (!pack.quantized) {
-      pack.quantized = build(pack, resolve_threads(num_threads));
+      pack.quantized = build(pack, kernels, resolve_threads(num_threads));
       pack.quantized_bytes.store(pack.quantized->nbytes);
     }
     codes = pack.quantized;
@@ -172,67 +169,64 @@ bool has_quantized_codes(const PackedCodebook& pack) {
   return pack.quantized != nullptr;
 }
 
-bool quantize_row_levels(const float* row, const float* centre, int64_t d, int64_t d4, int32_t* xq, int64_t stride,
-                         RowLevels& out) {
-#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
+bool quantize_row_levels(const PrefilterKernels& kernels, const float* row, const float* centre, int64_t d,
+                         int64_t d4, int32_t* xq, int64_t stride, RowLevels& out) {
   // pack_rows' range check, bitwise: the prefilter declines exactly the rows the full search refuses,
   // and every non-finite row (an inf or NaN entry makes the sum inf or NaN). Rows far inside the range
   // (d max^2, with room for the sum's roundings) skip the exact sum; a NaN that the maximum passes over
   // makes the norms NaN, and the row is declined by the bound's finiteness (bound_rows).
-  const float max_abs = prefilter_max_abs_avx512(row, centre, d);
+  const float max_abs = kernels.max_abs(row, centre, d);
   if (!(static_cast<double>(max_abs) * max_abs * static_cast<double>(d) <= kMaxCentredSquaredNorm / 2) &&
       !(squared_l2(row, centre, d) <= static_cast<float>(kMaxCentredSquaredNorm)))
     return false;
-  out.scale = quant_scale(max_abs);
+  out.scale = quant_scale(max_abs, kernels.max_level);
   double sums[3];
-  out.sum = prefilter_levels_avx512(row, centre, d, d4, out.scale, xq, stride, sums);
+  out.sum = kernels.levels(row, centre, d, d4, out.scale, xq, stride, sums);
   out.norm_sq = sums[0];
   out.error_sq = sums[1];
   out.quant_sq = sums[2];
   return true;
-#else
-  (void)row, (void)centre, (void)d, (void)d4, (void)xq, (void)stride, (void)out;
-  return false;  // no scan to feed
-#endif
 }
 
 bool bound_rows(const RowLevels* rows, int64_t count, const QuantizedCodes& codes, QuantizedRow* qrows) {
-#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
-  double norm_sq[kRowBatch], error_sq[kRowBatch], quant_sq[kRowBatch];
+  const double u = kUnitRoundoff, dim = static_cast<double>(codes.d), gamma = dim * u / (1.0 - dim * u);
+  const double norm_max = codes.max_norm, panel_max = codes.max_panel_norm;
+  const double error_max = codes.max_error_norm, quant_max = codes.max_quant_norm;
   for (int64_t i = 0; i < count; ++i) {
     const float s = rows[i].scale;
     if (codes.any_code && !(s * codes.min_scale >= kMinScaleProduct && s * codes.max_scale <= kMaxScaleProduct))
       return false;
-    norm_sq[i] = rows[i].norm_sq;
-    error_sq[i] = rows[i].error_sq;
-    quant_sq[i] = rows[i].quant_sq;
-    qrows[i].scale = s;
-    qrows[i].correction = 128 * rows[i].sum;
+    // alpha = ||x'||, beta = ||x' - x^||, rho = rho0 + 4 u M and the spread, as derived above:
+    // rho0 = gamma (N + ||x'|| P) + u (N + 2 ||x^|| H); M = (N + ||x^|| H)(1 + 2u) + 2 (alpha E + beta H + rho0).
+    const double x_norm = std::sqrt(rows[i].norm_sq), x_error = std::sqrt(rows[i].error_sq);
+    const double x_quant = std::sqrt(rows[i].quant_sq);
+    const float alpha = round_up(x_norm), beta = round_up(x_error);
+    const double rho0 = gamma * (x_norm * panel_max + norm_max) + u * (2.0 * x_quant * quant_max + norm_max);
+    const double largest_r = alpha * error_max + (beta * quant_max + rho0);
+    const double largest = (x_quant * quant_max + norm_max) * (1.0 + 2.0 * u) + 2.0 * largest_r;
+    const float rho = round_up(4.0 * u * largest + rho0);
+    const double widest_r = alpha * error_max + (beta * quant_max + static_cast<double>(rho));
+    const float spread = round_up(2.0 * widest_r * (1.0 + kSpreadSlack) + 4.0 * u * largest);
+    if (!(std::isfinite(alpha) && std::isfinite(beta) && std::isfinite(rho) && std::isfinite(spread))) return false;
+    qrows[i] = {s, 128 * rows[i].sum, alpha, beta, rho, spread};
   }
-  // alpha = ||x'||, beta = ||x' - x^||, rho = rho0 + 4 u M and the spread, as derived above, 8 rows at once.
-  const unsigned all = (1u << count) - 1u;
-  return prefilter_row_bounds_avx512(norm_sq, error_sq, quant_sq, static_cast<int>(count), codes, qrows) == all;
-#else
-  (void)rows, (void)count, (void)codes, (void)qrows;
-  return false;
-#endif
+  return true;
 }
 
 float approximate_score(const QuantizedCodes& codes, const int32_t* levels, int64_t stride, const QuantizedRow& qrow,
                         int64_t code) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   if (code < 0 || code >= codes.npanels * kPanel || std::isnan(codes.norm[code])) return kInf;
-#ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
   const uint8_t* bytes = codes.bytes + (code / kPanel) * codes.d4 * kQuantGroupBytes + (code % kPanel) * 4;
   // The codes' bytes are q + 128: the scans' accumulators start at -correction and end at r . q.
-  const int32_t dot = prefilter_code_dot_avx512(levels, stride, bytes, codes.d4) - qrow.correction;
+  int32_t dot = -qrow.correction;
+  for (int64_t g = 0; g < codes.d4; ++g)
+    for (int b = 0; b < 4; ++b)
+      dot += static_cast<int32_t>(bytes[g * kQuantGroupBytes + b]) *
+             static_cast<int8_t>(static_cast<uint32_t>(levels[g * stride]) >> (8 * b));
   // The scans' arithmetic: the scale product rounded to float32, then one FMA (approximate_scores).
   const float product = codes.scale[code] * qrow.scale;
   return std::fma(static_cast<float>(dot), product, codes.norm[code]);
-#else
-  (void)levels, (void)stride, (void)qrow;
-  return kInf;  // no scan to start
-#endif
 }
 
 }  // namespace fastvq::cpu

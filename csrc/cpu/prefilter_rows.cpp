@@ -39,7 +39,7 @@ bool QuantizedBlock::quantize(const float* x, int64_t first, int64_t rows, const
     RowLevels* row_levels = keep ? &keep->rows[static_cast<size_t>(first + i)] : own;
     bool ok = true;
     for (int64_t j = 0; j < count && ok; ++j)
-      ok = quantize_row_levels(x + (first + i + j) * codes.d, centre, codes.d, codes.d4,
+      ok = quantize_row_levels(*layout.kernels, x + (first + i + j) * codes.d, centre, codes.d, codes.d4,
                                levels + layout.offset(i + j), layout.stride(), row_levels[j]);
     declined += !(ok && bound_rows(row_levels, count, codes, &qrows[static_cast<size_t>(i)]));
   }

@@ -14,11 +14,12 @@
 
 namespace fastvq::cpu {
 
-// Where row i's 4-byte group g lives in the quantized rows: the VNNI scan reads each 8-row subgroup
-// interleaved (xq[g * 8 + r]), the AMX scan reads rows as tile rows (row_words int32 each). Rows are
-// quantized in groups of kAmxRows (the driver's groups); the offsets of a group's rows from its first row's
-// do not depend on where the group starts.
+// How the rows are quantized (the kernel set whose scan reads them: its levels' range) and where row i's
+// 4-byte group g lives: the VNNI and AVX2 scans read each 8-row subgroup interleaved (xq[g * 8 + r]), the
+// AMX scan reads rows as tile rows (row_words int32 each). Rows are quantized in groups of kAmxRows (the
+// driver's groups); the offsets of a group's rows from its first row's do not depend on where the group starts.
 struct RowLayout {
+  const PrefilterKernels* kernels;
   bool amx;
   int64_t d4, row_words;
   int64_t offset(int64_t i) const {
@@ -26,7 +27,9 @@ struct RowLayout {
   }
   int64_t stride() const { return amx ? 1 : kPrefilterRows; }
   int64_t words(int64_t ngroups) const { return ngroups * kAmxRows * (amx ? row_words : d4); }
-  bool operator==(const RowLayout& o) const { return amx == o.amx && d4 == o.d4 && row_words == o.row_words; }
+  bool operator==(const RowLayout& o) const {
+    return kernels == o.kernels && amx == o.amx && d4 == o.d4 && row_words == o.row_words;
+  }
 };
 
 struct KeptRows;

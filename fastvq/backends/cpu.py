@@ -21,7 +21,7 @@ from .base import Backend
 # Caps the SIMD level the kernels use (portable, avx2, avx512); for benchmarks that must run
 # as on an older CPU. Unset: the best level this CPU supports.
 SIMD_ENV_VAR = "FASTVQ_CPU_SIMD"
-# nearest_code's int8 prefilter (exact; AVX-512 VNNI): auto (default), always or off (_cpu.set_prefilter).
+# nearest_code's int8 prefilter (exact; AVX-512 VNNI, AMX-INT8 or AVX2): auto (default), always or off (_cpu.set_prefilter).
 PREFILTER_ENV_VAR = "FASTVQ_CPU_PREFILTER"
 
 try:
