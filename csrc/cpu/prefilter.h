@@ -137,6 +137,12 @@ struct PrefilterKernels {
 void prefilter_rescore_avx2(const float* xc, int64_t d, const float* codebook, const float* centre,
                             const float* norms, const int32_t* rows, const int32_t* codes, int64_t count,
                             float* best_val, int64_t* best_idx);
+// Each row's terms of the bound (prefilter_codes.cpp derives them) from its squared norms in double, for
+// `count` <= 8 rows, 4 to a vector: ||x'||^2, ||x' - x^||^2 and ||x^||^2 in norm_sq[i], error_sq[i],
+// quant_sq[i], over the codes' maxima. Writes alpha, beta, rho and spread (rounded up to float32) of
+// qrows[0 .. count); returns the mask of the rows whose four terms are finite. Every scan's.
+unsigned prefilter_row_bounds_avx2(const double* norm_sq, const double* error_sq, const double* quant_sq, int count,
+                                   const QuantizedCodes& codes, QuantizedRow* qrows);
 void prefilter_quantize_panel_avx2(const float* panel, int64_t d, int64_t d4, uint8_t* bytes, float* scale,
                                    double* norms);
 float prefilter_max_abs_avx2(const float* x, const float* centre, int64_t d);

@@ -331,6 +331,67 @@ int32_t prefilter_levels_avx2(const float* x, const float* centre, int64_t d, in
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
+// prefilter_codes.cpp's round_up for 4 lanes (v >= 0, or NaN): the smallest float32 >= v (1 + kRoundUpSlack).
+static inline __m128 round_up4(__m256d v) {
+  v = _mm256_mul_pd(v, _mm256_set1_pd(1.0 + kRoundUpSlack));
+  const __m128 nearest = _mm256_cvtpd_ps(v);
+  const __m256d below = _mm256_cmp_pd(_mm256_cvtps_pd(nearest), v, _CMP_LT_OQ);  // rounded down: one step up
+  const __m128i step = _mm256_cvtpd_epi32(_mm256_and_pd(below, _mm256_set1_pd(1.0)));
+  return _mm_castsi128_ps(_mm_add_epi32(_mm_castps_si128(nearest), step));  // >= 0: the next bit pattern
+}
+
+unsigned prefilter_row_bounds_avx2(const double* norm_sq, const double* error_sq, const double* quant_sq, int count,
+                                   const QuantizedCodes& codes, QuantizedRow* qrows) {
+  const double u = kUnitRoundoff, dim = static_cast<double>(codes.d);
+  const __m256d gamma = _mm256_set1_pd(dim * u / (1.0 - dim * u)), unit = _mm256_set1_pd(u);
+  const __m256d two = _mm256_set1_pd(2.0), four_u = _mm256_set1_pd(4.0 * u), infinity = _mm256_set1_pd(__builtin_inf());
+  const __m256d norm_max = _mm256_set1_pd(codes.max_norm), panel_max = _mm256_set1_pd(codes.max_panel_norm);
+  const __m256d error_max = _mm256_set1_pd(codes.max_error_norm), quant_max = _mm256_set1_pd(codes.max_quant_norm);
+  unsigned finite = 0;
+  for (int i0 = 0; i0 < count; i0 += 4) {
+    alignas(32) double lanes[3][4] = {};
+    for (int i = i0; i < count && i < i0 + 4; ++i) {
+      lanes[0][i - i0] = norm_sq[i];
+      lanes[1][i - i0] = error_sq[i];
+      lanes[2][i - i0] = quant_sq[i];
+    }
+    const __m256d x_norm = _mm256_sqrt_pd(_mm256_load_pd(lanes[0]));
+    const __m256d x_error = _mm256_sqrt_pd(_mm256_load_pd(lanes[1]));
+    const __m256d x_quant = _mm256_sqrt_pd(_mm256_load_pd(lanes[2]));
+    const __m128 alpha = round_up4(x_norm), beta = round_up4(x_error);
+    const __m256d alpha_d = _mm256_cvtps_pd(alpha), beta_d = _mm256_cvtps_pd(beta);
+    // rho0 = gamma (N + ||x'|| P) + u (N + 2 ||x^|| H); M = (N + ||x^|| H)(1 + 2u) + 2 (alpha E + beta H + rho0)
+    const __m256d rho0 = _mm256_add_pd(_mm256_mul_pd(gamma, _mm256_fmadd_pd(x_norm, panel_max, norm_max)),
+                                       _mm256_mul_pd(unit, _mm256_fmadd_pd(_mm256_mul_pd(two, x_quant), quant_max,
+                                                                           norm_max)));
+    const __m256d largest_r = _mm256_fmadd_pd(alpha_d, error_max, _mm256_fmadd_pd(beta_d, quant_max, rho0));
+    const __m256d largest = _mm256_fmadd_pd(_mm256_fmadd_pd(x_quant, quant_max, norm_max),
+                                            _mm256_set1_pd(1.0 + 2.0 * u), _mm256_mul_pd(two, largest_r));
+    const __m128 rho = round_up4(_mm256_fmadd_pd(four_u, largest, rho0));
+    const __m256d widest_r =
+        _mm256_fmadd_pd(alpha_d, error_max, _mm256_fmadd_pd(beta_d, quant_max, _mm256_cvtps_pd(rho)));
+    const __m128 spread = round_up4(_mm256_fmadd_pd(_mm256_mul_pd(two, widest_r), _mm256_set1_pd(1.0 + kSpreadSlack),
+                                                    _mm256_mul_pd(four_u, largest)));
+    const __m256d ok = _mm256_and_pd(
+        _mm256_and_pd(_mm256_cmp_pd(alpha_d, infinity, _CMP_LT_OQ), _mm256_cmp_pd(beta_d, infinity, _CMP_LT_OQ)),
+        _mm256_and_pd(_mm256_cmp_pd(_mm256_cvtps_pd(rho), infinity, _CMP_LT_OQ),
+                      _mm256_cmp_pd(_mm256_cvtps_pd(spread), infinity, _CMP_LT_OQ)));
+    finite |= static_cast<unsigned>(_mm256_movemask_pd(ok)) << i0;
+    alignas(16) float terms[4][4];
+    _mm_store_ps(terms[0], alpha);
+    _mm_store_ps(terms[1], beta);
+    _mm_store_ps(terms[2], rho);
+    _mm_store_ps(terms[3], spread);
+    for (int i = i0; i < count && i < i0 + 4; ++i) {
+      qrows[i].alpha = terms[0][i - i0];
+      qrows[i].beta = terms[1][i - i0];
+      qrows[i].rho = terms[2][i - i0];
+      qrows[i].spread = terms[3][i - i0];
+    }
+  }
+  return finite & ((1u << count) - 1u);
+}
+
 void prefilter_rescore_avx2(const float* xc, int64_t d, const float* codebook, const float* centre,
                             const float* norms, const int32_t* rows, const int32_t* codes, int64_t count,
                             float* best_val, int64_t* best_idx) {

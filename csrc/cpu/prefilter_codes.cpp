@@ -189,28 +189,25 @@ bool quantize_row_levels(const PrefilterKernels& kernels, const float* row, cons
 }
 
 bool bound_rows(const RowLevels* rows, int64_t count, const QuantizedCodes& codes, QuantizedRow* qrows) {
-  const double u = kUnitRoundoff, dim = static_cast<double>(codes.d), gamma = dim * u / (1.0 - dim * u);
-  const double norm_max = codes.max_norm, panel_max = codes.max_panel_norm;
-  const double error_max = codes.max_error_norm, quant_max = codes.max_quant_norm;
+#ifdef FASTVQ_HAVE_AVX2_KERNEL
+  double norm_sq[kRowBatch], error_sq[kRowBatch], quant_sq[kRowBatch];
   for (int64_t i = 0; i < count; ++i) {
     const float s = rows[i].scale;
     if (codes.any_code && !(s * codes.min_scale >= kMinScaleProduct && s * codes.max_scale <= kMaxScaleProduct))
       return false;
-    // alpha = ||x'||, beta = ||x' - x^||, rho = rho0 + 4 u M and the spread, as derived above:
-    // rho0 = gamma (N + ||x'|| P) + u (N + 2 ||x^|| H); M = (N + ||x^|| H)(1 + 2u) + 2 (alpha E + beta H + rho0).
-    const double x_norm = std::sqrt(rows[i].norm_sq), x_error = std::sqrt(rows[i].error_sq);
-    const double x_quant = std::sqrt(rows[i].quant_sq);
-    const float alpha = round_up(x_norm), beta = round_up(x_error);
-    const double rho0 = gamma * (x_norm * panel_max + norm_max) + u * (2.0 * x_quant * quant_max + norm_max);
-    const double largest_r = alpha * error_max + (beta * quant_max + rho0);
-    const double largest = (x_quant * quant_max + norm_max) * (1.0 + 2.0 * u) + 2.0 * largest_r;
-    const float rho = round_up(4.0 * u * largest + rho0);
-    const double widest_r = alpha * error_max + (beta * quant_max + static_cast<double>(rho));
-    const float spread = round_up(2.0 * widest_r * (1.0 + kSpreadSlack) + 4.0 * u * largest);
-    if (!(std::isfinite(alpha) && std::isfinite(beta) && std::isfinite(rho) && std::isfinite(spread))) return false;
-    qrows[i] = {s, 128 * rows[i].sum, alpha, beta, rho, spread};
+    norm_sq[i] = rows[i].norm_sq;
+    error_sq[i] = rows[i].error_sq;
+    quant_sq[i] = rows[i].quant_sq;
+    qrows[i].scale = s;
+    qrows[i].correction = 128 * rows[i].sum;
   }
-  return true;
+  // alpha = ||x'||, beta = ||x' - x^||, rho = rho0 + 4 u M and the spread, as derived above, 4 rows at once.
+  const unsigned all = (1u << count) - 1u;
+  return prefilter_row_bounds_avx2(norm_sq, error_sq, quant_sq, static_cast<int>(count), codes, qrows) == all;
+#else
+  (void)rows, (void)count, (void)codes, (void)qrows;
+  return false;  // no scan to feed (every kernel set needs the AVX2 kernels)
+#endif
 }
 
 float approximate_score(const QuantizedCodes& codes, const int32_t* levels, int64_t stride, const QuantizedRow& qrow,
