@@ -25,8 +25,6 @@ namespace {
 
 // Rows whose accumulators fit the registers together; a scan call of 5 to 8 rows makes two passes.
 constexpr int kAvx2Rows = 4;
-// As prefilter_fold.h: panels prefetched ahead when they stream from memory.
-constexpr int64_t kPrefetchPanels = 8;
 
 // The smallest float32 >= min_s + spread (a threshold may be anything >= the exact sum). The sum of two
 // float32 in double is exact unless their exponents are 30 apart, and then no float32 lies strictly
@@ -118,8 +116,6 @@ inline void fold_row(__m256i lo, __m256i hi, const QuantizedRow& qrow, const Pan
     list_passing(s, passed, q, qrow, min_s, threshold, cand, cand_val, cap, count);
   }
 }
-
-using WarmScores = float[kMaxWarmupPanels * 16];
 
 // R <= kAvx2Rows rows of an interleaved group (xq[g * kPrefilterRows + r]). Without kEmit, row r's S~ of
 // panel q go to warm[r] + 16 (q - q_begin).

@@ -14,13 +14,6 @@
 namespace fastvq::cpu {
 namespace {  // NOLINT(google-build-namespaces): see above
 
-// How far ahead a scan of codes streamed from memory prefetches (prefetch_end): 8 panels (8 KiB at
-// d = 64), every line. Same process, each call after a faiss and a torch.cdist call (the bench's
-// alternation), K = 65536, d = 64, medians of 120: 16 rows (AMX) 543 -> 474 and 621 -> 547 us; 1 row
-// (VNNI) 285 -> 245 and 307 -> 270 us; 2 rows 212 -> 172 us. 16 and 32 panels ahead gained less; one
-// line per panel or per 4 lines, less again.
-constexpr int64_t kPrefetchPanels = 8;
-
 // Prefetch panels [q, q + count) when they end at or below prefetch_end.
 inline void prefetch_panels(const QuantizedCodes& codes, int64_t q, int64_t count, int64_t prefetch_end) {
   if (q + count > prefetch_end) return;
@@ -100,9 +93,6 @@ inline void list_warm_up(const float* warm, int64_t warmup, int64_t q_begin, flo
     if (m) list_codes(m, panel_ids(q_begin + w), s, cand, cand_val, cap, count);
   }
 }
-
-// One row's kept warm-up scores: kMaxWarmupPanels panels of 16.
-using WarmScores = float[kMaxWarmupPanels * 16];
 
 }  // namespace
 }  // namespace fastvq::cpu
