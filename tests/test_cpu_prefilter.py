@@ -136,7 +136,10 @@ def test_rows_and_codes_at_the_ends_of_their_int8_ranges(prefilter_mode, kernel)
     # Sign patterns: every level of x is +-max_level and every code byte 1 or 255, the products' largest sums
     # (the AVX2 scan's vpmaddubsw adds two byte products in int16: levels of +-127 there would saturate it).
     g = torch.Generator().manual_seed(12)
-    signs = lambda rows: torch.randint(0, 2, (rows, 64), generator=g).float() * 2 - 1
+
+    def signs(rows):
+        return torch.randint(0, 2, (rows, 64), generator=g).float() * 2 - 1
+
     e = 2.0 * signs(2048)
     x = torch.cat([3.0 * signs(60), 1.5 * e[:4]]).contiguous()  # rows near codes 0-3 too
     full, filtered, stats = both_ways(x, e, 2, prefilter_mode)
@@ -223,8 +226,13 @@ def test_the_vnni_and_amx_scans_keep_the_same_candidates(prefilter_mode):
 
 
 def test_kernel_choice_and_its_errors(prefilter_mode):
-    # "auto": the VNNI family at SIMD level avx512 where the CPU has VNNI, else AVX2.
-    assert _cpu.prefilter_kernel() == ("amx" if "amx" in KERNELS else "vnni" if "vnni" in KERNELS else "avx2")
+    # "auto": the VNNI family at SIMD level avx512 where the CPU has VNNI, AVX2 at level avx2, none at avx512
+    # without VNNI (there the AVX2 scan runs only when asked for).
+    level = _cpu.simd_level()
+    auto = "amx" if "amx" in KERNELS else "vnni" if "vnni" in KERNELS else "avx2" if level == "avx2" else ""
+    assert _cpu.prefilter_kernel() == auto
+    if level == "avx512" and "vnni" not in KERNELS:
+        assert "runs only when asked for (set_prefilter_kernel('avx2'))" in _cpu.prefilter_reason(16, 65536, 64)
     for name in ("avx2", "vnni", "amx"):
         if name in KERNELS:
             _cpu.set_prefilter_kernel(name)

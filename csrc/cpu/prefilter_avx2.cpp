@@ -404,8 +404,8 @@ void prefilter_rescore_avx2(const float* xc, int64_t d, const float* codebook, c
       const int64_t t = t0 + c < count ? t0 + c : count - 1, code = codes[t];
       const float* e = codebook + code * d;
       for (int64_t p = 0; p < d; p += 8)  // values[c][d ..] (within kPrefilterMaxDim) are not read
-        _mm256_store_ps(values[c] + p,
-                        _mm256_mul_ps(minus_two, _mm256_sub_ps(load_first(e + p, d - p), load_first(centre + p, d - p))));
+        _mm256_store_ps(values[c] + p, _mm256_mul_ps(minus_two, _mm256_sub_ps(load_first(e + p, d - p),
+                                                                              load_first(centre + p, d - p))));
       x[c] = xc + rows[t] * d;
       acc[c] = _mm_set_ss(norms[code]);
     }

@@ -132,7 +132,8 @@ std::shared_ptr<const QuantizedCodes> build(const PackedCodebook& pack, const Pr
   std::fill(codes->bytes + pack.npanels * codes->d4 * kQuantGroupBytes, codes->bytes + byte_count, uint8_t{0});
   std::vector<Maxima> per_panel(static_cast<size_t>(pack.npanels));
 #pragma omp parallel for schedule(static) num_threads(nt) if (pack.npanels * pack.d >= (int64_t{1} << 16))
-  for (int64_t q = 0; q < pack.npanels; ++q) per_panel[static_cast<size_t>(q)] = quantize_panel(pack, kernels, *codes, q);
+  for (int64_t q = 0; q < pack.npanels; ++q)
+    per_panel[static_cast<size_t>(q)] = quantize_panel(pack, kernels, *codes, q);
   Maxima all;
   for (const Maxima& m : per_panel) all.add(m);
   codes->max_panel_norm = all.panel_norm;

@@ -20,8 +20,8 @@ bool has_quantized_codes(const PackedCodebook& pack);
 
 // Rows are quantized for the scan in two steps, so that rows quantized once can be bound against other codes
 // (prefilter_rows.h). First what depends on the row and the centre alone: quantize_row_levels puts the row's
-// levels for the scan of `kernels` around the centre into xq (d4 int32, group g of 4 levels at xq[g * stride]) and its scale, level sum
-// and squared norms in double into `out`. Then bound_rows forms each row's terms of the bound on the float32
+// levels for the scan of `kernels` around the centre into xq (d4 int32, group g of 4 levels at
+// xq[g * stride]) and its scale, level sum and squared norms in double into `out`. Then bound_rows forms each row's terms of the bound on the float32
 // kernels' score against S~ (count <= kRowBatch rows). Either is false when a row cannot be prefiltered: a
 // non-finite entry, a centred norm outside the supported range, or scales whose product is not a normal
 // float32 (then the whole call runs the full search, which also reports the bad row).
