@@ -34,11 +34,15 @@ namespace {
 // Candidates one row may collect in one chunk before it is searched in full instead. Random data
 // keeps a handful once the warm-up has set the running minimum.
 constexpr int64_t kCandidateCap = 256;
-// Panels scanned for the minimum alone before a row's first candidates (prefilter.h: warmup). Each
-// code listed costs a mispredicted branch; 16 panels (256 codes) listed 5.6 codes a row instead of 9.1
-// with 4 at 32768 x 1024 x 64, and took the scan from 1.20x to 1.37x the float32 search (same process).
-// Their S~ are kept, not recomputed: 1.03-1.09x at 32768 x 1024 x 64 (same-process A/B, same lists).
-constexpr int64_t kWarmupPanels = kMaxWarmupPanels;
+// Panels scanned for the minimum alone before a row's first candidates (prefilter.h: warmup), per kernel
+// set (PrefilterKernels::warmup_panels). Each code listed costs a mispredicted branch. VNNI, on the Xeon: 16
+// panels (256 codes) listed 5.6 codes a row instead of 9.1 with 4 at 32768 x 1024 x 64, and took the scan
+// from 1.20x to 1.37x the float32 search (same process); their S~ are kept, not recomputed: 1.03-1.09x at
+// 32768 x 1024 x 64 (same-process A/B, same lists); 32 and 64 were tried and dropped in an earlier round.
+// AVX2, on the Zen 3 (same process, medians of 15-25): 48 panels against 16 listed 5.0 codes a row instead
+// of 7.5 at 32768 x 1024 x 64, 27.1 -> 25.2 and 26.0 -> 24.2 ms (32 panels: 25.0); at 12000 x 1024 x 128
+// 20.2 -> 19.5 ms, at 16384 x 16384 x 64 and 8192 x 65536 x 32 within +-2 %, streaming K = 65536 the same.
+constexpr int64_t kVnniWarmupPanels = kMaxWarmupPanels;
 // An item's groups scan one block of panels after another, so a block read from memory serves
 // every group of the item from L2 (~128 KiB of int8 codes).
 constexpr int64_t kScanBlockBytes = 128 * 1024;
@@ -99,12 +103,24 @@ bool cpu_has_vnni() {
 bool cpu_has_avx2() { return best_simd_level() >= SimdLevel::avx2; }
 
 #ifdef FASTVQ_HAVE_AVX512_VNNI_KERNEL
-const PrefilterKernels kVnniKernels{"vnni", 127, &prefilter_quantize_panel_avx512, &prefilter_max_abs_avx512,
-                                    &prefilter_levels_avx512, &prefilter_scan_avx512, &prefilter_rescore_avx2};
+const PrefilterKernels kVnniKernels{"vnni",
+                                    127,
+                                    kVnniWarmupPanels,
+                                    &prefilter_quantize_panel_avx512,
+                                    &prefilter_max_abs_avx512,
+                                    &prefilter_levels_avx512,
+                                    &prefilter_scan_avx512,
+                                    &prefilter_rescore_avx2};
 #endif
 #ifdef FASTVQ_HAVE_AVX2_KERNEL
-const PrefilterKernels kAvx2Kernels{"avx2", kAvx2MaxLevel, &prefilter_quantize_panel_avx2, &prefilter_max_abs_avx2,
-                                    &prefilter_levels_avx2, &prefilter_scan_avx2, &prefilter_rescore_avx2};
+const PrefilterKernels kAvx2Kernels{"avx2",
+                                    kAvx2MaxLevel,
+                                    kAvx2WarmupPanels,
+                                    &prefilter_quantize_panel_avx2,
+                                    &prefilter_max_abs_avx2,
+                                    &prefilter_levels_avx2,
+                                    &prefilter_scan_avx2,
+                                    &prefilter_rescore_avx2};
 #endif
 
 // The scan's kernel set now: VNNI (or its AMX twin) at SIMD level avx512 where the CPU has it, unless the
@@ -182,8 +198,7 @@ struct Prefiltered {
   const RowLayout& layout;
   int64_t n;
   SearchFewRowsFn few_rows;
-  PrefilterScanFn scan;
-  PrefilterRescoreFn rescore;
+  const PrefilterKernels& kernels;
   const int64_t* hint;  // a code per row to start its running minimum from, or null (nearest_code_prefiltered)
 
   int64_t group_rows(int64_t g) const { return std::min<int64_t>(kScanGroupRows, n - g * kScanGroupRows); }
@@ -204,13 +219,14 @@ struct Prefiltered {
           for (int64_t lane = 0; lane < 16; ++lane)
             s.running[r * 16 + lane] = std::min(s.running[r * 16 + lane], carried[g * kScanGroupRows + r]);
     }
-    const int64_t block = std::max<int64_t>(kWarmupPanels, kScanBlockBytes / (codes.d4 * kQuantGroupBytes));
+    const int64_t warmup_panels = kernels.warmup_panels;
+    const int64_t block = std::max<int64_t>(warmup_panels, kScanBlockBytes / (codes.d4 * kQuantGroupBytes));
     // A call of one group (streaming: a frame or a few tokens) reads each code once, from memory: its
     // scans prefetch ahead. With more groups, all but the first find each block in L2 already.
     const int64_t prefetch_end = n <= kScanGroupRows ? q_end : 0;
     for (int64_t q0 = q_begin; q0 < q_end; q0 += block) {
       const int64_t q1 = std::min(q_end, q0 + block);
-      const int64_t warmup = q0 == q_begin && !hint && !carried ? std::min(kWarmupPanels, q1 - q0) : 0;
+      const int64_t warmup = q0 == q_begin && !hint && !carried ? std::min(warmup_panels, q1 - q0) : 0;
       for (int64_t g = g0; g < g1; ++g) {
         ScanSlot& s = slot(g);
         const int64_t r0 = g * kScanGroupRows, rows = group_rows(g);
@@ -223,10 +239,10 @@ struct Prefiltered {
           continue;
         }
         for (int64_t r = 0; r < rows; r += kPrefilterRows)
-          scan(static_cast<int>(std::min<int64_t>(kPrefilterRows, rows - r)), block_rows.levels(layout, r0 + r),
-               block_rows.terms(r0 + r), codes, q0, q1, warmup, s.running + r * 16,
-               s.cand.get() + r * kCandidateCap, s.cand_val.get() + r * kCandidateCap, kCandidateCap, s.count + r,
-               r == 0 ? prefetch_end : 0);
+          kernels.scan(static_cast<int>(std::min<int64_t>(kPrefilterRows, rows - r)),
+                       block_rows.levels(layout, r0 + r), block_rows.terms(r0 + r), codes, q0, q1, warmup,
+                       s.running + r * 16, s.cand.get() + r * kCandidateCap, s.cand_val.get() + r * kCandidateCap,
+                       kCandidateCap, s.count + r, r == 0 ? prefetch_end : 0);
       }
     }
   }
@@ -308,8 +324,8 @@ struct Prefiltered {
         centre_row();
       }
     }
-    rescore(scratch.centred.data(), d, codebook, pack.centre, pack.norms, scratch.rows.data(), scratch.codes.data(),
-            kept, scratch.best_val.data(), scratch.best_idx.data());
+    kernels.rescore(scratch.centred.data(), d, codebook, pack.centre, pack.norms, scratch.rows.data(),
+                    scratch.codes.data(), kept, scratch.best_val.data(), scratch.best_idx.data());
     finish_rows(x, d, codebook, r0, r0 + rows, scratch.best_idx.data(), out);
   }
 };
@@ -431,7 +447,7 @@ bool nearest_code_prefiltered(const float* x, int64_t n, const float* codebook, 
   const QuantizedCodes& codes = *codes_ptr;
   const int64_t ngroups = (n + kScanGroupRows - 1) / kScanGroupRows, npanels = pack.npanels;
   const RowLayout layout{kernels, is_vnni(kernels) && use_amx_for(n), codes.d4, (codes.d4 + 15) / 16 * 16};
-  const Prefiltered run{x, codebook, pack, codes, layout, n, few_rows, kernels->scan, kernels->rescore, hint};
+  const Prefiltered run{x, codebook, pack, codes, layout, n, few_rows, *kernels, hint};
   const int64_t want_items = 4 * static_cast<int64_t>(nt);
   const int64_t nchunks = (nt <= 1 || ngroups >= want_items)
                               ? 1

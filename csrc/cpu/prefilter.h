@@ -28,8 +28,10 @@ constexpr double kUnitRoundoff = 1.0 / (1 << 24);
 constexpr double kRoundUpSlack = 1.0 / (1 << 20);
 constexpr double kSpreadSlack = 1.0 / (1 << 18);
 
-// The most panels a scan's warm-up may cover (its S~ are kept on the stack, not computed twice).
+// The most panels a scan's warm-up may cover (its S~ are kept on the stack, not computed twice): the VNNI
+// and AMX scans', and the AVX2 scan's (its warm-up is longer: PrefilterKernels::warmup_panels).
 constexpr int64_t kMaxWarmupPanels = 16;
+constexpr int64_t kAvx2WarmupPanels = 48;
 // One row's kept warm-up scores in a scan: kMaxWarmupPanels panels of 16.
 using WarmScores = float[kMaxWarmupPanels * 16];
 // How far ahead a scan of codes streamed from memory prefetches (prefetch_end): 8 panels (8 KiB at
@@ -99,9 +101,9 @@ struct QuantizedRow {
 // spread (added rounding up) is appended, in increasing order, with its S~, to cand / cand_val + r * cap
 // (count[r] entries so far): the float32 search's choice, and any code tied with it, is listed
 // (qrow.spread). The driver then keeps the listed codes whose L is within the listed codes' smallest U.
-// The first `warmup` (<= kMaxWarmupPanels) panels are scanned first for the minimum alone, so that they do
-// not all pass, and their codes are listed against it after. A row that would pass `cap` gets count[r] = cap + 1 and no more candidates (the driver searches
-// it in full). prefetch_end > q_begin: the panels up to it come from memory, read once by this scan
+// The first `warmup` (<= kMaxWarmupPanels; kAvx2WarmupPanels for the AVX2 scan) panels are scanned first for
+// the minimum alone, so that they do not all pass, and their codes are listed against it after. A row that
+// would pass `cap` gets count[r] = cap + 1 and no more candidates (the driver searches it in full). prefetch_end > q_begin: the panels up to it come from memory, read once by this scan
 // and those after it in order (a call of few rows), so the scan prefetches kPrefetchPanels ahead, up to
 // it; 0: none (the codes are in cache: other rows read them just before).
 using PrefilterScanFn = void (*)(int rows, const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes,
@@ -128,8 +130,9 @@ using PrefilterLevelsFn = int32_t (*)(const float* x, const float* centre, int64
 //     ||x - c - scale r||^2 and ||scale r||^2.
 //   scan, rescore: as above (PrefilterScanFn, PrefilterRescoreFn).
 struct PrefilterKernels {
-  const char* name;   // "vnni", "avx2"
-  int32_t max_level;  // the rows' levels fill [-max_level, max_level]; the codes' always [-127, 127]
+  const char* name;       // "vnni", "avx2"
+  int32_t max_level;      // the rows' levels fill [-max_level, max_level]; the codes' always [-127, 127]
+  int64_t warmup_panels;  // panels a row's scan takes for its minimum alone first (at most what the scan keeps)
   PrefilterQuantizePanelFn quantize_panel;
   PrefilterMaxAbsFn max_abs;
   PrefilterLevelsFn levels;

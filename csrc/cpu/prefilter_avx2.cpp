@@ -25,6 +25,8 @@ namespace {
 
 // Rows whose accumulators fit the registers together; a scan call of 5 to 8 rows makes two passes.
 constexpr int kAvx2Rows = 4;
+// One row's kept warm-up scores: kAvx2WarmupPanels panels of 16.
+using Avx2WarmScores = float[kAvx2WarmupPanels * 16];
 
 // The smallest float32 >= min_s + spread (a threshold may be anything >= the exact sum). The sum of two
 // float32 in double is exact unless their exponents are 30 apart, and then no float32 lies strictly
@@ -122,7 +124,7 @@ inline void fold_row(__m256i lo, __m256i hi, const QuantizedRow& qrow, const Pan
 template <int R, bool kEmit>
 void scan_panels(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes, int64_t q_begin,
                  int64_t q_end, __m256 (&run)[R][2], float (&min_s)[R], float (&threshold)[R], int32_t* cand,
-                 float* cand_val, int64_t cap, int64_t* count, WarmScores* warm, int64_t prefetch_end) {
+                 float* cand_val, int64_t cap, int64_t* count, Avx2WarmScores* warm, int64_t prefetch_end) {
   const int64_t d4 = codes.d4, panel_bytes = d4 * kQuantGroupBytes;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i start[kAvx2Rows];  // the accumulators start at -correction: they end at r . q
@@ -159,7 +161,7 @@ void scan(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& co
   float min_s[R], threshold[R];
   for (int r = 0; r < R; ++r)
     for (int h = 0; h < 2; ++h) run[r][h] = _mm256_loadu_ps(running + 16 * r + 8 * h);
-  alignas(32) WarmScores warm[R];
+  alignas(32) Avx2WarmScores warm[R];
   if (warmup > 0)  // the minimum of the first panels first, so that they do not all pass
     scan_panels<R, false>(xq, qrows, codes, q_begin, q_begin + warmup, run, min_s, threshold, cand, cand_val, cap,
                           count, warm, prefetch_end);
