@@ -32,7 +32,8 @@ constexpr double kSpreadSlack = 1.0 / (1 << 18);
 // and AMX scans', and the AVX2 scan's (its warm-up is longer: PrefilterKernels::warmup_panels).
 constexpr int64_t kMaxWarmupPanels = 16;
 constexpr int64_t kAvx2WarmupPanels = 48;
-// One row's kept warm-up scores in a scan: kMaxWarmupPanels panels of 16.
+// One row's kept warm-up scores in the VNNI and AMX scans: kMaxWarmupPanels panels of 16 (the AVX2 scan keeps
+// kAvx2WarmupPanels: prefilter_avx2.cpp).
 using WarmScores = float[kMaxWarmupPanels * 16];
 // How far ahead a scan of codes streamed from memory prefetches (prefetch_end): 8 panels (8 KiB at
 // d = 64), every line. Same process, each call after a faiss and a torch.cdist call (the bench's
