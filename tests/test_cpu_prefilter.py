@@ -256,35 +256,58 @@ def test_kernel_choice_and_its_errors(prefilter_mode):
     assert _cpu.prefilter_stats()["calls"] == before  # the portable level searches without it
 
 
+def test_int8_product_ratio_is_measured_where_the_vnni_scan_runs():
+    ratio = _cpu.int8_product_ratio()
+    if "vnni" in KERNELS:  # a 512-bit vpdpbusd does 4x an FMA's multiply-adds, issued at half to full its rate
+        assert 1.5 <= ratio <= 6.0, ratio
+    else:
+        assert ratio == 0.0
+
+
 def test_mode_and_reasons_with_the_vnni_family(prefilter_mode):
     if "vnni" not in KERNELS:
         pytest.skip("no AVX-512 VNNI here")
+    # Where int8 products run >= 3x as fast as fp32 ones (AMD Zen 4 and 5), the VNNI scan pays from K d = 2^16
+    # and K >= 512 (below 64 rows too); elsewhere from K d = 2^17 and K >= 1024 (2^18 below 16 rows either way).
+    wide = _cpu.int8_product_ratio() >= 3.0
     assert _cpu.prefilter_mode() == "auto"
     assert _cpu.prefilter_reason(16, 65536, 64) == ""
     assert _cpu.prefilter_reason(32768, 2048, 64) == ""
     assert "K = 512, K d = 16384: too few codes" in _cpu.prefilter_reason(32768, 512, 32)
     assert "d = 16 < 24" in _cpu.prefilter_reason(16, 65536, 16)
-    # The VNNI scan needs K >= 1024 and K d >= 2^17; the AMX scan K >= 256 and K d >= 2^16 from d = 32,
-    # 2^15 from d = 48.
+    # The AMX scan needs K >= 256 and K d >= 2^16 from d = 32, 2^15 from d = 48.
     for kernel in ("vnni", "amx"):
         if kernel not in KERNELS:
             continue
         _cpu.set_prefilter_kernel(kernel)
-        for k, d in [(1024, 64), (512, 256), (2048, 32), (512, 64)]:  # the AMX scan's alone
+        for k, d in [(1024, 64), (512, 256), (2048, 32), (512, 64)]:
             reason = _cpu.prefilter_reason(32768, k, d)
-            assert reason == "" if kernel == "amx" else f"K = {k}, K d = {k * d}: too few codes" in reason
+            if kernel == "amx" or (wide and k * d >= 2**16):
+                assert reason == "", (kernel, k, d)
+            else:
+                assert f"K = {k}, K d = {k * d}: too few codes" in reason, (kernel, k, d)
         assert "K = 128, K d = 65536: too few codes" in _cpu.prefilter_reason(32768, 128, 512)
         assert "K = 256, K d = 16384: too few codes" in _cpu.prefilter_reason(32768, 256, 64)
         assert "K = 1024, K d = 32768: too few codes" in _cpu.prefilter_reason(32768, 1024, 32)
         assert "K = 2048, K d = 49152: too few codes" in _cpu.prefilter_reason(32768, 2048, 24)
+    _cpu.set_prefilter_kernel("vnni")
+    reason = _cpu.prefilter_reason(32768, 256, 256)
+    assert f"K = 256, K d = 65536: too few codes to pay back (auto needs K >= {512 if wide else 1024}" in reason
     _cpu.set_prefilter_kernel("auto")
-    # Fewer rows need more codes: K d >= 2^18 below 16 rows, 2^17 below 64.
+    # Fewer rows need more codes: K d >= 2^18 below 16 rows, 2^17 below 64 (2^16 where int8 runs wide).
     assert _cpu.prefilter_reason(15, 4096, 64) == _cpu.prefilter_reason(16, 2048, 64) == ""
     reason = _cpu.prefilter_reason(64, 1024, 64)
-    assert reason == "" if "amx" in KERNELS else "K = 1024, K d = 65536: too few codes" in reason
+    assert reason == "" if "amx" in KERNELS or wide else "K = 1024, K d = 65536: too few codes" in reason
     assert "n = 15 rows, K d = 131072: too few codes for so few rows" in _cpu.prefilter_reason(15, 2048, 64)
     assert "n = 1 rows, K d = 131072: too few" in _cpu.prefilter_reason(1, 4096, 32)
-    assert "n = 63 rows, K d = 65536: too few" in _cpu.prefilter_reason(63, 2048, 32)
+    # 63 rows, K d = 2^16: enough codes for the AMX scan but too few for so few rows; the VNNI scan's K d floor
+    reason = _cpu.prefilter_reason(63, 2048, 32)
+    if wide:
+        assert reason == ""
+    elif "amx" in KERNELS:
+        assert "n = 63 rows, K d = 65536: too few" in reason
+    else:
+        assert "K = 2048, K d = 65536: too few codes" in reason
 
 
 def test_mode_and_reasons_with_the_avx2_scan(prefilter_mode):

@@ -23,6 +23,7 @@
 #include <unistd.h>
 #endif
 
+#include "cpu/int8_speed.h"
 #include "cpu/kernels.h"
 #include "cpu/prefilter_codes.h"
 #include "cpu/prefilter_rows.h"
@@ -149,6 +150,12 @@ bool is_vnni(const PrefilterKernels* kernels) {
   (void)kernels;
   return false;
 #endif
+}
+
+// "auto"'s thresholds for this kernel set (and, for VNNI, this CPU's int8 products' speed).
+const AutoThresholds& auto_thresholds(const PrefilterKernels* kernels) {
+  if (!is_vnni(kernels)) return kAvx2Auto;
+  return int8_product_ratio() >= kWideInt8Ratio ? kVnniWideAuto : kVnniAuto;
 }
 
 // One (row group, code chunk) scan: its rows' running minima, candidate counts and candidates, the
@@ -407,7 +414,7 @@ std::string prefilter_reason(int64_t n, int64_t k, int64_t d) {
   if (d > kPrefilterMaxDim) return "d = " + std::to_string(d) + " > " + std::to_string(kPrefilterMaxDim);
   if (n == 0) return "no rows";
   if (mode == Mode::always) return "";
-  const AutoThresholds& at = is_vnni(scan_kernels()) ? kVnniAuto : kAvx2Auto;
+  const AutoThresholds& at = auto_thresholds(scan_kernels());
   if (d < at.min_dim)
     return "d = " + std::to_string(d) + " < " + std::to_string(at.min_dim) + ": float32 products are cheaper";
   const bool enough = k >= at.min_codes && k * d >= at.min_code_floats;

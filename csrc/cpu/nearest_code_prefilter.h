@@ -26,6 +26,13 @@ constexpr int64_t kFewRows = 16, kSomeRows = 64;
 // 1.21 at 64; 2^17 (4096 x 32) 0.79 at 1 row, 1.27 at 16; 2^18 (4096 x 64, 2048 x 128) 0.89-1.05 at 1-4
 // rows, 1.65-1.94 at 16; 2^20 2.1-4.6 at 1 row.
 constexpr AutoThresholds kVnniAuto{24, 1024, int64_t{1} << 17, int64_t{1} << 18, int64_t{1} << 17};
+// The VNNI scan where int8 products run at least kWideInt8Ratio times as fast as fp32 ones (int8_speed.h: 3.9
+// on a 2-core AMD EPYC, Zen 5, family 26). There, 2 threads, same process, float32 time over prefilter time:
+// 32768 rows, K d = 2^16: 1024 x 64 1.29-1.67, 2048 x 32 1.19, 512 x 128 1.24-1.25, 256 x 256 0.96, 1024 x 48
+// 1.12; 2^15: 512 x 64 1.05, 1024 x 32 0.96, 256 x 128 1.02; 1024 x 64 at 4096, 1024 and 256 rows 1.24-1.38;
+// hinted (k-means) 1.57. 63-64 rows at 2^16 1.39-1.40; 1-16 rows at 2^16-2^17 0.99-1.08 (cached pack, warm).
+constexpr double kWideInt8Ratio = 3.0;
+constexpr AutoThresholds kVnniWideAuto{24, 512, int64_t{1} << 16, int64_t{1} << 18, int64_t{1} << 16};
 // The AVX2 scan, measured on a 2-core AMD EPYC (Zen 3, AVX2 only), 2 threads, same process, cached pack,
 // float32 time over prefilter time. 8192 rows: K = 1024: d = 32 0.97, 48 1.08, 64 1.15, 128 1.31; K = 2048:
 // d = 16 1.03, 24 1.13, 32 1.17; K = 512: d = 64 0.95, 128 1.07; K = 256, d = 128: 1.00. One row: K d = 2^15

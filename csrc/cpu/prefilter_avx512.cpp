@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "cpu/int8_speed.h"
 #include "cpu/prefilter.h"
 #include "cpu/prefilter_fold.h"
 
@@ -226,6 +227,35 @@ int32_t prefilter_levels_avx512(const float* x, const float* centre, int64_t d, 
   sums[1] = _mm512_reduce_add_pd(error_sq);
   sums[2] = _mm512_reduce_add_pd(quant_sq);
   return _mm512_reduce_add_epi32(level_sum);
+}
+
+}  // namespace fastvq::cpu
+
+// ---- the int8 products' speed (int8_speed.h) ----
+namespace fastvq::cpu {
+
+int32_t int8_dot_chains_avx512(int64_t iters, int32_t seed) {
+  static_assert(kInt8DotChains == 16, "the chains below are written out for 16");
+  const __m512i ones = _mm512_set1_epi8(1), b = _mm512_set1_epi32(seed);
+  // Named, not an array: GCC keeps an array of inline-asm operands in memory.
+  __m512i c0 = _mm512_set1_epi32(0), c1 = _mm512_set1_epi32(1), c2 = _mm512_set1_epi32(2), c3 = _mm512_set1_epi32(3),
+          c4 = _mm512_set1_epi32(4), c5 = _mm512_set1_epi32(5), c6 = _mm512_set1_epi32(6), c7 = _mm512_set1_epi32(7),
+          c8 = _mm512_set1_epi32(8), c9 = _mm512_set1_epi32(9), c10 = _mm512_set1_epi32(10),
+          c11 = _mm512_set1_epi32(11), c12 = _mm512_set1_epi32(12), c13 = _mm512_set1_epi32(13),
+          c14 = _mm512_set1_epi32(14), c15 = _mm512_set1_epi32(15);
+  for (int64_t i = 0; i < iters; ++i) {
+#define FASTVQ_DOT(c) __asm__("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(ones), "v"(b))
+    FASTVQ_DOT(c0); FASTVQ_DOT(c1); FASTVQ_DOT(c2); FASTVQ_DOT(c3); FASTVQ_DOT(c4); FASTVQ_DOT(c5);
+    FASTVQ_DOT(c6); FASTVQ_DOT(c7); FASTVQ_DOT(c8); FASTVQ_DOT(c9); FASTVQ_DOT(c10); FASTVQ_DOT(c11);
+    FASTVQ_DOT(c12); FASTVQ_DOT(c13); FASTVQ_DOT(c14); FASTVQ_DOT(c15);
+#undef FASTVQ_DOT
+  }
+  const __m512i total = _mm512_add_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
+                       _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7))),
+      _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c8, c9), _mm512_add_epi32(c10, c11)),
+                       _mm512_add_epi32(_mm512_add_epi32(c12, c13), _mm512_add_epi32(c14, c15))));
+  return _mm512_reduce_add_epi32(total);
 }
 
 }  // namespace fastvq::cpu
