@@ -362,7 +362,9 @@ def test_the_int8_copy_is_cached_with_its_pack_and_counted(prefilter_mode):
 
 
 @pytest.mark.parametrize("value,expected", [("off", "int8 prefilter unused: the prefilter is off"),
-                                            ("always", f"int8 prefilter always ({_cpu.prefilter_kernel()} scan)"),
+                                            ("always", f"int8 prefilter always ({_cpu.prefilter_kernel()} scan"
+                                             + (", int8 products" if _cpu.prefilter_kernel() in ("vnni", "amx")
+                                                else ")")),
                                             ("often", "$FASTVQ_CPU_PREFILTER='often': mode must be one of")])
 def test_the_environment_variable_sets_the_mode_and_info_reports_it(value, expected):
     import os

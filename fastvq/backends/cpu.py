@@ -167,7 +167,10 @@ class CpuBackend(Backend):
         capped = f", capped by ${SIMD_ENV_VAR}" if os.environ.get(SIMD_ENV_VAR) else ""
         # the prefilter's reason at a shape it takes in "auto", so only the machine and the switches show
         why_not = _cpu.prefilter_reason(1, 1 << 16, 64)
-        prefilter = f"{_cpu.prefilter_mode()} ({_cpu.prefilter_kernel()} scan)" if not why_not else "unused: " + why_not
+        kernel = _cpu.prefilter_kernel()
+        # the VNNI scan's "auto" thresholds follow the measured int8 : fp32 product rate (csrc/cpu/int8_speed.h)
+        speed = f", int8 products {_cpu.int8_product_ratio():.1f}x fp32's" if kernel in ("vnni", "amx") else ""
+        prefilter = f"{_cpu.prefilter_mode()} ({kernel} scan{speed})" if not why_not else "unused: " + why_not
         return (f"simd {_cpu.simd_level()} (best here: {_cpu.best_simd_level()}{capped}), "
                 f"OpenMP {'on' if _cpu.openmp_enabled() else 'off'}, int8 prefilter {prefilter}")
 
