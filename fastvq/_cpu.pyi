@@ -118,8 +118,8 @@ def fma_peak(level: str = '', num_threads: int = 0, seconds: float = 0.2) -> flo
 def int8_product_ratio() -> float:
     """
     int8 multiply-adds per second (AVX-512 VNNI vpdpbusd) over fp32 multiply-adds per second (AVX-512 FMA)
-    on one core, measured once per process (~2 ms, at the first call) and kept; 0.0 without AVX-512 VNNI.
-    About 4 on AMD Zen 4 and Zen 5, about 2 where the 512-bit vpdpbusd issues at half the FMA's rate. The
+    on one core, measured once per process (~1 ms, at the first call) and kept; 0.0 without AVX-512 VNNI.
+    4.0 on an AMD Zen 5; about 2 expected where the 512-bit vpdpbusd issues at half the FMA's rate. The
     prefilter's 'auto' takes the VNNI scan from smaller codebooks where it is at least 3
     (prefilter_reason). Source: csrc/cpu/int8_speed.cpp.
     """

@@ -330,8 +330,8 @@ NB_MODULE(_cpu, m) {
           return fastvq::cpu::int8_product_ratio();
         },
         "int8 multiply-adds per second (AVX-512 VNNI vpdpbusd) over fp32 multiply-adds per second (AVX-512 FMA)\n"
-        "on one core, measured once per process (~2 ms, at the first call) and kept; 0.0 without AVX-512 VNNI.\n"
-        "About 4 on AMD Zen 4 and Zen 5, about 2 where the 512-bit vpdpbusd issues at half the FMA's rate. The\n"
+        "on one core, measured once per process (~1 ms, at the first call) and kept; 0.0 without AVX-512 VNNI.\n"
+        "4.0 on an AMD Zen 5; about 2 expected where the 512-bit vpdpbusd issues at half the FMA's rate. The\n"
         "prefilter's 'auto' takes the VNNI scan from smaller codebooks where it is at least 3\n"
         "(prefilter_reason). Source: csrc/cpu/int8_speed.cpp.");
   m.def("fma_burst",

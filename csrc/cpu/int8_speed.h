@@ -15,9 +15,9 @@ int32_t int8_dot_chains_avx512(int64_t iters, int32_t seed);
 #endif
 
 // int8 multiply-adds per second (vpdpbusd, 512-bit) over fp32 multiply-adds per second (vfmadd, 512-bit) on
-// one core, measured once per process (about 2 ms, at the first call) and kept; 0 without AVX-512 VNNI.
-// About 4 where both run at the same instruction rate (AMD Zen 4 and Zen 5), about 2 where the 512-bit
-// vpdpbusd issues at half the FMA's rate.
+// one core, measured once per process (about 1 ms, at the first call) and kept; 0 without AVX-512 VNNI.
+// 4.0 on a Zen 5 (family 26), where both issue at the same rate; expected about 2 where the 512-bit vpdpbusd
+// issues on one port and FMAs on two (Intel's server cores: not measured here).
 double int8_product_ratio();
 
 }  // namespace fastvq::cpu
