@@ -26,7 +26,7 @@ constexpr int64_t kFewRows = 16, kSomeRows = 64;
 // 1.21 at 64; 2^17 (4096 x 32) 0.79 at 1 row, 1.27 at 16; 2^18 (4096 x 64, 2048 x 128) 0.89-1.05 at 1-4
 // rows, 1.65-1.94 at 16; 2^20 2.1-4.6 at 1 row.
 constexpr AutoThresholds kVnniAuto{24, 1024, int64_t{1} << 17, int64_t{1} << 18, int64_t{1} << 17};
-// The VNNI scan where int8 products run at least kWideInt8Ratio times as fast as fp32 ones (int8_speed.h: 3.9
+// The VNNI scan where int8 products run at least kWideInt8Ratio times as fast as fp32 ones (int8_speed.h: 4.0
 // on a 2-core AMD EPYC, Zen 5, family 26). There, 2 threads, same process, float32 time over prefilter time:
 // 32768 rows, K d = 2^16: 1024 x 64 1.29-1.67, 2048 x 32 1.19, 512 x 128 1.24-1.25, 256 x 256 0.96, 1024 x 48
 // 1.12; 2^15: 512 x 64 1.05, 1024 x 32 0.96, 256 x 128 1.02; 1024 x 64 at 4096, 1024 and 256 rows 1.24-1.38;
