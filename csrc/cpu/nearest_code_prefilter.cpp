@@ -39,11 +39,16 @@ constexpr int64_t kCandidateCap = 256;
 // set (PrefilterKernels::warmup_panels). Each code listed costs a mispredicted branch. VNNI, on the Xeon: 16
 // panels (256 codes) listed 5.6 codes a row instead of 9.1 with 4 at 32768 x 1024 x 64, and took the scan
 // from 1.20x to 1.37x the float32 search (same process); their S~ are kept, not recomputed: 1.03-1.09x at
-// 32768 x 1024 x 64 (same-process A/B, same lists); 32 and 64 were tried and dropped in an earlier round.
+// 32768 x 1024 x 64 (same-process A/B, same lists); 32 and 64 were tried and dropped in an earlier round,
+// before the S~ were kept. VNNI, on the Zen 5 (same process, medians of 15): 64 panels against 16 at 32768 x
+// 1024 x 64 7.66 -> 6.68 and 7.99 -> 6.99 ms, 16384 x 1024 x 256 13.9 -> 12.4, 12000 x 1024 x 128 5.04 ->
+// 4.45, 32768 x 2048 x 32 9.14 -> 8.25, 2048 x 16384 x 256 15.2 -> 14.7, 4096 x 8192 x 64 4.28 -> 4.12 ms;
+// 16384 x 16384 x 64, 8192 x 65536 x 32 and streaming within +-1 %; 128 panels gained 0-7 % more at
+// K >= 2048 and lost 2 % at 2048 x 16384 x 256. The AMX scan (the VNNI set's rows, 32 at a time) keeps 16,
+// as measured on the Xeon (kAmxWarmupPanels).
 // AVX2, on the Zen 3 (same process, medians of 15-25): 48 panels against 16 listed 5.0 codes a row instead
 // of 7.5 at 32768 x 1024 x 64, 27.1 -> 25.2 and 26.0 -> 24.2 ms (32 panels: 25.0); at 12000 x 1024 x 128
 // 20.2 -> 19.5 ms, at 16384 x 16384 x 64 and 8192 x 65536 x 32 within +-2 %, streaming K = 65536 the same.
-constexpr int64_t kVnniWarmupPanels = kMaxWarmupPanels;
 // An item's groups scan one block of panels after another, so a block read from memory serves
 // every group of the item from L2 (~128 KiB of int8 codes).
 constexpr int64_t kScanBlockBytes = 128 * 1024;
@@ -226,7 +231,7 @@ struct Prefiltered {
           for (int64_t lane = 0; lane < 16; ++lane)
             s.running[r * 16 + lane] = std::min(s.running[r * 16 + lane], carried[g * kScanGroupRows + r]);
     }
-    const int64_t warmup_panels = kernels.warmup_panels;
+    const int64_t warmup_panels = layout.amx ? kAmxWarmupPanels : kernels.warmup_panels;
     const int64_t block = std::max<int64_t>(warmup_panels, kScanBlockBytes / (codes.d4 * kQuantGroupBytes));
     // A call of one group (streaming: a frame or a few tokens) reads each code once, from memory: its
     // scans prefetch ahead. With more groups, all but the first find each block in L2 already.

@@ -28,13 +28,12 @@ constexpr double kUnitRoundoff = 1.0 / (1 << 24);
 constexpr double kRoundUpSlack = 1.0 / (1 << 20);
 constexpr double kSpreadSlack = 1.0 / (1 << 18);
 
-// The most panels a scan's warm-up may cover (its S~ are kept on the stack, not computed twice): the VNNI
-// and AMX scans', and the AVX2 scan's (its warm-up is longer: PrefilterKernels::warmup_panels).
-constexpr int64_t kMaxWarmupPanels = 16;
+// The panels a scan's warm-up covers (its S~ are kept on the stack, not computed twice), per scan: AMX (its
+// 32 rows' buffers), VNNI and AVX2 (PrefilterKernels::warmup_panels; why these: nearest_code_prefilter.cpp).
+// Each scan file keeps its rows' warm-up scores in a buffer of its own length.
+constexpr int64_t kAmxWarmupPanels = 16;
+constexpr int64_t kVnniWarmupPanels = 64;
 constexpr int64_t kAvx2WarmupPanels = 48;
-// One row's kept warm-up scores in the VNNI and AMX scans: kMaxWarmupPanels panels of 16 (the AVX2 scan keeps
-// kAvx2WarmupPanels: prefilter_avx2.cpp).
-using WarmScores = float[kMaxWarmupPanels * 16];
 // How far ahead a scan of codes streamed from memory prefetches (prefetch_end): 8 panels (8 KiB at
 // d = 64), every line. Same process, each call after a faiss and a torch.cdist call (the bench's
 // alternation), K = 65536, d = 64, medians of 120: 16 rows (AMX) 543 -> 474 and 621 -> 547 us; 1 row
@@ -102,7 +101,7 @@ struct QuantizedRow {
 // spread (added rounding up) is appended, in increasing order, with its S~, to cand / cand_val + r * cap
 // (count[r] entries so far): the float32 search's choice, and any code tied with it, is listed
 // (qrow.spread). The driver then keeps the listed codes whose L is within the listed codes' smallest U.
-// The first `warmup` (<= kMaxWarmupPanels; kAvx2WarmupPanels for the AVX2 scan) panels are scanned first for
+// The first `warmup` (<= the scan's k*WarmupPanels) panels are scanned first for
 // the minimum alone, so that they do not all pass, and their codes are listed against it after. A row that
 // would pass `cap` gets count[r] = cap + 1 and no more candidates (the driver searches it in full). prefetch_end > q_begin: the panels up to it come from memory, read once by this scan
 // and those after it in order (a call of few rows), so the scan prefetches kPrefetchPanels ahead, up to

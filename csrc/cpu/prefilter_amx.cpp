@@ -21,6 +21,9 @@
 namespace fastvq::cpu {
 namespace {
 
+// One row's kept warm-up scores: kAmxWarmupPanels panels of 16.
+using AmxWarmScores = float[kAmxWarmupPanels * 16];
+
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
   uint8_t reserved[14] = {};
@@ -81,7 +84,7 @@ void fold_listing(const PanelDots& dots0, const PanelDots& dots1, int rows, cons
 // The warm-up's fold: each panel's S~ kept (warm[r] + 16 w for panel q_begin + w), the minimum per lane.
 template <bool kPair>
 void fold_warm_up(const PanelDots& dots0, const PanelDots& dots1, int rows, const QuantizedRow* qrows,
-                  const PanelTerms& first, const PanelTerms& second, int64_t w, WarmScores* warm, float* running) {
+                  const PanelTerms& first, const PanelTerms& second, int64_t w, AmxWarmScores* warm, float* running) {
   for (int r = 0; r < rows; ++r) {
     const __m512 row_scale = _mm512_set1_ps(qrows[r].scale);
     const __m512 s0 = approximate_scores(_mm512_load_si512(dots0[r]), row_scale, first);
@@ -107,7 +110,7 @@ void prefilter_scan_amx(int rows, const int32_t* xq, int64_t row_words, const Qu
   const int halves = rows > 16 ? 2 : 1;
   alignas(64) PanelDots dots[2];          // [panel parity]
   alignas(64) PanelDots start;            // the accumulators start at -correction
-  alignas(64) WarmScores warm[kAmxRows];  // the warm-up's S~ per row (list_warm_up)
+  alignas(64) AmxWarmScores warm[kAmxRows];  // the warm-up's S~ per row (list_warm_up)
   float min_s[kAmxRows], threshold[kAmxRows];  // listing: each row's minimum S~ and list_threshold of it
   for (int r = 0; r < kAmxRows; ++r)
     _mm512_store_si512(start[r], _mm512_set1_epi32(r < rows ? -qrows[r].correction : 0));

@@ -20,6 +20,9 @@
 namespace fastvq::cpu {
 namespace {
 
+// One row's kept warm-up scores: kVnniWarmupPanels panels of 16.
+using VnniWarmScores = float[kVnniWarmupPanels * 16];
+
 // acc += the 16 codes' 4-byte groups (c, unsigned) times the row's 4 bytes (*x, signed, broadcast).
 // Inline asm: GCC 12 copies every accumulator of _mm512_dpbusd_epi32 through another register
 // each iteration (2 moves per vpdpbusd), which halved the scan's speed.
@@ -51,7 +54,7 @@ inline void fold_row(__m512i acc, const QuantizedRow& qrow, const PanelTerms& pa
 template <int R, bool kEmit>
 void scan_panels(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes, int64_t q_begin,
                  int64_t q_end, __m512 (&run)[R], float (&min_s)[R], float (&threshold)[R], int32_t* cand,
-                 float* cand_val, int64_t cap, int64_t* count, WarmScores* warm, int64_t prefetch_end) {
+                 float* cand_val, int64_t cap, int64_t* count, VnniWarmScores* warm, int64_t prefetch_end) {
   const int64_t d4 = codes.d4;
   __m512i start[8];  // the accumulators start at -correction: they end at r . q
   for (int r = 0; r < 8; ++r) start[r] = r < R ? _mm512_set1_epi32(-qrows[r].correction) : _mm512_setzero_si512();
@@ -88,7 +91,7 @@ void scan(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& co
   __m512 run[R];
   float min_s[R], threshold[R];
   for (int r = 0; r < R; ++r) run[r] = _mm512_loadu_ps(running + 16 * r);
-  alignas(64) WarmScores warm[R];
+  alignas(64) VnniWarmScores warm[R];
   if (warmup > 0)  // the minimum of the first panels first, so that they do not all pass
     scan_panels<R, false>(xq, qrows, codes, q_begin, q_begin + warmup, run, min_s, threshold, cand, cand_val, cap,
                           count, warm, prefetch_end);
