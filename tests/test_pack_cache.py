@@ -127,6 +127,17 @@ def test_the_last_key_is_reused_only_for_the_same_tensor_unchanged():
     assert alive() is None
 
 
+def test_a_pack_on_huge_pages_is_counted_at_its_allocated_size():
+    """A pack of 2 MiB or more is allocated in whole 2 MiB pages (csrc/cpu/large_buffer.h): the cache's bound
+    counts those, not the bytes asked for."""
+    fastvq.empty_cache()
+    x, codebook = exact_pair(3, 8200, 64, seed=8)  # panels and norms: about 2.04 MiB
+    assert_exact(x, codebook)
+    held = cpu._cpu.pack_cache_bytes()
+    assert held % (2 << 20) == 0 and held >= 8200 * 65 * 4, held
+    fastvq.empty_cache()
+
+
 def test_the_cache_is_bounded_and_empty_cache_releases_it():
     x, _ = exact_pair(20, 8, 32, seed=5)
     codebooks = [small_integers(4096, 32, generator=torch.Generator().manual_seed(s)) for s in range(7)]

@@ -17,6 +17,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#include "cpu/large_buffer.h"
 #include "cpu/search_common.h"
 
 namespace fastvq::cpu {
@@ -192,9 +193,8 @@ PackCache& cache() {
 
 std::shared_ptr<PackedCodebook> allocate(size_t bytes) {
   auto pack = std::make_shared<PackedCodebook>();
-  pack->panels = static_cast<float*>(std::aligned_alloc(64, bytes == 0 ? 64 : bytes));
-  if (!pack->panels) throw std::bad_alloc();
-  pack->capacity_bytes = bytes;
+  pack->panels = static_cast<float*>(allocate_large(bytes));
+  pack->capacity_bytes = large_buffer_bytes(bytes);
   return pack;
 }
 

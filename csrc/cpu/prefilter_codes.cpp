@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/large_buffer.h"
 #include "cpu/search_common.h"
 
 namespace fastvq::cpu {
@@ -121,9 +122,8 @@ std::shared_ptr<const QuantizedCodes> build(const PackedCodebook& pack, const Pr
   const size_t byte_count =
       round_up64(static_cast<size_t>(pack.npanels * codes->d4 * kQuantGroupBytes + kAmxChunkBytes));
   const size_t float_bytes = round_up64(static_cast<size_t>(pack.npanels * kPanel) * sizeof(float));
-  codes->nbytes = byte_count + 4 * float_bytes;
-  char* base = static_cast<char*>(std::aligned_alloc(64, codes->nbytes));
-  if (!base) throw std::bad_alloc();
+  codes->nbytes = large_buffer_bytes(byte_count + 4 * float_bytes);
+  char* base = static_cast<char*>(allocate_large(codes->nbytes));
   codes->bytes = reinterpret_cast<uint8_t*>(base);
   codes->scale = reinterpret_cast<float*>(base + byte_count);
   codes->norm = reinterpret_cast<float*>(base + byte_count + float_bytes);
