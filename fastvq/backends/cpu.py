@@ -183,14 +183,15 @@ class CpuBackend(Backend):
                 continue
             if not t.is_cpu:  # is_cpu: no device object to build (a streaming call checks two tensors)
                 reasons.append(f"device {t.device}: the cpu backend needs CPU tensors")
-            if t.is_floating_point() and t.dtype not in KERNEL_DTYPE_NAMES:
+            # the dtype first: is_floating_point() is a call into torch, ~5 µs of a streaming call cold
+            if t.dtype not in KERNEL_DTYPE_NAMES and t.is_floating_point():
                 if t.dtype == torch.float64:
                     reasons.append(
                         "dtype torch.float64: the cpu kernels compute in float32; float64 goes to the torch backend"
                     )
                 else:
                     reasons.append(f"dtype {t.dtype}: the cpu kernels take float32, bfloat16 or float16")
-        return list(dict.fromkeys(reasons))  # one line per distinct reason, in order
+        return list(dict.fromkeys(reasons)) if reasons else reasons  # one line per distinct reason, in order
 
     def nearest_code(self, x: Tensor, codebook: Tensor, want_quantized: bool,
                      hint: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
