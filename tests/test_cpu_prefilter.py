@@ -78,6 +78,19 @@ def test_bitwise_the_float32_search_on_random_inputs(n, k, d, threads, prefilter
         assert 1 <= stats["codes_kept"] / n <= 64
 
 
+@pytest.mark.parametrize("n", [9, 15, 17, 31, 48])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bitwise_for_row_counts_that_end_in_either_block_of_a_scan_pass(n, threads, prefilter_mode, kernel):
+    """A scan pass takes up to PrefilterKernels::scan_rows rows (VNNI: 16, two interleaved blocks of 8, its
+    warm-up a block at a time): counts that end inside the second block, at it, and past it; K = 2100 gives
+    a warm-up (64 panels) and panels after it."""
+    g = torch.Generator().manual_seed(40 + n)
+    x, e = torch.randn(n, 40, generator=g), torch.randn(2100, 40, generator=g)
+    full, filtered, stats = both_ways(x, e, threads, prefilter_mode)
+    assert_same(full, filtered)
+    assert stats["calls"] == 1 and stats["declined"] == 0 and stats["rows_in_full"] == 0
+
+
 @pytest.mark.parametrize("n,k,d", [(16, 1030, 64), (3, 20000, 5), (1000, 1030, 33), (7, 257, 130), (1, 1, 1)])
 def test_exact_inputs_match_the_reference_with_ties_to_the_lowest_index(n, k, d, prefilter_mode, kernel):
     x, e = small_int_inputs(n, k, d, seed=5 * n + k + d)

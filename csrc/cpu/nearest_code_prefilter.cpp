@@ -112,6 +112,7 @@ bool cpu_has_avx2() { return best_simd_level() >= SimdLevel::avx2; }
 const PrefilterKernels kVnniKernels{"vnni",
                                     127,
                                     kVnniWarmupPanels,
+                                    kVnniScanRows,
                                     &prefilter_quantize_panel_avx512,
                                     &prefilter_max_abs_avx512,
                                     &prefilter_levels_avx512,
@@ -122,6 +123,7 @@ const PrefilterKernels kVnniKernels{"vnni",
 const PrefilterKernels kAvx2Kernels{"avx2",
                                     kAvx2MaxLevel,
                                     kAvx2WarmupPanels,
+                                    kPrefilterRows,
                                     &prefilter_quantize_panel_avx2,
                                     &prefilter_max_abs_avx2,
                                     &prefilter_levels_avx2,
@@ -250,8 +252,8 @@ struct Prefiltered {
 #endif
           continue;
         }
-        for (int64_t r = 0; r < rows; r += kPrefilterRows)
-          kernels.scan(static_cast<int>(std::min<int64_t>(kPrefilterRows, rows - r)),
+        for (int64_t r = 0; r < rows; r += kernels.scan_rows)
+          kernels.scan(static_cast<int>(std::min<int64_t>(kernels.scan_rows, rows - r)),
                        block_rows.levels(layout, r0 + r), block_rows.terms(r0 + r), codes, q0, q1, warmup,
                        s.running + r * 16, s.cand.get() + r * kCandidateCap, s.cand_val.get() + r * kCandidateCap,
                        kCandidateCap, s.count + r, r == 0 ? prefetch_end : 0);

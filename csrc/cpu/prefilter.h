@@ -47,6 +47,8 @@ constexpr int64_t kPrefilterMaxDim = 1024;
 // Rows scanned together against each panel by the VNNI scan (their accumulators and the panel's bytes in
 // registers), and by the AMX scan (two 16-row tiles); the driver's groups are kAmxRows rows.
 constexpr int kPrefilterRows = 8;
+// Rows one VNNI scan call takes (two blocks of kPrefilterRows); the AVX2 scan takes kPrefilterRows.
+constexpr int kVnniScanRows = 2 * kPrefilterRows;
 constexpr int kAmxRows = 32;
 // The AVX2 scan's rows' levels fill [-64, 64]: its vpmaddubsw sums two byte products to int16, which
 // saturates unless 2 * 255 * |r| <= 32767 (prefilter_avx2.cpp).
@@ -94,8 +96,9 @@ struct QuantizedRow {
   float alpha = 0.0f, beta = 0.0f, rho = 0.0f, spread = 0.0f;
 };
 
-// Scan panels [q_begin, q_end) for `rows` (1..kPrefilterRows) quantized rows. Row r's 4-byte group g
-// is xq[g * kPrefilterRows + r] (the group's rows interleaved). running[r * 16 .. r * 16 + 15] is row r's
+// Scan panels [q_begin, q_end) for `rows` (1..PrefilterKernels::scan_rows) quantized rows, in blocks of
+// kPrefilterRows interleaved: row r's 4-byte group g is xq[(r / kPrefilterRows) d4 kPrefilterRows +
+// g kPrefilterRows + r % kPrefilterRows] (RowLayout::offset). running[r * 16 .. r * 16 + 15] is row r's
 // running minimum of S~ (in: per lane, +inf to start; out: the row's minimum in every lane), and every code
 // with S~ <= (running minimum so far) +
 // spread (added rounding up) is appended, in increasing order, with its S~, to cand / cand_val + r * cap
@@ -133,6 +136,7 @@ struct PrefilterKernels {
   const char* name;       // "vnni", "avx2"
   int32_t max_level;      // the rows' levels fill [-max_level, max_level]; the codes' always [-127, 127]
   int64_t warmup_panels;  // panels a row's scan takes for its minimum alone first (at most what the scan keeps)
+  int scan_rows;          // the most rows one scan call takes (kPrefilterRows or kVnniScanRows)
   PrefilterQuantizePanelFn quantize_panel;
   PrefilterMaxAbsFn max_abs;
   PrefilterLevelsFn levels;

@@ -3,7 +3,7 @@
 // -mavx512vnni (as prefilter_amx.cpp is); called through nearest_code_prefilter.cpp only after the CPU checks
 // there. Free of the C++ standard library (see kernels.h).
 //
-// Per panel of 16 codes and each of up to kPrefilterRows rows: d4 vpdpbusd (16 codes x 4 dims each,
+// Per panel of 16 codes and each of up to kVnniScanRows rows: d4 vpdpbusd (16 codes x 4 dims each,
 // the panel's 64-byte group loaded once for all the rows, the row's 4 bytes broadcast, the accumulator
 // started at the row's -correction), then S~ = norm + (s_e s_x) * dot in one FMA and a compress-store of
 // the codes within the row's spread of its running minimum (prefilter.h, prefilter_fold.h). Candidates are
@@ -49,22 +49,34 @@ inline void fold_row(__m512i acc, const QuantizedRow& qrow, const PanelTerms& pa
     list_passing(s, m, panel.ids, s, 0, panel.ids, qrow, min_s, threshold, cand, cand_val, cap, count);
 }
 
-// xq: the group's rows interleaved, xq[g * kPrefilterRows + r]. Without kEmit, row r's S~ of panel q go to
-// warm[r] + 16 (q - q_begin).
+// xq: the rows in blocks of kPrefilterRows, each interleaved: row r's group g is
+// xq[(r / kPrefilterRows) * d4 * kPrefilterRows + g * kPrefilterRows + r % kPrefilterRows]. Without kEmit, row
+// r's S~ of panel q go to warm[r] + 16 (q - q_begin). Up to kVnniScanRows rows: 16 accumulators, the code
+// group and its broadcast operands fit the 32 registers, so the second block of 8 rows reads the panel from
+// L1 in the same pass instead of from L2 in a second one.
 template <int R, bool kEmit>
 void scan_panels(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes, int64_t q_begin,
                  int64_t q_end, __m512 (&run)[R], float (&min_s)[R], float (&threshold)[R], int32_t* cand,
                  float* cand_val, int64_t cap, int64_t* count, VnniWarmScores* warm, int64_t prefetch_end) {
+  static_assert(R >= 1 && R <= kVnniScanRows);
   const int64_t d4 = codes.d4;
-  __m512i start[8];  // the accumulators start at -correction: they end at r . q
-  for (int r = 0; r < 8; ++r) start[r] = r < R ? _mm512_set1_epi32(-qrows[r].correction) : _mm512_setzero_si512();
+  const int32_t* xq_high = xq + d4 * kPrefilterRows;  // rows 8 .. 15
+  int32_t start[kVnniScanRows];  // the accumulators start at -correction: they end at r . q
+  for (int r = 0; r < kVnniScanRows; ++r) start[r] = r < R ? -qrows[r].correction : 0;
   for (int64_t q = q_begin; q < q_end; ++q) {
     const uint8_t* b = codes.bytes + q * d4 * kQuantGroupBytes;
     prefetch_panels(codes, q + kPrefetchPanels, 1, prefetch_end);
-    __m512i a0 = start[0], a1 = start[1], a2 = start[2], a3 = start[3], a4 = start[4], a5 = start[5],
-            a6 = start[6], a7 = start[7];
+    // Named accumulators: GCC keeps an array of inline-asm operands in memory.
+    __m512i a0 = _mm512_set1_epi32(start[0]), a1 = _mm512_set1_epi32(start[1]), a2 = _mm512_set1_epi32(start[2]),
+            a3 = _mm512_set1_epi32(start[3]), a4 = _mm512_set1_epi32(start[4]), a5 = _mm512_set1_epi32(start[5]),
+            a6 = _mm512_set1_epi32(start[6]), a7 = _mm512_set1_epi32(start[7]), a8 = _mm512_set1_epi32(start[8]),
+            a9 = _mm512_set1_epi32(start[9]), a10 = _mm512_set1_epi32(start[10]),
+            a11 = _mm512_set1_epi32(start[11]), a12 = _mm512_set1_epi32(start[12]),
+            a13 = _mm512_set1_epi32(start[13]), a14 = _mm512_set1_epi32(start[14]),
+            a15 = _mm512_set1_epi32(start[15]);
     const int32_t* x = xq;
-    for (int64_t g = 0; g < d4; ++g, x += kPrefilterRows) {
+    const int32_t* y = xq_high;
+    for (int64_t g = 0; g < d4; ++g, x += kPrefilterRows, y += kPrefilterRows) {
       const __m512i c = _mm512_load_si512(b + g * kQuantGroupBytes);
       dot4(a0, c, x);
       if constexpr (R > 1) dot4(a1, c, x + 1);
@@ -74,35 +86,60 @@ void scan_panels(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCo
       if constexpr (R > 5) dot4(a5, c, x + 5);
       if constexpr (R > 6) dot4(a6, c, x + 6);
       if constexpr (R > 7) dot4(a7, c, x + 7);
+      if constexpr (R > 8) dot4(a8, c, y);
+      if constexpr (R > 9) dot4(a9, c, y + 1);
+      if constexpr (R > 10) dot4(a10, c, y + 2);
+      if constexpr (R > 11) dot4(a11, c, y + 3);
+      if constexpr (R > 12) dot4(a12, c, y + 4);
+      if constexpr (R > 13) dot4(a13, c, y + 5);
+      if constexpr (R > 14) dot4(a14, c, y + 6);
+      if constexpr (R > 15) dot4(a15, c, y + 7);
     }
     const PanelTerms panel(codes, q);
-    const __m512i accs[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
-#pragma GCC unroll 8
+    const __m512i accs[kVnniScanRows] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15};
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
       fold_row<kEmit>(accs[r], qrows[r], panel, run[r], min_s[r], threshold[r], cand + r * cap, cand_val + r * cap,
                       cap, count[r], kEmit ? nullptr : warm[r] + 16 * (q - q_begin));
   }
 }
 
+// Rows [0, R) (R <= kPrefilterRows, one block of xq) for the warm-up's panels: their S~ to warm[r] and
+// min_s[r], the minimum of those and running[r]'s. A block at a time: each row's per-lane minimum stays in a
+// register beside the accumulators (16 rows' would spill, and at K = 1024 the warm-up is the whole scan).
+template <int R>
+void warm_up(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes, int64_t q_begin,
+             int64_t warmup, const float* running, VnniWarmScores* warm, float* min_s, int64_t* count,
+             int64_t prefetch_end) {
+  __m512 run[R];
+  float unused_min[R], unused_threshold[R];  // the warm-up lists nothing
+  for (int r = 0; r < R; ++r) run[r] = _mm512_loadu_ps(running + 16 * r);
+  scan_panels<R, false>(xq, qrows, codes, q_begin, q_begin + warmup, run, unused_min, unused_threshold, nullptr,
+                        nullptr, 0, count, warm, prefetch_end);
+  for (int r = 0; r < R; ++r) min_s[r] = _mm512_reduce_min_ps(run[r]);
+}
+
 template <int R>
 void scan(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes, int64_t q_begin, int64_t q_end,
           int64_t warmup, float* running, int32_t* cand, float* cand_val, int64_t cap, int64_t* count,
           int64_t prefetch_end) {
-  __m512 run[R];
+  constexpr int kLow = R < kPrefilterRows ? R : kPrefilterRows;
   float min_s[R], threshold[R];
-  for (int r = 0; r < R; ++r) run[r] = _mm512_loadu_ps(running + 16 * r);
   alignas(64) VnniWarmScores warm[R];
-  if (warmup > 0)  // the minimum of the first panels first, so that they do not all pass
-    scan_panels<R, false>(xq, qrows, codes, q_begin, q_begin + warmup, run, min_s, threshold, cand, cand_val, cap,
-                          count, warm, prefetch_end);
+  // the minimum of the first panels first, so that they do not all pass
+  warm_up<kLow>(xq, qrows, codes, q_begin, warmup, running, warm, min_s, count, prefetch_end);
+  if constexpr (R > kPrefilterRows)
+    warm_up<R - kPrefilterRows>(xq + codes.d4 * kPrefilterRows, qrows + kPrefilterRows, codes, q_begin, warmup,
+                                running + 16 * kPrefilterRows, warm + kPrefilterRows, min_s + kPrefilterRows,
+                                count + kPrefilterRows, 0);
   for (int r = 0; r < R; ++r) {
-    min_s[r] = _mm512_reduce_min_ps(run[r]);
     if (warmup > 0)
       list_warm_up(warm[r], warmup, q_begin, min_s[r], qrows[r], cand + r * cap, cand_val + r * cap, cap, count[r]);
     threshold[r] = list_threshold(min_s[r], qrows[r]);
   }
-  scan_panels<R, true>(xq, qrows, codes, q_begin + warmup, q_end, run, min_s, threshold, cand, cand_val, cap, count,
-                       nullptr, prefetch_end);
+  __m512 unused_run[R];
+  scan_panels<R, true>(xq, qrows, codes, q_begin + warmup, q_end, unused_run, min_s, threshold, cand, cand_val, cap,
+                       count, nullptr, prefetch_end);
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(running + 16 * r, _mm512_set1_ps(min_s[r]));
 }
 
@@ -115,9 +152,12 @@ void prefilter_scan_avx512(int rows, const int32_t* xq, const QuantizedRow* qrow
 #define FASTVQ_SCAN_CASE(R) \
   case R: return scan<R>(xq, qrows, codes, q_begin, q_end, warmup, running, cand, cand_val, cap, count, prefetch_end);
     FASTVQ_SCAN_CASE(1) FASTVQ_SCAN_CASE(2) FASTVQ_SCAN_CASE(3) FASTVQ_SCAN_CASE(4)
-    FASTVQ_SCAN_CASE(5) FASTVQ_SCAN_CASE(6) FASTVQ_SCAN_CASE(7)
+    FASTVQ_SCAN_CASE(5) FASTVQ_SCAN_CASE(6) FASTVQ_SCAN_CASE(7) FASTVQ_SCAN_CASE(8)
+    FASTVQ_SCAN_CASE(9) FASTVQ_SCAN_CASE(10) FASTVQ_SCAN_CASE(11) FASTVQ_SCAN_CASE(12)
+    FASTVQ_SCAN_CASE(13) FASTVQ_SCAN_CASE(14) FASTVQ_SCAN_CASE(15)
 #undef FASTVQ_SCAN_CASE
-    default: return scan<8>(xq, qrows, codes, q_begin, q_end, warmup, running, cand, cand_val, cap, count, prefetch_end);
+    default: return scan<16>(xq, qrows, codes, q_begin, q_end, warmup, running, cand, cand_val, cap, count,
+                             prefetch_end);
   }
 }
 
