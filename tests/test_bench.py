@@ -14,7 +14,7 @@ from fastvq.bench import cli, device_check, judge, providers, report
 from fastvq.bench.cases import Case, make_data, select_cases
 from fastvq.bench.run import Options, Result, measure_memory, run_case, time_alternating
 
-TINY = Options(repeats=1, warmup=0, min_repeats=1, memory=False)
+TINY = Options(repeats=1, fast_repeats=1, warmup=0, min_repeats=1, memory=False)
 
 
 def test_shapes_sweeps_and_seeded_data():
@@ -41,13 +41,16 @@ def test_shapes_sweeps_and_seeded_data():
 def test_alternation_warm_up_round_cutting_and_summary():
     calls = []
     runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    assert {len(t) for t in time_alternating(runs, Options(repeats=3, warmup=1)).values()} == {3}
+    assert {len(t) for t in time_alternating(runs, Options(repeats=3, fast_repeats=0, warmup=1)).values()} == {3}
     assert calls == list("abc") + list("abc") + list("bca") + list("cab")
-    times = time_alternating(runs, Options(repeats=7, min_repeats=3, budget_s=5.0), {"a": 1.0, "b": 4.0, "c": 0.01})
+    times = time_alternating(runs, Options(repeats=7, fast_repeats=0, min_repeats=3, budget_s=5.0),
+                             {"a": 1.0, "b": 4.0, "c": 0.01})
     assert [len(times[name]) for name in "abc"] == [5, 3, 7]  # rounds cut to fit the budget, never under 3
+    times = time_alternating(runs, Options(repeats=5, fast_repeats=25, warmup=0), {"a": 0.0049, "b": 0.005, "c": 1.0})
+    assert [len(times[name]) for name in "abc"] == [25, 5, 5]  # a run under FAST_RUN_S gets fast_repeats rounds
     calls.clear()
     runs = {"fast": lambda: calls.append("fast"), "slow": lambda: calls.append("slow")}
-    times = time_alternating(runs, Options(repeats=5, warmup=1, min_repeats=2, budget_s=2.0),
+    times = time_alternating(runs, Options(repeats=5, fast_repeats=0, warmup=1, min_repeats=2, budget_s=2.0),
                              {"fast": 0.001, "slow": 1.0})  # slow: no warm-up (>= WARM_IF_UNDER_S)
     assert calls.count("slow") == 2 and calls.count("fast") == 6 and len(times["slow"]) == 2
     values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
@@ -250,7 +253,8 @@ def test_derived_figures_tables_and_the_cli_end_to_end(tmp_path, capsys):
     # the same figures and tables, end to end through the CLI, with JSON and a plot
     path, png, md = tmp_path / "b.json", tmp_path / "b.png", tmp_path / "b.md"
     names = "naive,addmm,faiss-flat,vector-quantize-pytorch,faiss-kmeans,sklearn-kmeans,fastvq-cpu"
-    code = cli.main(f"--shapes 65x17x3 --providers {names} --repeats 2 --min-repeats 1 --warmup 0 --kmeans-iters 2 "
+    code = cli.main(f"--shapes 65x17x3 --providers {names} --repeats 2 --fast-repeats 2 --min-repeats 1 --warmup 0 "
+                    "--kmeans-iters 2 "
                     f"--no-memory --no-progress --json {path} --plot {png} --markdown {md}".split())
     assert code == 0 and "nearest_code forward" in capsys.readouterr().out
     assert re.search(r"\| 65x17x3 +\| naive +\|", md.read_text())

@@ -35,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
     add("--providers", help="provider names (see --list); sgemm is always timed, fastvq-torch only when named")
     add("--repeats", type=int, help="timed rounds per provider (default 5, --quick 3)")
     add("--min-repeats", type=int, help="rounds a slow provider is never cut below (default 3, --quick 2)")
+    add("--fast-repeats", type=int, help="rounds of a provider whose run takes under 5 ms, when more than "
+                                         "--repeats (default 25, --quick 3)")
     add("--budget", type=float, dest="budget_s", metavar="SECONDS",
         help="per provider and case, before rounds are cut (default 10, --quick 1)")
     add("--warmup", type=int, default=1, help="untimed runs after the checked one (none when that took > 1 s)")
@@ -62,7 +64,7 @@ def listing() -> str:
 
 def configure(args) -> tuple[list, dict, Options, torch.device]:
     """Cases, providers per workload, options and device; SystemExit with a message when an argument is wrong."""
-    for name in ("repeats", "min_repeats", "threads", "kmeans_iters"):
+    for name in ("repeats", "fast_repeats", "min_repeats", "threads", "kmeans_iters"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     workloads = tuple(w.strip() for w in args.workloads.split(","))
