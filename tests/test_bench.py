@@ -46,8 +46,11 @@ def test_alternation_warm_up_round_cutting_and_summary():
     times = time_alternating(runs, Options(repeats=7, fast_repeats=0, min_repeats=3, budget_s=5.0),
                              {"a": 1.0, "b": 4.0, "c": 0.01})
     assert [len(times[name]) for name in "abc"] == [5, 3, 7]  # rounds cut to fit the budget, never under 3
-    times = time_alternating(runs, Options(repeats=5, fast_repeats=25, warmup=0), {"a": 0.0049, "b": 0.005, "c": 1.0})
-    assert [len(times[name]) for name in "abc"] == [25, 5, 5]  # a run under FAST_RUN_S gets fast_repeats rounds
+    # a case whose runs all take under FAST_CASE_S: fast_repeats rounds of each, so every round has all of them
+    times = time_alternating(runs, Options(repeats=5, fast_repeats=25, warmup=0), {"a": 0.001, "b": 0.0249, "c": 0.02})
+    assert [len(times[name]) for name in "abc"] == [25, 25, 25]
+    times = time_alternating(runs, Options(repeats=5, fast_repeats=25, warmup=0), {"a": 0.001, "b": 0.025, "c": 0.02})
+    assert [len(times[name]) for name in "abc"] == [5, 5, 5]
     calls.clear()
     runs = {"fast": lambda: calls.append("fast"), "slow": lambda: calls.append("slow")}
     times = time_alternating(runs, Options(repeats=5, fast_repeats=0, warmup=1, min_repeats=2, budget_s=2.0),

@@ -35,8 +35,8 @@ def parser() -> argparse.ArgumentParser:
     add("--providers", help="provider names (see --list); sgemm is always timed, fastvq-torch only when named")
     add("--repeats", type=int, help="timed rounds per provider (default 5, --quick 3)")
     add("--min-repeats", type=int, help="rounds a slow provider is never cut below (default 3, --quick 2)")
-    add("--fast-repeats", type=int, help="rounds of a provider whose run takes under 5 ms, when more than "
-                                         "--repeats (default 25, --quick 3)")
+    add("--fast-repeats", type=int, help="rounds of every provider in a case whose runs all take under 25 ms, "
+                                         "when more than --repeats (default 25, --quick 3)")
     add("--budget", type=float, dest="budget_s", metavar="SECONDS",
         help="per provider and case, before rounds are cut (default 10, --quick 1)")
     add("--warmup", type=int, default=1, help="untimed runs after the checked one (none when that took > 1 s)")

@@ -29,9 +29,12 @@ from .judge import Wrong, check_output, check_rows, judge_precision
 from .providers import REGISTRY, Absent, Provider
 
 WARM_IF_UNDER_S = 1.0  # a provider whose checked run took longer gets no warm-up: one-time costs are lost in it
-# A provider whose run takes under this gets Options.fast_repeats rounds: five samples of a sub-millisecond call
-# on a shared machine put its median anywhere in a +-15 % band (the streaming rows), and 25 cost ~0.1 s.
-FAST_RUN_S = 0.005
+# A case whose every run (the FMA burst's included) takes under this gets Options.fast_repeats rounds of each:
+# five samples of a sub-millisecond call on a shared machine put its median anywhere in a +-15 % band (the
+# streaming rows), and 25 rounds cost ~1 s. All runs alike, so that every round has every provider in it: a
+# call is slower after some of the others (after torch.cdist's temporaries, or an FMA burst, by up to 1.9x at
+# N = 1 here), and a provider left out of the later rounds would be timed in other company.
+FAST_CASE_S = 0.025
 PEAK_PROBE = "fma-peak probe"  # the FMA burst's name among a CPU case's runs (never a provider's name)
 PROBE_S = 0.02  # about how long one burst runs
 _probes: dict[tuple[str, int], tuple[int, float]] = {}  # (SIMD level, threads) -> (rounds, flops) of a burst
@@ -40,7 +43,7 @@ _probes: dict[tuple[str, int], tuple[int, float]] = {}  # (SIMD level, threads) 
 @dataclass
 class Options:
     repeats: int = 5
-    fast_repeats: int = 25  # rounds of a provider whose run takes under FAST_RUN_S (when more than repeats)
+    fast_repeats: int = 25  # rounds of each run of a case whose runs all take under FAST_CASE_S (if more)
     warmup: int = 1
     min_repeats: int = 3
     budget_s: float = 10.0  # per provider and case; slower providers do fewer rounds (>= min_repeats)
@@ -110,8 +113,8 @@ def time_once(fn: Callable[[], object], device: str = "cpu") -> float:
 def time_alternating(runs: dict[str, Callable[[], object]], options: Options, estimates_s: dict | None = None,
                      device: str = "cpu") -> dict[str, list[float]]:
     """Milliseconds per run and provider: ``options.warmup`` runs of each provider estimated under WARM_IF_UNDER_S,
-    then rounds; a provider's ``repeats`` are cut by its estimate to fit ``budget_s``, never under ``min_repeats``,
-    and raised to ``fast_repeats`` when it is estimated under FAST_RUN_S."""
+    then rounds; a provider's ``repeats`` are cut by its estimate to fit ``budget_s``, never under ``min_repeats``;
+    all are raised to ``fast_repeats`` when every run is estimated under FAST_CASE_S."""
     estimates, names, times = dict(estimates_s or {}), list(runs), {name: [] for name in runs}
     gc.collect()
     gc.disable()  # no collection pause inside a timed run; the runs' garbage waits until the last round
@@ -121,8 +124,8 @@ def time_alternating(runs: dict[str, Callable[[], object]], options: Options, es
                 estimates[name] = min(estimates.get(name, math.inf), time_once(fn, device))
         fit = {name: int(min(options.repeats, options.budget_s / max(estimates.get(name, 0.0), 1e-9))) for name in runs}
         planned = {name: max(min(options.min_repeats, options.repeats), rounds) for name, rounds in fit.items()}
-        planned |= {name: max(rounds, options.fast_repeats) for name, rounds in planned.items()
-                    if estimates.get(name, 0.0) < FAST_RUN_S}
+        if all(estimates.get(name, 0.0) < FAST_CASE_S for name in runs):
+            planned = {name: max(rounds, options.fast_repeats) for name, rounds in planned.items()}
         for shift in (r % len(names) for r in range(max(planned.values(), default=0))):
             for name in names[shift:] + names[:shift]:
                 if len(times[name]) < planned[name]:
