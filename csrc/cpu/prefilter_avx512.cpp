@@ -123,11 +123,11 @@ template <int R>
 void scan(const int32_t* xq, const QuantizedRow* qrows, const QuantizedCodes& codes, int64_t q_begin, int64_t q_end,
           int64_t warmup, float* running, int32_t* cand, float* cand_val, int64_t cap, int64_t* count,
           int64_t prefetch_end) {
-  constexpr int kLow = R < kPrefilterRows ? R : kPrefilterRows;
+  constexpr int kFirstBlockRows = R < kPrefilterRows ? R : kPrefilterRows;
   float min_s[R], threshold[R];
   alignas(64) VnniWarmScores warm[R];
   // the minimum of the first panels first, so that they do not all pass
-  warm_up<kLow>(xq, qrows, codes, q_begin, warmup, running, warm, min_s, count, prefetch_end);
+  warm_up<kFirstBlockRows>(xq, qrows, codes, q_begin, warmup, running, warm, min_s, count, prefetch_end);
   if constexpr (R > kPrefilterRows)
     warm_up<R - kPrefilterRows>(xq + codes.d4 * kPrefilterRows, qrows + kPrefilterRows, codes, q_begin, warmup,
                                 running + 16 * kPrefilterRows, warm + kPrefilterRows, min_s + kPrefilterRows,
