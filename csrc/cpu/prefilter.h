@@ -44,10 +44,10 @@ constexpr int64_t kPrefetchPanels = 8;
 constexpr int kQuantGroupBytes = 64;
 // d above this could overflow the int32 dot's exact float conversion (|r . q| <= 127^2 d < 2^24).
 constexpr int64_t kPrefilterMaxDim = 1024;
-// Rows scanned together against each panel by the VNNI scan (their accumulators and the panel's bytes in
-// registers), and by the AMX scan (two 16-row tiles); the driver's groups are kAmxRows rows.
+// Rows interleaved in one block of the rows' levels (RowLayout::offset). One scan call takes one block (the
+// AVX2 scan, 4 rows at a time) or two (the VNNI scan, kVnniScanRows: 16 accumulators and the panel's bytes in
+// registers); the AMX scan takes two 16-row tiles. The driver's groups are kAmxRows rows.
 constexpr int kPrefilterRows = 8;
-// Rows one VNNI scan call takes (two blocks of kPrefilterRows); the AVX2 scan takes kPrefilterRows.
 constexpr int kVnniScanRows = 2 * kPrefilterRows;
 constexpr int kAmxRows = 32;
 // The AVX2 scan's rows' levels fill [-64, 64]: its vpmaddubsw sums two byte products to int16, which
