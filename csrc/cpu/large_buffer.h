@@ -12,6 +12,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "cpu/search_common.h"
+
 namespace fastvq::cpu {
 
 constexpr size_t kHugePageBytes = size_t{2} << 20;
@@ -20,7 +22,7 @@ constexpr size_t kHugePageBytes = size_t{2} << 20;
 // huge page up (the caches count these).
 inline size_t large_buffer_bytes(size_t bytes) {
   if (bytes >= kHugePageBytes) return (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
-  return bytes == 0 ? 64 : (bytes + 63) / 64 * 64;
+  return bytes == 0 ? 64 : round_up64(bytes);
 }
 
 // A buffer of large_buffer_bytes(bytes), 64-byte aligned (huge-page aligned from one huge page up), freed with
